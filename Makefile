@@ -1,0 +1,26 @@
+# The two commands: `make run` sets up and serves the embedded default; `make test` sets up and tests.
+VENV ?= .venv
+CONFIG ?= deploy_configs/local.yaml
+
+.PHONY: setup setup-test run test test-unit check-configs clean
+
+setup:
+	scripts/setup.sh
+
+setup-test:
+	scripts/setup.sh --test
+
+run: setup
+	$(VENV)/bin/serve run $(CONFIG)
+
+test: setup-test
+	$(VENV)/bin/python -m pytest -v tests
+
+test-unit: setup-test
+	$(VENV)/bin/python -m pytest -v tests/unit
+
+check-configs:
+	@for f in deploy_configs/*.yaml; do $(VENV)/bin/raystack config check $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,107 @@
+"""build_app: the `import_path` of a raystack Serve config. Validates, then wires the deployments.
+
+    Router (ingress)  ->  LLMServer-<model>-<backend>  (one deployment per model backend)
+
+Everything that can be checked before Ray schedules anything is checked here, so a bad config or a
+missing model fails `serve run` at once with the field and the fix, not in a replica restart loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from raystack.config import Backend, ConfigError, RaystackConfig, deployment_name, parse_config
+from raystack.models import embedded, sources
+from raystack.serving.router import Router
+from raystack.serving.server import LLMServer
+
+logger = logging.getLogger(__name__)
+
+
+def check_deployable(config: RaystackConfig, cache_dir: Path) -> None:
+    """Fail fast on what the config names but this machine can tell is wrong."""
+    problems = []
+    for i, model in enumerate(config.models):
+        where = f"models[{i}]"
+        try:
+            src = sources.parse_source(model.source)
+            if src.kind == "local":
+                sources.check_local_dir(Path(src.ref), model.name)
+            elif src.kind == "embedded":
+                embedded.gguf_path(embedded.EMBEDDED_MODELS[src.ref])
+        except (sources.ModelSourceError, embedded.EmbeddedModelError) as err:
+            problems.append(f"  {where}.source: {err}")
+        for j, backend in enumerate(model.backends):
+            if backend.engine == "vllm":
+                problems += _check_vllm_args(backend, f"{where}.backends[{j}].engine_args")
+    if problems:
+        raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
+
+
+def _check_vllm_args(backend: Backend, where: str) -> list[str]:
+    from raystack.engines.vllm import EngineArgsError, check_engine_args
+
+    try:
+        check_engine_args(backend.engine_args, where)
+    except ImportError:  # vLLM lives only on the engine nodes: the replica checks instead
+        return []
+    except EngineArgsError as err:
+        return [str(err)]
+    return []
+
+
+def deployment_options(backend: Backend) -> dict[str, Any]:
+    """Ray Serve options of one backend's LLMServer deployment: resources, scaling, health."""
+    actor: dict[str, Any] = {"num_cpus": backend.replica_cpus}
+    if backend.env:
+        actor["runtime_env"] = {"env_vars": dict(backend.env)}
+    options: dict[str, Any] = {
+        "autoscaling_config": backend.autoscaling.to_serve(),
+        "max_ongoing_requests": backend.max_ongoing_requests,
+        "health_check_period_s": backend.health_check_period_s,
+        "health_check_timeout_s": backend.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": backend.graceful_shutdown_timeout_s,
+        "ray_actor_options": actor,
+    }
+    if backend.device == "npu":
+        npus = backend.parallelism.world_size
+        accel = {f"accelerator_type:{backend.accelerator.type}": 0.001} if backend.accelerator.type else {}
+        if npus == 1:
+            actor["resources"] = {"NPU": 1, **accel}
+        else:
+            # Bundle 0 holds the replica and its first NPU; the engine's workers take the rest.
+            options["placement_group_bundles"] = [
+                {"CPU": backend.replica_cpus, "NPU": 1, **accel}
+            ] + [{"NPU": 1, **accel} for _ in range(npus - 1)]
+            options["placement_group_strategy"] = "PACK"
+    return options
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = parse_config(args)
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
+    check_deployable(config, cache_dir)
+    for model in config.models:  # embedded models prepare offline in seconds: do it here, visibly
+        if sources.parse_source(model.source).kind == "embedded":
+            sources.resolve(model.source, cache_dir, progress=print)
+
+    backends: dict[str, dict[str, Application]] = {}
+    for model in config.models:
+        for backend in model.backends:
+            deployment = LLMServer.options(
+                name=deployment_name(model.name, backend.name), **deployment_options(backend)
+            )
+            backends.setdefault(model.name, {})[backend.name] = deployment.bind(
+                model.name, model.source, backend.model_dump(), str(cache_dir)
+            )
+    models = {m.name: {"source": m.source, "backends": [b.name for b in m.backends]} for m in config.models}
+    router = Router.options(
+        num_replicas=config.router.num_replicas,
+        max_ongoing_requests=config.router.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.router.cpus},
+    )
+    return router.bind(models, backends)

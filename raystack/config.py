@@ -1,0 +1,223 @@
+"""The deploy config: pydantic models of the `args` block of a Ray Serve YAML file.
+
+    applications:
+      - name: raystack
+        import_path: raystack.app:build_app
+        args: {models: [...], router: {...}}      # <- RaystackConfig
+
+Every model is strict: an unknown key is an error that names its path (`models[0].backends[0].foo`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+BUILD_APP_IMPORT_PATH = "raystack.app:build_app"
+
+
+class ConfigError(ValueError):
+    """A deploy config that cannot work; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Parallelism(_Strict):
+    tensor: int = Field(1, ge=1, description="tensor-parallel size: NPUs per pipeline stage")
+    pipeline: int = Field(1, ge=1, description="pipeline-parallel size: stages, usually one per node")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline
+
+
+class Accelerator(_Strict):
+    type: str | None = Field(None, description="required chip type, e.g. Ascend910B")
+
+
+class Autoscaling(_Strict):
+    """Ray Serve autoscaling for one backend. Defaults are explicit and do scale on load."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="in-flight requests per replica that Serve aims for when scaling"
+    )
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(120, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is greater than max_replicas ({self.max_replicas})"
+            )
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class Resources(_Strict):
+    cpus: float | None = Field(
+        None,
+        ge=0,
+        description="CPUs Ray reserves for one replica (default: 1 on cpu, 2 on npu)",
+    )
+
+
+class Backend(_Strict):
+    """One engine serving a model: its deployment, placement and engine arguments."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    engine: Literal["vllm"] = "vllm"
+    device: Literal["cpu", "npu"] = "npu"
+    accelerator: Accelerator = Accelerator()
+    parallelism: Parallelism = Parallelism()
+    max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the engine as-is (vLLM: AsyncEngineArgs fields)"
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the replica")
+    resources: Resources = Resources()
+    autoscaling: Autoscaling = Autoscaling()
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="requests one replica takes at once; the engine batches them"
+    )
+    health_check_period_s: float = Field(10, gt=0)
+    health_check_timeout_s: float = Field(30, gt=0)
+    graceful_shutdown_timeout_s: float = Field(30, ge=0)
+
+    @property
+    def replica_cpus(self) -> float:
+        if self.resources.cpus is not None:
+            return self.resources.cpus
+        return 1.0 if self.device == "cpu" else 2.0
+
+    @model_validator(mode="after")
+    def _device_consistency(self) -> Backend:
+        if self.device == "cpu" and self.parallelism.world_size > 1:
+            raise ValueError(
+                "parallelism above 1 needs device: npu (vLLM's CPU platform has no Ray executor); "
+                "set parallelism to {tensor: 1, pipeline: 1} or device: npu"
+            )
+        if self.device == "cpu" and self.accelerator.type:
+            raise ValueError("accelerator.type applies to device: npu only; remove it or set device: npu")
+        return self
+
+
+class Model(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="the `model` clients ask for")
+    source: str = Field(
+        min_length=1,
+        description="embedded id, local path, modelscope://Org/Name or hf://Org/Name",
+    )
+    backends: list[Backend] = Field(min_length=1)
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_backend_names(cls, backends: list[Backend]) -> list[Backend]:
+        names = [b.name for b in backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"backend names must be unique within a model; repeated: {dupes}")
+        return backends
+
+
+class RouterConfig(_Strict):
+    cpus: float = Field(
+        0.1, ge=0, description="CPUs Ray reserves per router replica; small so it always schedules"
+    )
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(1024, ge=1)
+
+
+class RaystackConfig(_Strict):
+    models: list[Model] = Field(min_length=1)
+    router: RouterConfig = RouterConfig()
+    cache_dir: str | None = Field(
+        None, description="where prepared and downloaded models live (default: $RAYSTACK_CACHE_DIR or ~/.cache/raystack)"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_model_names(cls, models: list[Model]) -> list[Model]:
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        return models
+
+    def model(self, name: str) -> Model | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def _error_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path or "(top level)"
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        path = _error_path(tuple(e["loc"]))
+        if prefix:
+            path = f"{prefix}.{path}" if path != "(top level)" else prefix
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and indentation)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(args: dict[str, Any] | None, where: str = "args") -> RaystackConfig:
+    try:
+        return RaystackConfig.model_validate(args or {})
+    except ValidationError as err:
+        raise ConfigError(f"invalid raystack config:\n{format_validation_error(err, where)}") from None
+
+
+def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
+    """Validate a Ray Serve YAML file; return (application name, config) for each raystack app."""
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a Ray Serve config (a mapping with `applications:`)")
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except Exception as err:  # Ray's pydantic (v1 or v2 API) error; its text names the field
+        raise ConfigError(f"{path}: not a valid Ray Serve config:\n{err}") from None
+
+    apps = []
+    for i, app in enumerate(raw.get("applications") or []):
+        if app.get("import_path") != BUILD_APP_IMPORT_PATH:
+            continue
+        name = app.get("name", "default")
+        apps.append((name, parse_config(app.get("args"), where=f"applications[{i}].args")))
+    if not apps:
+        raise ConfigError(f"{path}: no application has import_path: {BUILD_APP_IMPORT_PATH}")
+    return apps
+
+
+def deployment_name(model: str, backend: str) -> str:
+    """Serve deployment name of one model backend (shown in the Ray dashboard)."""
+    return f"LLMServer-{model}-{backend}"

@@ -1,0 +1,1 @@
+"""Serving: the Router ingress, the LLMServer deployment and the OpenAI wire protocol."""

@@ -1,0 +1,84 @@
+"""LLMServer: the Serve deployment that owns one engine instance per replica."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from raystack.config import Backend
+from raystack.engines.base import JSONResult, RequestKind, create_engine
+from raystack.models import sources
+
+logger = logging.getLogger("ray.serve")
+
+_END = object()
+
+
+async def coalesce(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Yield each chunk as soon as it exists; chunks that arrived while the consumer was busy go out
+    joined in one item. No timer: a lone chunk is never held back waiting for company."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait(chunk)
+            queue.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # hand engine errors to the consumer
+            queue.put_nowait(err)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            parts = [await queue.get()]
+            while not queue.empty() and parts[-1] is not _END and not isinstance(parts[-1], BaseException):
+                parts.append(queue.get_nowait())
+            tail = parts[-1]
+            if tail is _END or isinstance(tail, BaseException):
+                parts.pop()
+            if parts:
+                yield "".join(parts)
+            if tail is _END:
+                return
+            if isinstance(tail, BaseException):
+                raise tail
+    finally:
+        # The consumer left (client disconnect, error): cancelling the pump closes the engine's
+        # stream, which aborts the request in the engine.
+        task.cancel()
+
+
+@serve.deployment
+class LLMServer:
+    """One replica = one engine on the CPUs/NPUs Ray granted this replica."""
+
+    async def __init__(self, model_name: str, source: str, backend: dict[str, Any], cache_dir: str):
+        self.backend = Backend.model_validate(backend)
+        self.model_name = model_name
+        model_path = await asyncio.to_thread(sources.resolve, source, Path(cache_dir), logger.info)
+        self.engine = create_engine(model_name, model_path, self.backend)
+        await self.engine.start()
+        logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine, model_path)
+
+    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """Streams the answer: one (status, body) tuple for a JSON answer, else SSE strings."""
+        result = await self.engine.generate(kind, body)
+        if isinstance(result, JSONResult):
+            yield (result.status, result.body)
+            return
+        async for chunk in coalesce(result):
+            yield chunk
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def __del__(self) -> None:
+        engine = getattr(self, "engine", None)  # absent when __init__ failed
+        if engine is not None:
+            await engine.shutdown()
