@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -30,6 +31,8 @@ from raystack.serving.protocol import (
 )
 
 logger = logging.getLogger("ray.serve")
+
+HEALTH_PROBE_TIMEOUT_S = 2.0
 
 app = FastAPI(
     title="raystack",
@@ -53,6 +56,10 @@ def _body_schema(kind: str) -> dict[str, Any]:
     # in the OpenAPI schema.
     schema = REQUEST_MODELS[kind].model_json_schema(ref_template="#/components/schemas/{model}")
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _result(response: Any) -> Any:
+    return await response
 
 
 @serve.deployment
@@ -89,7 +96,28 @@ class Router:
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
+        """200 once every model has a backend with a ready replica; 503 (and which) until then."""
+        waiting = [name for name, backends in self.backends.items() if not await self._any_ready(backends)]
+        if waiting:
+            raise OpenAIError(
+                503,
+                f"No replica is ready yet for: {', '.join(waiting)}. Models take a while to load after "
+                f"start; `serve status` shows their progress.",
+                headers={"Retry-After": "5"},
+            )
         return {"status": "ok"}
+
+    @staticmethod
+    async def _any_ready(backends: dict[str, DeploymentHandle]) -> bool:
+        for handle in backends.values():
+            response = handle.ready.remote()
+            try:
+                # A call queues while no replica has finished loading: bound the wait.
+                await asyncio.wait_for(_result(response), HEALTH_PROBE_TIMEOUT_S)
+                return True
+            except Exception:
+                response.cancel()
+        return False
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:

@@ -75,6 +75,10 @@ class LLMServer:
         async for chunk in coalesce(result):
             yield chunk
 
+    async def ready(self) -> bool:
+        """Answers once this replica has loaded its engine (the router's /health asks)."""
+        return True
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 

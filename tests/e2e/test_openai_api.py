@@ -1,0 +1,106 @@
+"""The OpenAI API of the embedded default, driven with the official openai client."""
+
+import httpx
+import openai
+import pytest
+
+MODEL = "smollm2"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def chat_prompt_tokens(tokenizer, messages):
+    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_health_and_models(stack, client):
+    assert httpx.get(f"{stack['base_url']}/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_usage_agrees_with_the_tokenizer(client, tokenizer):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    choice = reply.choices[0]
+    assert reply.model == MODEL and choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    assert reply.usage.prompt_tokens == chat_prompt_tokens(tokenizer, MESSAGES)
+    assert reply.usage.completion_tokens == 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+
+
+def test_chat_stream_is_incremental_and_matches_the_whole_answer(client, tokenizer):
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content_chunks) > 1, "tokens should arrive as separate chunks, not one blob"
+    assert text == whole.choices[0].message.content
+    usage = chunks[-1].usage
+    assert usage is not None and not chunks[-1].choices
+    assert usage.prompt_tokens == chat_prompt_tokens(tokenizer, MESSAGES)
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_non_stream_and_stream(client, tokenizer):
+    prompt = "The capital of France is"
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert whole.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    assert whole.usage.completion_tokens == 6
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def assert_openai_error(body, status):
+    error = body["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_unknown_model_is_404(stack, client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    error = assert_openai_error(err.value.response.json(), 404)
+    assert "gpt-9" in error["message"] and MODEL in error["message"]  # names what exists
+
+
+def test_backend_pin_reaches_the_named_backend_and_rejects_others(client):
+    reply = client.chat.completions.create(model=f"{MODEL}@vllm", messages=MESSAGES, max_tokens=2)
+    assert reply.model == MODEL
+    with pytest.raises(openai.NotFoundError, match="no backend `mindie`"):
+        client.chat.completions.create(model=f"{MODEL}@mindie", messages=MESSAGES, max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{this is not json", b'{"model": "smollm2", "messages": []}', b'{"model": "smollm2", "messages": "hi"}',
+     b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}'],
+)
+def test_malformed_body_is_400(stack, content):
+    response = httpx.post(f"{stack['base_url']}/v1/chat/completions", content=content,
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400
+    assert_openai_error(response.json(), 400)
+
+
+def test_engine_side_validation_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="max_model_len=2048"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5000)
+
+
+def test_prompt_longer_than_the_context_is_400_naming_the_limit(client):
+    long = [{"role": "user", "content": "hello " * 3000}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=long, max_tokens=4)
+    error = assert_openai_error(err.value.response.json(), 400)
+    assert "maximum context length is 2048 tokens" in error["message"]
+    # and the stack still serves afterwards
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices

@@ -1,0 +1,103 @@
+"""Deploy configs: the shipped ones pass, mistakes fail with the field's path and a fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raystack.app import build_app, deployment_options
+from raystack.config import Backend, ConfigError, load_serve_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "deploy_configs").glob("*.yaml"))
+
+
+def local_args() -> dict:
+    return yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())["applications"][0]["args"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_pass_config_check(path):
+    result = subprocess.run(
+        [sys.executable, "-m", "raystack.cli", "config", "check", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_qwen3_config_is_tp2_on_910b_with_autoscaling():
+    [(_, config)] = load_serve_config(ROOT / "deploy_configs/qwen3.yaml")
+    backend = config.models[0].backends[0]
+    assert config.models[0].source == "modelscope://Qwen/Qwen3-32B"
+    assert (backend.device, backend.parallelism.tensor, backend.accelerator.type) == ("npu", 2, "Ascend910B")
+    assert (backend.autoscaling.min_replicas, backend.autoscaling.max_replicas) == (1, 4)
+
+
+def test_unknown_key_is_named_by_its_path(tmp_path):
+    raw = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
+    raw["applications"][0]["args"]["models"][0]["backends"][0]["max_model_lenght"] = 10
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "raystack.cli", "config", "check", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "applications[0].args.models[0].backends[0].max_model_lenght: unknown key" in result.stderr
+
+
+def test_misspelt_engine_arg_suggests_the_right_one():
+    args = local_args()
+    args["models"][0]["backends"][0]["engine_args"] = {"enforce_eagr": True}
+    with pytest.raises(ConfigError, match=r"engine_args\.enforce_eagr: not a vLLM engine argument \(did you mean 'enforce_eager'\?\)"):
+        build_app(args)
+
+
+def test_missing_local_model_fails_before_deploying(tmp_path):
+    args = local_args()
+    args["models"][0]["source"] = str(tmp_path / "no-such-model")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.source: .*no-such-model is not a directory"):
+        build_app(args)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a["models"][0]["backends"][0]["autoscaling"].update(min_replicas=3, max_replicas=2),
+         "min_replicas (3) is greater than max_replicas (2)"),
+        (lambda a: a["models"][0]["backends"][0].update(parallelism={"tensor": 2}),
+         "parallelism above 1 needs device: npu"),
+        (lambda a: a["models"].append(dict(a["models"][0])), "model names must be unique"),
+        (lambda a: a["models"][0].update(name="bad name!"), "models[0].name"),
+        (lambda a: a.pop("models"), "models: Field required"),
+    ],
+)
+def test_invalid_configs_say_what_is_wrong(change, message):
+    args = local_args()
+    change(args)
+    with pytest.raises(ConfigError) as err:
+        parse_config(args)
+    assert message in str(err.value)
+
+
+def test_cpu_backend_reserves_one_cpu_and_router_fits_beside_it_on_two_cores():
+    config = parse_config(local_args())
+    options = deployment_options(config.models[0].backends[0])
+    assert options["ray_actor_options"]["num_cpus"] + config.router.cpus <= 2
+    assert "placement_group_bundles" not in options
+
+
+def test_npu_tensor_parallel_backend_gets_one_npu_bundle_per_rank():
+    backend = Backend(name="v", device="npu", parallelism={"tensor": 2, "pipeline": 2},
+                      accelerator={"type": "Ascend910B"}, resources={"cpus": 4})
+    options = deployment_options(backend)
+    bundles = options["placement_group_bundles"]
+    assert len(bundles) == 4 and all(b["NPU"] == 1 for b in bundles)
+    assert bundles[0]["CPU"] == 4 and all("CPU" not in b for b in bundles[1:])
+    assert all(b["accelerator_type:Ascend910B"] > 0 for b in bundles)
+
+
+def test_autoscaling_defaults_scale_on_load():
+    autoscaling = parse_config(local_args()).models[0].backends[0].autoscaling.to_serve()
+    assert 0 < autoscaling["target_ongoing_requests"] < 100  # Ray Serve LLM's 1e9 never scales

@@ -1,0 +1,60 @@
+"""Router-side request checks: malformed requests become 400s in OpenAI's error shape."""
+
+import json
+
+import pytest
+
+from raystack.serving.protocol import OpenAIError, error_body, parse_request
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def body(**changes):
+    return json.dumps({**CHAT, **changes}).encode()
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b"\xff\xfe", None),
+        (body(messages=[]), "messages"),
+        (body(messages="hi"), "messages"),
+        (body(messages=[{"role": "wizard", "content": "x"}]), "messages.0.role"),
+        (body(model=""), "model"),
+        (body(model=3), "model"),
+        (body(temperature=5), "temperature"),
+        (body(top_p=0), "top_p"),
+        (body(n=0), "n"),
+        (body(max_tokens=0), "max_tokens"),
+        (body(stop=[1, 2]), "stop"),
+        (body(stream="yes please"), "stream"),
+    ],
+)
+def test_malformed_chat_requests_are_400_with_the_param(raw, param):
+    with pytest.raises(OpenAIError) as err:
+        parse_request("chat", raw)
+    assert err.value.status == 400
+    assert err.value.param == param or (param and err.value.param.startswith(param))
+    shape = err.value.body()["error"]
+    assert shape["type"] == "invalid_request_error" and shape["message"]
+
+
+def test_engine_specific_fields_pass_through_untouched():
+    parsed = parse_request("chat", body(ignore_eos=True, top_k=5, stream_options={"include_usage": True}))
+    assert parsed["ignore_eos"] is True and parsed["top_k"] == 5
+
+
+def test_completion_prompt_shapes():
+    for prompt in ["text", ["a", "b"], [1, 2, 3], [[1, 2], [3]]]:
+        assert parse_request("completion", json.dumps({"model": "m", "prompt": prompt}).encode())["prompt"] == prompt
+    with pytest.raises(OpenAIError):
+        parse_request("completion", json.dumps({"model": "m"}).encode())
+
+
+def test_error_body_is_openai_shaped():
+    assert error_body(404, "no such model", "model", "model_not_found") == {
+        "error": {"message": "no such model", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    }
+    assert error_body(503, "later")["error"]["type"] == "service_unavailable"
