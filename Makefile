@@ -1,5 +1,10 @@
 # The two commands: `make run` sets up and serves the embedded default; `make test` sets up and tests.
 VENV ?= .venv
+# No usage reports or telemetry from the libraries underneath (air-gapped clusters; CI).
+export HF_HUB_DISABLE_TELEMETRY = 1
+export VLLM_NO_USAGE_STATS = 1
+export DO_NOT_TRACK = 1
+export RAY_USAGE_STATS_ENABLED = 0
 CONFIG ?= deploy_configs/local.yaml
 
 .PHONY: setup setup-test run test test-unit check-configs clean
