@@ -20,6 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 900
 
 
+def default_sigint() -> None:
+    # A background job inherits SIGINT as ignored; serve run needs it to shut Serve and Ray down.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,7 +46,7 @@ def stack(tmp_path_factory):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [str(serve), "run", str(config_path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
+            env=env, start_new_session=True, preexec_fn=default_sigint,
         )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
