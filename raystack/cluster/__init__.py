@@ -1,0 +1,1 @@
+"""Cluster membership: what a node brings to the Ray cluster (its NPUs) and how it joins."""
