@@ -14,12 +14,24 @@ from typing import Any
 
 from ray.serve import Application
 
-from raystack.config import Backend, ConfigError, RaystackConfig, deployment_name, parse_config
+from raystack.cluster.placement import cluster_capacity, fit_problem, ray_strategy
+from raystack.config import (
+    Backend,
+    ConfigError,
+    Parallelism,
+    RaystackConfig,
+    deployment_name,
+    parse_config,
+)
 from raystack.models import embedded, sources
 from raystack.serving.router import Router
 from raystack.serving.server import LLMServer
 
 logger = logging.getLogger(__name__)
+
+
+def cache_dir_of(config: RaystackConfig) -> Path:
+    return Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
 
 
 def check_deployable(config: RaystackConfig, cache_dir: Path) -> None:
@@ -38,8 +50,28 @@ def check_deployable(config: RaystackConfig, cache_dir: Path) -> None:
         for j, backend in enumerate(model.backends):
             if backend.engine == "vllm":
                 problems += _check_vllm_args(backend, f"{where}.backends[{j}].engine_args")
+    problems += _check_capacity(config)
     if problems:
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
+
+
+def _check_capacity(config: RaystackConfig) -> list[str]:
+    """When connected to a cluster (as `serve run` is), refuse backends it can never host."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    nodes = cluster_capacity()
+    problems = []
+    for i, model in enumerate(config.models):
+        for j, backend in enumerate(model.backends):
+            never, not_now = fit_problem(f"{model.name}@{backend.name}", backend, nodes)
+            if never:
+                problems.append(f"  models[{i}].backends[{j}]: {never}")
+            elif not_now:
+                logger.warning(not_now)
+                print(f"raystack: {not_now}")
+    return problems
 
 
 def _check_vllm_args(backend: Backend, where: str) -> list[str]:
@@ -52,6 +84,31 @@ def _check_vllm_args(backend: Backend, where: str) -> list[str]:
     except EngineArgsError as err:
         return [str(err)]
     return []
+
+
+def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> RaystackConfig:
+    """Replace `parallelism: auto` with the smallest tensor x pipeline that fits (raystack estimate)."""
+    for model in config.models:
+        for backend in model.backends:
+            if backend.parallelism != "auto":
+                continue
+            from raystack.cluster.estimate import EstimateError, estimate_source
+
+            try:
+                size = estimate_source(
+                    model.source, cache_dir, npu_type=backend.accelerator.type,
+                    max_model_len=backend.max_model_len, dtype=backend.engine_args.get("dtype"),
+                    gpu_memory_utilization=backend.engine_args.get("gpu_memory_utilization", 0.9),
+                )
+            except (EstimateError, sources.ModelSourceError) as err:
+                raise ConfigError(
+                    f"parallelism: auto for {model.name}@{backend.name} could not size the model: {err}. "
+                    f"Set parallelism: {{tensor: T, pipeline: P}} explicitly."
+                ) from None
+            backend.parallelism = Parallelism(tensor=size.tensor_parallel, pipeline=size.pipeline_parallel)
+            print(f"raystack: {model.name}@{backend.name}: parallelism auto -> tensor {size.tensor_parallel} "
+                  f"x pipeline {size.pipeline_parallel} ({size.required_gib:.0f} GiB on {size.npu_type})")
+    return config
 
 
 def deployment_options(backend: Backend) -> dict[str, Any]:
@@ -68,7 +125,7 @@ def deployment_options(backend: Backend) -> dict[str, Any]:
         "ray_actor_options": actor,
     }
     if backend.device == "npu":
-        npus = backend.parallelism.world_size
+        npus = backend.parallel.world_size
         accel = {f"accelerator_type:{backend.accelerator.type}": 0.001} if backend.accelerator.type else {}
         if npus == 1:
             actor["resources"] = {"NPU": 1, **accel}
@@ -77,13 +134,14 @@ def deployment_options(backend: Backend) -> dict[str, Any]:
             options["placement_group_bundles"] = [
                 {"CPU": backend.replica_cpus, "NPU": 1, **accel}
             ] + [{"NPU": 1, **accel} for _ in range(npus - 1)]
-            options["placement_group_strategy"] = "PACK"
+            options["placement_group_strategy"] = ray_strategy(backend)
     return options
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_config(args)
-    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
+    cache_dir = cache_dir_of(config)
+    resolve_parallelism(config, cache_dir)
     check_deployable(config, cache_dir)
     for model in config.models:  # embedded models prepare offline in seconds: do it here, visibly
         if sources.parse_source(model.source).kind == "embedded":

@@ -1,5 +1,8 @@
 """The `raystack` command line.
 
+    raystack start --head | --address HEAD:PORT   start Ray on this node with its Ascend NPUs registered
+    raystack status [--json]             nodes, NPUs (type, HBM, holders), Serve apps and replicas
+    raystack estimate MODEL              weights, KV cache, and the NPUs a replica needs
     raystack config check FILE...        validate Serve deploy configs (schema, engine args, models)
     raystack models list                 embedded models and what the cache holds
     raystack models prepare SOURCE...    prepare an embedded model or download a hub model into the cache
@@ -15,14 +18,14 @@ from raystack.config import ConfigError, load_serve_config
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from raystack.app import check_deployable
-    from raystack.models.sources import default_cache_dir
+    from raystack.app import cache_dir_of, check_deployable, resolve_parallelism
 
     failed = 0
     for path in args.files:
         try:
             for app_name, config in load_serve_config(path):
-                cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+                cache = cache_dir_of(config)
+                resolve_parallelism(config, cache)
                 check_deployable(config, cache)
                 summary = ", ".join(
                     f"{m.name} <- {'/'.join(b.name for b in m.backends)}" for m in config.models
@@ -63,9 +66,98 @@ def _models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulated_npus(count: int, chip_type: str | None, hbm_gib: float | None):
+    from raystack.cluster.npu import NodeNPUs, NPUChip
+
+    name = (chip_type or "").removeprefix("Ascend")
+    hbm_mb = int(hbm_gib * 1024) if hbm_gib else None
+    chips = [NPUChip(i, 0, i, name, "OK", hbm_mb) for i in range(count)]
+    return NodeNPUs(chips, [], chip_type, hbm_gib, "simulated (--npus)", [])
+
+
+def _start(args: argparse.Namespace) -> int:
+    from raystack.cluster import node
+    from raystack.cluster.npu import discover
+
+    if args.npus is not None:
+        npus = _simulated_npus(args.npus, args.npu_type, args.hbm_gib)
+    else:
+        npus = discover(log=lambda _: None)  # its notes and exclusions come back in plan.notices
+    try:
+        plan = node.plan_start(
+            npus, head=args.head, address=args.address, port=args.port, ifname=args.ifname,
+            extra_args=[a for a in args.ray_args if a != "--"], ray_bin=str(Path(sys.executable).with_name("ray")),
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for notice in plan.notices:
+        print(f"raystack: {notice}")
+    if args.dry_run:
+        print(plan.render())
+        return 0
+    return node.run(plan)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from raystack.cluster import status
+
+    try:
+        result = status.gather(args.address)
+    except ConnectionError as err:
+        print(f"error: no Ray cluster at {args.address}: {err}. Start one with `raystack start --head`.",
+              file=sys.stderr)
+        return 1
+    print(status.to_json(result) if args.json else status.render(result))
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from raystack.cluster.estimate import EstimateError, estimate_source, format_estimate
+    from raystack.models.sources import ModelSourceError
+
+    try:
+        size = estimate_source(args.model, Path(args.cache_dir) if args.cache_dir else None,
+                               npu_type=args.npu_type, max_model_len=args.max_model_len, hbm_gib=args.hbm_gib)
+    except (EstimateError, ModelSourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(size.as_dict(), indent=2) if args.json else format_estimate(size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    start = sub.add_parser("start", help="start Ray on this node with its Ascend NPUs registered")
+    where = start.add_mutually_exclusive_group(required=True)
+    where.add_argument("--head", action="store_true", help="start a new cluster's head node")
+    where.add_argument("--address", help="join the cluster whose head is HEAD:PORT")
+    start.add_argument("--port", type=int, default=6379, help="head's GCS port (with --head)")
+    start.add_argument("--ifname", help="network interface for HCCL/Gloo (default: the one routing to the head)")
+    start.add_argument("--npus", type=int, help="declare N NPUs instead of discovering them (simulation)")
+    start.add_argument("--npu-type", help="chip type of the declared NPUs, e.g. Ascend910B3")
+    start.add_argument("--hbm-gib", type=float, help="HBM per declared NPU in GiB")
+    start.add_argument("--dry-run", action="store_true", help="print the ray start command and env, run nothing")
+    start.add_argument("ray_args", nargs=argparse.REMAINDER, help="after --: passed to ray start as-is")
+    start.set_defaults(func=_start)
+
+    status = sub.add_parser("status", help="nodes, NPUs, Serve applications and replicas")
+    status.add_argument("--address", default="auto", help="Ray cluster address (default: the running one)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+
+    estimate = sub.add_parser("estimate", help="size a model: weights, KV cache, NPUs per replica")
+    estimate.add_argument("model", help="model source: embedded id, local path, modelscope://Org/Name, hf://Org/Name")
+    estimate.add_argument("--npu-type", default="Ascend910B", help="default: Ascend910B")
+    estimate.add_argument("--max-model-len", type=int, help="context to size the KV cache for (default: the model's)")
+    estimate.add_argument("--hbm-gib", type=float, help="HBM per NPU, for a type raystack does not know")
+    estimate.add_argument("--cache-dir")
+    estimate.add_argument("--json", action="store_true")
+    estimate.set_defaults(func=_estimate)
 
     config = sub.add_parser("config", help="deploy configs").add_subparsers(dest="action", required=True)
     check = config.add_parser("check", help="validate Serve YAML files that use raystack.app:build_app")

@@ -80,7 +80,12 @@ class Backend(_Strict):
     engine: Literal["vllm"] = "vllm"
     device: Literal["cpu", "npu"] = "npu"
     accelerator: Accelerator = Accelerator()
-    parallelism: Parallelism = Parallelism()
+    parallelism: Parallelism | Literal["auto"] = Field(
+        Parallelism(), description="tensor/pipeline sizes, or `auto` to size from the model (raystack estimate)"
+    )
+    placement: Literal["pack", "strict_pack", "spread"] = Field(
+        "pack", description="how a replica's NPU bundles spread over nodes (Ray placement strategy)"
+    )
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="passed to the engine as-is (vLLM: AsyncEngineArgs fields)"
@@ -101,9 +106,18 @@ class Backend(_Strict):
             return self.resources.cpus
         return 1.0 if self.device == "cpu" else 2.0
 
+    @property
+    def parallel(self) -> Parallelism:
+        """The resolved parallelism; build_app resolves `auto` before anything reads it."""
+        if self.parallelism == "auto":
+            raise ValueError("parallelism: auto is resolved by build_app (raystack.app.resolve_parallelism)")
+        return self.parallelism
+
     @model_validator(mode="after")
     def _device_consistency(self) -> Backend:
-        if self.device == "cpu" and self.parallelism.world_size > 1:
+        if self.parallelism == "auto" and self.device == "cpu":
+            self.parallelism = Parallelism()  # one CPU engine per replica: nothing to size
+        if self.device == "cpu" and self.parallel.world_size > 1:
             raise ValueError(
                 "parallelism above 1 needs device: npu (vLLM's CPU platform has no Ray executor); "
                 "set parallelism to {tensor: 1, pipeline: 1} or device: npu"

@@ -55,8 +55,8 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> di
     args: dict[str, Any] = {
         "model": str(model_path),
         "served_model_name": [model_name],
-        "tensor_parallel_size": backend.parallelism.tensor,
-        "pipeline_parallel_size": backend.parallelism.pipeline,
+        "tensor_parallel_size": backend.parallel.tensor,
+        "pipeline_parallel_size": backend.parallel.pipeline,
     }
     if backend.max_model_len:
         args["max_model_len"] = backend.max_model_len
@@ -66,7 +66,7 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> di
             "kv_cache_memory_bytes", "gpu_memory_utilization"
         } & set(backend.engine_args):
             args["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
-    elif backend.parallelism.world_size > 1:
+    elif backend.parallel.world_size > 1:
         args["distributed_executor_backend"] = "ray"
     args.update(backend.engine_args)
     return args
@@ -96,6 +96,12 @@ class VLLMEngine:
         engine_args = AsyncEngineArgs.from_cli_args(args)
         usage = UsageContext.OPENAI_API_SERVER
         vllm_config = engine_args.create_engine_config(usage_context=usage)
+        if vllm_config.parallel_config.distributed_executor_backend == "ray":
+            from ray.util import get_current_placement_group
+
+            # The EngineCore subprocess loses Ray's placement-group context: hand it the replica's
+            # group (one NPU bundle per rank) so the workers land on the NPUs Serve reserved.
+            vllm_config.parallel_config.placement_group = get_current_placement_group()
         logger.info("starting vLLM engine for %s: %s", self.model_name, self.engine_args)
         self.client = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,

@@ -57,7 +57,7 @@ def parse_source(source: str) -> ModelSource:
             f"{source!r}: unknown scheme; use modelscope://Org/Name, hf://Org/Name, a local path or an "
             f"embedded id ({', '.join(embedded.EMBEDDED_MODELS)})"
         )
-    if source.startswith(("/", "./", "../", "~")):
+    if source.startswith(("/", "./", "../", "~")) or Path(source).is_dir():
         return ModelSource("local", str(Path(source).expanduser().resolve()))
     raise ModelSourceError(
         f"{source!r} is neither an embedded model ({', '.join(embedded.EMBEDDED_MODELS)}), a local path "

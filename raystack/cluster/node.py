@@ -1,0 +1,152 @@
+"""`raystack start`: join this node to a Ray cluster with its Ascend NPUs registered.
+
+The NPUs register under Ray's own names: resource `NPU` (count of healthy chips), resource
+`accelerator_type:<type>` and label `ray.io/accelerator-type` (e.g. Ascend910B3), plus label
+`raystack.io/npu-hbm-gib`. The environment vllm-ascend needs across nodes is exported before
+`ray start`, so every Ray worker on this node (and so every engine worker) inherits it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raystack.cluster.npu import NodeNPUs
+
+HBM_LABEL = "raystack.io/npu-hbm-gib"
+ACCELERATOR_LABEL = "ray.io/accelerator-type"
+
+
+def chip_family(chip_type: str) -> str | None:
+    """Ascend910B3 -> Ascend910B, Ascend310P3 -> Ascend310P: what deploy configs usually require."""
+    m = re.fullmatch(r"(Ascend\d+[A-Za-z]+)\d+", chip_type)
+    return m.group(1) if m else None
+
+
+@dataclass
+class StartPlan:
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # exported on top of the caller's environment
+    notices: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        return "\n".join(lines + [shlex.join(self.command)])
+
+
+def default_route_interface(route_table: Path = Path("/proc/net/route")) -> str | None:
+    """The interface of the default route, read from the kernel (no packet sent)."""
+    try:
+        for line in route_table.read_text().splitlines()[1:]:
+            parts = line.split()
+            if len(parts) > 2 and parts[1] == "00000000":
+                return parts[0]
+    except OSError:
+        pass
+    return None
+
+
+def interface_to(host: str) -> str | None:
+    """The interface this node uses to reach `host`: the kernel's route choice for a UDP socket
+    (connect() on UDP picks a source address and sends nothing)."""
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(host), 9))
+            local_ip = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local_ip for a in addrs):
+            return name
+    return None
+
+
+def interface_ipv4(ifname: str) -> str | None:
+    import psutil
+
+    for addr in psutil.net_if_addrs().get(ifname, []):
+        if addr.family == socket.AF_INET:
+            return addr.address
+    return None
+
+
+def plan_start(
+    npus: NodeNPUs,
+    head: bool,
+    address: str | None = None,
+    port: int = 6379,
+    ifname: str | None = None,
+    extra_args: list[str] | None = None,
+    ray_bin: str = "ray",
+) -> StartPlan:
+    if head == bool(address):
+        raise ValueError("give exactly one of --head or --address HEAD:PORT")
+    plan = StartPlan(command=[ray_bin, "start"])
+    if head:
+        plan.command += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1"]
+    else:
+        plan.command += [f"--address={address}"]
+
+    resources: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    if npus.count:
+        resources["NPU"] = npus.count
+        if npus.chip_type:
+            # The exact type as Ray itself registers it, and the family, so `accelerator: {type:
+            # Ascend910B}` in a deploy config matches 910B1..910B4 nodes alike.
+            resources[f"accelerator_type:{npus.chip_type}"] = 1
+            family = chip_family(npus.chip_type)
+            if family:
+                resources[f"accelerator_type:{family}"] = 1
+            labels[ACCELERATOR_LABEL] = npus.chip_type
+        if npus.hbm_gib_per_npu:
+            labels[HBM_LABEL] = f"{npus.hbm_gib_per_npu:g}"
+        plan.env["ASCEND_RT_VISIBLE_DEVICES"] = npus.visible_devices()
+        # vLLM's Ray executor sets each worker's visible devices itself; Ray must not narrow them.
+        plan.env["RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"] = "1"
+        plan.notices.append(
+            f"{npus.count} x {npus.chip_type or 'NPU'} registered (devices {npus.visible_devices()}, "
+            f"{npus.hbm_gib_per_npu or '?'} GiB HBM each; found via {npus.source})"
+        )
+    else:
+        # Say so: a node without NPUs still runs routers and CPU work, never an NPU engine.
+        resources["NPU"] = 0
+        plan.notices.append(
+            "no Ascend NPU found on this node: it joins as a CPU-only node (routers, CPU backends). "
+            "Use --npus N --npu-type T to simulate NPUs."
+        )
+    for chip, reason in npus.excluded:
+        plan.notices.append(f"left out NPU {chip.npu_id} chip {chip.chip_id}: {reason}")
+    plan.notices += npus.notes
+
+    iface = ifname or (interface_to(address.rsplit(":", 1)[0]) if address else default_route_interface())
+    if iface:
+        ip = interface_ipv4(iface)
+        plan.env.update({"GLOO_SOCKET_IFNAME": iface, "TP_SOCKET_IFNAME": iface})
+        if ip:
+            plan.env["HCCL_IF_IP"] = ip
+            plan.command.append(f"--node-ip-address={ip}")
+        else:
+            plan.notices.append(f"interface {iface} has no IPv4 address; HCCL_IF_IP not set")
+    else:
+        plan.notices.append("could not tell which interface reaches the head; pass --ifname")
+
+    plan.command.append("--resources=" + json.dumps(resources, separators=(",", ":")))
+    if labels:
+        plan.command.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+    plan.command += extra_args or []
+    return plan
+
+
+def run(plan: StartPlan) -> int:
+    import subprocess
+
+    return subprocess.call(plan.command, env={**os.environ, **plan.env})
+

@@ -1,0 +1,127 @@
+"""`raystack status`: nodes and their NPUs (type, HBM, who holds them), Serve apps and replicas, and
+backends the cluster cannot host, as a terminal table or JSON."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from raystack.cluster.node import ACCELERATOR_LABEL, HBM_LABEL
+from raystack.cluster.placement import cluster_capacity, fit_problem
+from raystack.config import BUILD_APP_IMPORT_PATH, ConfigError, parse_config
+
+
+def _npu_holders() -> dict[str, list[tuple[str, float]]]:
+    """node id -> [(holder, NPUs)]: placement groups (multi-NPU replicas) and single-NPU actors."""
+    import ray
+    from ray.util.state import list_actors
+
+    holders: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for pg in ray.util.placement_group_table().values():
+        if pg.get("state") != "CREATED":
+            continue
+        per_node: dict[str, float] = defaultdict(float)
+        for idx, bundle in pg.get("bundles", {}).items():
+            node = pg.get("bundles_to_node_id", {}).get(idx)
+            if node and bundle.get("NPU"):
+                per_node[node] += bundle["NPU"]
+        for node, count in per_node.items():
+            holders[node].append((pg.get("name") or pg["placement_group_id"][:8], count))
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+        npus = (actor.required_resources or {}).get("NPU")
+        if npus and not actor.placement_group_id:
+            holders[actor.node_id].append((actor.name or actor.class_name, npus))
+    return holders
+
+
+def _serve_details() -> dict[str, Any]:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from ray._private.worker import global_worker
+
+    address = global_worker.node.address_info.get("webui_url") or "127.0.0.1:8265"
+    try:
+        return ServeSubmissionClient(f"http://{address}").get_serve_details()
+    except Exception as err:  # Serve not running, dashboard down
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def gather(address: str = "auto") -> dict[str, Any]:
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    nodes = cluster_capacity()
+    holders = _npu_holders()
+    out: dict[str, Any] = {"nodes": [], "applications": [], "problems": []}
+    for n in nodes:
+        out["nodes"].append({
+            "node_id": n.node_id,
+            "address": n.address,
+            "npu_type": n.labels.get(ACCELERATOR_LABEL) or next(iter(sorted(n.accelerator_types)), None),
+            "hbm_gib": n.labels.get(HBM_LABEL),
+            "npus": n.npu_total,
+            "npus_free": n.npu_free,
+            "held_by": [{"holder": h, "npus": c} for h, c in holders.get(n.node_id, [])],
+        })
+
+    details = _serve_details()
+    if "error" in details:
+        out["serve_error"] = details["error"]
+    for app_name, app in (details.get("applications") or {}).items():
+        deployments = []
+        for dep_name, dep in (app.get("deployments") or {}).items():
+            states: dict[str, int] = defaultdict(int)
+            for replica in dep.get("replicas") or []:
+                states[replica.get("state", "?")] += 1
+            deployments.append({
+                "name": dep_name, "status": dep.get("status"), "replicas": dict(states),
+                "message": dep.get("message") or "",
+            })
+        out["applications"].append({
+            "name": app_name, "status": app.get("status"), "message": app.get("message") or "",
+            "deployments": deployments,
+        })
+        config = app.get("deployed_app_config") or {}
+        if config.get("import_path") == BUILD_APP_IMPORT_PATH:
+            try:
+                rs = parse_config(config.get("args"))
+            except ConfigError:
+                continue
+            for model in rs.models:
+                for backend in model.backends:
+                    never, not_now = fit_problem(f"{model.name}@{backend.name}", backend, nodes)
+                    if never or not_now:
+                        out["problems"].append(never or not_now)
+    return out
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = ["NODES", f"  {'address':16} {'NPU type':14} {'HBM GiB':>7} {'NPUs':>5} {'free':>5}  held by"]
+    for n in status["nodes"]:
+        held = ", ".join(f"{h['holder']} ({h['npus']:g})" for h in n["held_by"]) or "-"
+        lines.append(
+            f"  {n['address']:16} {n['npu_type'] or '-':14} {n['hbm_gib'] or '-':>7} "
+            f"{n['npus']:>5g} {n['npus_free']:>5g}  {held}"
+        )
+    lines.append("")
+    lines.append("SERVE")
+    if status.get("serve_error"):
+        lines.append(f"  not reachable: {status['serve_error']}")
+    if not status["applications"] and not status.get("serve_error"):
+        lines.append("  no applications (serve run deploy_configs/<config>.yaml)")
+    for app in status["applications"]:
+        lines.append(f"  {app['name']}: {app['status']}" + (f" - {app['message']}" if app["message"] else ""))
+        for d in app["deployments"]:
+            replicas = ", ".join(f"{k} {v}" for k, v in sorted(d["replicas"].items())) or "no replicas"
+            lines.append(f"    {d['name']:32} {d['status']:10} {replicas}")
+            if d["message"]:
+                lines.append(f"      {d['message']}")
+    if status["problems"]:
+        lines.append("")
+        lines.append("CANNOT PLACE")
+        lines += [f"  {p}" for p in status["problems"]]
+    return "\n".join(lines)
+
+
+def to_json(status: dict[str, Any]) -> str:
+    return json.dumps(status, indent=2, default=str)
