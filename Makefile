@@ -5,6 +5,8 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 export VLLM_NO_USAGE_STATS = 1
 export DO_NOT_TRACK = 1
 export RAY_USAGE_STATS_ENABLED = 0
+# Ray runs workers at nice 15; serving replicas (and Serve's proxy) are the workload, not background jobs.
+export RAY_worker_niceness = 0
 CONFIG ?= deploy_configs/local.yaml
 
 .PHONY: setup setup-test run test test-unit check-configs clean

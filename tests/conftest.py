@@ -9,5 +9,6 @@ for key, value in {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_worker_niceness": "0",  # as the Makefile and `raystack start` run Ray
 }.items():
     os.environ[key] = value

@@ -88,7 +88,8 @@ def plan_start(
 ) -> StartPlan:
     if head == bool(address):
         raise ValueError("give exactly one of --head or --address HEAD:PORT")
-    plan = StartPlan(command=[ray_bin, "start"])
+    # Ray runs workers at nice 15 by default; serving replicas are the workload here, not background jobs.
+    plan = StartPlan(command=[ray_bin, "start"], env={"RAY_worker_niceness": "0"})
     if head:
         plan.command += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1"]
     else:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from raystack.config import Backend
 from raystack.engines.base import EngineResult, JSONResult, RequestKind
+from raystack.engines.cpu_cores import move_off_engine_cores
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> di
 class VLLMEngine:
     def __init__(self, model_name: str, model_path: Path, backend: Backend):
         self.model_name = model_name
+        self.on_cpu = backend.device == "cpu"
         self.engine_args = build_engine_args(model_name, model_path, backend)
         self.client = None
         self.state = None
@@ -111,6 +113,8 @@ class VLLMEngine:
         )
         self.state = State()
         await init_app_state(self.client, self.state, args, await self.client.get_supported_tasks())
+        if self.on_cpu:
+            move_off_engine_cores()
 
     async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -139,6 +143,8 @@ class VLLMEngine:
 
     async def check_health(self) -> None:
         await self.client.check_health()
+        if self.on_cpu:  # processes started since (a restarted router, a new proxy) float again
+            move_off_engine_cores()
 
     async def shutdown(self) -> None:
         if self.client is not None:

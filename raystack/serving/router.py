@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raystack.serving.priority import restore_normal_priority
 from raystack.serving.protocol import (
     REQUEST_MODELS,
     SSE_DONE,
@@ -66,6 +67,7 @@ async def _result(response: Any) -> Any:
 @serve.ingress(app)
 class Router:
     def __init__(self, models: dict[str, dict[str, Any]], backends: dict[str, dict[str, DeploymentHandle]]):
+        restore_normal_priority()
         # models: name -> {"source": ..., "backends": [...]} for /v1/models
         self.models = models
         self.backends = backends

@@ -12,6 +12,7 @@ from ray import serve
 from raystack.config import Backend
 from raystack.engines.base import JSONResult, RequestKind, create_engine
 from raystack.models import sources
+from raystack.serving.priority import restore_normal_priority
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,13 +59,17 @@ async def coalesce(stream: AsyncIterator[str]) -> AsyncIterator[str]:
 class LLMServer:
     """One replica = one engine on the CPUs/NPUs Ray granted this replica."""
 
-    async def __init__(self, model_name: str, source: str, backend: dict[str, Any], cache_dir: str):
+    async def __init__(self, model_name: str, source: str | None, backend: dict[str, Any], cache_dir: str):
+        restore_normal_priority()  # before the engine starts: its processes inherit it
         self.backend = Backend.model_validate(backend)
         self.model_name = model_name
-        model_path = await asyncio.to_thread(sources.resolve, source, Path(cache_dir), logger.info)
+        model_path = None
+        if self.backend.loads_model:
+            model_path = await asyncio.to_thread(sources.resolve, source, Path(cache_dir), logger.info)
         self.engine = create_engine(model_name, model_path, self.backend)
         await self.engine.start()
-        logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine, model_path)
+        logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine,
+                    model_path or "no model files")
 
     async def generate(self, kind: RequestKind, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Streams the answer: one (status, body) tuple for a JSON answer, else SSE strings."""
