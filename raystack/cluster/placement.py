@@ -57,19 +57,39 @@ def _available_per_node() -> dict[str, dict[str, float]]:
     return available_resources_per_node()
 
 
-def npu_demand(backend: Backend) -> int:
-    return backend.parallel.world_size if backend.device == "npu" else 0
+@dataclass(frozen=True)
+class NPUDemand:
+    """What one replica needs: NPUs, of which chip type, and whether all on one node."""
+
+    npus: float
+    chip_type: str | None = None
+    one_node: bool = False
+    detail: str = ""  # e.g. "tensor 4 x pipeline 2"
 
 
-def fit_problem(name: str, backend: Backend, nodes: list[NodeCapacity]) -> tuple[str | None, str | None]:
+def backend_demand(backend: Backend) -> NPUDemand:
+    if backend.device != "npu":
+        return NPUDemand(0)
+    p = backend.parallel
+    return NPUDemand(p.world_size, backend.accelerator.type, backend.placement == "strict_pack",
+                     f"tensor {p.tensor} x pipeline {p.pipeline}")
+
+
+def bundles_demand(bundles: list[dict[str, float]], strategy: str = "PACK") -> NPUDemand:
+    """The same, read back from what Ray was asked for: placement-group bundles or actor resources."""
+    types = {k.split(":", 1)[1] for b in bundles for k in b if k.startswith("accelerator_type:")}
+    return NPUDemand(sum(b.get("NPU", 0) for b in bundles), next(iter(sorted(types)), None),
+                     strategy == "STRICT_PACK")
+
+
+def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tuple[str | None, str | None]:
     """(why the cluster can never host one replica, why it cannot host one right now); None if fine."""
-    need = npu_demand(backend)
+    need = demand.npus
     if not need:
         return None, None
-    chip = backend.accelerator.type
-    matching = [n for n in nodes if n.has_type(chip)]
-    kind = f"{chip} " if chip else ""
-    if backend.placement == "strict_pack":
+    matching = [n for n in nodes if n.has_type(demand.chip_type)]
+    kind = f"{demand.chip_type} " if demand.chip_type else ""
+    if demand.one_node:
         best_total = max((n.npu_total for n in matching), default=0)
         best_free = max((n.npu_free for n in matching), default=0)
         where = "on one node (strict_pack)"
@@ -80,15 +100,16 @@ def fit_problem(name: str, backend: Backend, nodes: list[NodeCapacity]) -> tuple
     have = f"the cluster has {sum(n.npu_total for n in matching):g} {kind}NPUs on {len(matching)} node(s)"
     if best_total < need:
         never = (
-            f"backend {name} needs {need} {kind}NPUs per replica {where} "
-            f"(tensor {backend.parallel.tensor} x pipeline {backend.parallel.pipeline}), but {have}"
-            + (f" (largest node: {best_total:g})" if backend.placement == "strict_pack" else "")
+            f"backend {name} needs {need:g} {kind}NPUs per replica {where}"
+            + (f" ({demand.detail})" if demand.detail else "")
+            + f", but {have}"
+            + (f" (largest node: {best_total:g})" if demand.one_node else "")
             + ". Add NPU nodes (`raystack start --address ...`), lower parallelism, or change accelerator.type."
         )
         return never, None
     if best_free < need:
         return None, (
-            f"backend {name} needs {need} {kind}NPUs per replica {where}; only {best_free:g} are free now, "
+            f"backend {name} needs {need:g} {kind}NPUs per replica {where}; only {best_free:g} are free now, "
             f"so a new replica waits until other replicas release theirs"
         )
     return None, None

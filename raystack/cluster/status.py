@@ -8,8 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 from raystack.cluster.node import ACCELERATOR_LABEL, HBM_LABEL
-from raystack.cluster.placement import cluster_capacity, fit_problem
-from raystack.config import BUILD_APP_IMPORT_PATH, ConfigError, parse_config
+from raystack.cluster.placement import NPUDemand, bundles_demand, cluster_capacity, fit_problem
 
 
 def _npu_holders() -> dict[str, list[tuple[str, float]]]:
@@ -35,6 +34,27 @@ def _npu_holders() -> dict[str, list[tuple[str, float]]]:
     return holders
 
 
+def _waiting_for_npus() -> list[tuple[str, NPUDemand]]:
+    """Replicas Ray has not placed yet that need NPUs: pending placement groups and actors."""
+    import ray
+    from ray.util.state import list_actors
+
+    waiting = []
+    for pg in ray.util.placement_group_table().values():
+        if pg.get("state") in ("PENDING", "RESCHEDULING"):
+            demand = bundles_demand(list(pg.get("bundles", {}).values()), pg.get("strategy", "PACK"))
+            if demand.npus:
+                # Serve names a replica's group SERVE_REPLICA::<app>#<deployment>#<replica id>
+                name = (pg.get("name") or pg["placement_group_id"]).removeprefix("SERVE_REPLICA::")
+                waiting.append((name.replace("#", "/"), demand))
+    for actor in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True,
+                             raise_on_missing_output=False):
+        demand = bundles_demand([actor.required_resources or {}])
+        if demand.npus and not actor.placement_group_id:
+            waiting.append((actor.name or actor.class_name, demand))
+    return waiting
+
+
 def _serve_details() -> dict[str, Any]:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from ray._private.worker import global_worker
@@ -49,7 +69,8 @@ def _serve_details() -> dict[str, Any]:
 def gather(address: str = "auto") -> dict[str, Any]:
     import ray
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     nodes = cluster_capacity()
     holders = _npu_holders()
     out: dict[str, Any] = {"nodes": [], "applications": [], "problems": []}
@@ -57,7 +78,8 @@ def gather(address: str = "auto") -> dict[str, Any]:
         out["nodes"].append({
             "node_id": n.node_id,
             "address": n.address,
-            "npu_type": n.labels.get(ACCELERATOR_LABEL) or next(iter(sorted(n.accelerator_types)), None),
+            # Without raystack's label, the most specific registered type (Ascend910B3 over its family).
+            "npu_type": n.labels.get(ACCELERATOR_LABEL) or max(n.accelerator_types, key=len, default=None),
             "hbm_gib": n.labels.get(HBM_LABEL),
             "npus": n.npu_total,
             "npus_free": n.npu_free,
@@ -81,17 +103,10 @@ def gather(address: str = "auto") -> dict[str, Any]:
             "name": app_name, "status": app.get("status"), "message": app.get("message") or "",
             "deployments": deployments,
         })
-        config = app.get("deployed_app_config") or {}
-        if config.get("import_path") == BUILD_APP_IMPORT_PATH:
-            try:
-                rs = parse_config(config.get("args"))
-            except ConfigError:
-                continue
-            for model in rs.models:
-                for backend in model.backends:
-                    never, not_now = fit_problem(f"{model.name}@{backend.name}", backend, nodes)
-                    if never or not_now:
-                        out["problems"].append(never or not_now)
+    # Ray keeps an unplaceable replica pending without a word: say why, in NPUs.
+    for name, demand in _waiting_for_npus():
+        never, not_now = fit_problem(name, demand, nodes)
+        out["problems"].append(never or not_now or f"replica {name} is waiting for {demand.npus:g} NPUs")
     return out
 
 

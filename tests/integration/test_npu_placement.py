@@ -20,25 +20,29 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raystack.app import build_app, deployment_options
 from raystack.cluster.node import plan_start
 from raystack.cluster.npu import NodeNPUs, NPUChip
-from raystack.cluster.placement import cluster_capacity, fit_problem
+from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem
 from raystack.config import Backend, ConfigError
 
 
-def npu_node_resources(count: int) -> dict:
-    """The resources `raystack start` registers for a node of `count` Ascend910B3 chips."""
+def npu_node_args(count: int) -> dict:
+    """The resources and labels `raystack start` registers for a node of `count` Ascend910B3 chips."""
     chips = [NPUChip(i, 0, i, "910B3", "OK", 65536) for i in range(count)]
     plan = plan_start(NodeNPUs(chips, [], "Ascend910B3", 64.0, "test", []), head=True, ifname="lo")
     import json
 
-    [arg] = [a for a in plan.command if a.startswith("--resources=")]
-    return json.loads(arg.split("=", 1)[1])
+    [resources] = [a for a in plan.command if a.startswith("--resources=")]
+    [labels] = [a for a in plan.command if a.startswith("--labels=")]
+    return {
+        "resources": json.loads(resources.split("=", 1)[1]),
+        "labels": dict(kv.split("=", 1) for kv in labels.split("=", 1)[1].split(",")),
+    }
 
 
 @pytest.fixture(scope="module")
 def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # CPU-only node
     for _ in range(2):
-        c.add_node(num_cpus=2, resources=npu_node_resources(4))
+        c.add_node(num_cpus=2, **npu_node_args(4))
     c.wait_for_nodes()
     ray.init(address=c.address)
     yield c
@@ -111,14 +115,14 @@ def test_tp4_pp2_spans_both_npu_nodes(cluster):
 
 def test_capacity_messages_are_plain(cluster):
     nodes = cluster_capacity()
-    never, _ = fit_problem("qwen3@vllm", npu_backend(16), nodes)
+    never, _ = fit_problem("qwen3@vllm", backend_demand(npu_backend(16)), nodes)
     assert never.startswith("backend qwen3@vllm needs 16 Ascend910B NPUs per replica in the cluster")
     assert "the cluster has 8 Ascend910B NPUs on 2 node(s)" in never
-    never, _ = fit_problem("qwen3@vllm", npu_backend(8, placement="strict_pack"), nodes)
+    never, _ = fit_problem("qwen3@vllm", backend_demand(npu_backend(8, placement="strict_pack")), nodes)
     assert "on one node (strict_pack)" in never and "largest node: 4" in never
-    never, _ = fit_problem("x@vllm", Backend(name="vllm", device="npu", accelerator={"type": "Ascend310P"}), nodes)
+    never, _ = fit_problem("x@vllm", backend_demand(Backend(name="vllm", device="npu", accelerator={"type": "Ascend310P"})), nodes)
     assert "the cluster has 0 Ascend310P NPUs on 0 node(s)" in never
-    assert fit_problem("qwen3@vllm", npu_backend(8), nodes) == (None, None)
+    assert fit_problem("qwen3@vllm", backend_demand(npu_backend(8)), nodes) == (None, None)
 
 
 def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_path):
@@ -128,3 +132,34 @@ def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_pat
          "parallelism": {"tensor": 16}}]}]}
     with pytest.raises(ConfigError, match=r"models\[0\]\.backends\[0\]: backend qwen3@vllm needs 16 Ascend910B NPUs"):
         build_app(args)
+
+
+def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster):
+    import time
+
+    from raystack.cluster import status
+
+    deploy(npu_backend(4, 2), "big")  # all 8 NPUs
+    # A second backend of 4 NPUs can never start while "big" holds them: Ray would just keep it STARTING.
+    serve._run(ExecutorStandIn.options(name="waiting", **deployment_options(npu_backend(4))).bind(),
+               name="waiting", route_prefix=None, _blocking=False)
+    deadline = time.monotonic() + 60
+    while True:
+        result = status.gather()
+        if result["problems"] or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    npu_nodes = [n for n in result["nodes"] if n["npus"]]
+    assert len(npu_nodes) == 2
+    assert all((n["npu_type"], n["hbm_gib"], n["npus_free"]) == ("Ascend910B3", "64", 0) for n in npu_nodes)
+    assert all(sum(h["npus"] for h in n["held_by"]) == 4 for n in npu_nodes)
+    assert [n for n in result["nodes"] if not n["npus"]]  # the CPU-only node is listed too
+    [problem] = result["problems"]
+    assert problem.startswith("backend waiting/waiting/")  # app/deployment/replica
+    assert problem.endswith("needs 4 Ascend910B NPUs per replica in the cluster; only 0 are free now, "
+                            "so a new replica waits until other replicas release theirs")
+    text = status.render(result)
+    assert "CANNOT PLACE" in text and "Ascend910B3" in text
+    assert {a["name"] for a in result["applications"]} >= {"big", "waiting"}
+    serve.delete("waiting")
+    serve.delete("big")
