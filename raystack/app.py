@@ -14,10 +14,11 @@ from typing import Any
 
 from ray.serve import Application
 
-from raystack.cluster.placement import cluster_capacity, fit_problem, ray_strategy
+from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem, ray_strategy
 from raystack.config import (
     Backend,
     ConfigError,
+    Model,
     Parallelism,
     RaystackConfig,
     deployment_name,
@@ -39,20 +40,26 @@ def check_deployable(config: RaystackConfig, cache_dir: Path) -> None:
     problems = []
     for i, model in enumerate(config.models):
         where = f"models[{i}]"
-        try:
-            src = sources.parse_source(model.source)
-            if src.kind == "local":
-                sources.check_local_dir(Path(src.ref), model.name)
-            elif src.kind == "embedded":
-                embedded.gguf_path(embedded.EMBEDDED_MODELS[src.ref])
-        except (sources.ModelSourceError, embedded.EmbeddedModelError) as err:
-            problems.append(f"  {where}.source: {err}")
+        if model.loads_model:  # all-synthetic models read no source
+            problems += _check_source(model, f"{where}.source")
         for j, backend in enumerate(model.backends):
             if backend.engine == "vllm":
                 problems += _check_vllm_args(backend, f"{where}.backends[{j}].engine_args")
     problems += _check_capacity(config)
     if problems:
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
+
+
+def _check_source(model: Model, where: str) -> list[str]:
+    try:
+        src = sources.parse_source(model.source)
+        if src.kind == "local":
+            sources.check_local_dir(Path(src.ref), model.name)
+        elif src.kind == "embedded":
+            embedded.gguf_path(embedded.EMBEDDED_MODELS[src.ref])
+    except (sources.ModelSourceError, embedded.EmbeddedModelError) as err:
+        return [f"  {where}: {err}"]
+    return []
 
 
 def _check_capacity(config: RaystackConfig) -> list[str]:
@@ -65,7 +72,7 @@ def _check_capacity(config: RaystackConfig) -> list[str]:
     problems = []
     for i, model in enumerate(config.models):
         for j, backend in enumerate(model.backends):
-            never, not_now = fit_problem(f"{model.name}@{backend.name}", backend, nodes)
+            never, not_now = fit_problem(f"{model.name}@{backend.name}", backend_demand(backend), nodes)
             if never:
                 problems.append(f"  models[{i}].backends[{j}]: {never}")
             elif not_now:
@@ -144,7 +151,7 @@ def build_app(args: dict[str, Any]) -> Application:
     resolve_parallelism(config, cache_dir)
     check_deployable(config, cache_dir)
     for model in config.models:  # embedded models prepare offline in seconds: do it here, visibly
-        if sources.parse_source(model.source).kind == "embedded":
+        if model.loads_model and sources.parse_source(model.source).kind == "embedded":
             sources.resolve(model.source, cache_dir, progress=print)
 
     backends: dict[str, dict[str, Application]] = {}

@@ -69,15 +69,29 @@ class Resources(_Strict):
     cpus: float | None = Field(
         None,
         ge=0,
-        description="CPUs Ray reserves for one replica (default: 1 on cpu, 2 on npu)",
+        description="CPUs Ray reserves for one replica (default: 1 on cpu, 2 on npu, 0.1 for engine: synthetic)",
     )
+
+
+# A synthetic replica only sleeps between tokens: a tenth of a core lets several share a small machine.
+SYNTHETIC_REPLICA_CPUS = 0.1
+
+
+class SyntheticSettings(_Strict):
+    """engine: synthetic, a backend without a model for load tests: deterministic words at a set pace."""
+
+    ttft_ms: float = Field(50, ge=0, description="time to the first token")
+    tokens_per_s: float | None = Field(
+        50, ge=0, description="pace after the first token; 0 or null: as fast as possible"
+    )
+    output_tokens: int = Field(64, ge=1, description="answer length when the request sets no max_tokens")
 
 
 class Backend(_Strict):
     """One engine serving a model: its deployment, placement and engine arguments."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    engine: Literal["vllm"] = "vllm"
+    engine: Literal["vllm", "synthetic"] = "vllm"
     device: Literal["cpu", "npu"] = "npu"
     accelerator: Accelerator = Accelerator()
     parallelism: Parallelism | Literal["auto"] = Field(
@@ -90,6 +104,7 @@ class Backend(_Strict):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="passed to the engine as-is (vLLM: AsyncEngineArgs fields)"
     )
+    synthetic: SyntheticSettings | None = Field(None, description="pace and length of engine: synthetic")
     env: dict[str, str] = Field(default_factory=dict, description="environment of the replica")
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
@@ -101,9 +116,16 @@ class Backend(_Strict):
     graceful_shutdown_timeout_s: float = Field(30, ge=0)
 
     @property
+    def loads_model(self) -> bool:
+        """False for engine: synthetic, which answers without model files."""
+        return self.engine != "synthetic"
+
+    @property
     def replica_cpus(self) -> float:
         if self.resources.cpus is not None:
             return self.resources.cpus
+        if not self.loads_model:
+            return SYNTHETIC_REPLICA_CPUS
         return 1.0 if self.device == "cpu" else 2.0
 
     @property
@@ -112,6 +134,22 @@ class Backend(_Strict):
         if self.parallelism == "auto":
             raise ValueError("parallelism: auto is resolved by build_app (raystack.app.resolve_parallelism)")
         return self.parallelism
+
+    @model_validator(mode="after")
+    def _synthetic_consistency(self) -> Backend:
+        if self.engine != "synthetic":
+            if self.synthetic is not None:
+                raise ValueError("synthetic: applies to engine: synthetic only; remove it or set that engine")
+            return self
+        if self.engine_args:
+            raise ValueError("engine_args are vLLM's; engine: synthetic is set up by its synthetic: block")
+        if "device" not in self.model_fields_set:
+            self.device = "cpu"  # it runs no model: nothing to place on an NPU
+        elif self.device != "cpu":
+            raise ValueError("engine: synthetic runs no model and needs no NPU; use device: cpu")
+        if self.synthetic is None:
+            self.synthetic = SyntheticSettings()
+        return self
 
     @model_validator(mode="after")
     def _device_consistency(self) -> Backend:
@@ -129,11 +167,18 @@ class Backend(_Strict):
 
 class Model(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="the `model` clients ask for")
-    source: str = Field(
+    source: str | None = Field(
+        None,
         min_length=1,
-        description="embedded id, local path, modelscope://Org/Name or hf://Org/Name",
+        description="embedded id, local path, modelscope://Org/Name or hf://Org/Name; "
+        "may be left out when every backend is engine: synthetic",
     )
     backends: list[Backend] = Field(min_length=1)
+
+    @property
+    def loads_model(self) -> bool:
+        """Whether any backend reads the model's files (all-synthetic models have none)."""
+        return any(b.loads_model for b in self.backends)
 
     @field_validator("backends")
     @classmethod
@@ -143,6 +188,16 @@ class Model(_Strict):
         if dupes:
             raise ValueError(f"backend names must be unique within a model; repeated: {dupes}")
         return backends
+
+    @model_validator(mode="after")
+    def _source_when_loaded(self) -> Model:
+        if self.source is None and self.loads_model:
+            loader = next(b for b in self.backends if b.loads_model)
+            raise ValueError(
+                f"source: required, because backend {loader.name!r} (engine: {loader.engine}) loads the model; "
+                f"only a model whose backends are all engine: synthetic may leave it out"
+            )
+        return self
 
 
 class RouterConfig(_Strict):

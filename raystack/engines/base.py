@@ -44,9 +44,11 @@ class Engine(Protocol):
 # engine name in the deploy config -> "module:class"; imported lazily so the router never loads them.
 ENGINES = {
     "vllm": "raystack.engines.vllm:VLLMEngine",
+    "synthetic": "raystack.engines.synthetic:SyntheticEngine",
 }
 
 
-def create_engine(model_name: str, model_path: Path, backend: "Backend") -> Engine:
+def create_engine(model_name: str, model_path: Path | None, backend: "Backend") -> Engine:
+    """model_path is None for an engine that loads no model (Backend.loads_model)."""
     module, cls = ENGINES[backend.engine].split(":")
     return getattr(importlib.import_module(module), cls)(model_name, model_path, backend)

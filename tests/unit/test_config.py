@@ -14,8 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "deploy_configs").glob("*.yaml"))
 
 
+def shipped_args(name: str = "local.yaml") -> dict:
+    return yaml.safe_load((ROOT / "deploy_configs" / name).read_text())["applications"][0]["args"]
+
+
 def local_args() -> dict:
-    return yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())["applications"][0]["args"]
+    return shipped_args("local.yaml")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -71,6 +75,15 @@ def test_missing_local_model_fails_before_deploying(tmp_path):
         (lambda a: a["models"].append(dict(a["models"][0])), "model names must be unique"),
         (lambda a: a["models"][0].update(name="bad name!"), "models[0].name"),
         (lambda a: a.pop("models"), "models: Field required"),
+        (lambda a: a["models"][0].pop("source"),
+         "models[0]: Value error, source: required, because backend 'vllm' (engine: vllm) loads the model"),
+        (lambda a: a["models"][0]["backends"][0].update(synthetic={"ttft_ms": 1}),
+         "synthetic: applies to engine: synthetic only"),
+        (lambda a: a["models"][0]["backends"][0].update(engine="synthetic"), "engine_args are vLLM's"),
+        (lambda a: a["models"][0]["backends"][0].update(engine="synthetic", engine_args={}, device="npu"),
+         "engine: synthetic runs no model and needs no NPU"),
+        (lambda a: a["models"][0]["backends"][0].update(engine="synthetic", engine_args={}, synthetic={"ttft": 1}),
+         "models[0].backends[0].synthetic.ttft: unknown key"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(change, message):
@@ -101,3 +114,26 @@ def test_npu_tensor_parallel_backend_gets_one_npu_bundle_per_rank():
 def test_autoscaling_defaults_scale_on_load():
     autoscaling = parse_config(local_args()).models[0].backends[0].autoscaling.to_serve()
     assert 0 < autoscaling["target_ongoing_requests"] < 100  # Ray Serve LLM's 1e9 never scales
+
+
+def test_synthetic_backend_has_no_source_defaults_to_cpu_and_a_tenth_of_a_core():
+    config = parse_config(shipped_args("synthetic.yaml"))
+    [model] = config.models
+    assert model.source is None and not model.loads_model
+    backend = Backend(name="s", engine="synthetic")
+    assert (backend.device, backend.replica_cpus) == ("cpu", 0.1)
+    assert backend.synthetic.model_dump() == {"ttft_ms": 50, "tokens_per_s": 50, "output_tokens": 64}
+    options = deployment_options(model.backends[0])
+    assert 2 * options["ray_actor_options"]["num_cpus"] + config.router.cpus <= 2  # 2 replicas + router
+    assert "resources" not in options["ray_actor_options"]
+
+
+def test_build_app_resolves_no_source_for_a_synthetic_model():
+    assert build_app(shipped_args("synthetic.yaml")) is not None
+
+
+def test_a_model_may_mix_a_synthetic_backend_with_a_real_one():
+    args = local_args()
+    args["models"][0]["backends"].append({"name": "synthetic", "engine": "synthetic"})
+    model = parse_config(args).models[0]
+    assert model.loads_model and [b.replica_cpus for b in model.backends] == [1, 0.1]

@@ -1,0 +1,210 @@
+"""Synthetic engine: no model, deterministic words at a configured pace. For load tests and router
+benchmarks, where the engine's cost would hide what is being measured.
+
+A "token" is a whitespace-separated word, so usage is checkable from the text alone: prompt_tokens are
+the words of the prompt (chat: of every message's content), completion_tokens the words answered. The
+answer is words cycled from a fixed vocabulary, starting where the prompt's checksum points: the same
+request always gets the same text. Sampling parameters (temperature, top_p, seed, stop, ignore_eos) are
+accepted and have no effect. The answer is `max_tokens` (or `max_completion_tokens`) long, finish_reason
+"length"; or, when the request sets neither, `synthetic.output_tokens` long, finish_reason "stop" (unless
+max_model_len leaves less room: then as much as fits, "length"). n must be 1; prompt + max_tokens beyond
+max_model_len is a 400.
+
+Pace: the first token `ttft_ms` after the request arrives, then one every 1/`tokens_per_s` seconds,
+each on an absolute deadline so sleeping late never accumulates into drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+from raystack.config import Backend, SyntheticSettings
+from raystack.engines.base import EngineResult, JSONResult, RequestKind
+from raystack.serving.protocol import SSE_DONE, error_body, sse_event
+
+VOCABULARY = (
+    "the quick brown fox jumps over a lazy dog while seven bright stars drift across "
+    "an open evening sky and distant rivers carry small boats toward quiet harbors where "
+    "old sailors mend their nets beneath tall lanterns glowing softly in cool salty air"
+).split()
+
+# OpenAI's names per request kind: id prefix, response object, chunk object.
+OBJECTS = {
+    "chat": ("chatcmpl", "chat.completion", "chat.completion.chunk"),
+    "completion": ("cmpl", "text_completion", "text_completion"),
+}
+
+
+class RequestError(ValueError):
+    """A request this engine refuses: answered with a 400 in OpenAI's error shape."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def prompt_text(kind: RequestKind, body: dict[str, Any]) -> tuple[str, int]:
+    """The prompt as text (seeds the answer) and its length in tokens."""
+    if kind == "chat":
+        parts = []
+        for message in body.get("messages") or []:
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: only the text ones count
+                content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+            parts.append(content or "")
+        text = " ".join(parts)
+        return text, len(text.split())
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) > 1:
+            raise RequestError("engine: synthetic answers one prompt per request; send them separately.", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):  # token ids: each id is one token
+        return " ".join(map(str, prompt)), len(prompt)
+    return prompt, len(prompt.split())
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one request will be answered with."""
+
+    words: list[str]
+    prompt_tokens: int
+    finish_reason: str  # "length" when max_tokens or the context set the length, else "stop"
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.words),
+            "total_tokens": self.prompt_tokens + len(self.words),
+        }
+
+
+def plan_answer(kind: RequestKind, body: dict[str, Any], settings: SyntheticSettings,
+                max_model_len: int | None) -> Answer:
+    if (body.get("n") or 1) > 1:
+        raise RequestError("engine: synthetic supports only n=1.", "n")
+    text, prompt_tokens = prompt_text(kind, body)
+    requested = body.get("max_completion_tokens") or body.get("max_tokens")
+    length = requested or settings.output_tokens
+    if max_model_len is not None:
+        if requested is None:  # as vLLM does: an unset length fills at most the rest of the context
+            length = max(1, min(length, max_model_len - prompt_tokens))
+        if prompt_tokens + length > max_model_len:
+            where = "messages" if kind == "chat" else "prompt"
+            raise RequestError(
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + length} tokens ({prompt_tokens} in the {where}, {length} in the "
+                f"completion). Please reduce the length of the {where} or completion.",
+                where, "context_length_exceeded",
+            )
+    start = zlib.crc32(text.encode())  # stable across processes, unlike hash()
+    words = [VOCABULARY[(start + i) % len(VOCABULARY)] for i in range(length)]
+    cut_short = requested or length < settings.output_tokens  # by the request, or by the context
+    return Answer(words, prompt_tokens, "length" if cut_short else "stop")
+
+
+class Pace:
+    """Absolute deadlines: token i is due ttft + i x interval after the request arrived."""
+
+    def __init__(self, settings: SyntheticSettings):
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time()
+        self.ttft = settings.ttft_ms / 1000
+        self.interval = 1 / settings.tokens_per_s if settings.tokens_per_s else 0.0
+
+    async def until(self, token_index: int) -> None:
+        due = self.start + self.ttft + token_index * self.interval
+        await asyncio.sleep(max(0.0, due - self.loop.time()))  # sleep(0) still yields to the loop
+
+
+class SyntheticEngine:
+    def __init__(self, model_name: str, model_path: Path | None, backend: Backend):
+        self.model_name = model_name
+        self.settings = backend.synthetic or SyntheticSettings()
+        self.max_model_len = backend.max_model_len
+        self.running = 0
+        self.completed = 0
+        self.cancelled = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
+        try:
+            answer = plan_answer(kind, body, self.settings, self.max_model_len)
+        except RequestError as err:
+            return JSONResult(400, error_body(400, str(err), err.param, err.code))
+        pace = Pace(self.settings)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._stream(kind, answer, pace, include_usage)
+        with self._in_flight():
+            await pace.until(len(answer.words) - 1)  # the whole answer, as if it had been streamed
+        return JSONResult(200, self._response(kind, answer))
+
+    async def _stream(
+        self, kind: RequestKind, answer: Answer, pace: Pace, include_usage: bool
+    ) -> AsyncIterator[str]:
+        prefix, _, chunk_object = OBJECTS[kind]
+        header = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": chunk_object, "created": int(time.time()),
+                  "model": self.model_name}
+        last = len(answer.words) - 1
+        with self._in_flight():  # the request's work is its tokens: it is complete once the last is out
+            for i, word in enumerate(answer.words):
+                await pace.until(i)
+                text = word if i == 0 else " " + word
+                if kind == "chat":  # the role rides on the first token, so the first chunk marks TTFT
+                    delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
+                    choice: dict[str, Any] = {"index": 0, "delta": delta}
+                else:
+                    choice = {"index": 0, "text": text}
+                choice |= {"logprobs": None, "finish_reason": answer.finish_reason if i == last else None}
+                yield sse_event({**header, "choices": [choice]})
+        if include_usage:  # OpenAI's shape: a last chunk with no choices, only usage
+            yield sse_event({**header, "choices": [], "usage": answer.usage()})
+        yield SSE_DONE
+
+    def _response(self, kind: RequestKind, answer: Answer) -> dict[str, Any]:
+        prefix, response_object, _ = OBJECTS[kind]
+        text = " ".join(answer.words)
+        choice: dict[str, Any] = {"index": 0}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice |= {"logprobs": None, "finish_reason": answer.finish_reason}
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": response_object, "created": int(time.time()),
+                "model": self.model_name, "choices": [choice], "usage": answer.usage()}
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Count a request as running until it ends; one that ends early (the consumer left, its task
+        was cancelled) counts as cancelled."""
+        self.running += 1
+        try:
+            yield
+        except BaseException:
+            self.cancelled += 1
+            raise
+        else:
+            self.completed += 1
+        finally:
+            self.running -= 1
+
+    def stats(self) -> dict[str, int]:
+        return {"running": self.running, "completed": self.completed, "cancelled": self.cancelled}
+
+    async def check_health(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
