@@ -30,6 +30,8 @@ from raystack.serving.server import LLMServer
 
 logger = logging.getLogger(__name__)
 
+ENGINE_START_ATTEMPTS = 3
+
 
 def cache_dir_of(config: RaystackConfig) -> Path:
     return Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
@@ -129,6 +131,9 @@ def deployment_options(backend: Backend) -> dict[str, Any]:
         "health_check_period_s": backend.health_check_period_s,
         "health_check_timeout_s": backend.health_check_timeout_s,
         "graceful_shutdown_timeout_s": backend.graceful_shutdown_timeout_s,
+        # A replica that cannot start (download impossible offline, out of memory) fails the same way
+        # every time: give up after a few attempts so `serve status` shows the error, not a retry loop.
+        "max_constructor_retry_count": ENGINE_START_ATTEMPTS,
         "ray_actor_options": actor,
     }
     if backend.device == "npu":

@@ -99,6 +99,7 @@ def test_cpu_backend_reserves_one_cpu_and_router_fits_beside_it_on_two_cores():
     options = deployment_options(config.models[0].backends[0])
     assert options["ray_actor_options"]["num_cpus"] + config.router.cpus <= 2
     assert "placement_group_bundles" not in options
+    assert options["max_constructor_retry_count"] == 3  # a replica that cannot start fails fast
 
 
 def test_npu_tensor_parallel_backend_gets_one_npu_bundle_per_rank():
