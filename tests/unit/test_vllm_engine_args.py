@@ -1,0 +1,38 @@
+"""The vLLM engine arguments raystack builds pass vLLM's own validation (create_engine_config).
+
+Tensor parallel with vLLM's Ray executor cannot run on this CPU platform (vLLM: "current platform cpu
+does not support ray"), so the NPU path is checked up to where vLLM validates it, on a real checkpoint.
+"""
+
+from raystack.config import Backend
+from raystack.engines.vllm import CPU_DEFAULT_KV_CACHE_BYTES, build_engine_args
+from raystack.models.sources import resolve
+
+
+def vllm_config(backend: Backend):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = build_engine_args("smollm2", resolve("smollm2-135m-instruct"), backend)
+    return args, AsyncEngineArgs(**args).create_engine_config()
+
+
+def test_npu_tensor_parallel_backend_uses_the_ray_executor():
+    # SmolLM2-135M has 9 attention heads: tensor parallel 3 divides them.
+    backend = Backend(name="v", device="npu", parallelism={"tensor": 3}, max_model_len=2048,
+                      engine_args={"dtype": "bfloat16"})
+    args, config = vllm_config(backend)
+    assert args["served_model_name"] == ["smollm2"]
+    assert config.parallel_config.distributed_executor_backend == "ray"
+    assert config.parallel_config.tensor_parallel_size == 3
+    assert config.parallel_config.world_size == 3
+    assert config.model_config.max_model_len == 2048
+
+
+def test_cpu_backend_gets_a_fixed_kv_cache_instead_of_a_ram_fraction():
+    backend = Backend(name="v", device="cpu", max_model_len=1024)
+    args, config = vllm_config(backend)
+    assert args["enforce_eager"] is True
+    assert config.cache_config.kv_cache_memory_bytes == CPU_DEFAULT_KV_CACHE_BYTES
+    # an explicit setting in the deploy config wins over the default
+    explicit = Backend(name="v", device="cpu", engine_args={"gpu_memory_utilization": 0.3})
+    assert "kv_cache_memory_bytes" not in build_engine_args("m", resolve("smollm2-135m-instruct"), explicit)
