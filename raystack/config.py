@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A deploy config that cannot work; the message names the field and the fix."""
 
 
+def _require_unique(what: str, names: list[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{what} must be unique; repeated: {repeated}")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -183,10 +189,7 @@ class Model(_Strict):
     @field_validator("backends")
     @classmethod
     def _unique_backend_names(cls, backends: list[Backend]) -> list[Backend]:
-        names = [b.name for b in backends]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"backend names must be unique within a model; repeated: {dupes}")
+        _require_unique("backend names within a model", [b.name for b in backends])
         return backends
 
     @model_validator(mode="after")
@@ -218,14 +221,8 @@ class RaystackConfig(_Strict):
     @field_validator("models")
     @classmethod
     def _unique_model_names(cls, models: list[Model]) -> list[Model]:
-        names = [m.name for m in models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        _require_unique("model names", [m.name for m in models])
         return models
-
-    def model(self, name: str) -> Model | None:
-        return next((m for m in self.models if m.name == name), None)
 
 
 def _error_path(loc: tuple[Any, ...]) -> str:
