@@ -11,6 +11,14 @@ from raystack.cluster.node import ACCELERATOR_LABEL, HBM_LABEL
 from raystack.cluster.placement import NPUDemand, bundles_demand, cluster_capacity, fit_problem
 
 
+def _dashboard_url() -> str:
+    """The dashboard of the cluster this process is connected to. Ray's state API would otherwise pick
+    one by itself, and with several Ray instances on a machine it picks the newest, not ours."""
+    from ray._private.worker import global_worker
+
+    return "http://" + (global_worker.node.address_info.get("webui_url") or "127.0.0.1:8265")
+
+
 def _npu_holders() -> dict[str, list[tuple[str, float]]]:
     """node id -> [(holder, NPUs)]: placement groups (multi-NPU replicas) and single-NPU actors."""
     import ray
@@ -27,7 +35,8 @@ def _npu_holders() -> dict[str, list[tuple[str, float]]]:
                 per_node[node] += bundle["NPU"]
         for node, count in per_node.items():
             holders[node].append((pg.get("name") or pg["placement_group_id"][:8], count))
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+    for actor in list_actors(address=_dashboard_url(), filters=[("state", "=", "ALIVE")], detail=True,
+                             raise_on_missing_output=False):
         npus = (actor.required_resources or {}).get("NPU")
         if npus and not actor.placement_group_id:
             holders[actor.node_id].append((actor.name or actor.class_name, npus))
@@ -47,7 +56,7 @@ def _waiting_for_npus() -> list[tuple[str, NPUDemand]]:
                 # Serve names a replica's group SERVE_REPLICA::<app>#<deployment>#<replica id>
                 name = (pg.get("name") or pg["placement_group_id"]).removeprefix("SERVE_REPLICA::")
                 waiting.append((name.replace("#", "/"), demand))
-    for actor in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True,
+    for actor in list_actors(address=_dashboard_url(), filters=[("state", "=", "PENDING_CREATION")], detail=True,
                              raise_on_missing_output=False):
         demand = bundles_demand([actor.required_resources or {}])
         if demand.npus and not actor.placement_group_id:
@@ -57,11 +66,8 @@ def _waiting_for_npus() -> list[tuple[str, NPUDemand]]:
 
 def _serve_details() -> dict[str, Any]:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-    from ray._private.worker import global_worker
-
-    address = global_worker.node.address_info.get("webui_url") or "127.0.0.1:8265"
     try:
-        return ServeSubmissionClient(f"http://{address}").get_serve_details()
+        return ServeSubmissionClient(_dashboard_url()).get_serve_details()
     except Exception as err:  # Serve not running, dashboard down
         return {"error": f"{type(err).__name__}: {err}"}
 
