@@ -12,11 +12,19 @@ from raystack.cluster.placement import NPUDemand, bundles_demand, cluster_capaci
 
 
 def _dashboard_url() -> str:
-    """The dashboard of the cluster this process is connected to. Ray's state API would otherwise pick
-    one by itself, and with several Ray instances on a machine it picks the newest, not ours."""
-    from ray._private.worker import global_worker
+    """The dashboard of the cluster this process is connected to, as its own GCS records it. Ray's state
+    API would otherwise pick a cluster by itself: with several Ray instances on a machine, the newest."""
+    import ray
+    from ray.dashboard.utils import ray_address_to_api_server_url
 
-    return "http://" + (global_worker.node.address_info.get("webui_url") or "127.0.0.1:8265")
+    return ray_address_to_api_server_url(ray.get_runtime_context().gcs_address)
+
+
+def _dashboard_url_or_none() -> str | None:
+    try:
+        return _dashboard_url()
+    except ConnectionError:  # started without a dashboard (or it could not bind its port)
+        return None
 
 
 def _npu_holders() -> dict[str, list[tuple[str, float]]]:
@@ -35,8 +43,10 @@ def _npu_holders() -> dict[str, list[tuple[str, float]]]:
                 per_node[node] += bundle["NPU"]
         for node, count in per_node.items():
             holders[node].append((pg.get("name") or pg["placement_group_id"][:8], count))
-    for actor in list_actors(address=_dashboard_url(), filters=[("state", "=", "ALIVE")], detail=True,
-                             raise_on_missing_output=False):
+    dashboard = _dashboard_url_or_none()
+    alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True,
+                        raise_on_missing_output=False) if dashboard else []
+    for actor in alive:
         npus = (actor.required_resources or {}).get("NPU")
         if npus and not actor.placement_group_id:
             holders[actor.node_id].append((actor.name or actor.class_name, npus))
@@ -56,8 +66,10 @@ def _waiting_for_npus() -> list[tuple[str, NPUDemand]]:
                 # Serve names a replica's group SERVE_REPLICA::<app>#<deployment>#<replica id>
                 name = (pg.get("name") or pg["placement_group_id"]).removeprefix("SERVE_REPLICA::")
                 waiting.append((name.replace("#", "/"), demand))
-    for actor in list_actors(address=_dashboard_url(), filters=[("state", "=", "PENDING_CREATION")], detail=True,
-                             raise_on_missing_output=False):
+    dashboard = _dashboard_url_or_none()
+    pending = list_actors(address=dashboard, filters=[("state", "=", "PENDING_CREATION")], detail=True,
+                          raise_on_missing_output=False) if dashboard else []
+    for actor in pending:
         demand = bundles_demand([actor.required_resources or {}])
         if demand.npus and not actor.placement_group_id:
             waiting.append((actor.name or actor.class_name, demand))
@@ -66,8 +78,11 @@ def _waiting_for_npus() -> list[tuple[str, NPUDemand]]:
 
 def _serve_details() -> dict[str, Any]:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    dashboard = _dashboard_url_or_none()
+    if dashboard is None:
+        return {"error": "this Ray cluster has no dashboard; Serve's state is read through it"}
     try:
-        return ServeSubmissionClient(_dashboard_url()).get_serve_details()
+        return ServeSubmissionClient(dashboard).get_serve_details()
     except Exception as err:  # Serve not running, dashboard down
         return {"error": f"{type(err).__name__}: {err}"}
 

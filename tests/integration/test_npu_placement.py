@@ -38,9 +38,19 @@ def npu_node_args(count: int) -> dict:
     }
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # CPU-only node
+    # CPU-only head, with a dashboard of its own (8265 may belong to another Ray instance on this machine)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                      "dashboard_port": free_port()})
     for _ in range(2):
         c.add_node(num_cpus=2, **npu_node_args(4))
     c.wait_for_nodes()
