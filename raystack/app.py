@@ -8,7 +8,6 @@ missing model fails `serve run` at once with the field and the fix, not in a rep
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ from raystack.config import (
 from raystack.models import embedded, sources
 from raystack.serving.router import Router
 from raystack.serving.server import LLMServer
-
-logger = logging.getLogger(__name__)
 
 ENGINE_START_ATTEMPTS = 3
 
@@ -78,7 +75,6 @@ def _check_capacity(config: RaystackConfig) -> list[str]:
             if never:
                 problems.append(f"  models[{i}].backends[{j}]: {never}")
             elif not_now:
-                logger.warning(not_now)
                 print(f"raystack: {not_now}")
     return problems
 
@@ -95,7 +91,7 @@ def _check_vllm_args(backend: Backend, where: str) -> list[str]:
     return []
 
 
-def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> RaystackConfig:
+def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> None:
     """Replace `parallelism: auto` with the smallest tensor x pipeline that fits (raystack estimate)."""
     for model in config.models:
         for backend in model.backends:
@@ -117,7 +113,6 @@ def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> RaystackConf
             backend.parallelism = Parallelism(tensor=size.tensor_parallel, pipeline=size.pipeline_parallel)
             print(f"raystack: {model.name}@{backend.name}: parallelism auto -> tensor {size.tensor_parallel} "
                   f"x pipeline {size.pipeline_parallel} ({size.required_gib:.0f} GiB on {size.npu_type})")
-    return config
 
 
 def deployment_options(backend: Backend) -> dict[str, Any]:

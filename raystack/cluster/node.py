@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raystack.cluster.npu import NodeNPUs
+from raystack.serving.priority import NICENESS_ENV
 
 HBM_LABEL = "raystack.io/npu-hbm-gib"
 ACCELERATOR_LABEL = "ray.io/accelerator-type"
@@ -89,7 +90,7 @@ def plan_start(
     if head == bool(address):
         raise ValueError("give exactly one of --head or --address HEAD:PORT")
     # Ray runs workers at nice 15 by default; serving replicas are the workload here, not background jobs.
-    plan = StartPlan(command=[ray_bin, "start"], env={"RAY_worker_niceness": "0"})
+    plan = StartPlan(command=[ray_bin, "start"], env={NICENESS_ENV: "0"})
     if head:
         plan.command += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1"]
     else:

@@ -8,7 +8,6 @@ word; these checks say it plainly instead, in `serve run` and `raystack status`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from raystack.config import Backend
 
@@ -117,11 +116,3 @@ def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tupl
 
 def ray_strategy(backend: Backend) -> str:
     return {"pack": "PACK", "strict_pack": "STRICT_PACK", "spread": "SPREAD"}[backend.placement]
-
-
-def summarize(nodes: list[NodeCapacity]) -> dict[str, Any]:
-    return {
-        "nodes": len(nodes),
-        "npus": sum(n.npu_total for n in nodes),
-        "npus_free": sum(n.npu_free for n in nodes),
-    }
