@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem, ray_strategy
 from raystack.config import (
@@ -20,6 +21,7 @@ from raystack.config import (
     Model,
     Parallelism,
     RaystackConfig,
+    Routing,
     deployment_name,
     parse_config,
 )
@@ -28,6 +30,7 @@ from raystack.serving.router import Router
 from raystack.serving.server import LLMServer
 
 ENGINE_START_ATTEMPTS = 3
+BACKEND_REQUEST_ROUTER = "raystack.serving.request_router:BackendRequestRouter"
 
 
 def cache_dir_of(config: RaystackConfig) -> Path:
@@ -115,14 +118,20 @@ def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> None:
                   f"x pipeline {size.pipeline_parallel} ({size.required_gib:.0f} GiB on {size.npu_type})")
 
 
-def deployment_options(backend: Backend) -> dict[str, Any]:
-    """Ray Serve options of one backend's LLMServer deployment: resources, scaling, health."""
+def deployment_options(backend: Backend, routing: Routing = Routing()) -> dict[str, Any]:
+    """Ray Serve options of one backend's LLMServer deployment: resources, scaling, routing, health."""
     actor: dict[str, Any] = {"num_cpus": backend.replica_cpus}
     if backend.env:
         actor["runtime_env"] = {"env_vars": dict(backend.env)}
     options: dict[str, Any] = {
         "autoscaling_config": backend.autoscaling.to_serve(),
         "max_ongoing_requests": backend.max_ongoing_requests,
+        # Bounded: beyond it the router answers 429 + Retry-After instead of queueing without end.
+        "max_queued_requests": backend.max_queued_requests,
+        "request_router_config": RequestRouterConfig(
+            request_router_class=BACKEND_REQUEST_ROUTER,
+            request_router_kwargs={"policy": routing.policy, "affinity_slack": routing.affinity_slack},
+        ),
         "health_check_period_s": backend.health_check_period_s,
         "health_check_timeout_s": backend.health_check_timeout_s,
         "graceful_shutdown_timeout_s": backend.graceful_shutdown_timeout_s,
@@ -158,15 +167,14 @@ def build_app(args: dict[str, Any]) -> Application:
     for model in config.models:
         for backend in model.backends:
             deployment = LLMServer.options(
-                name=deployment_name(model.name, backend.name), **deployment_options(backend)
+                name=deployment_name(model.name, backend.name), **deployment_options(backend, model.routing)
             )
             backends.setdefault(model.name, {})[backend.name] = deployment.bind(
                 model.name, model.source, backend.model_dump(), str(cache_dir)
             )
-    models = {m.name: {"source": m.source, "backends": [b.name for b in m.backends]} for m in config.models}
     router = Router.options(
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.router.cpus},
     )
-    return router.bind(models, backends)
+    return router.bind(config.model_dump(), backends)

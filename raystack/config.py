@@ -56,8 +56,13 @@ class Autoscaling(_Strict):
     target_ongoing_requests: float = Field(
         8, gt=0, description="in-flight requests per replica that Serve aims for when scaling"
     )
-    upscale_delay_s: float = Field(10, ge=0)
-    downscale_delay_s: float = Field(120, ge=0)
+    upscale_delay_s: float = Field(10, ge=0, description="load must stay above target this long to add replicas")
+    downscale_delay_s: float = Field(120, ge=0, description="load must stay below target this long to remove replicas")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="with min_replicas 0: idle time before the last replica goes (default: downscale_delay_s)"
+    )
+    look_back_period_s: float = Field(30, gt=0, description="window the load is averaged over")
+    metrics_interval_s: float = Field(10, gt=0, description="how often replicas and the router report load")
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
@@ -91,6 +96,7 @@ class SyntheticSettings(_Strict):
         50, ge=0, description="pace after the first token; 0 or null: as fast as possible"
     )
     output_tokens: int = Field(64, ge=1, description="answer length when the request sets no max_tokens")
+    startup_s: float = Field(0, ge=0, description="time a replica takes to start, as a model load would")
 
 
 class Backend(_Strict):
@@ -117,6 +123,11 @@ class Backend(_Strict):
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests one replica takes at once; the engine batches them"
     )
+    max_queued_requests: int = Field(
+        128, ge=0, description="requests waiting for a replica (per router replica) once every replica is at "
+        "max_ongoing_requests; beyond it clients get 429 with Retry-After"
+    )
+    weight: float = Field(1, ge=0, description="share of the model's requests under routing policy: weighted")
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float = Field(30, ge=0)
@@ -171,6 +182,24 @@ class Backend(_Strict):
         return self
 
 
+class Routing(_Strict):
+    """How the router spreads one model's requests over its backends and their replicas."""
+
+    policy: Literal["least_loaded", "prefix_affinity", "weighted"] = Field(
+        "least_loaded",
+        description="least_loaded: fewest in-flight requests (power-of-two sampling); prefix_affinity: the same "
+        "prompt prefix to the same replica while its load stays within affinity_slack, else least_loaded; "
+        "weighted: backends by their weight, replicas least_loaded",
+    )
+    prefix_chars: int = Field(
+        2048, ge=64, description="prefix_affinity: how many leading characters of the prompt are matched"
+    )
+    affinity_slack: int = Field(
+        4, ge=0, description="prefix_affinity: in-flight requests the matched replica may carry beyond the "
+        "least-loaded one before a request goes elsewhere"
+    )
+
+
 class Model(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="the `model` clients ask for")
     source: str | None = Field(
@@ -180,6 +209,7 @@ class Model(_Strict):
         "may be left out when every backend is engine: synthetic",
     )
     backends: list[Backend] = Field(min_length=1)
+    routing: Routing = Routing()
 
     @property
     def loads_model(self) -> bool:
@@ -191,6 +221,12 @@ class Model(_Strict):
     def _unique_backend_names(cls, backends: list[Backend]) -> list[Backend]:
         _require_unique("backend names within a model", [b.name for b in backends])
         return backends
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Model:
+        if self.routing.policy == "weighted" and not any(b.weight > 0 for b in self.backends):
+            raise ValueError("routing.policy weighted needs a backend with weight above 0")
+        return self
 
     @model_validator(mode="after")
     def _source_when_loaded(self) -> Model:
@@ -209,6 +245,16 @@ class RouterConfig(_Strict):
     )
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(1024, ge=1)
+    first_token_timeout_s: float = Field(
+        300, gt=0, description="longest wait for a request's first token (queueing, scale-up and prefill "
+        "included): then 503 when no replica came up, else 504"
+    )
+    request_timeout_s: float = Field(
+        3600, gt=0, description="longest a request may take in all; a stream past it ends with an error event"
+    )
+    retries: int = Field(
+        2, ge=0, description="times a request is resent to another replica when one fails before the first token"
+    )
 
 
 class RaystackConfig(_Strict):

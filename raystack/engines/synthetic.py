@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from raystack.config import Backend, SyntheticSettings
 from raystack.engines.base import EngineResult, JSONResult, RequestKind
-from raystack.serving.protocol import SSE_DONE, error_body, sse_event
+from raystack.serving.protocol import SSE_DONE, error_body, message_text, sse_event
 
 VOCABULARY = (
     "the quick brown fox jumps over a lazy dog while seven bright stars drift across "
@@ -54,13 +54,7 @@ class RequestError(ValueError):
 def prompt_text(kind: RequestKind, body: dict[str, Any]) -> tuple[str, int]:
     """The prompt as text (seeds the answer) and its length in tokens."""
     if kind == "chat":
-        parts = []
-        for message in body.get("messages") or []:
-            content = message.get("content")
-            if isinstance(content, list):  # content parts: only the text ones count
-                content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
-            parts.append(content or "")
-        text = " ".join(parts)
+        text = " ".join(message_text(m.get("content")) for m in body.get("messages") or [])
         return text, len(text.split())
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -136,7 +130,7 @@ class SyntheticEngine:
         self.cancelled = 0
 
     async def start(self) -> None:
-        pass
+        await asyncio.sleep(self.settings.startup_s)  # stands in for loading a model
 
     async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
         try:

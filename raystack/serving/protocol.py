@@ -103,6 +103,13 @@ def parse_request(kind: str, raw: bytes) -> dict[str, Any]:
     return body
 
 
+def message_text(content: Any) -> str:
+    """A chat message's content as text: a string, or the text parts of a content-part list."""
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content or ""
+
+
 def sse_event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 

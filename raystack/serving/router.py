@@ -1,26 +1,36 @@
-"""Router: the ingress deployment. Checks requests, resolves the model to its backends, forwards.
+"""Router: the ingress deployment. Checks requests, picks a backend by the model's routing policy,
+forwards, and keeps every request bounded.
 
     POST /v1/chat/completions, /v1/completions   OpenAI API, streaming (SSE) or not
     GET  /v1/models                              the configured models
-    GET  /health                                 200 while the router serves
+    GET  /health                                 200 once every model can answer
 
 `model` may name a backend explicitly as `model@backend` (benchmarks compare backends that way).
+Each answer names who served it in the headers x-raystack-backend and x-raystack-replica.
+
+Failures: a replica that fails before the first token -> the request goes to another replica (up to
+`router.retries` times); after the first token -> the stream ends with an OpenAI-style error event.
+Every replica busy and the backend's queue full -> 429 with Retry-After. No first token within
+`first_token_timeout_s` -> 503 (no replica came up) or 504; past `request_timeout_s` -> the stream ends
+with an error event. Nothing waits unbounded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
+from collections import Counter
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raystack.config import Model, RaystackConfig, deployment_name
 from raystack.serving.priority import restore_normal_priority
 from raystack.serving.protocol import (
     REQUEST_MODELS,
@@ -30,10 +40,15 @@ from raystack.serving.protocol import (
     parse_request,
     sse_event,
 )
+from raystack.serving import routing
+from raystack.serving.routing import BackendLoad, choose_backend, prefix_blocks, prompt_text
+from raystack.serving.server import Opening
 
 logger = logging.getLogger("ray.serve")
 
 HEALTH_PROBE_TIMEOUT_S = 2.0
+# A full queue empties as requests finish (seconds for most LLM answers): ask clients to come back soon.
+BUSY_RETRY_AFTER_S = 1
 
 app = FastAPI(
     title="raystack",
@@ -63,43 +78,88 @@ async def _result(response: Any) -> Any:
     return await response
 
 
+class ReplicaFailed(Exception):
+    """A replica failed before answering: the request may go to another one."""
+
+
+# Module helpers precede the deployment class: Serve pickles the class (by value) when it is decorated.
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _last_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[-1][:300] if text else "no detail"
+
+
 @serve.deployment
 @serve.ingress(app)
 class Router:
-    def __init__(self, models: dict[str, dict[str, Any]], backends: dict[str, dict[str, DeploymentHandle]]):
-        restore_normal_priority()
-        # models: name -> {"source": ..., "backends": [...]} for /v1/models
-        self.models = models
-        self.backends = backends
-        self.created = int(time.time())
-        self._round_robin = {name: itertools.cycle(list(b)) for name, b in backends.items()}
+    # Serve ships this class by value (cloudpickle), copying the module globals it uses: state shared with
+    # the request routers is reached through the `routing` module, which is imported, not copied.
 
-    def pick_backend(self, requested: str) -> tuple[str, DeploymentHandle]:
-        """Resolve `model` or `model@backend` to (model name, handle)."""
+    def __init__(self, config: dict[str, Any], backends: dict[str, dict[str, DeploymentHandle]]):
+        restore_normal_priority()
+        self.config = RaystackConfig.model_validate(config)
+        self.settings = self.config.router
+        self.models: dict[str, Model] = {m.name: m for m in self.config.models}
+        self.streams = {
+            model: {name: handle.options(stream=True) for name, handle in handles.items()}
+            for model, handles in backends.items()
+        }
+        self.handles = backends
+        self.deployments = {
+            model.name: {b.name: deployment_name(model.name, b.name) for b in model.backends}
+            for model in self.config.models
+        }
+        self.in_flight: Counter[tuple[str, str]] = Counter()  # (model, backend) -> requests not yet done
+        self.created = int(time.time())
+
+    def resolve(self, requested: str) -> tuple[Model, str | None]:
+        """`model` or `model@backend` -> (model, pinned backend or None)."""
         name, _, pinned = requested.partition("@")
-        backends = self.backends.get(name)
-        if backends is None:
+        model = self.models.get(name)
+        if model is None:
             raise OpenAIError(
                 404,
-                f"The model `{requested}` does not exist. Available models: {', '.join(sorted(self.backends))}.",
+                f"The model `{requested}` does not exist. Available models: {', '.join(sorted(self.models))}.",
                 param="model",
                 code="model_not_found",
             )
-        if pinned:
-            if pinned not in backends:
-                raise OpenAIError(
-                    404,
-                    f"Model `{name}` has no backend `{pinned}`. Its backends: {', '.join(backends)}.",
-                    param="model",
-                    code="model_not_found",
-                )
-            return name, backends[pinned]
-        return name, backends[next(self._round_robin[name])]
+        if pinned and pinned not in self.deployments[name]:
+            raise OpenAIError(
+                404,
+                f"Model `{name}` has no backend `{pinned}`. Its backends: {', '.join(self.deployments[name])}.",
+                param="model",
+                code="model_not_found",
+            )
+        return model, pinned or None
+
+    def choose(self, model: Model, route: tuple[int, ...], exclude: set[str]) -> str | None:
+        deployments = self.deployments[model.name]
+        loads = [
+            BackendLoad(b.name, b.weight, self.in_flight[model.name, b.name],
+                        routing.RUNNING_REPLICAS.get(deployments[b.name]))
+            for b in model.backends if b.name not in exclude
+        ]
+        if not loads:
+            return None
+        affinity = None
+        if route:
+            owner = routing.PREFIXES.match(route)
+            affinity = next((b for b, d in deployments.items() if owner and d == owner[0]), None)
+        return choose_backend(model.routing.policy, loads, affinity, model.routing.affinity_slack)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
-        """200 once every model has a backend with a ready replica; 503 (and which) until then."""
-        waiting = [name for name, backends in self.backends.items() if not await self._any_ready(backends)]
+        """200 once every model can answer: a backend has a ready replica, or the model scales from zero.
+        503 (and which) until then."""
+        waiting = []
+        for model in self.models.values():
+            always_on = [b.name for b in model.backends if b.autoscaling.min_replicas > 0]
+            if always_on and not await self._any_ready([self.handles[model.name][b] for b in always_on]):
+                waiting.append(model.name)
         if waiting:
             raise OpenAIError(
                 503,
@@ -110,8 +170,8 @@ class Router:
         return {"status": "ok"}
 
     @staticmethod
-    async def _any_ready(backends: dict[str, DeploymentHandle]) -> bool:
-        for handle in backends.values():
+    async def _any_ready(handles: list[DeploymentHandle]) -> bool:
+        for handle in handles:
             response = handle.ready.remote()
             try:
                 # A call queues while no replica has finished loading: bound the wait.
@@ -127,14 +187,14 @@ class Router:
             "object": "list",
             "data": [
                 {
-                    "id": name,
+                    "id": model.name,
                     "object": "model",
                     "created": self.created,
                     "owned_by": "raystack",
-                    "root": info["source"],
-                    "backends": info["backends"],
+                    "root": model.source,
+                    "backends": [b.name for b in model.backends],
                 }
-                for name, info in self.models.items()
+                for model in self.models.values()
             ],
         }
 
@@ -149,36 +209,138 @@ class Router:
     async def forward(self, kind: str, request: Request):
         body = parse_request(kind, await request.body())
         requested = body["model"]
-        body["model"], handle = self.pick_backend(requested)
-        stream: DeploymentResponseGenerator = handle.options(stream=True).generate.remote(kind, body)
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            raise OpenAIError(502, f"The backend for `{requested}` closed the response without answering.")
-        except Exception as err:
-            logger.warning("request to %s failed before its answer: %r", requested, err)
-            raise OpenAIError(
-                503, f"The backend for `{requested}` is unavailable ({type(err).__name__}); retry shortly.",
-                headers={"Retry-After": "1"},
-            ) from None
-        if isinstance(first, tuple):
-            status, payload = first
-            return JSONResponse(payload, status_code=status)
-        return StreamingResponse(self.relay(first, stream, requested), media_type="text/event-stream")
+        model, pinned = self.resolve(requested)
+        body["model"] = model.name
+        route = ()
+        if model.routing.policy == "prefix_affinity":
+            route = prefix_blocks(prompt_text(kind, body), model.routing.prefix_chars)
+        streaming = bool(body.get("stream"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        busy: set[str] = set()  # backends whose replicas and queue are full
+        failures = 0
+        while True:
+            backend = pinned or self.choose(model, route, exclude=busy)
+            if backend is None or backend in busy:
+                raise OpenAIError(
+                    429,
+                    f"Every replica of `{requested}` is busy and its queue is full; retry in "
+                    f"{BUSY_RETRY_AFTER_S} s, or raise the backend's max_queued_requests or max_replicas.",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                )
+            try:
+                opening, stream = await self.open(model.name, backend, kind, body, route, streaming, deadline)
+            except BackPressureError:
+                busy.add(backend)
+                continue
+            except ReplicaFailed as err:
+                failures += 1
+                logger.warning("%s@%s failed before answering (attempt %d): %s", model.name, backend, failures, err)
+                if failures > self.settings.retries:
+                    raise OpenAIError(
+                        503, f"`{requested}` failed before answering on {failures} replicas ({err}); "
+                        f"retry shortly, and see `serve status` if it persists.",
+                        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                    ) from None
+                continue
+            headers = {"x-raystack-backend": backend, "x-raystack-replica": opening.replica}
+            if opening.chunk is None:
+                self._done((model.name, backend))
+                return JSONResponse(opening.body, status_code=opening.status, headers=headers)
+            return StreamingResponse(
+                self.relay(opening.chunk, stream, (model.name, backend), deadline),
+                media_type="text/event-stream", headers=headers,
+            )
 
-    async def relay(self, first: str, stream: DeploymentResponseGenerator, requested: str) -> AsyncIterator[str]:
-        finished = False
+    async def open(
+        self, model: str, backend: str, kind: str, body: dict[str, Any], route: tuple[int, ...],
+        streaming: bool, deadline: float,
+    ) -> tuple[Opening, DeploymentResponseGenerator]:
+        """Send the request to `backend` and wait for its opening (a stream's first chunk, or the whole
+        JSON answer). The backend's in-flight count holds until the answer is fully relayed."""
+        key = (model, backend)
+        self.in_flight[key] += 1
+        stream: DeploymentResponseGenerator = self.streams[model][backend].generate.remote(kind, body, route)
+        first = asyncio.ensure_future(stream.__anext__())
+        answered = False
+        loop = asyncio.get_running_loop()
+        try:
+            # A stream's first token is bounded by first_token_timeout_s; a whole answer by the request's
+            # deadline, except that no request waits longer than first_token_timeout_s for a replica.
+            await asyncio.wait({first}, timeout=min(self.settings.first_token_timeout_s, deadline - loop.time()))
+            if not first.done() and not streaming and self._replicas(model, backend) != 0:
+                await asyncio.wait({first}, timeout=deadline - loop.time())
+            if not first.done():
+                raise self._timed_out(model, backend, streaming)
+            try:
+                opening = first.result()
+            except (BackPressureError, OpenAIError):
+                raise
+            except DeploymentUnavailableError as err:
+                raise OpenAIError(503, f"`{model}@{backend}` is unavailable: {err}. See `serve status`.") from None
+            except StopAsyncIteration:
+                raise ReplicaFailed("it closed the answer without a word") from None
+            except Exception as err:
+                raise ReplicaFailed(f"{type(err).__name__}: {_last_line(err)}") from None
+            answered = True
+            return opening, stream
+        finally:
+            if not answered:  # failed, timed out, or the client left: free the replica
+                first.cancel()
+                first.add_done_callback(_retrieve)  # its exception is known and handled here
+                stream.cancel()
+                self._done(key)
+
+    def _done(self, key: tuple[str, str]) -> None:
+        self.in_flight[key] -= 1
+
+    def _replicas(self, model: str, backend: str) -> int | None:
+        return routing.RUNNING_REPLICAS.get(self.deployments[model][backend])
+
+    def _timed_out(self, model: str, backend: str, streaming: bool) -> OpenAIError:
+        if self._replicas(model, backend) == 0:
+            return OpenAIError(
+                503,
+                f"No replica of `{model}@{backend}` came up within {self.settings.first_token_timeout_s:g} s "
+                f"(router.first_token_timeout_s). It is scaling from zero or cannot start: `serve status` "
+                f"shows which; retry shortly.",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+            )
+        limit = "first_token_timeout_s" if streaming else "request_timeout_s"
+        return OpenAIError(
+            504,
+            f"`{model}@{backend}` did not answer within router.{limit}; its replicas are overloaded or stuck. "
+            f"Retry later, or raise max_replicas.",
+        )
+
+    async def relay(
+        self, first: str, stream: DeploymentResponseGenerator, key: tuple[str, str], deadline: float
+    ) -> AsyncIterator[str]:
+        served = "@".join(key)
+        upstream_done = False
         try:
             yield first
-            async for chunk in stream:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):  # one timer handle per chunk, no task
+                        chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    upstream_done = True
+                    return
                 yield chunk
-            finished = True
-        except Exception as err:
-            # After the first token the status line is gone: end the stream with an error event.
-            logger.warning("stream from %s broke: %r", requested, err)
-            yield sse_event(error_body(502, f"The backend for `{requested}` failed mid-stream ({type(err).__name__}); the answer is incomplete."))
+        # After the first token the status line is gone: the stream ends with an error event.
+        except TimeoutError:
+            yield sse_event(error_body(504, f"`{served}` did not finish within router.request_timeout_s "
+                                            f"({self.settings.request_timeout_s:g} s); the answer is incomplete."))
             yield SSE_DONE
-            finished = True
+        except Exception as err:
+            upstream_done = True
+            logger.warning("stream from %s broke: %r", served, err)
+            yield sse_event(error_body(502, f"The replica of `{served}` failed mid-stream ({type(err).__name__}); "
+                                            f"the answer is incomplete. Retry the request."))
+            yield SSE_DONE
         finally:
-            if not finished:  # the client went away: stop the generation upstream
+            if not upstream_done:  # the client went away or time ran out: stop the generation upstream
                 stream.cancel()
+            self._done(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -55,6 +56,17 @@ async def coalesce(stream: AsyncIterator[str]) -> AsyncIterator[str]:
         task.cancel()
 
 
+@dataclass(frozen=True)
+class Opening:
+    """The first item of every answer: the replica answering, and either the whole JSON answer
+    (status, body) or the first SSE chunk of a stream."""
+
+    replica: str
+    status: int | None = None
+    body: Any = None
+    chunk: str | None = None
+
+
 @serve.deployment
 class LLMServer:
     """One replica = one engine on the CPUs/NPUs Ray granted this replica."""
@@ -63,6 +75,7 @@ class LLMServer:
         restore_normal_priority()  # before the engine starts: its processes inherit it
         self.backend = Backend.model_validate(backend)
         self.model_name = model_name
+        self.replica = serve.get_replica_context().replica_id.unique_id
         model_path = None
         if self.backend.loads_model:
             model_path = await asyncio.to_thread(sources.resolve, source, Path(cache_dir), logger.info)
@@ -71,14 +84,17 @@ class LLMServer:
         logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine,
                     model_path or "no model files")
 
-    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> AsyncIterator[Any]:
-        """Streams the answer: one (status, body) tuple for a JSON answer, else SSE strings."""
+    async def generate(self, kind: RequestKind, body: dict[str, Any], route: tuple[int, ...] = ()) -> AsyncIterator[Any]:
+        """Streams the answer: an Opening, then (for a stream) further SSE strings.
+        `route` is the prompt's prefix blocks, read by the request router that chose this replica."""
         result = await self.engine.generate(kind, body)
         if isinstance(result, JSONResult):
-            yield (result.status, result.body)
+            yield Opening(self.replica, status=result.status, body=result.body)
             return
+        first = True
         async for chunk in coalesce(result):
-            yield chunk
+            yield Opening(self.replica, chunk=chunk) if first else chunk
+            first = False
 
     async def ready(self) -> bool:
         """Answers once this replica has loaded its engine (the router's /health asks)."""

@@ -117,13 +117,33 @@ def test_autoscaling_defaults_scale_on_load():
     assert 0 < autoscaling["target_ongoing_requests"] < 100  # Ray Serve LLM's 1e9 never scales
 
 
+def test_every_backend_queue_is_bounded_and_routed_by_the_models_policy():
+    args = local_args()
+    args["models"][0]["routing"] = {"policy": "prefix_affinity", "affinity_slack": 2}
+    model = parse_config(args).models[0]
+    options = deployment_options(model.backends[0], model.routing)
+    assert options["max_queued_requests"] == 128  # beyond it: 429, never an unbounded queue
+    router_config = options["request_router_config"]
+    assert router_config.request_router_class.endswith(":BackendRequestRouter")
+    assert router_config.request_router_kwargs == {"policy": "prefix_affinity", "affinity_slack": 2}
+
+
+def test_weighted_routing_needs_some_weight():
+    args = local_args()
+    args["models"][0]["routing"] = {"policy": "weighted"}
+    args["models"][0]["backends"][0]["weight"] = 0
+    with pytest.raises(ConfigError, match="weighted needs a backend with weight above 0"):
+        parse_config(args)
+
+
 def test_synthetic_backend_has_no_source_defaults_to_cpu_and_a_tenth_of_a_core():
     config = parse_config(shipped_args("synthetic.yaml"))
     [model] = config.models
     assert model.source is None and not model.loads_model
     backend = Backend(name="s", engine="synthetic")
     assert (backend.device, backend.replica_cpus) == ("cpu", 0.1)
-    assert backend.synthetic.model_dump() == {"ttft_ms": 50, "tokens_per_s": 50, "output_tokens": 64}
+    assert backend.synthetic.model_dump() == {"ttft_ms": 50, "tokens_per_s": 50, "output_tokens": 64,
+                                                "startup_s": 0}
     options = deployment_options(model.backends[0])
     assert 2 * options["ray_actor_options"]["num_cpus"] + config.router.cpus <= 2  # 2 replicas + router
     assert "resources" not in options["ray_actor_options"]

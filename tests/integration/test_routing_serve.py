@@ -1,0 +1,268 @@
+"""The router on a real local Ray cluster with synthetic backends: load spread, prefix affinity, a replica
+killed under load, backpressure, timeouts, scale from zero, and autoscaling up and back down.
+
+Each test deploys its own raystack app (build_app on a config written here) under its own route prefix,
+drives it with the openai client, and deletes it. Which replica answered comes from the router's
+x-raystack-backend / x-raystack-replica headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from raystack.app import build_app
+from tests.e2e.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def synthetic(name: str, replicas: int = 1, **settings: Any) -> dict[str, Any]:
+    backend = {k: settings.pop(k) for k in ("max_ongoing_requests", "max_queued_requests", "autoscaling")
+               if k in settings}
+    backend.setdefault("autoscaling", {"min_replicas": replicas, "max_replicas": replicas})
+    return {"name": name, "engine": "synthetic", "synthetic": settings, **backend}
+
+
+@contextlib.contextmanager
+def deployed(server: str, app: str, models: list[dict[str, Any]], router: dict[str, Any] | None = None):
+    """Yields the app's OpenAI base URL."""
+    serve.run(build_app({"models": models, "router": router or {}}), name=app, route_prefix=f"/{app}")
+    try:
+        yield f"{server}/{app}/v1"
+    finally:
+        serve.delete(app)
+
+
+class Outcome:
+    """One streamed request as the client saw it."""
+
+    def __init__(self, headers: httpx.Headers | None = None):
+        self.served_by = (headers["x-raystack-backend"], headers["x-raystack-replica"]) if headers else None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+
+
+async def stream_chat(client: openai.AsyncOpenAI, model: str, messages: list[dict], **kwargs: Any) -> Outcome:
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, stream=True, **kwargs)
+    except openai.APIStatusError as err:
+        outcome = Outcome()
+        outcome.error = err
+        return outcome
+    outcome = Outcome(raw.headers)
+    try:
+        async for chunk in raw.parse():
+            if chunk.choices:
+                outcome.text += chunk.choices[0].delta.content or ""
+                outcome.finish_reason = chunk.choices[0].finish_reason or outcome.finish_reason
+    except openai.APIError as err:  # an error event in the stream
+        outcome.error = err
+    return outcome
+
+
+def client_of(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+
+
+async def stream_chats(url: str, requests: list[tuple[str, list[dict]]], concurrency: int) -> list[Outcome]:
+    """Streams (model, messages) requests, at most `concurrency` at once; outcomes in request order."""
+    gate = asyncio.Semaphore(concurrency)
+    async with client_of(url) as client:
+        async def one(model: str, messages: list[dict]) -> Outcome:
+            async with gate:
+                return await stream_chat(client, model, messages)
+
+        return await asyncio.gather(*(one(model, messages) for model, messages in requests))
+
+
+def ask(question: str, system: str = "Answer briefly.") -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+FAST = {"ttft_ms": 20, "tokens_per_s": 100, "output_tokens": 12}  # ~0.13 s per answer
+
+
+def test_least_loaded_spreads_evenly_over_every_replica_of_every_backend(server):
+    models = [{"name": "m", "backends": [synthetic("a", 2, **FAST), synthetic("b", 2, **FAST)]}]
+    with deployed(server, "spread", models) as url:
+        outcomes = asyncio.run(stream_chats(url, [("m", ask(f"question {i}")) for i in range(240)], concurrency=16))
+    assert all(o.error is None and o.finish_reason == "stop" for o in outcomes)
+    shares = Counter(o.served_by for o in outcomes)
+    assert len(shares) == 4 and {backend for backend, _ in shares} == {"a", "b"}
+    even = len(outcomes) / 4
+    assert all(abs(n - even) <= 0.2 * even for n in shares.values()), shares
+
+
+def prefix_workload(prefixes: int = 8, per_prefix: int = 12) -> list[tuple[int, list[dict]]]:
+    """Requests sharing one of a few long system prompts, as a chat product's users do; interleaved."""
+    systems = [f"You are assistant number {p}. " + "Follow the operator's policy carefully. " * 8
+               for p in range(prefixes)]
+    return [(p, ask(f"user {i} asks question {i * 7 + p}", systems[p]))
+            for i in range(per_prefix) for p in range(prefixes)]
+
+
+def affinity_hit_rate(outcomes: list[Outcome], workload: list[tuple[int, list[dict]]]) -> float:
+    """Share of requests served by the replica that served most of their prefix's requests."""
+    by_prefix: dict[int, Counter] = defaultdict(Counter)
+    for (prefix, _), outcome in zip(workload, outcomes):
+        by_prefix[prefix][outcome.served_by] += 1
+    return sum(c.most_common(1)[0][1] for c in by_prefix.values()) / len(outcomes)
+
+
+@pytest.mark.parametrize("policy, expect_high", [("prefix_affinity", True), ("least_loaded", False)])
+def test_prefix_affinity_sends_a_shared_prefix_to_the_same_replica(server, policy, expect_high):
+    models = [{"name": "m", "routing": {"policy": policy},
+               "backends": [synthetic("a", 2, **FAST), synthetic("b", 2, **FAST)]}]
+    workload = prefix_workload()
+    with deployed(server, f"affinity-{policy.replace('_', '-')}", models) as url:
+        outcomes = asyncio.run(stream_chats(url, [("m", messages) for _, messages in workload], concurrency=8))
+    assert all(o.error is None for o in outcomes)
+    rate = affinity_hit_rate(outcomes, workload)
+    if expect_high:
+        assert rate >= 0.9, rate
+        assert len({o.served_by for o in outcomes}) >= 3, "affinity must not pile every prefix on one replica"
+    else:  # the contrast: without affinity the same workload scatters
+        assert rate < 0.6, rate
+
+
+def replica_actor(app: str, unique_id: str):
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{app}#") and actor["name"].endswith(f"#{unique_id}"):
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise LookupError(f"no replica {unique_id} in {app}")
+
+
+async def kill_a_replica_during(url: str, app: str, kill_after_s: float) -> tuple[list[Outcome], str]:
+    """32 concurrent streams; one replica is killed kill_after_s after they start. Returns its id."""
+
+    async def assassin() -> str:
+        await asyncio.sleep(kill_after_s)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith(f"SERVE_REPLICA::{app}#LLMServer")]
+        victim = sorted(names)[0].rsplit("#", 1)[1]
+        ray.kill(replica_actor(app, victim), no_restart=True)
+        return victim
+
+    streams = stream_chats(url, [("m", ask(f"stream {i}")) for i in range(32)], concurrency=32)
+    outcomes, victim = await asyncio.wait_for(asyncio.gather(streams, assassin()), timeout=60)
+    return outcomes, victim
+
+
+def test_a_replica_killed_under_32_streams_loses_no_request(server):
+    # First token at 0.8 s, then 25 tokens at 20/s: a stream lasts about 2 s.
+    slow = {"ttft_ms": 800, "tokens_per_s": 20, "output_tokens": 25}
+    models = [{"name": "m", "backends": [synthetic("s", 3, **slow)]}]
+    with deployed(server, "kill", models) as url:
+        # Killed before any first token: the router resends those requests, all complete.
+        outcomes, victim = asyncio.run(kill_a_replica_during(url, "kill", kill_after_s=0.3))
+        assert [o.error for o in outcomes if o.error] == []
+        assert all(o.finish_reason == "stop" and len(o.text.split()) == 25 for o in outcomes)
+        assert all(o.served_by[1] != victim for o in outcomes)
+
+        # Killed mid-stream: its streams end with a clear error event, every other completes.
+        outcomes, victim = asyncio.run(kill_a_replica_during(url, "kill", kill_after_s=1.5))
+    broken = [o for o in outcomes if o.error]
+    assert broken and len(broken) < len(outcomes)
+    assert all(o.served_by[1] == victim and "failed mid-stream" in str(o.error) for o in broken)
+    assert all(o.finish_reason == "stop" for o in outcomes if not o.error)
+
+
+def test_full_replicas_and_queue_answer_429_with_retry_after(server):
+    models = [{"name": "m", "backends": [synthetic(
+        "s", 1, ttft_ms=1000, tokens_per_s=0, output_tokens=4, max_ongoing_requests=2, max_queued_requests=2)]}]
+    with deployed(server, "busy", models):
+        async def burst():
+            async with httpx.AsyncClient(base_url=f"{server}/busy/v1", timeout=30) as http:
+                return await asyncio.gather(*(
+                    http.post("/chat/completions", json={"model": "m", "messages": ask(f"q{i}")})
+                    for i in range(12)))
+
+        responses = asyncio.run(burst())
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses[200] >= 4 and statuses[429] >= 4 and set(statuses) == {200, 429}, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert int(rejected.headers["retry-after"]) >= 1
+    error = rejected.json()["error"]
+    assert error["type"] == "rate_limit_error" and "queue is full" in error["message"]
+
+
+def test_timeouts_bound_every_wait(server):
+    models = [
+        {"name": "slow", "backends": [synthetic("s", 1, ttft_ms=5000)]},
+        {"name": "long", "backends": [synthetic("s", 1, ttft_ms=10, tokens_per_s=5, output_tokens=50)]},
+        {"name": "cold", "backends": [synthetic("s", startup_s=60, autoscaling={"min_replicas": 0, "max_replicas": 1})]},
+    ]
+    with deployed(server, "tight", models, router={"first_token_timeout_s": 1.5, "request_timeout_s": 2.5}) as url:
+        started = time.monotonic()
+        slow, long, cold = asyncio.run(stream_chats(url, [(m, ask("hi")) for m in ("slow", "long", "cold")], 3))
+        assert time.monotonic() - started < 10
+    assert slow.error.status_code == 504 and "first_token_timeout_s" in str(slow.error)
+    assert "request_timeout_s" in str(long.error) and 0 < len(long.text.split()) < 50
+    assert cold.error.status_code == 503 and "came up" in str(cold.error)
+
+
+def test_scale_from_zero_serves_the_first_request_and_health_is_ok_at_zero(server):
+    models = [{"name": "m", "backends": [synthetic(
+        "s", startup_s=2, autoscaling={"min_replicas": 0, "max_replicas": 1, "metrics_interval_s": 0.5,
+                                       "downscale_delay_s": 5})]}]
+    with deployed(server, "zero", models) as url:
+        assert httpx.get(f"{server}/zero/health").status_code == 200  # zero replicas is its resting state
+        started = time.monotonic()
+        [outcome] = asyncio.run(stream_chats(url, [("m", ask("wake up"))], 1))
+        assert outcome.error is None and outcome.finish_reason == "stop"
+        assert time.monotonic() - started >= 2  # it waited for a replica to start
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    status = serve.status().applications[app].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_a_backend_scales_up_under_load_and_back_down_after(server):
+    autoscaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
+                   "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+    models = [{"name": "m", "backends": [synthetic(
+        "s", ttft_ms=100, tokens_per_s=10, output_tokens=20, autoscaling=autoscaling)]}]
+    deployment = "LLMServer-m-s"
+    with deployed(server, "scale", models) as url:
+        assert running_replicas("scale", deployment) == 1
+        peak = 0
+
+        async def load_and_watch():
+            nonlocal peak
+            load = asyncio.ensure_future(stream_chats(url, [("m", ask(f"q{i}")) for i in range(60)], 12))
+            while not load.done():
+                peak = max(peak, running_replicas("scale", deployment))
+                await asyncio.sleep(0.5)
+            return await load
+
+        outcomes = asyncio.run(load_and_watch())
+        assert all(o.error is None for o in outcomes)
+        assert peak >= 2, "12 streams against a target of 2 per replica must add replicas"
+        assert len({o.served_by for o in outcomes}) >= 2, "the new replicas took requests"
+        deadline = time.monotonic() + 60
+        while running_replicas("scale", deployment) > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert running_replicas("scale", deployment) == 1

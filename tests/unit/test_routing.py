@@ -1,0 +1,87 @@
+"""The routing policy's pure parts: prefix blocks, the prefix table, the choice of backend."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from raystack.serving.routing import (
+    PREFIX_BLOCK_CHARS,
+    BackendLoad,
+    PrefixTable,
+    choose_backend,
+    prefix_blocks,
+    prompt_text,
+)
+
+SYSTEM = "You are a careful assistant who answers questions about the Ascend NPU cluster. " * 3
+
+
+def chat(system: str, *turns: str) -> dict:
+    """A conversation: the system prompt, then user and assistant turns in alternation."""
+    roles = ["user", "assistant"]
+    return {"messages": [{"role": "system", "content": system}]
+            + [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]}
+
+
+def test_prompts_sharing_a_system_prompt_share_its_blocks_and_no_more():
+    a = prefix_blocks(prompt_text("chat", chat(SYSTEM, "How many cards?")), 4096)
+    b = prefix_blocks(prompt_text("chat", chat(SYSTEM, "Which driver version?")), 4096)
+    shared = len(SYSTEM) // PREFIX_BLOCK_CHARS
+    assert a[:shared] == b[:shared]
+    assert a[-1] != b[-1]
+    assert prefix_blocks("short prompt", 4096) == ()  # under one block: nothing worth matching
+
+
+def test_blocks_stop_at_prefix_chars_and_a_conversation_extends_its_own_prefix():
+    first = prompt_text("chat", chat(SYSTEM, "Tell me about HCCL."))
+    follow_up = prompt_text("chat", chat(SYSTEM, "Tell me about HCCL.", "HCCL is Huawei's...", "And HCCS?"))
+    assert follow_up.startswith(first)
+    assert len(prefix_blocks(first * 10, 256)) == 256 // PREFIX_BLOCK_CHARS
+    assert prefix_blocks(follow_up, 4096)[: len(prefix_blocks(first, 4096))] == prefix_blocks(first, 4096)
+
+
+def test_completion_prompts_route_by_text_or_token_ids():
+    assert prompt_text("completion", {"prompt": "abc"}) == "abc"
+    assert prompt_text("completion", {"prompt": [1, 2, 3]}) == "1 2 3"
+    assert prompt_text("completion", {"prompt": [[4, 5], [6]]}) == "4 5"
+
+
+def test_prefix_table_returns_the_longest_match_and_forgets_the_oldest():
+    table = PrefixTable(capacity=4)
+    table.record((1, 2, 3), "vllm", "r1")
+    table.record((1, 2, 9), "mindie", "r2")
+    assert table.match((1, 2, 3)) == ("vllm", "r1")  # block 3 is only r1's
+    assert table.match((1, 2, 7)) == ("mindie", "r2")  # blocks 1, 2 were last served by r2
+    assert table.match((1, 2, 7), backend="vllm") is None
+    assert table.match((1, 2, 3), backend="vllm") == ("vllm", "r1")
+    table.record((5,), "vllm", "r3")
+    assert len(table) == 4 and table.match((3,)) is None  # block 3 was the least recently used
+
+
+def loads(*specs: tuple[str, int, int | None]) -> list[BackendLoad]:
+    return [BackendLoad(name, 1, in_flight, replicas) for name, in_flight, replicas in specs]
+
+
+def test_least_loaded_compares_requests_per_replica():
+    assert choose_backend("least_loaded", loads(("a", 6, 3), ("b", 3, 1))) == "a"  # 2 per replica vs 3
+    assert choose_backend("least_loaded", loads(("a", 0, 0), ("b", 50, 2))) == "b"  # a is scaled to zero
+    assert choose_backend("least_loaded", loads(("a", 0, 0), ("b", 1, 0))) == "a"  # all cold: fewest waiting
+    rng = random.Random(0)
+    ties = Counter(choose_backend("least_loaded", loads(("a", 2, 1), ("b", 2, 1)), rng=rng) for _ in range(400))
+    assert 150 < ties["a"] < 250  # equal load: either, at random
+
+
+def test_prefix_affinity_keeps_the_matched_backend_within_the_slack():
+    two = loads(("a", 5, 1), ("b", 2, 1))
+    assert choose_backend("prefix_affinity", two, affinity="a", slack=3) == "a"
+    assert choose_backend("prefix_affinity", two, affinity="a", slack=2) == "b"
+    assert choose_backend("prefix_affinity", two, affinity=None, slack=9) == "b"
+
+
+def test_weighted_splits_by_weight_and_skips_weightless_backends():
+    rng = random.Random(1)
+    backends = [BackendLoad("a", 3, 0, 1), BackendLoad("b", 1, 0, 1), BackendLoad("c", 0, 0, 1)]
+    shares = Counter(choose_backend("weighted", backends, rng=rng) for _ in range(4000))
+    assert shares["c"] == 0
+    assert 0.72 < shares["a"] / 4000 < 0.78
