@@ -7,6 +7,10 @@ export DO_NOT_TRACK = 1
 export RAY_USAGE_STATS_ENABLED = 0
 # Ray runs workers at nice 15; serving replicas (and Serve's proxy) are the workload, not background jobs.
 export RAY_worker_niceness = 0
+# Serve's throughput preset without direct ingress (raystack/serving/fast_path.py says why), for the Ray
+# that `serve run` starts (its proxy). Not for the tests' own process: there it would make synchronous
+# handle calls from test code fail (no event loop); their replicas get it from build_app.
+SERVE_FAST_PATH = RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=0 RAY_SERVE_LOG_TO_STDERR=1
 CONFIG ?= deploy_configs/local.yaml
 
 .PHONY: setup setup-test run test test-unit check-configs clean
@@ -18,7 +22,7 @@ setup-test:
 	scripts/setup.sh --test
 
 run: setup
-	$(VENV)/bin/serve run $(CONFIG)
+	env $(SERVE_FAST_PATH) $(VENV)/bin/serve run $(CONFIG)
 
 test: setup-test
 	$(VENV)/bin/python -m pytest -v tests

@@ -26,6 +26,7 @@ from raystack.config import (
     parse_config,
 )
 from raystack.models import embedded, sources
+from raystack.serving.fast_path import SERVE_FAST_PATH_ENV
 from raystack.serving.router import Router
 from raystack.serving.server import LLMServer
 
@@ -120,9 +121,10 @@ def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> None:
 
 def deployment_options(backend: Backend, routing: Routing = Routing()) -> dict[str, Any]:
     """Ray Serve options of one backend's LLMServer deployment: resources, scaling, routing, health."""
-    actor: dict[str, Any] = {"num_cpus": backend.replica_cpus}
-    if backend.env:
-        actor["runtime_env"] = {"env_vars": dict(backend.env)}
+    actor: dict[str, Any] = {
+        "num_cpus": backend.replica_cpus,
+        "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **backend.env}},
+    }
     options: dict[str, Any] = {
         "autoscaling_config": backend.autoscaling.to_serve(),
         "max_ongoing_requests": backend.max_ongoing_requests,
@@ -175,6 +177,6 @@ def build_app(args: dict[str, Any]) -> Application:
     router = Router.options(
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.router.cpus},
+        ray_actor_options={"num_cpus": config.router.cpus, "runtime_env": {"env_vars": SERVE_FAST_PATH_ENV}},
     )
     return router.bind(config.model_dump(), backends)

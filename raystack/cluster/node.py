@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raystack.cluster.npu import NodeNPUs
+from raystack.serving.fast_path import SERVE_FAST_PATH_ENV
 from raystack.serving.priority import NICENESS_ENV
 
 HBM_LABEL = "raystack.io/npu-hbm-gib"
@@ -90,7 +91,7 @@ def plan_start(
     if head == bool(address):
         raise ValueError("give exactly one of --head or --address HEAD:PORT")
     # Ray runs workers at nice 15 by default; serving replicas are the workload here, not background jobs.
-    plan = StartPlan(command=[ray_bin, "start"], env={NICENESS_ENV: "0"})
+    plan = StartPlan(command=[ray_bin, "start"], env={NICENESS_ENV: "0", **SERVE_FAST_PATH_ENV})
     if head:
         plan.command += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1"]
     else:

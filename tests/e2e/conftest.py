@@ -16,6 +16,8 @@ import openai
 import pytest
 import yaml
 
+from raystack.serving.fast_path import SERVE_FAST_PATH_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 900
 
@@ -42,7 +44,8 @@ def stack(tmp_path_factory):
     log_path = workdir / "serve.log"
     serve = Path(sys.executable).with_name("serve")
     # Always a fresh local cluster, never one a developer has running.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # As `make run` starts it: Serve's fast path for the Ray that serve run starts (proxy included).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | SERVE_FAST_PATH_ENV
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [str(serve), "run", str(config_path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
