@@ -1,0 +1,276 @@
+"""What the raystack router costs: the same synthetic engine called three ways, in one session.
+
+    direct       the engine behind a bare FastAPI/uvicorn server, no Ray (the floor)
+    passthrough  a plain Ray Serve ingress deployment streaming from the engine's deployment
+                 (what Serve itself costs: proxy, handle, replica)
+    raystack     raystack's Router in front of the same engine deployment (build_app, synthetic backend)
+
+Two measurements, each in alternating rounds so the machine's drift hits every target alike:
+  - latency: one request at a time with a 0 ms engine TTFT, so TTFT is all overhead; p50/p99, and the
+    added TTFT against direct;
+  - capacity: many concurrent streams of paced tokens; delivered SSE chunks/s and requests/s, the most
+    one router replica carries on this machine.
+
+    .venv/bin/python scripts/bench_router.py --rounds 3
+Results go to bench_results/router-<time>.json and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "synthetic"
+
+
+def synthetic_backend(ttft_ms: float, tokens_per_s: float, replicas: int) -> dict[str, Any]:
+    return {"name": "synthetic", "engine": "synthetic", "max_ongoing_requests": 1024, "max_queued_requests": 1024,
+            "synthetic": {"ttft_ms": ttft_ms, "tokens_per_s": tokens_per_s, "output_tokens": 64},
+            "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
+
+
+# ---- the targets ------------------------------------------------------------------------------------
+
+def serve_direct(port: int, ttft_ms: float, tokens_per_s: float) -> None:
+    """The engine behind bare FastAPI + uvicorn: no Ray, no router (the floor)."""
+    import uvicorn
+
+    from raystack.config import Backend
+    from raystack.engines.base import JSONResult
+    from raystack.engines.synthetic import SyntheticEngine
+
+    engine = SyntheticEngine(MODEL, None, Backend.model_validate(synthetic_backend(ttft_ms, tokens_per_s, 1)))
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        result = await engine.generate("chat", await request.json())
+        if isinstance(result, JSONResult):
+            return JSONResponse(result.body, status_code=result.status)
+        return StreamingResponse(result, media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def passthrough_app(engine_args: dict[str, Any], serve_env: dict[str, str]):
+    """A plain Ray Serve ingress that streams from the same LLMServer deployment, without raystack's router,
+    with the same Serve settings."""
+    from ray import serve
+
+    from raystack.serving.server import LLMServer
+
+    app = FastAPI()
+
+    actor = {"num_cpus": 0.1, "runtime_env": {"env_vars": serve_env}}
+
+    @serve.deployment(max_ongoing_requests=1024, ray_actor_options=actor)
+    @serve.ingress(app)
+    class PassThrough:
+        def __init__(self, engine):
+            self.engine = engine.options(stream=True)
+
+        @app.post("/v1/chat/completions")
+        async def chat(self, request: Request):
+            stream = self.engine.generate.remote("chat", await request.json())
+            opening = await stream.__anext__()
+
+            async def relay():
+                yield opening.chunk
+                async for chunk in stream:
+                    yield chunk
+
+            return StreamingResponse(relay(), media_type="text/event-stream")
+
+    engine = LLMServer.options(name="LLMServer-passthrough", max_ongoing_requests=1024, ray_actor_options=actor)
+    return PassThrough.bind(engine.bind(MODEL, None, engine_args, "/tmp"))
+
+
+# ---- the load -----------------------------------------------------------------------------------------
+
+async def one_stream(url: str, max_tokens: int) -> tuple[float, int]:
+    """(TTFT in s, content chunks received) of one streamed chat request.
+
+    A bare HTTP/1.1 client that only counts `data: {` events: the load generator shares the machine's two
+    cores with what it measures, so it must cost as little as possible (httpx's line parsing capped the
+    direct engine at ~2,300 chunks/s)."""
+    parsed = httpx.URL(url)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "benchmark me"}],
+                       "max_tokens": max_tokens, "stream": True}).encode()
+    request = (f"POST {parsed.raw_path.decode()} HTTP/1.1\r\nHost: {parsed.host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+    writer.write(request)
+    ttft, chunks, tail, head_done = None, 0, b"", False
+    try:
+        while data := await reader.read(65536):
+            if not head_done:
+                if not data.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"{url}: {data[:200]!r}")
+                head_done = True
+            found = (tail + data).count(b"data: {")
+            if found and ttft is None:
+                ttft = time.perf_counter() - started
+            chunks += found
+            tail = data[-6:]  # an event marker split across two reads is counted once
+    finally:
+        writer.close()
+    return ttft, chunks
+
+
+async def latency(url: str, requests: int) -> list[float]:
+    for _ in range(5):  # warm the path
+        await one_stream(url, 4)
+    return [(await one_stream(url, 4))[0] for _ in range(requests)]
+
+
+async def capacity(url: str, concurrency: int, duration_s: float, max_tokens: int) -> dict[str, float]:
+    done = chunks = 0
+    stop_at = time.perf_counter() + duration_s
+
+    async def worker():
+        nonlocal done, chunks
+        while time.perf_counter() < stop_at:
+            _, n = await one_stream(url, max_tokens)
+            done += 1
+            chunks += n
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"chunks_per_s": chunks / elapsed, "requests_per_s": done / elapsed}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+# ---- the session ------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=128, help="streams at once in the capacity run")
+    parser.add_argument("--tokens-per-s", type=float, default=50, help="pace of each stream in the capacity run")
+    parser.add_argument("--duration", type=float, default=20, help="seconds of each capacity run")
+    parser.add_argument("--engine-replicas", type=int, default=1)
+    parser.add_argument("--serve-defaults", action="store_true",
+                        help="run Serve with its default settings instead of raystack's (fast_path.py), for comparison")
+    parser.add_argument("--serve-direct", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ttft-ms", type=float, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_direct:
+        return serve_direct(args.serve_direct, args.ttft_ms, args.tokens_per_s)
+
+    from raystack.serving import fast_path
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    if args.serve_defaults:  # build_app sets the fast path in its replicas' runtime_env: empty it
+        fast_path.SERVE_FAST_PATH_ENV.clear()
+    for key in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_LOG_TO_STDERR"):
+        os.environ.pop(key, None)
+    os.environ.update(fast_path.SERVE_FAST_PATH_ENV)  # the proxy's settings, as `raystack start` exports them
+    # Serve reads its settings when imported: only now.
+    import ray
+    from ray import serve
+
+    from raystack.app import build_app
+    from tests.e2e.conftest import free_port
+
+    serve_port, direct_ports = free_port(), {}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+    procs = []
+    results: dict[str, Any] = {"args": vars(args), "rounds": []}
+    try:
+        # Two engine paces: 0 ms TTFT for latency, paced tokens for capacity. One deployment set each.
+        for phase, ttft_ms, pace in (("latency", 0, 1000), ("capacity", 0, args.tokens_per_s)):
+            backend = synthetic_backend(ttft_ms, pace, args.engine_replicas)
+            port = direct_ports[phase] = free_port()
+            procs.append(subprocess.Popen([sys.executable, __file__, "--serve-direct", str(port),
+                                           "--ttft-ms", str(ttft_ms), "--tokens-per-s", str(pace)]))
+            serve.run(build_app({"models": [{"name": MODEL, "backends": [backend]}]}),
+                      name=f"raystack-{phase}", route_prefix=f"/raystack-{phase}")
+            from raystack.config import Backend
+            serve.run(passthrough_app(Backend.model_validate(backend).model_dump(), fast_path.SERVE_FAST_PATH_ENV),
+                      name=f"passthrough-{phase}", route_prefix=f"/passthrough-{phase}")
+        for port in direct_ports.values():
+            wait_for_port(port)
+
+        def url(target: str, phase: str) -> str:
+            if target == "direct":
+                return f"http://127.0.0.1:{direct_ports[phase]}/v1/chat/completions"
+            return f"http://127.0.0.1:{serve_port}/{target}-{phase}/v1/chat/completions"
+
+        targets = ["direct", "passthrough", "raystack"]
+        for r in range(args.rounds):
+            row: dict[str, Any] = {}
+            order = targets if r % 2 == 0 else targets[::-1]
+            for target in order:
+                ttfts = asyncio.run(latency(url(target, "latency"), args.latency_requests))
+                row[target] = {"ttft_p50_ms": 1000 * percentile(ttfts, 0.5), "ttft_p99_ms": 1000 * percentile(ttfts, 0.99)}
+            for target in order:
+                row[target] |= asyncio.run(capacity(url(target, "capacity"), args.concurrency, args.duration, 64))
+            results["rounds"].append(row)
+            print(f"round {r + 1}: " + json.dumps({t: {k: round(v, 1) for k, v in m.items()} for t, m in row.items()}),
+                  flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        serve.shutdown()
+        ray.shutdown()
+
+    report(results)
+
+
+def wait_for_port(port: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"direct engine server on port {port} did not start")
+
+
+def report(results: dict[str, Any]) -> None:
+    rounds = results["rounds"]
+
+    def mean(target: str, key: str) -> float:
+        return statistics.mean(r[target][key] for r in rounds)
+
+    print("\n| target | TTFT p50 ms | TTFT p99 ms | added TTFT p50 / p99 ms | chunks/s | requests/s |")
+    print("|---|---|---|---|---|---|")
+    for target in ("direct", "passthrough", "raystack"):
+        added = (f"{mean(target, 'ttft_p50_ms') - mean('direct', 'ttft_p50_ms'):+.1f} / "
+                 f"{mean(target, 'ttft_p99_ms') - mean('direct', 'ttft_p99_ms'):+.1f}")
+        print(f"| {target} | {mean(target, 'ttft_p50_ms'):.1f} | {mean(target, 'ttft_p99_ms'):.1f} | {added} | "
+              f"{mean(target, 'chunks_per_s'):.0f} | {mean(target, 'requests_per_s'):.1f} |")
+    ratio = [r["raystack"]["chunks_per_s"] / r["passthrough"]["chunks_per_s"] for r in rounds]
+    print(f"\nraystack / passthrough chunks/s per round: {', '.join(f'{x:.3f}' for x in ratio)}")
+    out = ROOT / "bench_results" / f"router-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
