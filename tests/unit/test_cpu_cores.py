@@ -1,5 +1,6 @@
 """Floating serving processes move off the cores a CPU engine worker bound; bound ones stay put.
-Real processes, told apart by their command lines as the real ones are (marks unique to this test)."""
+Real processes, told apart by their command lines as the real ones are (marks unique to this test, and
+without "ray::": a real engine of the e2e stack, alive for the whole session, moves those on its own)."""
 
 import os
 import subprocess
@@ -26,18 +27,18 @@ def test_floating_processes_leave_the_engine_cores():
     tag = uuid.uuid4().hex
     every = set(range(psutil.cpu_count()))
     worker = sleeper(f"worker-{tag}", {0})
-    floating = sleeper(f"ray::Router-{tag}")
-    other_engine = sleeper(f"ray::Other-{tag}", {1})
+    floating = sleeper(f"floating-{tag}")
+    other_engine = sleeper(f"other-{tag}", {1})
     unrelated = sleeper(f"someone-else-{tag}")
     try:
         time.sleep(0.3)
-        moved = move_off_engine_cores(worker_mark=f"worker-{tag}", process_marks=(f"ray::Router-{tag}", f"ray::Other-{tag}"))
+        moved = move_off_engine_cores(worker_mark=f"worker-{tag}", process_marks=(f"floating-{tag}", f"other-{tag}"))
         assert moved == 1
         assert os.sched_getaffinity(floating.pid) == every - {0}
         assert os.sched_getaffinity(worker.pid) == {0}
         assert os.sched_getaffinity(other_engine.pid) == {1}  # already bound: left alone
         assert os.sched_getaffinity(unrelated.pid) == every  # not a serving process
-        assert move_off_engine_cores(worker_mark=f"worker-{tag}", process_marks=(f"ray::Router-{tag}",)) == 0
+        assert move_off_engine_cores(worker_mark=f"worker-{tag}", process_marks=(f"floating-{tag}",)) == 0
     finally:
         for p in (worker, floating, other_engine, unrelated):
             p.kill()
@@ -46,10 +47,10 @@ def test_floating_processes_leave_the_engine_cores():
 
 def test_nothing_moves_without_a_bound_engine_worker():
     tag = uuid.uuid4().hex
-    floating = sleeper(f"ray::Router-{tag}")
+    floating = sleeper(f"floating-{tag}")
     try:
         time.sleep(0.3)
-        assert move_off_engine_cores(worker_mark=f"worker-{tag}", process_marks=(f"ray::Router-{tag}",)) == 0
+        assert move_off_engine_cores(worker_mark=f"worker-{tag}", process_marks=(f"floating-{tag}",)) == 0
         assert os.sched_getaffinity(floating.pid) == set(range(psutil.cpu_count()))
     finally:
         floating.kill()
