@@ -53,6 +53,18 @@ def check_deployable(config: RaystackConfig, cache_dir: Path) -> None:
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
 
 
+def check_api_keys(config: RaystackConfig) -> None:
+    """The key source must yield keys where the app is built (the cluster), not on whoever runs config check."""
+    if config.router.api_keys is None:
+        return
+    from raystack.serving.auth import APIKeyError, APIKeys
+
+    try:
+        APIKeys.load(config.router.api_keys.env, config.router.api_keys.file)
+    except APIKeyError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _check_source(model: Model, where: str) -> list[str]:
     try:
         src = sources.parse_source(model.source)
@@ -161,6 +173,7 @@ def build_app(args: dict[str, Any]) -> Application:
     cache_dir = cache_dir_of(config)
     resolve_parallelism(config, cache_dir)
     check_deployable(config, cache_dir)
+    check_api_keys(config)
     for model in config.models:  # embedded models prepare offline in seconds: do it here, visibly
         if model.loads_model and sources.parse_source(model.source).kind == "embedded":
             sources.resolve(model.source, cache_dir, progress=print)

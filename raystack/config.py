@@ -239,6 +239,19 @@ class Model(_Strict):
         return self
 
 
+class APIKeySource(_Strict):
+    """Where the router reads its API keys: one of an environment variable or a file (raystack.serving.auth)."""
+
+    env: str | None = Field(None, min_length=1, description="environment variable holding the keys")
+    file: str | None = Field(None, min_length=1, description="file holding the keys, on every router node")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> APIKeySource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of env: VARIABLE or file: PATH")
+        return self
+
+
 class RouterConfig(_Strict):
     cpus: float = Field(
         0.1, ge=0, description="CPUs Ray reserves per router replica; small so it always schedules"
@@ -254,6 +267,9 @@ class RouterConfig(_Strict):
     )
     retries: int = Field(
         2, ge=0, description="times a request is resent to another replica when one fails before the first token"
+    )
+    api_keys: APIKeySource | None = Field(
+        None, description="require `Authorization: Bearer KEY` on /v1/*; keys from an env var or a file"
     )
 
 

@@ -41,6 +41,7 @@ from raystack.serving.protocol import (
     sse_event,
 )
 from raystack.serving import routing
+from raystack.serving.auth import APIKeys
 from raystack.serving.routing import BackendLoad, choose_backend, prefix_blocks, prompt_text
 from raystack.serving.server import Opening
 
@@ -114,6 +115,8 @@ class Router:
             for model in self.config.models
         }
         self.in_flight: Counter[tuple[str, str]] = Counter()  # (model, backend) -> requests not yet done
+        keys = self.settings.api_keys
+        self.api_keys = APIKeys.load(keys.env, keys.file) if keys else None
         self.created = int(time.time())
 
     def resolve(self, requested: str) -> tuple[Model, str | None]:
@@ -181,8 +184,13 @@ class Router:
                 response.cancel()
         return False
 
+    def authenticate(self, request: Request) -> str | None:
+        """The digest of the request's API key (None when keys are off); 401 without a valid one."""
+        return self.api_keys.check(request.headers.get("authorization")) if self.api_keys else None
+
     @app.get("/v1/models")
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        key = self.authenticate(request)
         return {
             "object": "list",
             "data": [
@@ -195,6 +203,7 @@ class Router:
                     "backends": [b.name for b in model.backends],
                 }
                 for model in self.models.values()
+                if key is None or self.api_keys.may_use(key, model.name)
             ],
         }
 
@@ -207,9 +216,12 @@ class Router:
         return await self.forward("completion", request)
 
     async def forward(self, kind: str, request: Request):
+        key = self.authenticate(request)  # before anything else: no hints to a caller without a key
         body = parse_request(kind, await request.body())
         requested = body["model"]
         model, pinned = self.resolve(requested)
+        if key is not None:
+            self.api_keys.require(key, model.name)
         body["model"] = model.name
         route = ()
         if model.routing.policy == "prefix_affinity":

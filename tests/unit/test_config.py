@@ -158,3 +158,10 @@ def test_a_model_may_mix_a_synthetic_backend_with_a_real_one():
     args["models"][0]["backends"].append({"name": "synthetic", "engine": "synthetic"})
     model = parse_config(args).models[0]
     assert model.loads_model and [b.replica_cpus for b in model.backends] == [1, 0.1]
+
+
+def test_api_keys_are_off_locally_and_on_in_every_cluster_config():
+    assert parse_config(local_args()).router.api_keys is None
+    for name in ("qwen3.yaml", "qwen3-14b.yaml", "deepseek-r1-distill-qwen-7b.yaml",
+                 "deepseek-r1-distill-qwen-14b.yaml", "deepseek-r1-distill-qwen-32b.yaml"):
+        assert parse_config(shipped_args(name)).router.api_keys.env == "RAYSTACK_API_KEYS", name

@@ -1,0 +1,53 @@
+"""API keys on the real serving path: a raystack app with router.api_keys from a file, driven with the
+openai client. Missing or wrong key -> 401, a model the key may not use -> 403, /health stays open."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import deployed, synthetic
+
+MODELS = [{"name": "open", "backends": [synthetic("s")]}, {"name": "private", "backends": [synthetic("s")]}]
+ASK = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def url(server, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text("# team keys\nsk-admin\nsk-team: open\n")
+    with deployed(server, "keys", MODELS, router={"api_keys": {"file": str(keys)}}) as url:
+        yield url
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
+
+
+def test_a_valid_key_is_served_and_sees_only_its_models(url):
+    assert client(url, "sk-admin").chat.completions.create(model="private", messages=ASK, max_tokens=2).choices
+    assert client(url, "sk-team").chat.completions.create(model="open", messages=ASK, max_tokens=2).choices
+    assert [m.id for m in client(url, "sk-team").models.list()] == ["open"]
+    assert [m.id for m in client(url, "sk-admin").models.list()] == ["open", "private"]
+
+
+def test_missing_or_wrong_key_is_401_in_openai_shape(url):
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(url, "sk-guess").chat.completions.create(model="open", messages=ASK)
+    assert err.value.response.json()["error"]["code"] == "invalid_api_key"
+    assert "sk-guess" not in err.value.response.text  # keys are never echoed
+    bare = httpx.post(f"{url}/chat/completions", json={"model": "open", "messages": ASK})
+    assert bare.status_code == 401 and bare.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in bare.json()["error"]["message"]
+    # Authentication comes first: a caller without a key learns nothing from a malformed body either.
+    assert httpx.post(f"{url}/chat/completions", content=b"{not json").status_code == 401
+
+
+def test_a_model_the_key_may_not_use_is_403(url):
+    with pytest.raises(openai.PermissionDeniedError, match="may not use the model `private`"):
+        client(url, "sk-team").chat.completions.create(model="private", messages=ASK)
+
+
+def test_health_needs_no_key(url):
+    assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
