@@ -182,10 +182,10 @@ def main() -> None:
     from raystack.serving import fast_path
 
     os.environ.setdefault("RAY_worker_niceness", "0")
+    for key in fast_path.SERVE_FAST_PATH_ENV:  # whatever the calling shell exported: this run decides
+        os.environ.pop(key, None)
     if args.serve_defaults:  # build_app sets the fast path in its replicas' runtime_env: empty it
         fast_path.SERVE_FAST_PATH_ENV.clear()
-    for key in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_LOG_TO_STDERR"):
-        os.environ.pop(key, None)
     os.environ.update(fast_path.SERVE_FAST_PATH_ENV)  # the proxy's settings, as `raystack start` exports them
     # Serve reads its settings when imported: only now.
     import ray

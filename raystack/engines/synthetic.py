@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from raystack.config import Backend, SyntheticSettings
 from raystack.engines.base import EngineResult, JSONResult, RequestKind
-from raystack.serving.protocol import SSE_DONE, error_body, message_text, sse_event
+from raystack.serving.protocol import SSE_DONE, completion_prompts, error_body, message_text, sse_event
 
 VOCABULARY = (
     "the quick brown fox jumps over a lazy dog while seven bright stars drift across "
@@ -56,11 +56,10 @@ def prompt_text(kind: RequestKind, body: dict[str, Any]) -> tuple[str, int]:
     if kind == "chat":
         text = " ".join(message_text(m.get("content")) for m in body.get("messages") or [])
         return text, len(text.split())
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) > 1:
-            raise RequestError("engine: synthetic answers one prompt per request; send them separately.", "prompt")
-        prompt = prompt[0]
+    prompts = completion_prompts(body.get("prompt", ""))
+    if len(prompts) > 1:
+        raise RequestError("engine: synthetic answers one prompt per request; send them separately.", "prompt")
+    prompt = prompts[0]
     if isinstance(prompt, list):  # token ids: each id is one token
         return " ".join(map(str, prompt)), len(prompt)
     return prompt, len(prompt.split())
@@ -123,7 +122,7 @@ class Pace:
 class SyntheticEngine:
     def __init__(self, model_name: str, model_path: Path | None, backend: Backend):
         self.model_name = model_name
-        self.settings = backend.synthetic or SyntheticSettings()
+        self.settings = backend.synthetic  # the Backend validator fills it for engine: synthetic
         self.max_model_len = backend.max_model_len
         self.running = 0
         self.completed = 0

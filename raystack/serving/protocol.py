@@ -110,6 +110,13 @@ def message_text(content: Any) -> str:
     return content or ""
 
 
+def completion_prompts(prompt: Any) -> list[Any]:
+    """A completion request's prompts: `prompt` is one prompt (a string or token ids) or a list of them."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return prompt
+    return [prompt]
+
+
 def sse_event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 

@@ -287,7 +287,7 @@ class Router:
                 raise self._timed_out(model, backend, streaming)
             try:
                 opening = first.result()
-            except (BackPressureError, OpenAIError):
+            except BackPressureError:  # the backend's queue is full: forward() tries another backend
                 raise
             except DeploymentUnavailableError as err:
                 raise OpenAIError(503, f"`{model}@{backend}` is unavailable: {err}. See `serve status`.") from None

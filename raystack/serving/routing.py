@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from raystack.serving.protocol import message_text
+from raystack.serving.protocol import completion_prompts, message_text
 
 # Prefixes are matched in blocks of this many characters (about 16 tokens): coarse enough to keep the
 # table small, fine enough that a shared system prompt is a match.
@@ -31,9 +31,7 @@ def prompt_text(kind: str, body: dict[str, Any]) -> str:
     """The prompt as one string in message order, so a shared conversation start is a shared prefix."""
     if kind == "chat":
         return "".join(f"\x1e{m.get('role')}\x1f{message_text(m.get('content'))}" for m in body.get("messages") or [])
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-        prompt = prompt[0]  # a batch of token-id prompts: route by the first
+    prompt = completion_prompts(body.get("prompt", ""))[0]  # a batch: route by its first prompt
     if isinstance(prompt, list):
         return " ".join(map(str, prompt))
     return prompt
