@@ -212,6 +212,13 @@ class Model(_Strict):
     routing: Routing = Routing()
 
     @property
+    def context_limit(self) -> int | None:
+        """The longest context any backend allows, when every backend sets max_model_len (else unknown here:
+        the engines know their model's)."""
+        lengths = [b.max_model_len for b in self.backends]
+        return None if None in lengths else max(lengths)
+
+    @property
     def loads_model(self) -> bool:
         """Whether any backend reads the model's files (all-synthetic models have none)."""
         return any(b.loads_model for b in self.backends)
@@ -267,6 +274,9 @@ class RouterConfig(_Strict):
     )
     retries: int = Field(
         2, ge=0, description="times a request is resent to another replica when one fails before the first token"
+    )
+    max_request_bytes: int = Field(
+        8 << 20, ge=1024, description="largest request body accepted; a larger one gets 413 before it is read"
     )
     api_keys: APIKeySource | None = Field(
         None, description="require `Authorization: Bearer KEY` on /v1/*; keys from an env var or a file"

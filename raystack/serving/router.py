@@ -89,6 +89,38 @@ def _retrieve(task: asyncio.Future) -> None:
         task.exception()
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed `limit` bytes: from Content-Length
+    before reading, or while reading a body sent without one (chunked)."""
+    too_large = OpenAIError(
+        413, f"The request body exceeds {limit} bytes (router.max_request_bytes). Send a shorter prompt, "
+        f"or raise the limit in the deploy config.", code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
+
+
+def check_length_bounds(model: Model, body: dict[str, Any]) -> None:
+    """A completion length no backend of `model` has room for is a 400 here, before any engine sees it."""
+    limit = model.context_limit
+    for param in ("max_completion_tokens", "max_tokens"):
+        requested = body.get(param)
+        if limit is not None and requested is not None and requested >= limit:
+            raise OpenAIError(
+                400, f"This model's maximum context length is {limit} tokens, which the prompt shares; "
+                f"{param} {requested} leaves it no room. Lower {param} below {limit}.",
+                param=param, code="context_length_exceeded",
+            )
+
+
 def _last_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[-1][:300] if text else "no detail"
@@ -217,11 +249,12 @@ class Router:
 
     async def forward(self, kind: str, request: Request):
         key = self.authenticate(request)  # before anything else: no hints to a caller without a key
-        body = parse_request(kind, await request.body())
+        body = parse_request(kind, await read_body(request, self.settings.max_request_bytes))
         requested = body["model"]
         model, pinned = self.resolve(requested)
         if key is not None:
             self.api_keys.require(key, model.name)
+        check_length_bounds(model, body)
         body["model"] = model.name
         route = ()
         if model.routing.policy == "prefix_affinity":

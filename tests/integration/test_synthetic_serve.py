@@ -93,6 +93,24 @@ def test_backend_pin_and_unknown_names_are_404(client):
     assert "gpt-9" in message and MODEL in message
 
 
-def test_beyond_the_context_is_400_naming_the_limit(client):
-    with pytest.raises(openai.BadRequestError, match="maximum context length is 4096 tokens"):
+def test_beyond_the_context_is_400_naming_the_numbers(client):
+    # max_tokens alone too long: the router answers, no engine is asked.
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 4096 tokens") as err:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5000)
+    assert err.value.body["param"] == "max_tokens" and "5000" in err.value.body["message"]
+    # Prompt plus max_tokens too long: the engine, which counts the prompt, answers.
+    long_prompt = [{"role": "user", "content": "word " * 4000}]
+    with pytest.raises(openai.BadRequestError, match=r"requested 4100 tokens \(4000 in the messages, 100"):
+        client.chat.completions.create(model=MODEL, messages=long_prompt, max_tokens=100)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_size_limit_is_413_before_it_is_read(base_url, chunked):
+    limit = 8 << 20  # router.max_request_bytes' default
+    body = b'{"model": "synthetic", "messages": [{"role": "user", "content": "' + b"x" * limit + b'"}]}'
+    content = iter([body[i:i + 65536] for i in range(0, len(body), 65536)]) if chunked else body
+    response = httpx.post(f"{base_url}/v1/chat/completions", content=content,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and "router.max_request_bytes" in error["message"]

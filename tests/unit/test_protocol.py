@@ -30,6 +30,14 @@ def body(**changes):
         (body(max_tokens=0), "max_tokens"),
         (body(stop=[1, 2]), "stop"),
         (body(stream="yes please"), "stream"),
+        (body(max_tokens="5"), "max_tokens"),  # strict: a string never reaches an engine as a length
+        (body(max_tokens=2**40), "max_tokens"),
+        (body(n=1.5), "n"),
+        (body(presence_penalty=3), "presence_penalty"),
+        (body(messages=[{"role": "user", "content": [{"text": "no type"}]}]), "messages.0.content"),
+        (body(temperature=True), "temperature"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', None),
+        (b"[" * 100_000, None),  # deeper than the JSON reader recurses
     ],
 )
 def test_malformed_chat_requests_are_400_with_the_param(raw, param):
@@ -44,6 +52,16 @@ def test_malformed_chat_requests_are_400_with_the_param(raw, param):
 def test_engine_specific_fields_pass_through_untouched():
     parsed = parse_request("chat", body(ignore_eos=True, top_k=5, stream_options={"include_usage": True}))
     assert parsed["ignore_eos"] is True and parsed["top_k"] == 5
+
+
+def test_a_field_of_several_shapes_is_named_with_the_shapes_it_takes():
+    with pytest.raises(OpenAIError) as err:
+        parse_request("completion", json.dumps({"model": "m", "prompt": [1, -2]}).encode())
+    assert err.value.param == "prompt"
+    assert "a list of token ids (integers from 0)" in err.value.message
+    with pytest.raises(OpenAIError) as err:
+        parse_request("chat", body(stop=[1]))
+    assert err.value.message == "Invalid value for 'stop': expected a string or a list of strings."
 
 
 def test_completion_prompt_shapes():
