@@ -34,6 +34,10 @@ class Engine(Protocol):
     async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
         """Answer one OpenAI chat or completion request."""
 
+    def stats(self) -> dict[str, int]:
+        """The engine's own load now: `running` (requests it is generating for) and `waiting` (requests
+        it holds but has not scheduled); an engine may add more counts."""
+
     async def check_health(self) -> None:
         """Raise if the engine cannot serve any more (Serve then replaces the replica)."""
 

@@ -8,7 +8,7 @@ request always gets the same text. Sampling parameters (temperature, top_p, seed
 accepted and have no effect. The answer is `max_tokens` (or `max_completion_tokens`) long, finish_reason
 "length"; or, when the request sets neither, `synthetic.output_tokens` long, finish_reason "stop" (unless
 max_model_len leaves less room: then as much as fits, "length"). n must be 1; prompt + max_tokens beyond
-max_model_len is a 400.
+max_model_len (32768 unless set) is a 400.
 
 Pace: the first token `ttft_ms` after the request arrives, then one every 1/`tokens_per_s` seconds,
 each on an absolute deadline so sleeping late never accumulates into drift.
@@ -194,7 +194,7 @@ class SyntheticEngine:
             self.running -= 1
 
     def stats(self) -> dict[str, int]:
-        return {"running": self.running, "completed": self.completed, "cancelled": self.cancelled}
+        return {"running": self.running, "waiting": 0, "completed": self.completed, "cancelled": self.cancelled}
 
     async def check_health(self) -> None:
         pass

@@ -73,6 +73,26 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> di
     return args
 
 
+def scheduler_stats_recorder(latest: dict[int, tuple[int, int]]) -> type:
+    """A vLLM stat logger keeping each engine core's latest (running, waiting) request counts in `latest`.
+    vLLM reports them after every scheduler step, including the step that drops aborted requests."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerStatsRecorder(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                latest[engine_idx] = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerStatsRecorder
+
+
 class VLLMEngine:
     def __init__(self, model_name: str, model_path: Path, backend: Backend):
         self.model_name = model_name
@@ -80,6 +100,7 @@ class VLLMEngine:
         self.engine_args = build_engine_args(model_name, model_path, backend)
         self.client = None
         self.state = None
+        self.scheduler_counts: dict[int, tuple[int, int]] = {}  # engine core -> (running, waiting)
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -110,6 +131,7 @@ class VLLMEngine:
             usage_context=usage,
             enable_log_requests=engine_args.enable_log_requests,
             disable_log_stats=engine_args.disable_log_stats,
+            stat_loggers=[scheduler_stats_recorder(self.scheduler_counts)],
         )
         self.state = State()
         await init_app_state(self.client, self.state, args, await self.client.get_supported_tasks())
@@ -140,6 +162,10 @@ class VLLMEngine:
         if hasattr(result, "model_dump"):
             return JSONResult(200, result.model_dump())
         return result
+
+    def stats(self) -> dict[str, int]:
+        counts = list(self.scheduler_counts.values())
+        return {"running": sum(c[0] for c in counts), "waiting": sum(c[1] for c in counts)}
 
     async def check_health(self) -> None:
         await self.client.check_health()

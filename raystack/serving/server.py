@@ -100,6 +100,10 @@ class LLMServer:
         """Answers once this replica has loaded its engine (the router's /health asks)."""
         return True
 
+    async def stats(self) -> dict[str, int]:
+        """This replica's engine load (Engine.stats): requests running and waiting in the engine."""
+        return self.engine.stats()
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 

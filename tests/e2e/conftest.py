@@ -3,6 +3,7 @@ the vLLM CPU engine, the embedded SmolLM2), on a free port. Tests drive it with 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -87,3 +88,46 @@ def tokenizer():
     from raystack.models.sources import locate
 
     return AutoTokenizer.from_pretrained(locate("smollm2-135m-instruct"))
+
+
+def gcs_address(stack) -> str:
+    """The address of the Ray cluster `serve run` started: Ray names its session directory after the
+    process that started it and records the GCS port there."""
+    import ray._private.services
+    from ray._common.utils import get_default_ray_temp_dir
+
+    sessions = Path(get_default_ray_temp_dir()).glob(f"session_*_{stack['proc'].pid}")
+    session = max(sessions, key=lambda p: p.stat().st_mtime)
+    port = next(session.glob("gcs_server_port_*")).read_text().strip()
+    return f"{ray._private.services.get_node_ip_address()}:{port}"
+
+
+class EngineWatch:
+    """The load of one deployment's engine in the stack, read through a subprocess (tests/e2e/engine_stats.py)."""
+
+    def __init__(self, stack, deployment: str):
+        # serve run's local cluster requires Ray's token (~/.ray/auth_token), which a driver given an
+        # address sends only in token mode.
+        env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.engine_stats", "--address", gcs_address(stack),
+             "--app", "raystack", "--deployment", deployment],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            pytest.fail("could not connect to the stack's Ray cluster to read the engine's stats")
+
+    def running(self, count: int, timeout_s: float = 60) -> dict:
+        """The engine's stats once it runs `count` requests, or when timeout_s has passed."""
+        self.proc.stdin.write(f"{count} {timeout_s}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,8 +1,12 @@
 """The OpenAI API of the embedded default, driven with the official openai client."""
 
+import contextlib
+
 import httpx
 import openai
 import pytest
+
+from tests.e2e.conftest import EngineWatch
 
 MODEL = "smollm2"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -91,9 +95,16 @@ def test_malformed_body_is_400(stack, content):
     assert_openai_error(response.json(), 400)
 
 
-def test_engine_side_validation_is_400(client):
-    with pytest.raises(openai.BadRequestError, match="max_model_len=2048"):
+def test_max_tokens_beyond_the_context_is_400_at_the_router(client):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 2048 tokens") as err:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5000)
+    assert err.value.body["param"] == "max_tokens"
+
+
+def test_engine_side_validation_is_400(client):
+    # vLLM's own parameters pass the router unchecked; vLLM's refusal still reaches the client as a 400.
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"top_k": -5})
 
 
 def test_prompt_longer_than_the_context_is_400_naming_the_limit(client):
@@ -104,3 +115,28 @@ def test_prompt_longer_than_the_context_is_400_naming_the_limit(client):
     assert "maximum context length is 2048 tokens" in error["message"]
     # and the stack still serves afterwards
     assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation_in_vllm(stack):
+    """vLLM's scheduler counts the requests it runs; clients that leave must drop out of it."""
+    from raystack.config import deployment_name
+
+    streams = 3
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    engine = EngineWatch(stack, deployment_name(MODEL, "vllm"))
+    try:
+        assert engine.running(0)["running"] == 0  # nothing left over from earlier tests
+        with contextlib.ExitStack() as open_streams:
+            for _ in range(streams):
+                client = open_streams.enter_context(httpx.Client(timeout=300))
+                response = open_streams.enter_context(
+                    client.stream("POST", f"{stack['base_url']}/v1/chat/completions", json=body))
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                open_streams.callback(lines.close)  # kept open until the clients leave together
+                assert next(line for line in lines if line.startswith("data: {"))
+            assert engine.running(streams)["running"] == streams
+        # The three clients have closed their connections, each far from its 2,000 tokens.
+        assert engine.running(0, timeout_s=5)["running"] == 0
+    finally:
+        engine.close()
