@@ -86,6 +86,8 @@ class Resources(_Strict):
 
 # A synthetic replica only sleeps between tokens: a tenth of a core lets several share a small machine.
 SYNTHETIC_REPLICA_CPUS = 0.1
+# A synthetic "model" has a context like a real one, so no request can ask it for billions of words.
+SYNTHETIC_DEFAULT_CONTEXT = 32768
 
 
 class SyntheticSettings(_Strict):
@@ -112,7 +114,9 @@ class Backend(_Strict):
     placement: Literal["pack", "strict_pack", "spread"] = Field(
         "pack", description="how a replica's NPU bundles spread over nodes (Ray placement strategy)"
     )
-    max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
+    max_model_len: int | None = Field(
+        None, ge=16, description=f"context length; default: the model's ({SYNTHETIC_DEFAULT_CONTEXT} for engine: synthetic)"
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="passed to the engine as-is (vLLM: AsyncEngineArgs fields)"
     )
@@ -166,6 +170,8 @@ class Backend(_Strict):
             raise ValueError("engine: synthetic runs no model and needs no NPU; use device: cpu")
         if self.synthetic is None:
             self.synthetic = SyntheticSettings()
+        if self.max_model_len is None:
+            self.max_model_len = SYNTHETIC_DEFAULT_CONTEXT
         return self
 
     @model_validator(mode="after")

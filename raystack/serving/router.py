@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -68,11 +69,27 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code)
 
 
+# Bodies are parsed by hand (one pass, pass-through of engine-specific keys) but still documented in the
+# OpenAPI schema: each body's schema is given to its route, the models it refers to go to the components.
+SCHEMA_REF = "#/components/schemas/{model}"
+BODY_COMPONENTS: dict[str, Any] = {}
+
+
 def _body_schema(kind: str) -> dict[str, Any]:
-    # Bodies are parsed by hand (one pass, pass-through of engine-specific keys) but still documented
-    # in the OpenAPI schema.
-    schema = REQUEST_MODELS[kind].model_json_schema(ref_template="#/components/schemas/{model}")
+    schema = REQUEST_MODELS[kind].model_json_schema(ref_template=SCHEMA_REF)
+    BODY_COMPONENTS.update(schema.pop("$defs", {}))
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_COMPONENTS)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 async def _result(response: Any) -> Any:
