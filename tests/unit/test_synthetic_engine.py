@@ -207,8 +207,8 @@ def test_running_counts_requests_in_flight():
         return during, eng.stats()
 
     during, after = run(scenario())
-    assert during == {"running": 4, "completed": 0, "cancelled": 0}
-    assert after == {"running": 0, "completed": 4, "cancelled": 0}
+    assert during == {"running": 4, "waiting": 0, "completed": 0, "cancelled": 0}
+    assert after == {"running": 0, "waiting": 0, "completed": 4, "cancelled": 0}
 
 
 def test_a_consumer_that_stops_iterating_ends_the_request_as_cancelled():
@@ -220,7 +220,7 @@ def test_a_consumer_that_stops_iterating_ends_the_request_as_cancelled():
         await stream.aclose()
         return eng.stats()
 
-    assert run(scenario()) == {"running": 0, "completed": 0, "cancelled": 1}
+    assert run(scenario()) == {"running": 0, "waiting": 0, "completed": 0, "cancelled": 1}
 
 
 def test_a_cancelled_task_stops_at_once_streaming_or_not():
@@ -242,7 +242,7 @@ def test_a_cancelled_task_stops_at_once_streaming_or_not():
         return eng.stats()
 
     for stream in (True, False):
-        assert run(scenario(stream)) == {"running": 0, "completed": 0, "cancelled": 1}
+        assert run(scenario(stream)) == {"running": 0, "waiting": 0, "completed": 0, "cancelled": 1}
 
 
 def test_leaving_the_llmserver_stream_early_cancels_the_engine_request():
@@ -255,4 +255,4 @@ def test_leaving_the_llmserver_stream_early_cancels_the_engine_request():
         await asyncio.sleep(0.01)  # the pump task handles its cancellation
         return eng.stats()
 
-    assert run(scenario()) == {"running": 0, "completed": 0, "cancelled": 1}
+    assert run(scenario()) == {"running": 0, "waiting": 0, "completed": 0, "cancelled": 1}
