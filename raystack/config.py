@@ -284,6 +284,9 @@ class RouterConfig(_Strict):
     max_request_bytes: int = Field(
         8 << 20, ge=1024, description="largest request body accepted; a larger one gets 413 before it is read"
     )
+    body_timeout_s: float = Field(
+        60, gt=0, description="longest a request body may take to arrive; a stalled one gets 408"
+    )
     api_keys: APIKeySource | None = Field(
         None, description="require `Authorization: Bearer KEY` on /v1/*; keys from an env var or a file"
     )

@@ -106,9 +106,10 @@ def _retrieve(task: asyncio.Future) -> None:
         task.exception()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, or a 413 as soon as it is known to exceed `limit` bytes: from Content-Length
-    before reading, or while reading a body sent without one (chunked)."""
+    before reading, or while reading a body sent without one (chunked). A body still incomplete after
+    `timeout_s` is a 408: a client that stalls must not hold a router slot forever."""
     too_large = OpenAIError(
         413, f"The request body exceeds {limit} bytes (router.max_request_bytes). Send a shorter prompt, "
         f"or raise the limit in the deploy config.", code="request_too_large",
@@ -117,11 +118,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise too_large
-        parts.append(part)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise too_large
+                parts.append(part)
+    except TimeoutError:
+        raise OpenAIError(408, f"The request body did not arrive within {timeout_s:g} s "
+                               f"(router.body_timeout_s; {size} bytes came). Send the whole body at once.",
+                          code="request_timeout") from None
     return b"".join(parts)
 
 
@@ -266,7 +273,8 @@ class Router:
 
     async def forward(self, kind: str, request: Request):
         key = self.authenticate(request)  # before anything else: no hints to a caller without a key
-        body = parse_request(kind, await read_body(request, self.settings.max_request_bytes))
+        raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
+        body = parse_request(kind, raw)
         requested = body["model"]
         model, pinned = self.resolve(requested)
         if key is not None:

@@ -1,9 +1,12 @@
-"""A client that leaves mid-stream stops its generation in the engine: the router cancels the stream,
-the replica closes the engine's generator, and the engine's own running count drops (Engine.stats)."""
+"""Clients that misbehave cost nothing lasting. One that leaves mid-stream stops its generation in the
+engine: the router cancels the stream, the replica closes the engine's generator, and the engine's own
+running count drops (Engine.stats). One that stalls while sending its body gets a 408."""
 
 from __future__ import annotations
 
+import socket
 import time
+from urllib.parse import urlsplit
 
 import httpx
 from ray import serve
@@ -51,3 +54,17 @@ def test_streams_left_mid_way_are_aborted_in_the_engine(server):
         stats = wait_for("disconnect", lambda s: s["running"] == 0)
         assert stats["running"] == 0, f"the engine still generates for clients that left: {stats}"
         assert (stats["cancelled"], stats["completed"]) == (STREAMS, 0)
+
+
+def test_a_body_that_stops_arriving_is_408_after_body_timeout_s(server):
+    models = [{"name": "slow", "backends": [synthetic("synthetic")]}]
+    with deployed(server, "stall", models, router={"body_timeout_s": 1}) as url:
+        where = urlsplit(url)
+        with socket.create_connection((where.hostname, where.port), timeout=15) as conn:
+            # Promises 100 bytes, sends 10, then waits: as a stalled or malicious client would.
+            conn.sendall(f"POST {where.path}/chat/completions HTTP/1.1\r\nHost: {where.hostname}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\": ".encode())
+            started = time.monotonic()
+            reply = conn.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert "router.body_timeout_s" in reply and time.monotonic() - started < 10
