@@ -6,6 +6,7 @@
     raystack config check FILE...        validate Serve deploy configs (schema, engine args, models)
     raystack models list                 embedded models and what the cache holds
     raystack models prepare SOURCE...    prepare an embedded model or download a hub model into the cache
+    raystack bench --target M[@B]...     load-test an OpenAI endpoint: TTFT, TPOT, ITL, tokens/s per target
 """
 
 from __future__ import annotations
@@ -128,6 +129,60 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,6, not {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("concurrency levels must be 1 or more")
+    return levels
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from raystack.bench import datasets
+    from raystack.bench.report import markdown
+    from raystack.bench.run import BenchSettings, run_bench
+
+    try:
+        if args.dataset == "random":
+            tokenizer = None
+            if args.tokenizer:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            prompts = datasets.random_prompts(args.num_prompts, args.input_len, args.output_len,
+                                              args.range_ratio, args.seed, tokenizer)
+        elif args.dataset == "fixed":
+            prompts = datasets.fixed_prompts(args.num_prompts, args.prompt or datasets.CHICKEN_AND_RABBIT,
+                                             args.output_len)
+        else:
+            if not args.dataset_path:
+                raise datasets.DatasetError("--dataset jsonl needs --dataset-path FILE")
+            prompts = datasets.jsonl_prompts(args.dataset_path, args.num_prompts, args.output_len, args.seed)
+    except datasets.DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = BenchSettings(
+        base_url=args.base_url, targets=args.target, concurrency=args.concurrency,
+        request_rate=args.request_rate, rounds=args.rounds, warmup=args.warmup, api=args.api,
+        ignore_eos=args.ignore_eos, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        timeout_s=args.timeout, seed=args.seed,
+    )
+    out_dir = Path(args.out_dir or f"bench_results/{time.strftime('%Y%m%d-%H%M%S')}")
+    rows = run_bench(settings, prompts, out_dir, progress=not args.no_progress)
+    print(markdown(rows))
+    print(f"\nwritten: {out_dir}/results.md, results.csv, results.json, results.png")
+    failed = sum(row["failed"] for row in rows)
+    if failed:
+        errors = sorted({e for row in rows for e in row["errors"]})
+        print(f"{failed} requests failed, e.g.: " + "; ".join(errors[:3]), file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +231,32 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("sources", nargs="+")
     prepare.add_argument("--cache-dir", help="default: $RAYSTACK_CACHE_DIR or ~/.cache/raystack")
     prepare.set_defaults(func=_models_prepare)
+
+    bench = sub.add_parser("bench", help="load-test an OpenAI endpoint: several targets, interleaved")
+    bench.add_argument("--base-url", default="http://127.0.0.1:8000", help="the endpoint, without /v1")
+    bench.add_argument("--target", action="append", required=True,
+                       help="a model as the endpoint names it; model@backend pins a raystack backend; repeat")
+    bench.add_argument("--concurrency", type=_levels, default=[1], help="levels, e.g. 1,6 (default 1)")
+    bench.add_argument("--request-rate", type=float, default=float("inf"),
+                       help="requests/s, Poisson arrivals, at most --concurrency in flight (default inf: all at once)")
+    bench.add_argument("--num-prompts", type=int, default=16, help="requests per target, level and round")
+    bench.add_argument("--rounds", type=int, default=1, help="interleaved rounds per level (alternating order)")
+    bench.add_argument("--warmup", type=int, default=1, help="uncounted requests per target and level")
+    bench.add_argument("--dataset", choices=["random", "fixed", "jsonl"], default="random")
+    bench.add_argument("--input-len", type=int, default=128, help="random: prompt length (words, or tokens with --tokenizer)")
+    bench.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
+    bench.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths vary by this fraction")
+    bench.add_argument("--tokenizer", help="random: the model's tokenizer (path) so lengths count its tokens")
+    bench.add_argument("--prompt", help="fixed: the prompt (default: the chicken-and-rabbit puzzle)")
+    bench.add_argument("--dataset-path", help='jsonl: lines of {"prompt": ...} or {"messages": [...]}')
+    bench.add_argument("--api", choices=["chat", "completions"], default="chat")
+    bench.add_argument("--ignore-eos", action="store_true", help="every answer runs to max_tokens (vLLM, MindIE)")
+    bench.add_argument("--api-key", help="default: $OPENAI_API_KEY")
+    bench.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out-dir", help="default: bench_results/<time>")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_bench)
     return parser
 
 

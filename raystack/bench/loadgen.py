@@ -1,0 +1,153 @@
+"""The load generator of `raystack bench`: streams OpenAI requests and times every token.
+
+Our own, on httpx, rather than a wrapped `vllm bench serve`: it must run where vLLM is not installed (a
+laptop in front of a MindIE cluster), send to several targets in one interleaved run, and read both
+chat and completion streams, reasoning text included. Its definitions follow `vllm bench serve` so
+the figures compare (the README shows both on one endpoint):
+
+- TTFT: request sent -> first chunk carrying text.
+- ITL: the gaps between successive chunks carrying text.
+- TPOT: (latency - TTFT) / (output tokens - 1), the first token excluded.
+- Output tokens: the server's usage (stream_options.include_usage), else the text chunks counted.
+- Per-request output tokens/s: output tokens / latency (the per-request figure GPUStack's comparison shows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import httpx
+
+from raystack.bench.datasets import Prompt
+
+API = Literal["chat", "completions"]
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    latency: float = 0.0  # seconds from send to the last byte
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    input_tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.output_tokens < 2:
+            return None
+        return (self.latency - self.ttft) / (self.output_tokens - 1)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.output_tokens / self.latency if self.ok and self.latency > 0 else None
+
+
+def request_body(api: API, model: str, prompt: Prompt, ignore_eos: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
+    if api == "chat":
+        body["messages"] = prompt.messages
+    else:
+        body["prompt"] = prompt.text
+    if prompt.max_tokens is not None:
+        body["max_tokens"] = prompt.max_tokens
+    if ignore_eos:
+        body["ignore_eos"] = True  # vLLM's and MindIE's extension: every answer runs to max_tokens
+    return body
+
+
+def _chunk_text(api: API, choice: dict[str, Any]) -> str:
+    if api == "completions":
+        return choice.get("text") or ""
+    delta = choice.get("delta") or {}
+    # Reasoning models (Qwen3, DeepSeek-R1) stream their thinking apart from the answer: both are tokens.
+    return (delta.get("content") or "") + (delta.get("reasoning_content") or delta.get("reasoning") or "")
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], api: API,
+               headers: dict[str, str]) -> RequestResult:
+    start = time.perf_counter()
+    last = start
+    result = RequestResult(ok=False)
+    chunks = 0
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                result.error = f"HTTP {response.status_code}: {text[:300]}"
+                result.latency = time.perf_counter() - start
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"[:300]
+                    break
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"].get("completion_tokens") or 0
+                    result.input_tokens = chunk["usage"].get("prompt_tokens")
+                if any(_chunk_text(api, c) for c in chunk.get("choices") or []):
+                    now = time.perf_counter()
+                    if result.ttft is None:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    chunks += 1
+    except (httpx.HTTPError, ValueError) as err:
+        result.error = f"{type(err).__name__}: {err}"[:300]
+    result.latency = time.perf_counter() - start
+    if not result.output_tokens:
+        result.output_tokens = chunks
+    result.ok = result.error is None and result.ttft is not None
+    if result.ok is False and result.error is None:
+        result.error = "the answer carried no text"
+    return result
+
+
+@dataclass(frozen=True)
+class Load:
+    """How requests are offered: at most `concurrency` in flight; arrivals at `request_rate` per second
+    (Poisson) or all at once (inf)."""
+
+    concurrency: int
+    request_rate: float = float("inf")
+    seed: int = 0
+
+
+async def run_load(base_url: str, model: str, prompts: list[Prompt], load: Load, api: API = "chat",
+                   ignore_eos: bool = False, api_key: str | None = None, timeout_s: float = 600,
+                   on_done: Callable[[RequestResult], None] | None = None) -> tuple[list[RequestResult], float]:
+    """Send every prompt under `load`; return the results (in prompt order) and the wall time taken."""
+    url = base_url.rstrip("/") + ("/v1/chat/completions" if api == "chat" else "/v1/completions")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=load.concurrency, max_keepalive_connections=load.concurrency)
+    gate = asyncio.Semaphore(load.concurrency)
+    rng = random.Random(load.seed)
+
+    async def one(client: httpx.AsyncClient, prompt: Prompt) -> RequestResult:
+        async with gate:
+            result = await send(client, url, request_body(api, model, prompt, ignore_eos), api, headers)
+        if on_done is not None:
+            on_done(result)
+        return result
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one(client, prompt)))
+            if load.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(load.request_rate))
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - start
