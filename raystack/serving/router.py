@@ -12,7 +12,8 @@ Failures: a replica that fails before the first token -> the request goes to ano
 `router.retries` times); after the first token -> the stream ends with an OpenAI-style error event.
 Every replica busy and the backend's queue full -> 429 with Retry-After. No first token within
 `first_token_timeout_s` -> 503 (no replica came up) or 504; past `request_timeout_s` -> the stream ends
-with an error event. Nothing waits unbounded.
+with an error event. A body over `max_request_bytes` -> 413; one that stalls past `body_timeout_s` -> 408.
+Nothing waits unbounded.
 """
 
 from __future__ import annotations
