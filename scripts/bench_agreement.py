@@ -24,14 +24,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_vs_vllm import MODEL, start, stop  # noqa: E402  (the same stack start-up as that benchmark)
 
 
-def vllm_bench(base: str, tokenizer: Path, args, concurrency: int, run_dir: Path) -> dict:
+def vllm_bench(base: str, tokenizer: Path, args, concurrency: int, seed: int, run_dir: Path) -> dict:
     out = run_dir / "vllm-bench-serve.json"
     subprocess.run(
         [str(BIN / "python"), str(ROOT / "scripts/vllm_bench_serve.py"), "--backend", "openai-chat",
          "--base-url", base, "--endpoint", "/v1/chat/completions", "--model", MODEL, "--tokenizer", str(tokenizer),
          "--dataset-name", "random", "--random-input-len", str(args.input_len),
          "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
-         "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
+         "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", str(seed),
          "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name],
         check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
     )
@@ -39,12 +39,12 @@ def vllm_bench(base: str, tokenizer: Path, args, concurrency: int, run_dir: Path
     return {"output_throughput": result["output_throughput"], "median_ttft_ms": result["median_ttft_ms"]}
 
 
-def raystack_bench(base: str, tokenizer: Path, args, concurrency: int, run_dir: Path) -> dict:
+def raystack_bench(base: str, tokenizer: Path, args, concurrency: int, seed: int, run_dir: Path) -> dict:
     subprocess.run(
         [str(BIN / "raystack"), "bench", "--base-url", base, "--target", MODEL, "--tokenizer", str(tokenizer),
          "--dataset", "random", "--input-len", str(args.input_len), "--output-len", str(args.output_len),
          "--num-prompts", str(args.num_prompts), "--concurrency", str(concurrency), "--ignore-eos",
-         "--seed", "0", "--warmup", "1", "--out-dir", str(run_dir), "--no-progress"],
+         "--seed", str(seed), "--warmup", "1", "--out-dir", str(run_dir), "--no-progress"],
         check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
     )
     [row] = json.loads((run_dir / "results.json").read_text())["results"]
@@ -78,7 +78,8 @@ def main() -> None:
             for name in order:
                 run_dir = outdir / f"{name.split()[0]}-r{rnd}"
                 run_dir.mkdir()
-                result = tools[name](base, model_path, args, args.concurrency, run_dir)
+                # A new seed each round: prompts the engine's prefix cache has not seen, for both tools alike.
+                result = tools[name](base, model_path, args, args.concurrency, rnd, run_dir)
                 runs[name].append(result)
                 print(f"round {rnd + 1}: {name}: {result['output_throughput']:.2f} tok/s, "
                       f"median TTFT {result['median_ttft_ms']:.0f} ms", flush=True)

@@ -1,9 +1,11 @@
 """The load generator of `raystack bench`: streams OpenAI requests and times every token.
 
-Our own, on httpx, rather than a wrapped `vllm bench serve`: it must run where vLLM is not installed (a
-laptop in front of a MindIE cluster), send to several targets in one interleaved run, and read both
-chat and completion streams, reasoning text included. Its definitions follow `vllm bench serve` so
-the figures compare (the README shows both on one endpoint):
+Our own rather than a wrapped `vllm bench serve`: it must run where vLLM is not installed (a laptop in
+front of a MindIE cluster), send to several targets in one interleaved run, and read both chat and
+completion streams, reasoning text included. It uses aiohttp, as vllm bench serve does: on a small
+machine the client shares the CPU with the server, and a pure-Python HTTP client costs the server
+throughput. Its definitions follow `vllm bench serve` so the figures compare (the README shows both on
+one endpoint):
 
 - TTFT: request sent -> first chunk carrying text.
 - ITL: the gaps between successive chunks carrying text.
@@ -21,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-import httpx
+import aiohttp
 
 from raystack.bench.datasets import Prompt
 
@@ -70,20 +72,21 @@ def _chunk_text(api: API, choice: dict[str, Any]) -> str:
     return (delta.get("content") or "") + (delta.get("reasoning_content") or delta.get("reasoning") or "")
 
 
-async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], api: API,
+async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], api: API,
                headers: dict[str, str]) -> RequestResult:
     start = time.perf_counter()
     last = start
     result = RequestResult(ok=False)
     chunks = 0
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:300]}"
+        async with session.post(url, json=body, headers=headers) as response:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
+                result.error = f"HTTP {response.status}: {text[:300]}"
                 result.latency = time.perf_counter() - start
                 return result
-            async for line in response.aiter_lines():
+            async for raw in response.content:  # one SSE line at a time
+                line = raw.decode().strip()
                 if not line.startswith("data: "):
                     continue
                 data = line[6:]
@@ -104,7 +107,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], api: A
                         result.itl.append(now - last)
                     last = now
                     chunks += 1
-    except (httpx.HTTPError, ValueError) as err:
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:
         result.error = f"{type(err).__name__}: {err}"[:300]
     result.latency = time.perf_counter() - start
     if not result.output_tokens:
@@ -131,22 +134,23 @@ async def run_load(base_url: str, model: str, prompts: list[Prompt], load: Load,
     """Send every prompt under `load`; return the results (in prompt order) and the wall time taken."""
     url = base_url.rstrip("/") + ("/v1/chat/completions" if api == "chat" else "/v1/completions")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=load.concurrency, max_keepalive_connections=load.concurrency)
     gate = asyncio.Semaphore(load.concurrency)
     rng = random.Random(load.seed)
 
-    async def one(client: httpx.AsyncClient, prompt: Prompt) -> RequestResult:
+    async def one(session: aiohttp.ClientSession, prompt: Prompt) -> RequestResult:
         async with gate:
-            result = await send(client, url, request_body(api, model, prompt, ignore_eos), api, headers)
+            result = await send(session, url, request_body(api, model, prompt, ignore_eos), api, headers)
         if on_done is not None:
             on_done(result)
         return result
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=load.concurrency)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
         tasks = []
         for prompt in prompts:
-            tasks.append(asyncio.create_task(one(client, prompt)))
+            tasks.append(asyncio.create_task(one(session, prompt)))
             if load.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(load.request_rate))
         results = await asyncio.gather(*tasks)
