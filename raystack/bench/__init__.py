@@ -1,0 +1,1 @@
+"""raystack bench: load-test OpenAI endpoints and compare backends."""
