@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol
 
 if TYPE_CHECKING:
     from raystack.config import Backend
+    from raystack.observability.metrics import ReplicaMetrics
 
 RequestKind = Literal["chat", "completion"]
 
@@ -52,7 +53,9 @@ ENGINES = {
 }
 
 
-def create_engine(model_name: str, model_path: Path | None, backend: "Backend") -> Engine:
-    """model_path is None for an engine that loads no model (Backend.loads_model)."""
+def create_engine(model_name: str, model_path: Path | None, backend: "Backend",
+                  metrics: "ReplicaMetrics | None" = None) -> Engine:
+    """model_path is None for an engine that loads no model (Backend.loads_model). The engine reports
+    its requests' latencies and token counts to `metrics`."""
     module, cls = ENGINES[backend.engine].split(":")
-    return getattr(importlib.import_module(module), cls)(model_name, model_path, backend)
+    return getattr(importlib.import_module(module), cls)(model_name, model_path, backend, metrics)

@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from raystack.config import Backend, SyntheticSettings
 from raystack.engines.base import EngineResult, JSONResult, RequestKind
+from raystack.observability.metrics import ReplicaMetrics
 from raystack.serving.protocol import SSE_DONE, completion_prompts, error_body, message_text, sse_event
 
 VOCABULARY = (
@@ -120,8 +121,10 @@ class Pace:
 
 
 class SyntheticEngine:
-    def __init__(self, model_name: str, model_path: Path | None, backend: Backend):
+    def __init__(self, model_name: str, model_path: Path | None, backend: Backend,
+                 metrics: ReplicaMetrics | None = None):
         self.model_name = model_name
+        self.metrics = metrics
         self.settings = backend.synthetic  # the Backend validator fills it for engine: synthetic
         self.max_model_len = backend.max_model_len
         self.running = 0
@@ -142,6 +145,7 @@ class SyntheticEngine:
             return self._stream(kind, answer, pace, include_usage)
         with self._in_flight():
             await pace.until(len(answer.words) - 1)  # the whole answer, as if it had been streamed
+        self._record(answer, pace)
         return JSONResult(200, self._response(kind, answer))
 
     async def _stream(
@@ -162,6 +166,7 @@ class SyntheticEngine:
                     choice = {"index": 0, "text": text}
                 choice |= {"logprobs": None, "finish_reason": answer.finish_reason if i == last else None}
                 yield sse_event({**header, "choices": [choice]})
+        self._record(answer, pace)
         if include_usage:  # OpenAI's shape: a last chunk with no choices, only usage
             yield sse_event({**header, "choices": [], "usage": answer.usage()})
         yield SSE_DONE
@@ -177,6 +182,17 @@ class SyntheticEngine:
         choice |= {"logprobs": None, "finish_reason": answer.finish_reason}
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": response_object, "created": int(time.time()),
                 "model": self.model_name, "choices": [choice], "usage": answer.usage()}
+
+    def _record(self, answer: Answer, pace: Pace) -> None:
+        """The finished request's figures, from its schedule (what a client sees, less the network)."""
+        if self.metrics is None:
+            return
+        tokens = len(answer.words)
+        self.metrics.first_tokens([pace.ttft])
+        self.metrics.token_gaps([pace.interval] * (tokens - 1))
+        latency = pace.loop.time() - pace.start
+        self.metrics.request_finished(latency, answer.prompt_tokens, tokens,
+                                      tpot=(latency - pace.ttft) / (tokens - 1) if tokens > 1 else None)
 
     @contextlib.contextmanager
     def _in_flight(self) -> Iterator[None]:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from raystack.config import Backend
 from raystack.engines.base import EngineResult, JSONResult, RequestKind
 from raystack.engines.cpu_cores import move_off_engine_cores
+from raystack.observability.metrics import ReplicaMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,13 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> di
     return args
 
 
-def scheduler_stats_recorder(latest: dict[int, tuple[int, int]]) -> type:
-    """A vLLM stat logger keeping each engine core's latest (running, waiting) request counts in `latest`.
-    vLLM reports them after every scheduler step, including the step that drops aborted requests."""
+def stats_bridge(latest: dict[int, tuple[int, int]], metrics: ReplicaMetrics | None) -> type:
+    """A vLLM stat logger: keeps each engine core's latest (running, waiting) request counts in `latest`
+    (vLLM reports them after every scheduler step, including the step that drops aborted requests), and
+    re-exports vLLM's per-request figures (TTFT, inter-token latency, latency, tokens) to `metrics`."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class SchedulerStatsRecorder(StatLoggerBase):
+    class StatsBridge(StatLoggerBase):
         def __init__(self, vllm_config: Any, engine_index: int = 0):
             pass
 
@@ -86,16 +88,24 @@ def scheduler_stats_recorder(latest: dict[int, tuple[int, int]]) -> type:
                    engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
                 latest[engine_idx] = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+            if iteration_stats is None or metrics is None:
+                return
+            metrics.first_tokens(iteration_stats.time_to_first_tokens_iter)
+            metrics.token_gaps(iteration_stats.inter_token_latencies_iter)
+            for done in iteration_stats.finished_requests:
+                metrics.request_finished(done.e2e_latency, done.num_prompt_tokens, done.num_generation_tokens,
+                                         tpot=done.mean_time_per_output_token or None)
 
         def log_engine_initialized(self) -> None:
             pass
 
-    return SchedulerStatsRecorder
+    return StatsBridge
 
 
 class VLLMEngine:
-    def __init__(self, model_name: str, model_path: Path, backend: Backend):
+    def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None):
         self.model_name = model_name
+        self.metrics = metrics
         self.on_cpu = backend.device == "cpu"
         self.engine_args = build_engine_args(model_name, model_path, backend)
         self.client = None
@@ -131,7 +141,7 @@ class VLLMEngine:
             usage_context=usage,
             enable_log_requests=engine_args.enable_log_requests,
             disable_log_stats=engine_args.disable_log_stats,
-            stat_loggers=[scheduler_stats_recorder(self.scheduler_counts)],
+            stat_loggers=[stats_bridge(self.scheduler_counts, self.metrics)],
         )
         self.state = State()
         await init_app_state(self.client, self.state, args, await self.client.get_supported_tasks())

@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raystack.config import Model, RaystackConfig, deployment_name
+from raystack.observability.metrics import RouterMetrics
 from raystack.serving.priority import restore_normal_priority
 from raystack.serving.protocol import (
     REQUEST_MODELS,
@@ -174,6 +175,7 @@ class Router:
         self.in_flight: Counter[tuple[str, str]] = Counter()  # (model, backend) -> requests not yet done
         keys = self.settings.api_keys
         self.api_keys = APIKeys.load(keys.env, keys.file) if keys else None
+        self.metrics = RouterMetrics()
         self.created = int(time.time())
 
     def resolve(self, requested: str) -> tuple[Model, str | None]:
@@ -273,11 +275,19 @@ class Router:
         return await self.forward("completion", request)
 
     async def forward(self, kind: str, request: Request):
+        try:
+            return await self._forward(kind, request)
+        except OpenAIError as err:
+            self.metrics.error(getattr(request.state, "model", "-"), err.body()["error"]["type"], err.status)
+            raise
+
+    async def _forward(self, kind: str, request: Request):
         key = self.authenticate(request)  # before anything else: no hints to a caller without a key
         raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
         body = parse_request(kind, raw)
         requested = body["model"]
         model, pinned = self.resolve(requested)
+        request.state.model = model.name  # the errors metric's label from here on
         if key is not None:
             self.api_keys.require(key, model.name)
         check_length_bounds(model, body)
@@ -402,12 +412,14 @@ class Router:
                 yield chunk
         # After the first token the status line is gone: the stream ends with an error event.
         except TimeoutError:
+            self.metrics.error(key[0], "server_error", 504)
             yield sse_event(error_body(504, f"`{served}` did not finish within router.request_timeout_s "
                                             f"({self.settings.request_timeout_s:g} s); the answer is incomplete."))
             yield SSE_DONE
         except Exception as err:
             upstream_done = True
             logger.warning("stream from %s broke: %r", served, err)
+            self.metrics.error(key[0], "server_error", 502)
             yield sse_event(error_body(502, f"The replica of `{served}` failed mid-stream ({type(err).__name__}); "
                                             f"the answer is incomplete. Retry the request."))
             yield SSE_DONE

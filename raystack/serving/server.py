@@ -13,6 +13,7 @@ from ray import serve
 from raystack.config import Backend
 from raystack.engines.base import JSONResult, RequestKind, create_engine
 from raystack.models import sources
+from raystack.observability.metrics import ReplicaMetrics
 from raystack.serving.priority import restore_normal_priority
 
 logger = logging.getLogger("ray.serve")
@@ -79,7 +80,8 @@ class LLMServer:
         model_path = None
         if self.backend.loads_model:
             model_path = await asyncio.to_thread(sources.resolve, source, Path(cache_dir), logger.info)
-        self.engine = create_engine(model_name, model_path, self.backend)
+        self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
+        self.engine = create_engine(model_name, model_path, self.backend, self.metrics)
         await self.engine.start()
         logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine,
                     model_path or "no model files")
@@ -106,6 +108,8 @@ class LLMServer:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+        load = self.engine.stats()  # Serve calls this every health_check_period_s: the gauges follow
+        self.metrics.load(load["running"], load["waiting"])
 
     async def __del__(self) -> None:
         engine = getattr(self, "engine", None)  # absent when __init__ failed

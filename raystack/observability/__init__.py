@@ -1,0 +1,1 @@
+"""Metrics exported through Ray."""

@@ -1,0 +1,94 @@
+"""raystack's metrics, exported through ray.util.metrics: Ray's metrics agent serves them to Prometheus
+(prefixed `ray_`) and the Ray dashboard's metrics view shows them.
+
+Per model, backend and replica (engines report them; vLLM's come from its own engine stats):
+    raystack_time_to_first_token_seconds      histogram
+    raystack_time_per_output_token_seconds    histogram, per request, the first token excluded
+    raystack_inter_token_latency_seconds      histogram
+    raystack_e2e_request_latency_seconds      histogram
+    raystack_prompt_tokens_total, raystack_generation_tokens_total      counters
+    raystack_requests_running, raystack_requests_waiting                gauges (the engine's own counts)
+Per model and error type, at the router:
+    raystack_request_errors_total             counter (type: OpenAI's error type, status: HTTP status)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+REPLICA_TAGS = ("model", "backend", "replica")
+# Seconds: from a cached prefill on a small model to a long queue on a large one.
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 320, 640]
+TOKEN_BUCKETS = [0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                 0.75, 1, 2.5, 5]
+E2E_BUCKETS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400, 3600]
+
+
+class ReplicaMetrics:
+    """The metrics of one engine replica; created inside the replica (Ray records them per worker)."""
+
+    def __init__(self, model: str, backend: str, replica: str):
+        from ray.util import metrics
+
+        tags = {"model": model, "backend": backend, "replica": replica}
+
+        def histogram(name: str, description: str, buckets: list[float]) -> metrics.Histogram:
+            h = metrics.Histogram(name, description=description, boundaries=buckets, tag_keys=REPLICA_TAGS)
+            h.set_default_tags(tags)
+            return h
+
+        def counter(name: str, description: str) -> metrics.Counter:
+            c = metrics.Counter(name, description=description, tag_keys=REPLICA_TAGS)
+            c.set_default_tags(tags)
+            return c
+
+        def gauge(name: str, description: str) -> metrics.Gauge:
+            g = metrics.Gauge(name, description=description, tag_keys=REPLICA_TAGS)
+            g.set_default_tags(tags)
+            return g
+
+        self.ttft = histogram("raystack_time_to_first_token_seconds", "Time to the first token.", TTFT_BUCKETS)
+        self.tpot = histogram("raystack_time_per_output_token_seconds",
+                              "Per request: (latency - TTFT) / (output tokens - 1).", TOKEN_BUCKETS)
+        self.itl = histogram("raystack_inter_token_latency_seconds", "Time between two tokens.", TOKEN_BUCKETS)
+        self.e2e = histogram("raystack_e2e_request_latency_seconds", "Request latency, end to end.", E2E_BUCKETS)
+        self.prompt_tokens = counter("raystack_prompt_tokens_total", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("raystack_generation_tokens_total", "Tokens generated.")
+        self.running = gauge("raystack_requests_running", "Requests the engine is generating for.")
+        self.waiting = gauge("raystack_requests_waiting", "Requests the engine holds but has not scheduled.")
+
+    def first_tokens(self, ttfts: Iterable[float]) -> None:
+        for value in ttfts:
+            self.ttft.observe(value)
+
+    def token_gaps(self, gaps: Iterable[float]) -> None:
+        for value in gaps:
+            self.itl.observe(value)
+
+    def request_finished(self, latency: float, prompt_tokens: int, output_tokens: int,
+                         tpot: float | None = None) -> None:
+        """One finished request; `tpot` as (latency - TTFT) / (output tokens - 1), when it has 2 tokens or more."""
+        self.e2e.observe(latency)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+        if output_tokens:
+            self.generation_tokens.inc(output_tokens)
+        if tpot is not None and output_tokens > 1:
+            self.tpot.observe(tpot)
+
+    def load(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+
+class RouterMetrics:
+    """Errors the router answered, by model, OpenAI error type and HTTP status."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.errors = metrics.Counter("raystack_request_errors_total", description="Requests answered with an error.",
+                                      tag_keys=("model", "type", "status"))
+
+    def error(self, model: str, error_type: str, status: int) -> None:
+        self.errors.inc(1, tags={"model": model or "-", "type": error_type, "status": str(status)})
