@@ -90,16 +90,20 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(locate("smollm2-135m-instruct"))
 
 
-def gcs_address(stack) -> str:
-    """The address of the Ray cluster `serve run` started: Ray names its session directory after the
-    process that started it and records the GCS port there."""
-    import ray._private.services
+def session_port(stack, kind: str) -> int:
+    """A port of the Ray cluster `serve run` started (kind: gcs_server, metrics_export, ...): Ray names
+    its session directory after the process that started it and records its ports there."""
     from ray._common.utils import get_default_ray_temp_dir
 
     sessions = Path(get_default_ray_temp_dir()).glob(f"session_*_{stack['proc'].pid}")
     session = max(sessions, key=lambda p: p.stat().st_mtime)
-    port = next(session.glob("gcs_server_port_*")).read_text().strip()
-    return f"{ray._private.services.get_node_ip_address()}:{port}"
+    return int(next(session.glob(f"{kind}_port_*")).read_text().strip())
+
+
+def gcs_address(stack) -> str:
+    import ray._private.services
+
+    return f"{ray._private.services.get_node_ip_address()}:{session_port(stack, 'gcs_server')}"
 
 
 class EngineWatch:

@@ -1,6 +1,7 @@
 """The OpenAI API of the embedded default, driven with the official openai client."""
 
 import contextlib
+import time
 
 import httpx
 import openai
@@ -140,3 +141,24 @@ def test_a_client_leaving_mid_stream_stops_its_generation_in_vllm(stack):
         assert engine.running(0, timeout_s=5)["running"] == 0
     finally:
         engine.close()
+
+
+def test_vllms_own_figures_reach_prometheus_through_ray(stack, client):
+    """The bridge from vLLM's engine stats: one more request, then the node's Prometheus endpoint."""
+    from tests.e2e.conftest import session_port
+    from tests.integration.test_metrics_serve import parse_prometheus, total
+
+    port = session_port(stack, "metrics_export")
+    labels = {"model": MODEL, "backend": "vllm"}
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, extra_body={"ignore_eos": True})
+    deadline = time.monotonic() + 90
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        samples = parse_prometheus(text)
+        if total(samples, "ray_raystack_e2e_request_latency_seconds_count", **labels) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert total(samples, "ray_raystack_e2e_request_latency_seconds_count", **labels) > 0
+    assert total(samples, "ray_raystack_time_to_first_token_seconds_count", **labels) > 0
+    assert total(samples, "ray_raystack_generation_tokens_total", **labels) >= 8
+    assert total(samples, "ray_raystack_prompt_tokens_total", **labels) > 0

@@ -19,7 +19,10 @@ LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 def scrape() -> list[tuple[str, dict[str, str], float]]:
     """Every sample the node's Prometheus endpoint serves now."""
     port = ray.nodes()[0]["MetricsExportPort"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return parse_prometheus(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+
+
+def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     samples = []
     for line in text.splitlines():
         match = LINE.match(line)
