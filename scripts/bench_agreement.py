@@ -16,12 +16,10 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_vs_vllm import MODEL, start, stop  # noqa: E402  (the same stack start-up as that benchmark)
+from bench_vs_vllm import MODEL, embedded_default, start, stop  # noqa: E402  (that benchmark's stack start-up)
 
 
 def vllm_bench(base: str, tokenizer: Path, args, concurrency: int, seed: int, run_dir: Path) -> dict:
@@ -61,11 +59,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
     args = parser.parse_args()
 
-    from raystack.models.sources import resolve
-
-    model_path = resolve("smollm2-135m-instruct", progress=print)
-    local = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
-    backend = local["applications"][0]["args"]["models"][0]["backends"][0]
+    model_path, backend = embedded_default()
     outdir = Path(args.out) / datetime.now().strftime("agreement-%Y%m%d-%H%M%S")
     outdir.mkdir(parents=True)
     tools = {"vllm bench serve": vllm_bench, "raystack bench": raystack_bench}

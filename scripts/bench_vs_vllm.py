@@ -103,6 +103,15 @@ def bench(base: str, model_path: Path, concurrency: int, prompts: int, out: Path
     return json.loads(out.read_text())
 
 
+def embedded_default() -> tuple[Path, dict]:
+    """The embedded model's checkpoint and local.yaml's backend: what both servers are started with."""
+    from raystack.models.sources import resolve
+
+    model_path = resolve("smollm2-135m-instruct", progress=print)
+    local = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
+    return model_path, local["applications"][0]["args"]["models"][0]["backends"][0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -114,11 +123,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
     args = parser.parse_args()
 
-    from raystack.models.sources import resolve
-
-    model_path = resolve("smollm2-135m-instruct", progress=print)
-    local = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
-    backend = local["applications"][0]["args"]["models"][0]["backends"][0]
+    model_path, backend = embedded_default()
     levels = [int(c) for c in args.concurrency.split(",")]
     outdir = Path(args.out) / datetime.now().strftime("vs-vllm-%Y%m%d-%H%M%S")
     outdir.mkdir(parents=True)
