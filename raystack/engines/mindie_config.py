@@ -1,0 +1,120 @@
+"""MindIE Service's config.json for one replica.
+
+Starts from the config.json the MindIE installation ships (`$MIES_INSTALL_PATH/conf/config.json`), so
+every key of that release keeps its default; sets the keys raystack owns; then merges the deploy
+config's `overrides` last (objects merge key by key, anything else is replaced).
+
+Keys raystack owns:
+- ServerConfig: one loopback IP and one port for the inference, management and metrics planes (only the
+  replica, on the same host, talks to the daemon), `httpsEnabled: false` and every TLS switch off;
+- BackendConfig: `npuDeviceIds` (the NPUs Ray assigned to this replica on this node),
+  `multiNodesInferEnabled`, ModelDeployConfig `maxSeqLen` / `maxInputTokenLen`, and the first
+  ModelConfig's `modelName`, `modelWeightPath`, `worldSize`;
+- ScheduleConfig: `maxBatchSize`, `maxPrefillTokens`, `cacheBlockSize`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_MODE = 0o640  # MindIE refuses a config.json others may write or read
+
+
+class MindIEConfigError(ValueError):
+    """A default config.json that does not have the shape MindIE documents; says what is missing."""
+
+
+@dataclass(frozen=True)
+class MindIEPlan:
+    """What one replica runs: its model, its NPUs on this node, its loopback port, and the limits."""
+
+    model_name: str
+    weight_path: str
+    npu_ids: list[int]
+    port: int
+    max_seq_len: int
+    max_input_token_len: int
+    max_batch_size: int
+    max_prefill_tokens: int
+    cache_block_size: int = 128
+    world_size: int | None = None  # NPUs of the whole replica; default: this node's
+    multi_node: bool = False
+    ip: str = "127.0.0.1"
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied: nested objects merge key by key; any other value replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _section(config: dict[str, Any], *path: str) -> dict[str, Any]:
+    node: Any = config
+    for i, key in enumerate(path):
+        node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise MindIEConfigError(
+                f"the default config.json has no {'.'.join(path[:i + 1])} object; point MIES_INSTALL_PATH at a "
+                f"MindIE Service installation whose conf/config.json is intact"
+            )
+    return node
+
+
+def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = copy.deepcopy(default)
+    server = _section(config, "ServerConfig")
+    server.update({
+        "ipAddress": plan.ip, "managementIpAddress": plan.ip,
+        "port": plan.port, "managementPort": plan.port, "metricsPort": plan.port,
+        "allowAllZeroIpListening": False, "httpsEnabled": False, "interCommTLSEnabled": False,
+        "openAiSupport": "vllm",
+    })
+    backend = _section(config, "BackendConfig")
+    backend.update({
+        "npuDeviceIds": [list(plan.npu_ids)],
+        "multiNodesInferEnabled": plan.multi_node,
+        "interNodeTLSEnabled": False,
+    })
+    deploy = _section(config, "BackendConfig", "ModelDeployConfig")
+    deploy.update({"maxSeqLen": plan.max_seq_len, "maxInputTokenLen": plan.max_input_token_len})
+    models = deploy.get("ModelConfig")
+    if not isinstance(models, list) or not models or not isinstance(models[0], dict):
+        raise MindIEConfigError("the default config.json has no BackendConfig.ModelDeployConfig.ModelConfig list")
+    models[0].update({
+        "modelName": plan.model_name,
+        "modelWeightPath": plan.weight_path,
+        "worldSize": plan.world_size or len(plan.npu_ids),
+    })
+    del models[1:]  # one model per replica
+    schedule = _section(config, "BackendConfig", "ScheduleConfig")
+    schedule.update({
+        "maxBatchSize": plan.max_batch_size,
+        "maxPrefillTokens": plan.max_prefill_tokens,
+        "cacheBlockSize": plan.cache_block_size,
+    })
+    return deep_merge(config, overrides or {})
+
+
+def write_config(config: dict[str, Any], path: Path) -> None:
+    """Write atomically with mode 640, so MindIE never reads a half-written or too-open file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent=4)
+        os.chmod(tmp, CONFIG_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
