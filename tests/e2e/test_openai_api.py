@@ -7,7 +7,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import EngineWatch
+from tests.e2e.conftest import EngineWatch, session_port
+from tests.prometheus import parse_prometheus, total
 
 MODEL = "smollm2"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -145,8 +146,6 @@ def test_a_client_leaving_mid_stream_stops_its_generation_in_vllm(stack):
 
 def test_vllms_own_figures_reach_prometheus_through_ray(stack, client):
     """The bridge from vLLM's engine stats: one more request, then the node's Prometheus endpoint."""
-    from tests.e2e.conftest import session_port
-    from tests.integration.test_metrics_serve import parse_prometheus, total
 
     port = session_port(stack, "metrics_export")
     labels = {"model": MODEL, "backend": "vllm"}

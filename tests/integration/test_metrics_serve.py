@@ -3,7 +3,6 @@ replica, and agree with the requests that were sent (synthetic engine: known tok
 
 from __future__ import annotations
 
-import re
 import time
 import urllib.request
 
@@ -11,28 +10,13 @@ import openai
 import ray
 
 from tests.integration.conftest import deployed, synthetic
-
-LINE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$')
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+from tests.prometheus import parse_prometheus, total
 
 
 def scrape() -> list[tuple[str, dict[str, str], float]]:
     """Every sample the node's Prometheus endpoint serves now."""
     port = ray.nodes()[0]["MetricsExportPort"]
     return parse_prometheus(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
-
-
-def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
-    samples = []
-    for line in text.splitlines():
-        match = LINE.match(line)
-        if match and not line.startswith("#"):
-            samples.append((match["name"], dict(LABEL.findall(match["labels"] or "")), float(match["value"])))
-    return samples
-
-
-def total(samples, name: str, **labels: str) -> float:
-    return sum(v for n, l, v in samples if n == name and all(l.get(k) == want for k, want in labels.items()))
 
 
 def test_request_metrics_are_exported_per_model_backend_and_replica(server):
