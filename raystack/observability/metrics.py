@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from raystack.serving.protocol import error_type
+
 REPLICA_TAGS = ("model", "backend", "replica")
 # Seconds: from a cached prefill on a small model to a long queue on a large one.
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 320, 640]
@@ -90,5 +92,5 @@ class RouterMetrics:
         self.errors = metrics.Counter("raystack_request_errors_total", description="Requests answered with an error.",
                                       tag_keys=("model", "type", "status"))
 
-    def error(self, model: str, error_type: str, status: int) -> None:
-        self.errors.inc(1, tags={"model": model or "-", "type": error_type, "status": str(status)})
+    def error(self, model: str, status: int) -> None:
+        self.errors.inc(1, tags={"model": model or "-", "type": error_type(status), "status": str(status)})

@@ -104,9 +104,14 @@ class OpenAIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    return OpenAIError.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
-    err_type = OpenAIError.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": err_type, "param": param, "code": code if code is not None else status}}
+    return {"error": {"message": message, "type": error_type(status), "param": param,
+                      "code": code if code is not None else status}}
 
 
 def _refuse_constant(name: str) -> Any:

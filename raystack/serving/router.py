@@ -108,24 +108,27 @@ def _retrieve(task: asyncio.Future) -> None:
         task.exception()
 
 
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        413, f"The request body exceeds {limit} bytes (router.max_request_bytes). Send a shorter prompt, "
+        f"or raise the limit in the deploy config.", code="request_too_large",
+    )
+
+
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, or a 413 as soon as it is known to exceed `limit` bytes: from Content-Length
     before reading, or while reading a body sent without one (chunked). A body still incomplete after
     `timeout_s` is a 408: a client that stalls must not hold a router slot forever."""
-    too_large = OpenAIError(
-        413, f"The request body exceeds {limit} bytes (router.max_request_bytes). Send a shorter prompt, "
-        f"or raise the limit in the deploy config.", code="request_too_large",
-    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise _too_large(limit)
     parts, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
             async for part in request.stream():
                 size += len(part)
                 if size > limit:
-                    raise too_large
+                    raise _too_large(limit)
                 parts.append(part)
     except TimeoutError:
         raise OpenAIError(408, f"The request body did not arrive within {timeout_s:g} s "
@@ -278,7 +281,7 @@ class Router:
         try:
             return await self._forward(kind, request)
         except OpenAIError as err:
-            self.metrics.error(getattr(request.state, "model", "-"), err.body()["error"]["type"], err.status)
+            self.metrics.error(getattr(request.state, "model", "-"), err.status)
             raise
 
     async def _forward(self, kind: str, request: Request):
@@ -412,14 +415,14 @@ class Router:
                 yield chunk
         # After the first token the status line is gone: the stream ends with an error event.
         except TimeoutError:
-            self.metrics.error(key[0], "server_error", 504)
+            self.metrics.error(key[0], 504)
             yield sse_event(error_body(504, f"`{served}` did not finish within router.request_timeout_s "
                                             f"({self.settings.request_timeout_s:g} s); the answer is incomplete."))
             yield SSE_DONE
         except Exception as err:
             upstream_done = True
             logger.warning("stream from %s broke: %r", served, err)
-            self.metrics.error(key[0], "server_error", 502)
+            self.metrics.error(key[0], 502)
             yield sse_event(error_body(502, f"The replica of `{served}` failed mid-stream ({type(err).__name__}); "
                                             f"the answer is incomplete. Retry the request."))
             yield SSE_DONE
