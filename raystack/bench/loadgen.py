@@ -77,7 +77,6 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], a
     start = time.perf_counter()
     last = start
     result = RequestResult(ok=False)
-    chunks = 0
     try:
         async with session.post(url, json=body, headers=headers) as response:
             if response.status != 200:
@@ -106,15 +105,14 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], a
                     else:
                         result.itl.append(now - last)
                     last = now
-                    chunks += 1
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:
         result.error = f"{type(err).__name__}: {err}"[:300]
     result.latency = time.perf_counter() - start
-    if not result.output_tokens:
-        result.output_tokens = chunks
-    result.ok = result.error is None and result.ttft is not None
-    if result.ok is False and result.error is None:
+    if not result.output_tokens:  # no usage from the server: count the chunks that carried text
+        result.output_tokens = len(result.itl) + (result.ttft is not None)
+    if result.ttft is None and result.error is None:
         result.error = "the answer carried no text"
+    result.ok = result.error is None
     return result
 
 
