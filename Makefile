@@ -7,10 +7,12 @@ export DO_NOT_TRACK = 1
 export RAY_USAGE_STATS_ENABLED = 0
 # Ray runs workers at nice 15; serving replicas (and Serve's proxy) are the workload, not background jobs.
 export RAY_worker_niceness = 0
-# Serve's throughput preset without direct ingress (raystack/serving/fast_path.py says why), for the Ray
-# that `serve run` starts (its proxy). Not for the tests' own process: there it would make synchronous
-# handle calls from test code fail (no event loop); their replicas get it from build_app.
-SERVE_FAST_PATH = RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=0 RAY_SERVE_LOG_TO_STDERR=1
+# Serve's throughput preset without direct ingress (raystack/serving/fast_path.py says why, and holds the
+# settings), for the Ray that `serve run` starts (its proxy). Not for the tests' own process: there it
+# would make synchronous handle calls from test code fail (no event loop); their replicas get it from
+# build_app.
+SERVE_FAST_PATH = $(VENV)/bin/python -c 'from raystack.serving.fast_path import SERVE_FAST_PATH_ENV as env; \
+	print(" ".join(f"{k}={v}" for k, v in env.items()))'
 CONFIG ?= deploy_configs/local.yaml
 
 .PHONY: setup setup-test run test test-unit check-configs clean
@@ -22,7 +24,7 @@ setup-test:
 	scripts/setup.sh --test
 
 run: setup
-	env $(SERVE_FAST_PATH) $(VENV)/bin/serve run $(CONFIG)
+	env $$($(SERVE_FAST_PATH)) $(VENV)/bin/serve run $(CONFIG)
 
 test: setup-test
 	$(VENV)/bin/python -m pytest -v tests
