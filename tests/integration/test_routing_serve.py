@@ -219,13 +219,19 @@ def test_a_backend_scales_up_under_load_and_back_down_after(server):
         assert running_replicas("scale", deployment) == 1
         peak = 0
 
-        async def load_and_watch():
+        async def load_and_watch() -> list[Outcome]:
+            # Waves of 12 streams until a new replica has served some: a loaded CI machine may take
+            # 10 s or more to start one, so a fixed-size load could end before it is up.
             nonlocal peak
-            load = asyncio.ensure_future(stream_chats(url, [("m", ask(f"q{i}")) for i in range(60)], 12))
-            while not load.done():
-                peak = max(peak, running_replicas("scale", deployment))
-                await asyncio.sleep(0.5)
-            return await load
+            outcomes: list[Outcome] = []
+            deadline = time.monotonic() + 90
+            while len({o.served_by for o in outcomes}) < 2 and time.monotonic() < deadline:
+                wave = asyncio.ensure_future(stream_chats(url, [("m", ask(f"q{i}")) for i in range(12)], 12))
+                while not wave.done():
+                    peak = max(peak, running_replicas("scale", deployment))
+                    await asyncio.sleep(0.5)
+                outcomes += await wave
+            return outcomes
 
         outcomes = asyncio.run(load_and_watch())
         assert all(o.error is None for o in outcomes)
