@@ -31,6 +31,7 @@ from raystack.serving.router import Router
 from raystack.serving.server import LLMServer
 
 ENGINE_START_ATTEMPTS = 3
+MINDIE_NODE_CPUS = 1  # the MindIENode actor on each further node of a multi-node MindIE replica
 BACKEND_REQUEST_ROUTER = "raystack.serving.request_router:BackendRequestRouter"
 
 
@@ -157,7 +158,9 @@ def deployment_options(backend: Backend, routing: Routing = Routing()) -> dict[s
     if backend.device == "npu":
         npus = backend.parallel.world_size
         accel = {f"accelerator_type:{backend.accelerator.type}": 0.001} if backend.accelerator.type else {}
-        if npus == 1:
+        if backend.engine == "mindie":
+            options.update(mindie_placement(backend, actor, accel))
+        elif npus == 1:
             actor["resources"] = {"NPU": 1, **accel}
         else:
             # Bundle 0 holds the replica and its first NPU; the engine's workers take the rest.
@@ -166,6 +169,22 @@ def deployment_options(backend: Backend, routing: Routing = Routing()) -> dict[s
             ] + [{"NPU": 1, **accel} for _ in range(npus - 1)]
             options["placement_group_strategy"] = ray_strategy(backend)
     return options
+
+
+def mindie_placement(backend: Backend, actor: dict[str, Any], accel: dict[str, float]) -> dict[str, Any]:
+    """A MindIE replica holds all of its node's NPUs itself (its daemon is one process over them): tensor
+    NPUs per node, on `pipeline` nodes. Beyond one node, each further node is a bundle of its own where
+    a MindIENode actor runs that node's daemon; STRICT_SPREAD, since two daemons of one replica cannot
+    share a host."""
+    per_node = backend.parallel.tensor
+    actor["resources"] = {"NPU": per_node, **accel}
+    if backend.parallel.pipeline == 1:
+        return {}
+    return {
+        "placement_group_bundles": [{"CPU": backend.replica_cpus, "NPU": per_node, **accel}]
+        + [{"CPU": MINDIE_NODE_CPUS, "NPU": per_node, **accel} for _ in range(backend.parallel.pipeline - 1)],
+        "placement_group_strategy": "STRICT_SPREAD",
+    }
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -101,11 +101,42 @@ class SyntheticSettings(_Strict):
     startup_s: float = Field(0, ge=0, description="time a replica takes to start, as a model load would")
 
 
+DEFAULT_MINDIE_INSTALL_PATH = "/usr/local/Ascend/mindie/latest/mindie-service"
+
+
+class MindIESettings(_Strict):
+    """engine: mindie, MindIE Service run as a supervised mindieservice_daemon per replica (engines/mindie.py).
+    The replica writes config.json from the installation's shipped one; `overrides` are merged last."""
+
+    install_path: str | None = Field(
+        None, description=f"MindIE Service installation holding bin/mindieservice_daemon and conf/config.json "
+        f"(default: $MIES_INSTALL_PATH, else {DEFAULT_MINDIE_INSTALL_PATH})"
+    )
+    max_input_token_len: int | None = Field(
+        None, ge=1, description="longest prompt in tokens (maxInputTokenLen; default: max_model_len)"
+    )
+    max_batch_size: int = Field(200, ge=1, description="sequences decoded together (maxBatchSize)")
+    max_prefill_tokens: int | None = Field(
+        None, ge=1, description="tokens of one prefill batch (maxPrefillTokens; default: max(8192, max_input_token_len))"
+    )
+    cache_block_size: int = Field(128, ge=1, description="tokens per KV-cache block (cacheBlockSize)")
+    npu_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="share of each NPU's memory MindIE may use (NPU_MEMORY_FRACTION)"
+    )
+    startup_timeout_s: float = Field(
+        1800, gt=0, description="longest wait for the daemon to load the model and open its port"
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="merged into config.json last, e.g. {BackendConfig: {ScheduleConfig: "
+        "{maxIterTimes: 1024}}}"
+    )
+
+
 class Backend(_Strict):
     """One engine serving a model: its deployment, placement and engine arguments."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    engine: Literal["vllm", "synthetic"] = "vllm"
+    engine: Literal["vllm", "mindie", "synthetic"] = "vllm"
     device: Literal["cpu", "npu"] = "npu"
     accelerator: Accelerator = Accelerator()
     parallelism: Parallelism | Literal["auto"] = Field(
@@ -121,6 +152,7 @@ class Backend(_Strict):
         default_factory=dict, description="passed to the engine as-is (vLLM: AsyncEngineArgs fields)"
     )
     synthetic: SyntheticSettings | None = Field(None, description="pace and length of engine: synthetic")
+    mindie: MindIESettings | None = Field(None, description="MindIE Service settings of engine: mindie")
     env: dict[str, str] = Field(default_factory=dict, description="environment of the replica")
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
@@ -155,6 +187,21 @@ class Backend(_Strict):
         if self.parallelism == "auto":
             raise ValueError("parallelism: auto is resolved by build_app (raystack.app.resolve_parallelism)")
         return self.parallelism
+
+    @model_validator(mode="after")
+    def _mindie_consistency(self) -> Backend:
+        if self.engine != "mindie":
+            if self.mindie is not None:
+                raise ValueError("mindie: applies to engine: mindie only; remove it or set that engine")
+            return self
+        if self.device != "npu":
+            raise ValueError("engine: mindie runs on Ascend NPUs only; use device: npu (or engine: vllm on cpu)")
+        if self.engine_args:
+            raise ValueError("engine_args are vLLM's; engine: mindie is set up by its mindie: block "
+                             "(and mindie.overrides for any config.json key)")
+        if self.mindie is None:
+            self.mindie = MindIESettings()
+        return self
 
     @model_validator(mode="after")
     def _synthetic_consistency(self) -> Backend:

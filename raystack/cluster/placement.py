@@ -64,14 +64,17 @@ class NPUDemand:
     chip_type: str | None = None
     one_node: bool = False
     detail: str = ""  # e.g. "tensor 4 x pipeline 2"
+    per_node: float = 0  # MindIE: this many NPUs on each of npus / per_node distinct nodes
 
 
 def backend_demand(backend: Backend) -> NPUDemand:
     if backend.device != "npu":
         return NPUDemand(0)
     p = backend.parallel
-    return NPUDemand(p.world_size, backend.accelerator.type, backend.placement == "strict_pack",
-                     f"tensor {p.tensor} x pipeline {p.pipeline}")
+    detail = f"tensor {p.tensor} x pipeline {p.pipeline}"
+    if backend.engine == "mindie":  # one daemon per node over tensor NPUs (app.mindie_placement)
+        return NPUDemand(p.world_size, backend.accelerator.type, p.pipeline == 1, detail, per_node=p.tensor)
+    return NPUDemand(p.world_size, backend.accelerator.type, backend.placement == "strict_pack", detail)
 
 
 def bundles_demand(bundles: list[dict[str, float]], strategy: str = "PACK") -> NPUDemand:
@@ -88,7 +91,13 @@ def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tupl
         return None, None
     matching = [n for n in nodes if n.has_type(demand.chip_type)]
     kind = f"{demand.chip_type} " if demand.chip_type else ""
-    if demand.one_node:
+    if demand.per_node and not demand.one_node:
+        nodes = round(need / demand.per_node)
+        # Capacity of the `nodes` best nodes, counting only nodes that can hold a whole share.
+        best_total = demand.per_node * min(nodes, sum(n.npu_total >= demand.per_node for n in matching))
+        best_free = demand.per_node * min(nodes, sum(n.npu_free >= demand.per_node for n in matching))
+        where = f"as {demand.per_node:g} on each of {nodes} nodes"
+    elif demand.one_node:
         best_total = max((n.npu_total for n in matching), default=0)
         best_free = max((n.npu_free for n in matching), default=0)
         where = "on one node (strict_pack)"

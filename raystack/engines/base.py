@@ -49,6 +49,7 @@ class Engine(Protocol):
 # engine name in the deploy config -> "module:class"; imported lazily so the router never loads them.
 ENGINES = {
     "vllm": "raystack.engines.vllm:VLLMEngine",
+    "mindie": "raystack.engines.mindie:MindIEEngine",
     "synthetic": "raystack.engines.synthetic:SyntheticEngine",
 }
 

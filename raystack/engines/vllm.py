@@ -94,7 +94,7 @@ def stats_bridge(latest: dict[int, tuple[int, int]], metrics: ReplicaMetrics | N
             metrics.token_gaps(iteration_stats.inter_token_latencies_iter)
             for done in iteration_stats.finished_requests:
                 metrics.request_finished(done.e2e_latency, done.num_prompt_tokens, done.num_generation_tokens,
-                                         tpot=done.mean_time_per_output_token or None)
+                                         tpot=done.mean_time_per_output_token if done.num_generation_tokens > 1 else None)
 
         def log_engine_initialized(self) -> None:
             pass

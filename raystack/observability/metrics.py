@@ -67,16 +67,20 @@ class ReplicaMetrics:
         for value in gaps:
             self.itl.observe(value)
 
-    def request_finished(self, latency: float, prompt_tokens: int, output_tokens: int,
+    def request_finished(self, latency: float, prompt_tokens: int = 0, output_tokens: int = 0,
                          tpot: float | None = None) -> None:
-        """One finished request; `tpot` as (latency - TTFT) / (output tokens - 1), when it has 2 tokens or more."""
+        """One finished request; `tpot` is (latency - TTFT) / (output tokens - 1), given only for 2 tokens
+        or more. Token counts may come separately (`tokens`) when the engine reports them elsewhere."""
         self.e2e.observe(latency)
+        self.tokens(prompt_tokens, output_tokens)
+        if tpot is not None:
+            self.tpot.observe(tpot)
+
+    def tokens(self, prompt_tokens: int, output_tokens: int) -> None:
         if prompt_tokens:
             self.prompt_tokens.inc(prompt_tokens)
         if output_tokens:
             self.generation_tokens.inc(output_tokens)
-        if tpot is not None and output_tokens > 1:
-            self.tpot.observe(tpot)
 
     def load(self, running: int, waiting: int) -> None:
         self.running.set(running)

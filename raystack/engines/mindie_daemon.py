@@ -1,0 +1,162 @@
+"""One mindieservice_daemon on this node: its config.json, its environment, its start, readiness and stop.
+
+The replica runs one (and, when a replica spans nodes, a MindIENode actor runs one on each other node).
+Only loopback clients reach it: the replica proxies requests to it and reads its health and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from raystack.config import DEFAULT_MINDIE_INSTALL_PATH, MindIESettings
+from raystack.engines.mindie_config import MindIEPlan, render_config, write_config
+from raystack.engines.supervised import SupervisedProcess
+
+logger = logging.getLogger("ray.serve")
+
+DAEMON = "bin/mindieservice_daemon"
+PROGRESS_EVERY_S = 30  # a readiness wait of minutes says it is still alive
+
+
+class MindIEStartError(RuntimeError):
+    """The daemon could not start; the message carries its last log lines and what to do."""
+
+
+def install_path(settings: MindIESettings) -> Path:
+    return Path(settings.install_path or os.environ.get("MIES_INSTALL_PATH") or DEFAULT_MINDIE_INSTALL_PATH)
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def load_default_config(install: Path) -> dict[str, Any]:
+    daemon = install / DAEMON
+    shipped = install / "conf" / "config.json"
+    if not os.access(daemon, os.X_OK):
+        raise MindIEStartError(
+            f"{daemon} is missing or not executable: set mindie.install_path (or MIES_INSTALL_PATH) to the "
+            f"mindie-service directory of a MindIE installation on every NPU node"
+        )
+    try:
+        return json.loads(shipped.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise MindIEStartError(f"cannot read MindIE's shipped {shipped}: {err}") from None
+
+
+def daemon_env(settings: MindIESettings, install: Path, config_path: Path,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Ray narrows ASCEND_RT_VISIBLE_DEVICES to the replica's NPUs and renumbers them from 0; MindIE
+    # selects devices by their physical ids in npuDeviceIds, which the narrowed view would not contain.
+    env.pop("ASCEND_RT_VISIBLE_DEVICES", None)
+    env.update({
+        "MIES_INSTALL_PATH": str(install),
+        "MIES_CONFIG_JSON_PATH": str(config_path),
+        "MIES_SERVICE_MONITOR_MODE": "1",  # Prometheus /metrics on the metrics port
+        "NPU_MEMORY_FRACTION": f"{settings.npu_memory_fraction:g}",
+        "OMP_NUM_THREADS": "1",
+        "MINDIE_LOG_TO_STDOUT": "1",  # into the replica's log, through our pipe
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+class MindIEDaemon:
+    def __init__(self, plan: MindIEPlan, settings: MindIESettings, name: str, env: dict[str, str] | None = None):
+        self.plan = plan
+        self.settings = settings
+        self.name = name
+        self.extra_env = env or {}
+        self.install = install_path(settings)
+        self.workdir: Path | None = None
+        self.process: SupervisedProcess | None = None
+        self.url = f"http://{plan.ip}:{plan.port}"
+
+    @property
+    def config_path(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "config.json"
+
+    async def start(self, session: aiohttp.ClientSession, kill_grace_s: float) -> None:
+        default = load_default_config(self.install)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"raystack-mindie-{self.name}-"))
+        write_config(render_config(default, self.plan, self.settings.overrides), self.config_path)
+        env = daemon_env(self.settings, self.install, self.config_path, self.extra_env)
+        # cwd: MindIE writes kernel_meta/ into its working directory, which must be writable.
+        self.process = SupervisedProcess(self.name, [str(self.install / DAEMON)], env, cwd=str(self.workdir),
+                                         log=logger, kill_grace_s=kill_grace_s)
+        logger.info("starting %s on NPUs %s, port %d (config %s)", self.name, self.plan.npu_ids, self.plan.port,
+                    self.config_path)
+        await self.process.start()
+        await self.wait_ready(session)
+
+    async def wait_ready(self, session: aiohttp.ClientSession) -> None:
+        """Until /health answers 200 (MindIE opens its port only after the model has loaded)."""
+        started = time.monotonic()
+        deadline = started + self.settings.startup_timeout_s
+        next_progress = started + PROGRESS_EVERY_S
+        while True:
+            why = self.exited()
+            if why:
+                raise MindIEStartError(f"{self.name} did not start: {why}")
+            if await self.healthy(session, timeout_s=2):
+                logger.info("%s ready after %.0f s", self.name, time.monotonic() - started)
+                return
+            now = time.monotonic()
+            if now > deadline:
+                await self.process.stop()
+                raise MindIEStartError(
+                    f"{self.name} did not open port {self.plan.port} within mindie.startup_timeout_s "
+                    f"({self.settings.startup_timeout_s:g} s); raise it for a large model. Its last lines:\n"
+                    f"{self.process.tail()}")
+            if now > next_progress:
+                logger.info("%s still loading the model (%.0f s so far, timeout %g s)", self.name, now - started,
+                            self.settings.startup_timeout_s)
+                next_progress = now + PROGRESS_EVERY_S
+            await asyncio.sleep(0.5)
+
+    async def healthy(self, session: aiohttp.ClientSession, timeout_s: float) -> bool:
+        try:
+            async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    def exited(self) -> str | None:
+        """Why the daemon is gone, or None while it runs."""
+        if self.process is None or self.process.returncode is None:
+            return None
+        code = self.process.returncode
+        # MindIE SIGKILLs its own process group when it cannot start, and aborts after a SIGTERM.
+        how = f"was killed by signal {-code}" if code < 0 else f"with code {code}"
+        return f"{self.name} exited ({how}). Its last lines:\n{self.process.tail()}"
+
+    async def stop(self, session: aiohttp.ClientSession | None, drain_s: float, kill_grace_s: float) -> None:
+        """Drain (MindIE's GET /stopService refuses new requests and answers once the running ones have
+        finished), then SIGTERM to its process group, SIGKILL after the grace period."""
+        if self.process is not None and self.process.returncode is None and session is not None and drain_s > 0:
+            try:
+                async with session.get(f"{self.url}/stopService", timeout=aiohttp.ClientTimeout(total=drain_s)):
+                    pass
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # not answering, or still draining: the signals below
+        if self.process is not None:
+            await self.process.stop(kill_grace_s)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None

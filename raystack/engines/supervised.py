@@ -1,0 +1,127 @@
+"""A server process an engine starts and owns: its own process group, its output in our log, and no orphans.
+
+The child runs in a new session, so one signal reaches it and every process it spawns (MindIE's daemon
+starts a backend process per NPU). A guard process holds the read end of a pipe whose write end only
+the owner has: when the owner exits for any reason, even SIGKILL or a crash that skips every `finally`,
+the pipe closes and the guard terminates the whole group. Stopping it ourselves first makes the guard
+find nothing left to kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import Mapping
+
+TAIL_LINES = 40  # output lines kept to explain a failure
+
+# Runs as `python -c GUARD pgid grace_s`; blocks until its stdin reaches end of file.
+GUARD = r"""
+import os, signal, sys, time
+pgid, grace = int(sys.argv[1]), float(sys.argv[2])
+sys.stdin.buffer.read()
+def alive():
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+if alive():
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive():
+        os.killpg(pgid, signal.SIGKILL)
+"""
+
+
+class SupervisedProcess:
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], cwd: str | None = None,
+                 log: logging.Logger | None = None, kill_grace_s: float = 10.0):
+        self.name = name
+        self.argv = argv
+        self.env = dict(env)
+        self.cwd = cwd
+        self.log = log or logging.getLogger(__name__)
+        self.kill_grace_s = kill_grace_s
+        self.process: asyncio.subprocess.Process | None = None
+        self.guard: subprocess.Popen | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs (or before it started); its exit status after."""
+        return self.process.returncode if self.process else None
+
+    def tail(self) -> str:
+        return "\n".join(self.lines) or "(it printed nothing)"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        # The new session's id is the child's pid: the group to signal.
+        self.guard = subprocess.Popen(
+            [sys.executable, "-I", "-c", GUARD, str(self.process.pid), str(self.kill_grace_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        self._reader = asyncio.create_task(self._stream_output())
+
+    async def _stream_output(self) -> None:
+        assert self.process and self.process.stdout
+        while line := await self.process.stdout.readline():
+            text = line.decode(errors="replace").rstrip()
+            self.lines.append(text)
+            self.log.info("[%s] %s", self.name, text)
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """The exit status, or None if it still runs after `timeout` seconds."""
+        if self.process is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            return None
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM to the group, SIGKILL after `grace_s`; then whatever of the group outlived its leader."""
+        if self.process is None:
+            return
+        grace = self.kill_grace_s if grace_s is None else grace_s
+        if self.process.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            if await self.wait(grace) is None:
+                self.log.warning("%s did not exit %.0f s after SIGTERM: SIGKILL to its process group", self.name, grace)
+                self._signal_group(signal.SIGKILL)
+                await self.process.wait()
+        self._signal_group(signal.SIGKILL)  # children that outlived the leader
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(self._reader, 5)
+            except TimeoutError:  # a surviving grandchild still holds the pipe open
+                self._reader.cancel()
+        if self.guard is not None:
+            self.guard.stdin.close()  # the guard wakes, finds the group gone, exits
+            try:
+                await asyncio.to_thread(self.guard.wait, 5)
+            except subprocess.TimeoutExpired:
+                self.guard.kill()
+            self.guard = None

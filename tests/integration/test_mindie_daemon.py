@@ -1,0 +1,140 @@
+"""One mindieservice_daemon under raystack's supervision, without Ray: start, readiness, refusals, stop,
+and no orphan when the owner dies. The daemon is the stand-in (tests/mindie_standin_daemon.py), run
+from a MindIE installation layout exactly as the real one would be."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from raystack.config import MindIESettings
+from raystack.engines.mindie_config import MindIEPlan
+from raystack.engines.mindie_daemon import MindIEDaemon, MindIEStartError, free_port
+from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
+
+
+@pytest.fixture
+def mindie(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    install = install_mindie(tmp_path)
+    control = tmp_path / "control"
+    control.mkdir()
+    monkeypatch.setenv("STANDIN_CONTROL", str(control))
+    monkeypatch.setenv("STANDIN_LOAD_S", "0.5")
+    return install, control, model_weights(tmp_path)
+
+
+def plan(weights: Path, port: int) -> MindIEPlan:
+    return MindIEPlan(model_name="qwen3", weight_path=str(weights), npu_ids=[2, 3], port=port, max_seq_len=4096,
+                      max_input_token_len=4096, max_batch_size=16, max_prefill_tokens=8192)
+
+
+async def run(daemon: MindIEDaemon, then=None):
+    async with aiohttp.ClientSession() as session:
+        try:
+            await daemon.start(session, kill_grace_s=5)
+            return await then(session) if then else None
+        finally:
+            await daemon.stop(session, drain_s=5, kill_grace_s=5)
+
+
+def test_the_daemon_starts_from_the_written_config_and_stops_without_a_trace(mindie):
+    install, control, weights = mindie
+    port = free_port()
+    daemon = MindIEDaemon(plan(weights, port), MindIESettings(install_path=str(install), npu_memory_fraction=0.85),
+                          "mindieservice_daemon")
+
+    async def check(session):
+        async with session.get(f"{daemon.url}/health") as r:
+            assert r.status == 200
+        assert daemon.config_path.stat().st_mode & 0o777 == 0o640
+        return daemon.workdir
+
+    workdir = asyncio.run(run(daemon, check))
+    [seen] = starts(control)
+    assert seen["mode"] == "640" and seen["cwd"] == str(workdir)  # writable, for its kernel_meta
+    assert seen["env"]["MIES_INSTALL_PATH"] == str(install)
+    assert seen["env"]["MIES_CONFIG_JSON_PATH"] == seen["config_path"]
+    assert seen["env"]["MIES_SERVICE_MONITOR_MODE"] == "1" and seen["env"]["OMP_NUM_THREADS"] == "1"
+    assert seen["env"]["NPU_MEMORY_FRACTION"] == "0.85" and seen["env"]["MINDIE_LOG_TO_STDOUT"] == "1"
+    server = seen["config"]["ServerConfig"]
+    assert server["port"] == server["managementPort"] == server["metricsPort"] == port
+    assert server["httpsEnabled"] is False
+    # Stopped: every process it started is gone, its port is free, its config is removed.
+    pids = pids_started(control)
+    assert len(pids) == 3  # the daemon and a backend per NPU
+    assert not [p for p in pids if alive(p)]
+    assert port_free(port)
+    assert not workdir.exists()
+
+
+def test_a_config_mindie_refuses_fails_the_start_with_its_words(mindie):
+    install, control, weights = mindie
+    settings = MindIESettings(install_path=str(install), overrides={"ServerConfig": {"httpsEnabled": True}})
+    daemon = MindIEDaemon(plan(weights, free_port()), settings, "mindieservice_daemon")
+    with pytest.raises(MindIEStartError, match=r"did not start(.|\n)*killed by signal 9(.|\n)*httpsEnabled is true"):
+        asyncio.run(run(daemon))
+
+
+def test_a_missing_installation_says_where_to_point(tmp_path):
+    daemon = MindIEDaemon(plan(tmp_path, free_port()), MindIESettings(install_path=str(tmp_path / "nowhere")),
+                          "mindieservice_daemon")
+    with pytest.raises(MindIEStartError, match="set mindie.install_path"):
+        asyncio.run(run(daemon))
+
+
+def test_a_load_past_the_startup_timeout_is_stopped_and_explained(mindie, monkeypatch):
+    install, control, weights = mindie
+    monkeypatch.setenv("STANDIN_LOAD_S", "60")
+    daemon = MindIEDaemon(plan(weights, free_port()), MindIESettings(install_path=str(install), startup_timeout_s=2),
+                          "mindieservice_daemon")
+    with pytest.raises(MindIEStartError, match=r"within mindie.startup_timeout_s \(2 s\)(.|\n)*loading qwen3"):
+        asyncio.run(run(daemon))
+    assert not [p for p in pids_started(control) if alive(p)]
+
+
+OWNER = textwrap.dedent("""
+    import asyncio, sys
+    from raystack.engines.supervised import SupervisedProcess
+
+    async def main():
+        child = SupervisedProcess("sleeper", ["sh", "-c", "sleep 300 & echo $!; sleep 300"], {"PATH": "/usr/bin:/bin"})
+        await child.start()
+        print(child.pid, flush=True)
+        await asyncio.sleep(300)
+
+    asyncio.run(main())
+""")
+
+
+def test_the_group_dies_with_its_owner_even_on_sigkill(tmp_path):
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[2])
+    leader = int(owner.stdout.readline())
+    deadline = time.monotonic() + 10
+    while not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == leader][1:]:
+        assert time.monotonic() < deadline, "the child did not start its grandchild"
+        time.sleep(0.1)
+    group = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == leader]
+    assert len(group) >= 2
+    os.kill(owner.pid, signal.SIGKILL)  # no finally, no atexit: only the guard can clean up
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while [p for p in group if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in group if alive(p)], "the supervised group outlived its owner"
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

@@ -1,0 +1,166 @@
+"""engine: mindie behind the router, on a real Ray with 4 NPUs declared, with the stand-in daemon.
+
+What a user of a MindIE backend notices: OpenAI requests answered through the router, MindIE's errors
+in OpenAI's shape, a daemon that crashes mid-stream ending that stream with an error event and being
+replaced, a hung daemon replaced, and nothing left running once the app is gone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import ray
+from ray import serve
+
+from tests.e2e.conftest import free_port
+from tests.integration.conftest import deployed
+from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    ray.init(address="local", num_cpus=2, resources={"NPU": 4}, include_dashboard=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def mindie(tmp_path: Path):
+    control = tmp_path / "control"
+    control.mkdir()
+    return install_mindie(tmp_path), control, model_weights(tmp_path)
+
+
+def mindie_model(mindie, replicas: int = 1, tensor: int = 1) -> list[dict[str, Any]]:
+    install, control, weights = mindie
+    backend = {
+        "name": "mindie", "engine": "mindie", "parallelism": {"tensor": tensor, "pipeline": 1},
+        "max_model_len": 4096, "mindie": {"install_path": str(install), "startup_timeout_s": 60},
+        "env": {"STANDIN_CONTROL": str(control), "STANDIN_LOAD_S": "1", "STANDIN_TOKEN_S": "0.02"},
+        "resources": {"cpus": 0.1},
+        "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
+        "health_check_period_s": 1, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 15,
+    }
+    return [{"name": "qwen3", "source": str(weights), "backends": [backend]}]
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_openai_requests_work_through_the_router_and_each_replica_gets_its_own_npus(server, mindie):
+    with deployed(server, "mindie-basic", mindie_model(mindie, replicas=2, tensor=2)) as url:
+        c = client(url)
+        assert [m.id for m in c.models.list().data] == ["qwen3"]
+        whole = c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=5)
+        assert whole.choices[0].finish_reason == "length" and len(whole.choices[0].message.content.split()) == 5
+        assert whole.usage.completion_tokens == 5
+        streamed = c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=5, stream=True,
+                                             stream_options={"include_usage": True})
+        chunks = list(streamed)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == whole.choices[0].message.content  # deterministic, streamed or not
+        assert chunks[-1].usage.completion_tokens == 5
+        completion = c.completions.create(model="qwen3@mindie", prompt="chickens and rabbits", max_tokens=3)
+        assert len(completion.choices[0].text.split()) == 3
+        pieces = [ch.choices[0].text for ch in c.completions.create(
+            model="qwen3", prompt="chickens and rabbits", max_tokens=3, stream=True)]
+        assert "".join(pieces) == completion.choices[0].text
+
+        # MindIE's own refusal reaches the client in OpenAI's shape, with MindIE's reason.
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(model="qwen3", messages=ask("word " * 5000), max_tokens=5)
+        assert "Messages token length must be in (0, 4096]" in refused.value.message
+
+        # An engine failure mid-stream (MindIE writes it as plain text) ends that stream with MindIE's words;
+        # the daemon is fine, so nothing is replaced.
+        (mindie[1] / "stream_error").touch()
+        with pytest.raises(openai.APIError, match="Engine callback timeout"):
+            list(c.chat.completions.create(model="qwen3", messages=ask("a long answer"), max_tokens=20, stream=True))
+        assert c.chat.completions.create(model="qwen3", messages=ask("fine?"), max_tokens=2).choices[0].message.content
+
+    daemons = starts(mindie[1])
+    assert len(daemons) == 2
+    devices = [tuple(d["config"]["BackendConfig"]["npuDeviceIds"][0]) for d in daemons]
+    assert sorted(n for ids in devices for n in ids) == [0, 1, 2, 3], "each replica its own 2 of the 4 NPUs"
+    for seen in daemons:
+        config = seen["config"]
+        server_config, backend = config["ServerConfig"], config["BackendConfig"]
+        model = backend["ModelDeployConfig"]["ModelConfig"][0]
+        assert server_config["ipAddress"] == server_config["managementIpAddress"] == "127.0.0.1"
+        assert server_config["port"] == server_config["managementPort"] == server_config["metricsPort"]
+        assert server_config["httpsEnabled"] is False and server_config["interCommTLSEnabled"] is False
+        assert model["modelName"] == "qwen3" and model["modelWeightPath"] == str(mindie[2]) and model["worldSize"] == 2
+        assert backend["ModelDeployConfig"]["maxSeqLen"] == 4096
+        assert backend["ScheduleConfig"]["maxBatchSize"] == 200
+        assert seen["mode"] == "640" and seen["env"]["ASCEND_RT_VISIBLE_DEVICES"] is None
+    assert_nothing_left(mindie[1])
+
+
+def assert_nothing_left(control: Path) -> None:
+    deadline = time.monotonic() + 20
+    while [p for p in pids_started(control) if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids_started(control) if alive(p)], "a daemon or backend process outlived its replica"
+    for seen in starts(control):
+        assert port_free(seen["config"]["ServerConfig"]["port"])
+
+
+def served_soon(c: openai.OpenAI, within_s: float = 60) -> str:
+    """The first answer the model gives within `within_s` (a replacement replica may be starting)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return c.chat.completions.create(model="qwen3", messages=ask("again"), max_tokens=3).choices[0].message.content
+        except openai.APIError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_daemon_crashing_mid_stream_ends_the_stream_with_an_error_and_is_replaced(server, mindie):
+    control = mindie[1]
+    with deployed(server, "mindie-crash", mindie_model(mindie)) as url:
+        c = client(url)
+        (control / "crash_mid_stream").touch()
+        received = []
+        with pytest.raises(openai.APIError) as broke:
+            for chunk in c.chat.completions.create(model="qwen3", messages=ask("tell a story"), max_tokens=20,
+                                                   stream=True):
+                received.append(chunk.choices[0].delta.content)
+        assert 1 <= len(received) < 20, "the stream started, then ended early"
+        assert "failed mid-stream" in str(broke.value)
+        assert served_soon(c)
+        assert len(starts(control)) == 2, "a replacement daemon serves now"
+        crashed = starts(control)[0]["pid"]
+        assert not alive(crashed)
+        # The crashed daemon's backends were left to its supervisor, which took them down.
+        deadline = time.monotonic() + 20
+        first_pids = pids_started(control)[:2]  # the first daemon and its backend
+        while [p for p in first_pids if alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in first_pids if alive(p)]
+    assert_nothing_left(control)
+
+
+def test_a_hung_daemon_fails_its_health_check_and_is_replaced(server, mindie):
+    control = mindie[1]
+    with deployed(server, "mindie-hang", mindie_model(mindie)) as url:
+        c = client(url)
+        (control / "hang").touch()
+        assert served_soon(c, within_s=90)
+        assert len(starts(control)) == 2
+    assert_nothing_left(control)

@@ -1,0 +1,77 @@
+"""A MindIE Service installation for tests: the stand-in daemon (tests/mindie_standin_daemon.py) as
+bin/mindieservice_daemon, and MindIE's shipped default conf/config.json (the shared fixture), laid out
+as MIES_INSTALL_PATH is. raystack finds and runs it exactly as it would the real one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO.parent / "shared" / "fixtures" / "mindie" / "config.default.json"
+DAEMON_SCRIPT = Path(__file__).with_name("mindie_standin_daemon.py")
+
+
+def install_mindie(root: Path) -> Path:
+    """A mindie-service directory under `root`; returns it (the value of MIES_INSTALL_PATH)."""
+    assert DEFAULT_CONFIG.is_file(), f"{DEFAULT_CONFIG} is missing: the shared fixtures must be beside the repo"
+    install = root / "mindie-service"
+    (install / "bin").mkdir(parents=True)
+    (install / "conf").mkdir()
+    shutil.copy(DEFAULT_CONFIG, install / "conf" / "config.json")
+    os.chmod(install / "conf" / "config.json", 0o640)
+    daemon = install / "bin" / "mindieservice_daemon"
+    daemon.write_text(f'#!/bin/sh\nexec "{sys.executable}" -u "{DAEMON_SCRIPT}" "$@"\n')
+    daemon.chmod(daemon.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)
+    return install
+
+
+def model_weights(root: Path, max_position_embeddings: int = 4096) -> Path:
+    """A weight directory as MindIE expects one (its config.json is what the stand-in reads)."""
+    weights = root / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    (weights / "config.json").write_text(json.dumps(
+        {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+         "max_position_embeddings": max_position_embeddings, "torch_dtype": "bfloat16", "vocab_size": 151936}))
+    weights.chmod(0o750)  # MindIE refuses a weight directory others may write
+    return weights
+
+
+def pids_started(control: Path) -> list[int]:
+    """Every process a stand-in daemon recorded starting (itself and its backends)."""
+    path = control / "pids"
+    return [int(line.split()[0]) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def starts(control: Path) -> list[dict]:
+    """What each stand-in daemon saw when it started: its config.json (with its file mode), env and cwd."""
+    folder = control / "started"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    """Nobody listens on it (connections the daemon closed may linger in TIME_WAIT, as servers allow)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            return True
+        except OSError:
+            return False

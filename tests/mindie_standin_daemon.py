@@ -1,0 +1,483 @@
+"""A stand-in `mindieservice_daemon`: MindIE Service as its operator and its HTTP clients see it.
+
+It reads the config.json MindIE would read ($MIES_CONFIG_JSON_PATH, else
+$MIES_INSTALL_PATH/conf/config.json) and refuses one MindIE could not run with, printing an error and
+exiting 1. It opens its ports only after a load delay, then serves the OpenAI endpoints
+(`openAiSupport: vllm`) with deterministic output, the management endpoints (health, info,
+stopService) and, with MIES_SERVICE_MONITOR_MODE=1, Prometheus /metrics. Like MindIE it runs a backend
+process per NPU in its process group.
+
+Test switches (never MindIE's): STANDIN_LOAD_S (load delay, default 1), STANDIN_TOKEN_S (time per
+token, default 0.01), and STANDIN_CONTROL, a directory where a test drops files: `crash_mid_stream`
+(the next stream claiming it dies after 3 tokens, leaving its backends behind as a crash would),
+`hang` (the daemon claiming it stops answering anything), `fail_load` (the next start fails loading
+weights). Every process it starts is appended to STANDIN_CONTROL/pids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from aiohttp import web
+
+WORDS = ["the", "river", "carries", "light", "across", "stone", "and", "every", "bend", "keeps", "a", "small",
+         "song", "of", "rain", "for", "morning"]
+CONTROL = os.environ.get("STANDIN_CONTROL")
+TOKEN_S = float(os.environ.get("STANDIN_TOKEN_S", "0.01"))
+
+
+def log(level: str, message: str) -> None:
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] [{os.getpid()}] [{level}] {message}", flush=True)
+
+
+def fail(message: str) -> None:
+    """As MindIE's daemon: the reason on stdout, then SIGKILL to its whole process group."""
+    print(message, flush=True)
+    print("Failed to init endpoint! Please check the service log or console output.", flush=True)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def claim(name: str) -> bool:
+    """Take a control file: only one daemon acts on it."""
+    if not CONTROL:
+        return False
+    try:
+        os.unlink(os.path.join(CONTROL, name))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def record_pid(pid: int, role: str) -> None:
+    if CONTROL:
+        with open(os.path.join(CONTROL, "pids"), "a") as f:
+            f.write(f"{pid} {role}\n")
+
+
+def get(config: dict, path: str, kind: type | tuple[type, ...]):
+    node = config
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            fail(f"config.json: required item {path} is missing")
+        node = node[key]
+    if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
+        fail(f"config.json: {path} has the wrong type ({type(node).__name__})")
+    return node
+
+
+def load_config() -> tuple[str, dict]:
+    install = os.environ.get("MIES_INSTALL_PATH")
+    if not install:
+        fail("MIES_INSTALL_PATH is not set; source mindie-service's set_env.sh")
+    path = os.environ.get("MIES_CONFIG_JSON_PATH") or os.path.join(install, "conf", "config.json")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        fail(f"config file {path} does not exist")
+    if st.st_mode & 0o137:
+        fail(f"Check path: config.json failed, by: Check Other group permission failed: Required permisssion is "
+             f"640, but got permission is {st.st_mode & 0o777:o}")
+    if st.st_uid != os.getuid():
+        fail(f"Check path: config.json failed, by: owner id diff: current process user id is {os.getuid()}, "
+             f"file owner id is {st.st_uid}")
+    try:
+        with open(path) as f:
+            return path, json.load(f)
+    except json.JSONDecodeError as err:
+        fail(f"config file {path} is not valid JSON: {err}")
+
+
+def check_config(config: dict) -> dict:
+    """The parts of config.json this daemon uses; exits on anything MindIE would refuse."""
+    server = get(config, "ServerConfig", dict)
+    planes = {}
+    for plane, ip_key, port_key in [("inference", "ipAddress", "port"),
+                                    ("management", "managementIpAddress", "managementPort"),
+                                    ("metrics", "ipAddress", "metricsPort")]:
+        ip = server.get(ip_key, server.get("ipAddress"))
+        port = get(config, f"ServerConfig.{port_key}", int)
+        if not 1024 <= port <= 65535:
+            fail(f"config.json: ServerConfig.{port_key} {port} is out of range [1024, 65535]")
+        if ip == "0.0.0.0" and not server.get("allowAllZeroIpListening"):
+            fail("config.json: listening on 0.0.0.0 needs allowAllZeroIpListening true")
+        planes[plane] = (ip, port)
+    if get(config, "ServerConfig.httpsEnabled", bool):
+        install = os.environ["MIES_INSTALL_PATH"]
+        for key in ("tlsCert", "tlsPk"):
+            cert = os.path.join(install, get(config, f"ServerConfig.{key}", str))
+            if not os.path.isfile(cert):
+                fail(f"httpsEnabled is true but ServerConfig.{key} {cert} does not exist; "
+                     f"provide the certificates or set httpsEnabled false")
+    backend = get(config, "BackendConfig", dict)
+    devices = get(config, "BackendConfig.npuDeviceIds", list)
+    if len(devices) != 1 or not isinstance(devices[0], list) or not devices[0] \
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices[0]):
+        fail(f"config.json: BackendConfig.npuDeviceIds must be one non-empty list of device ids, got {devices}")
+    deploy = get(config, "BackendConfig.ModelDeployConfig", dict)
+    max_seq = get(config, "BackendConfig.ModelDeployConfig.maxSeqLen", int)
+    max_input = get(config, "BackendConfig.ModelDeployConfig.maxInputTokenLen", int)
+    if not 0 < max_input <= max_seq:
+        fail(f"config.json: maxInputTokenLen ({max_input}) must be in (0, maxSeqLen {max_seq}]")
+    models = deploy.get("ModelConfig")
+    if not isinstance(models, list) or len(models) != 1:
+        fail("config.json: ModelDeployConfig.ModelConfig must hold exactly one model")
+    model = models[0]
+    for key, kind in [("modelName", str), ("modelWeightPath", str), ("worldSize", int)]:
+        if not isinstance(model.get(key), kind):
+            fail(f"config.json: ModelConfig[0].{key} is missing or has the wrong type")
+    weights = model["modelWeightPath"]
+    if not os.path.isdir(weights) or os.path.islink(weights):
+        fail(f"modelWeightPath {weights} is not a directory (or is a symlink)")
+    if os.getuid() != 0 and os.stat(weights).st_mode & 0o027:
+        fail(f"Path permission exceeds maximum allowed: {weights}, actual=0{os.stat(weights).st_mode & 0o777:o}, "
+             f"limit=0750")
+    try:
+        with open(os.path.join(weights, "config.json")) as f:
+            model_config = json.load(f)
+        model_config["torch_dtype"], model_config["vocab_size"]
+    except (OSError, ValueError, KeyError) as err:
+        fail(f"read {weights}/config.json failed (torch_dtype and vocab_size are required): {err!r}")
+    schedule = get(config, "BackendConfig.ScheduleConfig", dict)
+    for key in ("maxBatchSize", "maxPrefillTokens", "cacheBlockSize"):
+        if get(config, f"BackendConfig.ScheduleConfig.{key}", int) <= 0:
+            fail(f"config.json: ScheduleConfig.{key} must be positive")
+    if schedule["maxPrefillTokens"] < max_input:
+        fail(f"config.json: maxPrefillTokens ({schedule['maxPrefillTokens']}) must be at least "
+             f"maxInputTokenLen ({max_input})")
+    world = model["worldSize"]
+    local = devices[0]
+    master = True
+    if backend.get("multiNodesInferEnabled"):
+        # As MindIE: npuDeviceIds and worldSize come from this node's entry in the rank table.
+        local, master = check_ranktable()
+        world = len(local)
+        if backend.get("interNodeTLSEnabled", True):
+            fail("interNodeTLSEnabled is true but no security/grpc certificates exist; set it false")
+        ip = os.environ["MIES_CONTAINER_IP"]  # MindIE binds the business plane to it
+        planes = {plane: (ip, port) for plane, (_, port) in planes.items()}
+    elif world != len(local):
+        fail(f"config.json: worldSize {world} != {len(local)} npuDeviceIds")
+    return {"planes": planes, "model": model["modelName"], "devices": local, "max_seq": max_seq,
+            "max_input": max_input, "max_batch": schedule["maxBatchSize"], "world": world, "master": master}
+
+
+def check_ranktable() -> tuple[list[int], bool]:
+    """Multi-node: RANK_TABLE_FILE (mode 640) must list this node (MIES_CONTAINER_IP); returns this node's
+    device ids and whether it is the master (holds rank 0)."""
+    path = os.environ.get("RANK_TABLE_FILE")
+    if not path or not os.path.isfile(path):
+        fail("multiNodesInferEnabled is true but RANK_TABLE_FILE is not set to a file")
+    if os.stat(path).st_mode & 0o137:
+        fail(f"check permission of {path} failed: it must not exceed 640")
+    with open(path) as f:
+        table = json.load(f)
+    servers = table.get("server_list") or fail("rank table has no server_list")
+    if str(len(servers)) != table.get("server_count") or not 2 <= len(servers) <= 60:
+        fail("rank table: server_count must be a string equal to len(server_list), in [2, 60]")
+    if table.get("status") != "completed" or table.get("version") != "1.0":
+        fail("rank table: status must be \"completed\" and version \"1.0\"")
+    if len({len(s.get("device", [])) for s in servers}) != 1:
+        fail("rank table: every server must have the same number of devices")
+    for server in servers:
+        for device in server["device"]:
+            if not all(isinstance(device.get(k), str) for k in ("device_id", "device_ip", "rank_id")):
+                fail("rank table: device_id, device_ip and rank_id must be strings")
+    me = os.environ.get("MIES_CONTAINER_IP") or fail("MIES_CONTAINER_IP is not set (this node's IP in the rank table)")
+    mine = [s for s in servers if s.get("container_ip") == me]
+    if len(mine) != 1:
+        fail(f"rank table: no server with container_ip {me}")
+    ranks = [int(d["rank_id"]) for s in servers for d in s["device"]]
+    if ranks != list(range(len(ranks))):
+        fail("rank table: rank_id must run 0..n-1 over the servers in order, then their devices")
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and int(world) != len(ranks):
+        fail(f"WORLD_SIZE {world} != {len(ranks)} ranks in the rank table")
+    return [int(d["device_id"]) for d in mine[0]["device"]], any(d["rank_id"] == "0" for d in mine[0]["device"])
+
+
+class Daemon:
+    def __init__(self, settings: dict):
+        self.s = settings
+        self.running = 0
+        self.waiting = 0
+        self.stopping = False
+        self.hung = False
+        self.counts = {"received": 0, "success": 0, "failed": 0, "prompt": 0, "generated": 0}
+        self.backends: list[subprocess.Popen] = []
+
+    def start_backends(self) -> None:
+        for device in self.s["devices"]:
+            p = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(60)"])
+            record_pid(p.pid, f"backend npu{device}")
+            self.backends.append(p)
+
+    def stop_backends(self) -> None:
+        for p in self.backends:
+            p.kill()
+            p.wait()
+
+    async def hang_check(self) -> None:
+        if self.hung or claim("hang"):
+            self.hung = True
+            log("ERROR", "told to hang")
+            await asyncio.Event().wait()
+
+    # --- management plane ---
+    def stopped(self) -> web.Response:
+        return web.json_response({"error": "The service has been stopped.", "error_type": "Service Unavailable"},
+                                 status=503)
+
+    async def health(self, request: web.Request) -> web.Response:
+        await self.hang_check()
+        return self.stopped() if self.stopping else web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        await self.hang_check()
+        return self.stopped() if self.stopping else web.Response(status=200)
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model": self.s["model"], "maxSeqLen": self.s["max_seq"],
+                                  "maxBatchSize": self.s["max_batch"], "npuDeviceIds": self.s["devices"]})
+
+    async def stop_service(self, request: web.Request) -> web.Response:
+        """As MindIE: refuse new requests, answer once the running ones finished; the process stays."""
+        if self.stopping:
+            return web.Response(status=500)
+        self.stopping = True
+        while self.running or self.waiting:
+            await asyncio.sleep(0.05)
+        log("INFO", "service stopped: all requests finished")
+        return web.Response(status=200)
+
+    # --- metrics plane ---
+    async def metrics(self, request: web.Request) -> web.Response:
+        if os.environ.get("MIES_SERVICE_MONITOR_MODE") != "1":
+            return web.json_response({"error": "Environment variable MIES_SERVICE_MONITOR_MODE is not set.",
+                                      "error_type": "Incomplete Generation"}, status=500)
+        c = self.counts
+        label = f'{{model_name="{self.s["model"]}"}}'
+        lines = []
+        for name, kind, value in [
+            ("request_received_total", "counter", c["received"]), ("request_success_total", "counter", c["success"]),
+            ("request_failed_total", "counter", c["failed"]), ("num_requests_running", "gauge", self.running),
+            ("num_requests_waiting", "gauge", self.waiting), ("num_requests_swapped", "gauge", 0),
+            ("prompt_tokens_total", "counter", c["prompt"]), ("generation_tokens_total", "counter", c["generated"]),
+        ]:
+            lines += [f"# HELP {name} {name}", f"# TYPE {name} {kind}", f"{name}{label} {value}"]
+        lines += ["# HELP time_to_first_token_seconds ttft", "# TYPE time_to_first_token_seconds histogram"]
+        for le in ("0.01", "0.1", "1", "+Inf"):
+            lines.append(f'time_to_first_token_seconds_bucket{{model_name="{self.s["model"]}",le="{le}"}} {c["success"]}')
+        lines += [f"time_to_first_token_seconds_sum{label} {c['success'] * TOKEN_S}",
+                  f"time_to_first_token_seconds_count{label} {c['success']}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    # --- inference plane ---
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.s["model"], "object": "model", "created": int(time.time()), "owned_by": "MindIE Server"}]})
+
+    def error(self, status: int, message: str, kind: str = "Input Validation Error") -> web.Response:
+        """MindIE's error shape: flat, not OpenAI's; 422 for a request it cannot take."""
+        self.counts["failed"] += 1
+        return web.json_response({"error": message, "error_type": kind}, status=status)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.infer(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.infer(request, chat=False)
+
+    async def infer(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        await self.hang_check()
+        self.counts["received"] += 1
+        if self.stopping:
+            return self.error(503, "The service has been stopped", "Service Unavailable")
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return self.error(422, "Failed to parse request context to json")
+        if not isinstance(body, dict):
+            return self.error(422, "Failed to parse request context to json")
+        if body.get("model") != self.s["model"]:
+            return self.error(422, "Model not found")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                return self.error(422, "messages must be a non-empty list")
+            prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                return self.error(422, "prompt must be a string")
+        prompt_tokens = len(prompt.split()) + (4 * len(body.get("messages", [])) if chat else 0)
+        if prompt_tokens > self.s["max_input"]:
+            return self.error(422, f"Messages token length must be in (0, {self.s['max_input']}], "
+                                   f"but got {prompt_tokens}")
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return self.error(422, "max_tokens must be greater than 0")
+        max_tokens = min(max_tokens, self.s["max_seq"] - prompt_tokens)
+        if max_tokens < 1:
+            return self.error(422, f"the input leaves no room to generate within maxSeqLen {self.s['max_seq']}")
+        if "stream_options" in body:  # MindIE parses no stream_options; an unknown field is refused here
+            return self.error(422, "stream_options is not supported by this endpoint")
+        start = sum(prompt.encode()) % len(WORDS)
+        words = [WORDS[(start + i) % len(WORDS)] for i in range(max_tokens)]
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        self.running += 1
+        try:
+            if not body.get("stream"):
+                await asyncio.sleep(TOKEN_S * len(words))
+                text = " ".join(words)
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                          if chat else {"index": 0, "text": text, "finish_reason": "length"})
+                self.count_success(usage)
+                return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                          "created": created, "model": self.s["model"], "choices": [choice],
+                                          "usage": usage})
+            return await self.stream(request, body, chat, rid, created, words, usage)
+        finally:
+            self.running -= 1
+
+    def count_success(self, usage: dict) -> None:
+        self.counts["success"] += 1
+        self.counts["prompt"] += usage["prompt_tokens"]
+        self.counts["generated"] += usage["completion_tokens"]
+
+    async def stream(self, request, body, chat, rid, created, words, usage) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        crash = claim("crash_mid_stream")
+        engine_error = claim("stream_error")
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        async def send(choice: dict, extra: dict | None = None) -> None:
+            chunk = {"id": rid, "object": kind, "created": created, "model": self.s["model"],
+                     "choices": [choice], **(extra or {})}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        for i, word in enumerate(words):
+            await asyncio.sleep(TOKEN_S)
+            if crash and i == 3:  # as the OOM killer would: no cleanup, backends left to the supervisor
+                os.kill(os.getpid(), signal.SIGKILL)
+            if engine_error and i == 3:  # as MindIE: plain text into the open stream, then it closes
+                await response.write(b"Engine callback timeout: the engine did not answer within tokenTimeout")
+                await response.write_eof()
+                self.counts["failed"] += 1
+                return response
+            text = word if i == 0 else " " + word
+            last = i == len(words) - 1
+            finish = "length" if last else None
+            extra = {"usage": usage} if last else None  # MindIE: usage rides on the finishing chunk
+            if chat:
+                delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
+                await send({"index": 0, "delta": delta, "finish_reason": finish}, extra)
+            else:
+                await send({"index": 0, "text": text, "finish_reason": finish}, extra)
+        await response.write(b"data: [DONE]\n\n")
+        self.count_success(usage)
+        await response.write_eof()
+        return response
+
+
+def routes(daemon: Daemon, planes: set[str]) -> web.Application:
+    app = web.Application()
+    if "inference" in planes:
+        app.router.add_post("/v1/chat/completions", daemon.chat)
+        app.router.add_post("/v1/completions", daemon.completions)
+        app.router.add_get("/v1/models", daemon.models)
+    if "management" in planes:
+        app.router.add_get("/health", daemon.health)
+        app.router.add_get("/v2/health/live", daemon.health)
+        app.router.add_get("/v2/health/ready", daemon.ready)
+        app.router.add_get("/info", daemon.info)
+        app.router.add_get("/stopService", daemon.stop_service)
+    if "metrics" in planes:
+        app.router.add_get("/metrics", daemon.metrics)
+    return app
+
+
+async def serve(settings: dict) -> None:
+    daemon = Daemon(settings)
+    daemon.start_backends()
+    loop = asyncio.get_running_loop()
+
+    def terminate() -> None:  # SIGTERM: MindIE takes its process group down with it, then aborts
+        print("Daemon is killing, please wait about 1 seconds...", flush=True)
+        daemon.stop_backends()
+        os.abort()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    load_s = float(os.environ.get("STANDIN_LOAD_S", "1"))
+    log("INFO", f"loading {settings['model']} on NPUs {settings['devices']} ({load_s:g} s)")
+    await asyncio.sleep(load_s)
+    if claim("fail_load"):
+        daemon.stop_backends()
+        fail("load weights failed: out of NPU memory")
+    by_address: dict[tuple[str, int], set[str]] = {}
+    for plane, address in settings["planes"].items():
+        by_address.setdefault(address, set()).add(plane)
+    if not settings["master"]:  # as MindIE: only the rank-0 node takes requests
+        log("INFO", "Multi Nodes infer slave instance need not init TokenizerProcessPool and HttpWrapper")
+        by_address = {}
+    for (ip, port), planes in by_address.items():
+        runner = web.AppRunner(routes(daemon, planes), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, ip, port).start()
+        except OSError as err:
+            daemon.stop_backends()
+            fail(f"Management or Business or Metrics Http server listen port is occupied: {ip}:{port}: {err}")
+    print("Daemon start success!", flush=True)
+    await asyncio.Event().wait()
+
+
+RECORDED_ENV = ("MIES_INSTALL_PATH", "MIES_CONFIG_JSON_PATH", "MIES_SERVICE_MONITOR_MODE", "NPU_MEMORY_FRACTION",
+                "OMP_NUM_THREADS", "MINDIE_LOG_TO_STDOUT", "ASCEND_RT_VISIBLE_DEVICES", "RANK_TABLE_FILE",
+                "WORLD_SIZE", "MIES_CONTAINER_IP", "MASTER_IP")
+
+
+def record_start(path: str, config: dict) -> None:
+    """For the tests: what this daemon was given."""
+    if not CONTROL:
+        return
+    folder = os.path.join(CONTROL, "started")
+    os.makedirs(folder, exist_ok=True)
+    seen = {"pid": os.getpid(), "config_path": path, "mode": f"{os.stat(path).st_mode & 0o777:o}", "config": config,
+            "env": {k: os.environ.get(k) for k in RECORDED_ENV}, "cwd": os.getcwd(),
+            "rank_table": json.load(open(os.environ["RANK_TABLE_FILE"])) if os.environ.get("RANK_TABLE_FILE") else None}
+    with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+def main() -> None:
+    try:
+        os.setpgrp()  # as MindIE: it leads its own process group, which it kills on failure
+    except PermissionError:
+        pass  # already a session leader (started that way), hence its group's leader
+    record_pid(os.getpid(), "daemon")
+    path, config = load_config()
+    log("INFO", f"read config {path}")
+    record_start(path, config)
+    if not os.access(os.getcwd(), os.W_OK) or os.path.basename(os.getcwd()) == "bin":
+        fail(f"the working directory {os.getcwd()} must be writable and not bin/: kernel_meta is written there")
+    settings = check_config(config)
+    visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    if visible is not None and max(settings["devices"]) >= len(visible.split(",")):
+        fail(f"npuDeviceIds {settings['devices']} are not all visible: ASCEND_RT_VISIBLE_DEVICES={visible} "
+             f"renumbers the NPUs from 0")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()
