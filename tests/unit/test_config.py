@@ -39,6 +39,36 @@ def test_qwen3_config_is_tp2_on_910b_with_autoscaling():
     assert (backend.autoscaling.min_replicas, backend.autoscaling.max_replicas) == (1, 4)
 
 
+def test_qwen3_serves_vllm_and_mindie_under_one_name_and_every_npu_config_has_a_mindie_peer():
+    [(_, config)] = load_serve_config(ROOT / "deploy_configs/qwen3.yaml")
+    [model] = config.models
+    assert model.name == "qwen3-32b" and [b.engine for b in model.backends] == ["vllm", "mindie"]
+    for path in CONFIGS:
+        for _, config in load_serve_config(path):
+            for model in config.models:
+                engines = {b.engine: b for b in model.backends}
+                if "vllm" in engines and engines["vllm"].device == "npu":
+                    mindie = engines.get("mindie")
+                    assert mindie is not None, f"{path.name}: {model.name} has no MindIE backend"
+                    assert mindie.parallel.tensor in {b.parallel.tensor for b in model.backends if b.engine == "vllm"}
+
+
+def test_mindie_settings_belong_to_engine_mindie_on_npus():
+    with pytest.raises(ValueError, match="engine: mindie runs on Ascend NPUs only"):
+        Backend.model_validate({"name": "m", "engine": "mindie", "device": "cpu"})
+    with pytest.raises(ValueError, match="engine_args are vLLM's"):
+        Backend.model_validate({"name": "m", "engine": "mindie", "engine_args": {"dtype": "bfloat16"}})
+    with pytest.raises(ValueError, match="mindie: applies to engine: mindie only"):
+        Backend.model_validate({"name": "m", "engine": "vllm", "mindie": {}})
+    backend = Backend.model_validate({"name": "m", "engine": "mindie", "parallelism": {"tensor": 8, "pipeline": 2}})
+    assert backend.mindie.npu_memory_fraction == 0.9
+    options = deployment_options(backend)
+    # One daemon per node: the replica holds its node's 8 NPUs; the second node is one bundle of 8.
+    assert options["ray_actor_options"]["resources"] == {"NPU": 8}
+    assert [b["NPU"] for b in options["placement_group_bundles"]] == [8, 8]
+    assert options["placement_group_strategy"] == "STRICT_SPREAD"
+
+
 def test_unknown_key_is_named_by_its_path(tmp_path):
     raw = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
     raw["applications"][0]["args"]["models"][0]["backends"][0]["max_model_lenght"] = 10
