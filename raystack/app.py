@@ -16,6 +16,7 @@ from ray.serve.config import RequestRouterConfig
 
 from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem, ray_strategy
 from raystack.config import (
+    MINDIE_NODE_CPUS,
     Backend,
     ConfigError,
     Model,
@@ -31,7 +32,6 @@ from raystack.serving.router import Router
 from raystack.serving.server import LLMServer
 
 ENGINE_START_ATTEMPTS = 3
-MINDIE_NODE_CPUS = 1  # the MindIENode actor on each further node of a multi-node MindIE replica
 BACKEND_REQUEST_ROUTER = "raystack.serving.request_router:BackendRequestRouter"
 
 

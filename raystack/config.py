@@ -102,6 +102,8 @@ class SyntheticSettings(_Strict):
 
 
 DEFAULT_MINDIE_INSTALL_PATH = "/usr/local/Ascend/mindie/latest/mindie-service"
+# A MindIE replica on several nodes runs a MindIENode actor (one process, mostly waiting) on each further node.
+MINDIE_NODE_CPUS = 1
 
 
 class MindIESettings(_Strict):

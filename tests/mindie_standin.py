@@ -65,13 +65,37 @@ def alive(pid: int) -> bool:
         return False
 
 
-def port_free(port: int) -> bool:
+def port_free(port: int, ip: str = "127.0.0.1") -> bool:
     """Nobody listens on it (connections the daemon closed may linger in TIME_WAIT, as servers allow)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((ip, port))
             s.listen()
             return True
         except OSError:
             return False
+
+
+HCCN_FIXTURE = REPO.parent / "shared" / "fixtures" / "hccn_tool" / "ip_g_8card.txt"
+
+
+def install_hccn_tool(folder: Path) -> Path:
+    """A stand-in `hccn_tool` in `folder` (put it on PATH): `-i N -ip -g` answers from the published
+    8-card capture; any other card id fails as the real tool does for a card that is not there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tool = folder / "hccn_tool"
+    tool.write_text(f"""#!{sys.executable} -I
+import re, sys
+args = sys.argv[1:]
+text = open({str(HCCN_FIXTURE)!r}).read()
+if len(args) == 4 and args[0] == "-i" and args[2:] == ["-ip", "-g"]:
+    m = re.search(r"hccn_tool -i " + re.escape(args[1]) + r" -ip -g\\n(ipaddr:.*\\nnetmask:.*\\n)", text)
+    if m:
+        print(m.group(1), end="")
+        sys.exit(0)
+print("devid " + (args[1] if len(args) > 1 else "?") + " is invalid", file=sys.stderr)
+sys.exit(255)
+""")
+    tool.chmod(0o755)
+    return tool

@@ -9,6 +9,7 @@ here, on the stream the client gets; token counts and queue lengths come from Mi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
-from raystack.config import Backend
+from raystack.config import MINDIE_NODE_CPUS, Backend
 from raystack.engines.base import EngineResult, JSONResult, RequestKind
 from raystack.engines.mindie_config import MindIEPlan
 from raystack.engines.mindie_daemon import MindIEDaemon, MindIEStartError, free_port
@@ -59,7 +60,8 @@ def context_length(backend: Backend, model_path: Path) -> int:
         return MINDIE_DEFAULT_SEQ_LEN
 
 
-def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[int], port: int) -> MindIEPlan:
+def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[int], port: int,
+             ip: str = "127.0.0.1") -> MindIEPlan:
     settings = backend.mindie
     seq_len = context_length(backend, model_path)
     max_input = settings.max_input_token_len or seq_len
@@ -67,7 +69,7 @@ def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[
         model_name=model_name, weight_path=str(model_path), npu_ids=npu_ids, port=port,
         max_seq_len=seq_len, max_input_token_len=max_input, max_batch_size=settings.max_batch_size,
         max_prefill_tokens=settings.max_prefill_tokens or max(8192, max_input),
-        cache_block_size=settings.cache_block_size,
+        cache_block_size=settings.cache_block_size, ip=ip, multi_node=backend.parallel.pipeline > 1,
     )
 
 
@@ -109,6 +111,7 @@ class MindIEEngine:
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
         self.daemon: MindIEDaemon | None = None
+        self.nodes: list[Any] = []  # MindIENode actors, when the replica spans nodes
         self.load = {"running": 0, "waiting": 0}
         self.token_totals = {"prompt_tokens_total": 0.0, "generation_tokens_total": 0.0}
 
@@ -117,13 +120,43 @@ class MindIEEngine:
         connector = aiohttp.TCPConnector(limit=self.backend.max_ongoing_requests + 4)
         self.session = aiohttp.ClientSession(connector=connector,
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
-        plan = plan_for(self.model_name, self.model_path, self.backend, replica_npu_ids(), free_port())
-        self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon")
         try:
-            await self.daemon.start(self.session, KILL_GRACE_S)
+            if self.backend.parallel.pipeline == 1:
+                plan = plan_for(self.model_name, self.model_path, self.backend, replica_npu_ids(), free_port())
+                self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon")
+                await self.daemon.start(self.session, KILL_GRACE_S)
+            else:
+                await self._start_on_nodes()
         except BaseException:
             await self.shutdown()
             raise
+
+    async def _start_on_nodes(self) -> None:
+        """One daemon per node of the replica's placement group, all from one rank table; this replica's
+        node comes first, so it holds rank 0: MindIE's master, which alone takes requests."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from raystack.engines.mindie_node import MindIENode, this_node
+        from raystack.engines.mindie_ranktable import render_ranktable
+
+        group = ray.util.get_current_placement_group()
+        per_node = self.backend.parallel.tensor
+        node_actor = ray.remote(MindIENode)
+        for bundle in range(1, self.backend.parallel.pipeline):
+            self.nodes.append(node_actor.options(
+                num_cpus=MINDIE_NODE_CPUS, resources={"NPU": per_node},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
+            ).remote(self.backend.mindie.model_dump(), f"mindieservice_daemon (node {bundle})"))
+        me = await asyncio.to_thread(this_node)
+        others = await asyncio.gather(*(node.where.remote() for node in self.nodes))
+        table = render_ranktable([me, *others])
+        plan = plan_for(self.model_name, self.model_path, self.backend, [i for i, _ in me.devices],
+                        free_port(me.ip), ip=me.ip)
+        self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon (node 0, master)", ranktable=table)
+        logger.info("MindIE over %d nodes, rank table: %s", len(table["server_list"]), table)
+        await asyncio.gather(self.daemon.start(self.session, KILL_GRACE_S),
+                             *(node.start.remote(plan, table, KILL_GRACE_S) for node in self.nodes))
 
     async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
         # MindIE serves the model under this name. It reads no stream_options: it always sends usage,
@@ -213,6 +246,8 @@ class MindIEEngine:
 
     async def check_health(self) -> None:
         why = self.daemon.exited()
+        for node in self.nodes:  # a dead node actor raises here, as a dead daemon does
+            why = why or await node.exited.remote()
         if why:
             raise RuntimeError(why)
         if not await self.daemon.healthy(self.session, HEALTH_TIMEOUT_S):
@@ -244,6 +279,13 @@ class MindIEEngine:
         if self.daemon is not None:
             await self.daemon.stop(self.session, DRAIN_S, KILL_GRACE_S)
             self.daemon = None
+        if self.nodes:
+            import ray
+
+            await asyncio.gather(*(node.stop.remote(KILL_GRACE_S) for node in self.nodes), return_exceptions=True)
+            for node in self.nodes:
+                ray.kill(node)
+            self.nodes = []
         if self.session is not None:
             await self.session.close()
             self.session = None

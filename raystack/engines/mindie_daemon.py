@@ -26,6 +26,7 @@ from raystack.engines.supervised import SupervisedProcess
 logger = logging.getLogger("ray.serve")
 
 DAEMON = "bin/mindieservice_daemon"
+STARTED_LINE = "Daemon start success!"  # printed by every daemon, also by multi-node slaves that open no port
 PROGRESS_EVERY_S = 30  # a readiness wait of minutes says it is still alive
 
 
@@ -77,11 +78,16 @@ def daemon_env(settings: MindIESettings, install: Path, config_path: Path,
 
 
 class MindIEDaemon:
-    def __init__(self, plan: MindIEPlan, settings: MindIESettings, name: str, env: dict[str, str] | None = None):
+    """`ranktable` makes it one node of a multi-node replica; `serves_http` is False on the nodes that do
+    not hold rank 0 (MindIE's slaves open no port: they are ready once they print STARTED_LINE)."""
+
+    def __init__(self, plan: MindIEPlan, settings: MindIESettings, name: str,
+                 ranktable: dict[str, Any] | None = None, serves_http: bool = True):
         self.plan = plan
         self.settings = settings
         self.name = name
-        self.extra_env = env or {}
+        self.ranktable = ranktable
+        self.serves_http = serves_http
         self.install = install_path(settings)
         self.workdir: Path | None = None
         self.process: SupervisedProcess | None = None
@@ -92,21 +98,36 @@ class MindIEDaemon:
         assert self.workdir is not None
         return self.workdir / "config.json"
 
-    async def start(self, session: aiohttp.ClientSession, kill_grace_s: float) -> None:
+    async def start(self, session: aiohttp.ClientSession | None, kill_grace_s: float) -> None:
         default = load_default_config(self.install)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"raystack-mindie-{self.name}-"))
         write_config(render_config(default, self.plan, self.settings.overrides), self.config_path)
-        env = daemon_env(self.settings, self.install, self.config_path, self.extra_env)
+        env = daemon_env(self.settings, self.install, self.config_path, self.multi_node_env())
         # cwd: MindIE writes kernel_meta/ into its working directory, which must be writable.
         self.process = SupervisedProcess(self.name, [str(self.install / DAEMON)], env, cwd=str(self.workdir),
-                                         log=logger, kill_grace_s=kill_grace_s)
+                                         log=logger, kill_grace_s=kill_grace_s, watch_for=STARTED_LINE)
         logger.info("starting %s on NPUs %s, port %d (config %s)", self.name, self.plan.npu_ids, self.plan.port,
                     self.config_path)
         await self.process.start()
         await self.wait_ready(session)
 
+    def multi_node_env(self) -> dict[str, str]:
+        if self.ranktable is None:
+            return {}
+        path = self.workdir / "ranktable.json"
+        write_config(self.ranktable, path)  # mode 640 as well: MindIE checks it the same way
+        servers = self.ranktable["server_list"]
+        return {
+            "RANK_TABLE_FILE": str(path),
+            "RANKTABLEFILE": str(path),  # the name MindIE releases before 2.0 read
+            "MIES_CONTAINER_IP": self.plan.ip,  # finds this node in the table; the master binds its port to it
+            "MASTER_IP": servers[0]["container_ip"],
+            "WORLD_SIZE": str(sum(len(s["device"]) for s in servers)),
+        }
+
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        """Until /health answers 200 (MindIE opens its port only after the model has loaded)."""
+        """Until /health answers 200 (MindIE opens its port only after the model has loaded); on a node
+        that serves no HTTP, until the daemon says it started."""
         started = time.monotonic()
         deadline = started + self.settings.startup_timeout_s
         next_progress = started + PROGRESS_EVERY_S
@@ -114,7 +135,8 @@ class MindIEDaemon:
             why = self.exited()
             if why:
                 raise MindIEStartError(f"{self.name} did not start: {why}")
-            if await self.healthy(session, timeout_s=2):
+            ready = await self.healthy(session, timeout_s=2) if self.serves_http else self.process.seen.is_set()
+            if ready:
                 logger.info("%s ready after %.0f s", self.name, time.monotonic() - started)
                 return
             now = time.monotonic()

@@ -43,7 +43,7 @@ if alive():
 
 class SupervisedProcess:
     def __init__(self, name: str, argv: list[str], env: Mapping[str, str], cwd: str | None = None,
-                 log: logging.Logger | None = None, kill_grace_s: float = 10.0):
+                 log: logging.Logger | None = None, kill_grace_s: float = 10.0, watch_for: str | None = None):
         self.name = name
         self.argv = argv
         self.env = dict(env)
@@ -54,6 +54,8 @@ class SupervisedProcess:
         self.guard: subprocess.Popen | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._reader: asyncio.Task | None = None
+        self.watch_for = watch_for
+        self.seen = asyncio.Event()  # set once a line contains `watch_for`
 
     @property
     def pid(self) -> int | None:
@@ -84,6 +86,8 @@ class SupervisedProcess:
         while line := await self.process.stdout.readline():
             text = line.decode(errors="replace").rstrip()
             self.lines.append(text)
+            if self.watch_for and self.watch_for in text:
+                self.seen.set()
             self.log.info("[%s] %s", self.name, text)
 
     async def wait(self, timeout: float | None = None) -> int | None:

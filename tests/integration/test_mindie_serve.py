@@ -116,7 +116,8 @@ def assert_nothing_left(control: Path) -> None:
         time.sleep(0.2)
     assert not [p for p in pids_started(control) if alive(p)], "a daemon or backend process outlived its replica"
     for seen in starts(control):
-        assert port_free(seen["config"]["ServerConfig"]["port"])
+        server = seen["config"]["ServerConfig"]
+        assert port_free(server["port"], seen["env"]["MIES_CONTAINER_IP"] or server["ipAddress"])
 
 
 def served_soon(c: openai.OpenAI, within_s: float = 60) -> str:

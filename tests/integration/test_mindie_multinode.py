@@ -1,0 +1,81 @@
+"""A MindIE replica spanning two nodes, on a real multi-node Ray cluster simulated on one machine.
+
+Two nodes (127.0.0.2 and 127.0.0.3) declare 2 NPUs each; a stand-in hccn_tool on PATH answers their NIC
+addresses. One replica with tensor 2 x pipeline 2 must run one daemon per node from one rank table built
+from Ray's placement, the master on the replica's node taking the requests, and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import openai
+import pytest
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from tests.e2e.conftest import free_port
+from tests.integration.conftest import deployed
+from tests.integration.test_mindie_serve import assert_nothing_left, ask, mindie_model
+from tests.mindie_standin import install_hccn_tool, install_mindie, model_weights, starts
+
+NODE_IPS = ["127.0.0.2", "127.0.0.3"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tools = install_hccn_tool(tmp_path_factory.mktemp("tools")).parent
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{tools}:{path}"  # the nodes' raylets, hence their workers, inherit it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for ip in NODE_IPS:
+            cluster.add_node(num_cpus=2, resources={"NPU": 2}, node_ip_address=ip)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="ERROR")
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ["PATH"] = path
+
+
+@pytest.fixture
+def mindie(tmp_path: Path):
+    control = tmp_path / "control"
+    control.mkdir()
+    return install_mindie(tmp_path), control, model_weights(tmp_path)
+
+
+def test_one_replica_runs_a_daemon_per_node_from_one_rank_table(server, mindie):
+    models = mindie_model(mindie)
+    models[0]["backends"][0]["parallelism"] = {"tensor": 2, "pipeline": 2}
+    with deployed(server, "mindie-2nodes", models) as url:
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
+        answer = c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=4)
+        assert len(answer.choices[0].message.content.split()) == 4
+        streamed = list(c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=4,
+                                                  stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == answer.choices[0].message.content
+
+    daemons = starts(mindie[1])
+    assert sorted(d["env"]["MIES_CONTAINER_IP"] for d in daemons) == NODE_IPS, "one daemon on each node"
+    [table] = {str(d["rank_table"]): d["rank_table"] for d in daemons}.values()  # the same table everywhere
+    assert table["version"] == "1.0" and table["status"] == "completed" and table["server_count"] == "2"
+    assert sorted(s["container_ip"] for s in table["server_list"]) == NODE_IPS
+    assert [d["rank_id"] for s in table["server_list"] for d in s["device"]] == ["0", "1", "2", "3"]
+    # NIC addresses are hccn_tool's, for the device ids Ray granted (0 and 1 on each simulated node).
+    assert [d["device_ip"] for d in table["server_list"][0]["device"]] == ["192.1.45.172", "192.2.167.33"]
+    master_ip = table["server_list"][0]["container_ip"]
+    for seen in daemons:
+        env, config = seen["env"], seen["config"]
+        assert env["WORLD_SIZE"] == "4" and env["MASTER_IP"] == master_ip
+        assert env["RANK_TABLE_FILE"] and config["BackendConfig"]["multiNodesInferEnabled"] is True
+        assert config["BackendConfig"]["interNodeTLSEnabled"] is False
+        assert config["BackendConfig"]["ModelDeployConfig"]["ModelConfig"][0]["worldSize"] == 2  # per node
+    assert_nothing_left(mindie[1])
