@@ -165,3 +165,37 @@ def test_a_hung_daemon_fails_its_health_check_and_is_replaced(server, mindie):
         assert served_soon(c, within_s=90)
         assert len(starts(control)) == 2
     assert_nothing_left(control)
+
+
+def test_mindie_figures_reach_prometheus_under_raystacks_names(server, mindie):
+    """Token counts and queue lengths come from MindIE's own /metrics; latencies from the replica's proxy."""
+    from tests.integration.test_metrics_serve import scrape
+    from tests.prometheus import total
+
+    with deployed(server, "mindie-metrics", mindie_model(mindie)) as url:
+        c = client(url)
+        prompt = completion = 0
+        for _ in range(3):
+            chunks = list(c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=6,
+                                                    stream=True, stream_options={"include_usage": True}))
+            prompt, completion = prompt + chunks[-1].usage.prompt_tokens, completion + chunks[-1].usage.completion_tokens
+        whole = c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=4)
+        prompt, completion = prompt + whole.usage.prompt_tokens, completion + whole.usage.completion_tokens
+
+        wanted = {"model": "qwen3", "backend": "mindie"}
+        deadline = time.monotonic() + 90  # health checks scrape MindIE each second; Ray exports every few
+        while True:
+            samples = scrape()
+            if (total(samples, "ray_raystack_generation_tokens_total", **wanted) == completion
+                    and total(samples, "ray_raystack_e2e_request_latency_seconds_count", **wanted) == 4) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    assert completion == 3 * 6 + 4
+    assert total(samples, "ray_raystack_generation_tokens_total", **wanted) == completion
+    assert total(samples, "ray_raystack_prompt_tokens_total", **wanted) == prompt
+    assert total(samples, "ray_raystack_time_to_first_token_seconds_count", **wanted) == 3
+    assert total(samples, "ray_raystack_time_per_output_token_seconds_count", **wanted) == 3
+    assert total(samples, "ray_raystack_inter_token_latency_seconds_count", **wanted) == 3 * 5
+    assert total(samples, "ray_raystack_e2e_request_latency_seconds_count", **wanted) == 4
+    assert any(n == "ray_raystack_requests_running" and l.get("backend") == "mindie" for n, l, _ in samples)
