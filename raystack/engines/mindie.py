@@ -185,6 +185,7 @@ class MindIEEngine:
         last_at = started
         gaps: list[float] = []
         usage = None
+        last_chunk: dict[str, Any] = {}  # id, object, created, model: for the usage chunk
         done = False
         engine_error = ""
         try:

@@ -14,16 +14,23 @@ from raystack.app import build_app
 from tests.e2e.conftest import free_port
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextlib.contextmanager
+def serve_on_local_ray(**ray_args: Any):
+    """A fresh local Ray (2 CPUs, plus `ray_args`) with Serve's HTTP on a free port; yields its URL."""
     port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", **ray_args)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve_on_local_ray() as url:
+        yield url
 
 
 def synthetic(name: str, replicas: int = 1, **settings: Any) -> dict[str, Any]:

@@ -13,24 +13,15 @@ from typing import Any
 
 import openai
 import pytest
-import ray
-from ray import serve
 
-from tests.e2e.conftest import free_port
-from tests.integration.conftest import deployed
+from tests.integration.conftest import deployed, serve_on_local_ray
 from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    ray.init(address="local", num_cpus=2, resources={"NPU": 4}, include_dashboard=False, logging_level="ERROR")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_on_local_ray(resources={"NPU": 4}) as url:
+        yield url
 
 
 @pytest.fixture

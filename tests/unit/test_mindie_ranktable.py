@@ -1,7 +1,6 @@
 """The rank table a multi-node MindIE replica writes: MindIE's published shape, and clear refusals."""
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
