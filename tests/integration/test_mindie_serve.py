@@ -31,7 +31,7 @@ def mindie(tmp_path: Path):
     return install_mindie(tmp_path), control, model_weights(tmp_path)
 
 
-def mindie_model(mindie, replicas: int = 1, tensor: int = 1) -> list[dict[str, Any]]:
+def mindie_model(mindie, replicas: int = 1, tensor: int = 1, name: str = "qwen3") -> list[dict[str, Any]]:
     install, control, weights = mindie
     backend = {
         "name": "mindie", "engine": "mindie", "parallelism": {"tensor": tensor, "pipeline": 1},
@@ -41,7 +41,7 @@ def mindie_model(mindie, replicas: int = 1, tensor: int = 1) -> list[dict[str, A
         "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
         "health_check_period_s": 1, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 15,
     }
-    return [{"name": "qwen3", "source": str(weights), "backends": [backend]}]
+    return [{"name": name, "source": str(weights), "backends": [backend]}]
 
 
 def client(url: str) -> openai.OpenAI:
@@ -163,17 +163,17 @@ def test_mindie_figures_reach_prometheus_under_raystacks_names(server, mindie):
     from tests.integration.test_metrics_serve import scrape
     from tests.prometheus import total
 
-    with deployed(server, "mindie-metrics", mindie_model(mindie)) as url:
+    with deployed(server, "mindie-metrics", mindie_model(mindie, name="metered")) as url:
         c = client(url)
         prompt = completion = 0
         for _ in range(3):
-            chunks = list(c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=6,
+            chunks = list(c.chat.completions.create(model="metered", messages=ask("how many legs"), max_tokens=6,
                                                     stream=True, stream_options={"include_usage": True}))
             prompt, completion = prompt + chunks[-1].usage.prompt_tokens, completion + chunks[-1].usage.completion_tokens
-        whole = c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=4)
+        whole = c.chat.completions.create(model="metered", messages=ask("how many legs"), max_tokens=4)
         prompt, completion = prompt + whole.usage.prompt_tokens, completion + whole.usage.completion_tokens
 
-        wanted = {"model": "qwen3", "backend": "mindie"}
+        wanted = {"model": "metered", "backend": "mindie"}  # this module's other tests serve qwen3
         deadline = time.monotonic() + 90  # health checks scrape MindIE each second; Ray exports every few
         while True:
             samples = scrape()
@@ -190,3 +190,33 @@ def test_mindie_figures_reach_prometheus_under_raystacks_names(server, mindie):
     assert total(samples, "ray_raystack_inter_token_latency_seconds_count", **wanted) == 3 * 5
     assert total(samples, "ray_raystack_e2e_request_latency_seconds_count", **wanted) == 4
     assert any(n == "ray_raystack_requests_running" and l.get("backend") == "mindie" for n, l, _ in samples)
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_generation_in_mindie(server, mindie):
+    import asyncio
+    import urllib.request
+
+    from tests.prometheus import parse_prometheus, total
+
+    def running_in_daemon() -> float:
+        [seen] = starts(mindie[1])
+        port = seen["config"]["ServerConfig"]["metricsPort"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return total(parse_prometheus(text), "num_requests_running")
+
+    with deployed(server, "mindie-leave", mindie_model(mindie)) as url:
+        async def start_and_leave() -> None:
+            async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0) as c:
+                async def one() -> None:  # 300 tokens at 20 ms: 6 s, unless abandoned
+                    stream = await c.chat.completions.create(model="qwen3", messages=ask("go on"), max_tokens=300,
+                                                             stream=True)
+                    async for _ in stream:
+                        break
+                    await stream.close()
+                await asyncio.gather(*(one() for _ in range(3)))
+
+        asyncio.run(start_and_leave())
+        left = time.monotonic()
+        while running_in_daemon() and time.monotonic() - left < 3:
+            time.sleep(0.1)
+        assert running_in_daemon() == 0, "MindIE still generates for clients that left"
