@@ -165,7 +165,7 @@ class MindIEDaemon:
             return None
         code = self.process.returncode
         # MindIE SIGKILLs its own process group when it cannot start, and aborts after a SIGTERM.
-        how = f"was killed by signal {-code}" if code < 0 else f"with code {code}"
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         return f"{self.name} exited ({how}). Its last lines:\n{self.process.tail()}"
 
     async def stop(self, session: aiohttp.ClientSession | None, drain_s: float, kill_grace_s: float) -> None:
