@@ -32,6 +32,8 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from raystack.bench.report import percentile
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -156,11 +158,6 @@ async def capacity(url: str, concurrency: int, duration_s: float, max_tokens: in
     return {"chunks_per_s": chunks / elapsed, "requests_per_s": done / elapsed}
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
 # ---- the session ------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -225,7 +222,7 @@ def main() -> None:
             order = targets if r % 2 == 0 else targets[::-1]
             for target in order:
                 ttfts = asyncio.run(latency(url(target, "latency"), args.latency_requests))
-                row[target] = {"ttft_p50_ms": 1000 * percentile(ttfts, 0.5), "ttft_p99_ms": 1000 * percentile(ttfts, 0.99)}
+                row[target] = {"ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99)}
             for target in order:
                 row[target] |= asyncio.run(capacity(url(target, "capacity"), args.concurrency, args.duration, 64))
             results["rounds"].append(row)

@@ -22,6 +22,7 @@ from raystack.cluster.node import plan_start
 from raystack.cluster.npu import NodeNPUs, NPUChip
 from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem
 from raystack.config import Backend, ConfigError
+from tests.e2e.conftest import free_port
 
 
 def npu_node_args(count: int) -> dict:
@@ -36,14 +37,6 @@ def npu_node_args(count: int) -> dict:
         "resources": json.loads(resources.split("=", 1)[1]),
         "labels": dict(kv.split("=", 1) for kv in labels.split("=", 1)[1].split(",")),
     }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
