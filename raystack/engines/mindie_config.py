@@ -5,11 +5,13 @@ every key of that release keeps its default; sets the keys raystack owns; then m
 config's `overrides` last (objects merge key by key, anything else is replaced).
 
 Keys raystack owns:
-- ServerConfig: one loopback IP and one port for the inference, management and metrics planes (only the
-  replica, on the same host, talks to the daemon), `httpsEnabled: false` and every TLS switch off;
+- ServerConfig: one IP and one port for the inference, management and metrics planes (loopback: only the
+  replica, on the same host, talks to the daemon; on a multi-node replica, the node's IP, which MindIE
+  binds through MIES_CONTAINER_IP anyway), `httpsEnabled: false` and every TLS switch off;
 - BackendConfig: `npuDeviceIds` (the NPUs Ray assigned to this replica on this node),
   `multiNodesInferEnabled`, ModelDeployConfig `maxSeqLen` / `maxInputTokenLen`, and the first
-  ModelConfig's `modelName`, `modelWeightPath`, `worldSize`;
+  ModelConfig's `modelName`, `modelWeightPath`, `worldSize` (this node's NPUs: MindIE's convention, and
+  what it derives from the rank table on a multi-node replica);
 - ScheduleConfig: `maxBatchSize`, `maxPrefillTokens`, `cacheBlockSize`.
 """
 
@@ -43,7 +45,6 @@ class MindIEPlan:
     max_batch_size: int
     max_prefill_tokens: int
     cache_block_size: int = 128
-    world_size: int | None = None  # NPUs of the whole replica; default: this node's
     multi_node: bool = False
     ip: str = "127.0.0.1"
 
@@ -94,7 +95,7 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str
     models[0].update({
         "modelName": plan.model_name,
         "modelWeightPath": plan.weight_path,
-        "worldSize": plan.world_size or len(plan.npu_ids),
+        "worldSize": len(plan.npu_ids),
     })
     del models[1:]  # one model per replica
     schedule = _section(config, "BackendConfig", "ScheduleConfig")

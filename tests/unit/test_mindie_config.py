@@ -59,11 +59,13 @@ def test_overrides_merge_last_object_by_object(default):
     assert deep_merge({"a": [1, 2], "b": {"c": 1}}, {"a": [3], "b": {"d": 2}}) == {"a": [3], "b": {"c": 1, "d": 2}}
 
 
-def test_a_multi_node_replica_gives_the_whole_world_size(default):
-    plan = MindIEPlan(**{**PLAN.__dict__, "npu_ids": list(range(8)), "world_size": 16, "multi_node": True})
+def test_a_multi_node_replica_gives_this_nodes_world_size(default):
+    # MindIE's convention (its two-node A2 sample): worldSize counts this node's NPUs; the whole world is
+    # the rank table's (WORLD_SIZE), which MindIE reads in multi-node mode.
+    plan = MindIEPlan(**{**PLAN.__dict__, "npu_ids": list(range(8)), "multi_node": True})
     config = render_config(default, plan)
     assert config["BackendConfig"]["npuDeviceIds"] == [list(range(8))]
-    assert config["BackendConfig"]["ModelDeployConfig"]["ModelConfig"][0]["worldSize"] == 16
+    assert config["BackendConfig"]["ModelDeployConfig"]["ModelConfig"][0]["worldSize"] == 8
     assert config["BackendConfig"]["multiNodesInferEnabled"] is True
 
 
