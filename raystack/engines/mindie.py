@@ -271,7 +271,7 @@ class MindIEEngine:
         deltas = {}
         for name, before in self.token_totals.items():
             now = values.get(name, before)
-            deltas[name] = max(0.0, now - before) if now >= before else now  # a restarted daemon counts from 0
+            deltas[name] = now - before if now >= before else now  # a counter that went back started over
             self.token_totals[name] = now
         if self.metrics is not None:
             self.metrics.tokens(int(deltas["prompt_tokens_total"]), int(deltas["generation_tokens_total"]))

@@ -102,7 +102,8 @@ class MindIEDaemon:
         default = load_default_config(self.install)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"raystack-mindie-{self.name}-"))
         write_config(render_config(default, self.plan, self.settings.overrides), self.config_path)
-        env = daemon_env(self.settings, self.install, self.config_path, self.multi_node_env())
+        env = daemon_env(self.settings, self.install, self.config_path,
+                         self._write_ranktable() if self.ranktable is not None else {})
         # cwd: MindIE writes kernel_meta/ into its working directory, which must be writable.
         self.process = SupervisedProcess(self.name, [str(self.install / DAEMON)], env, cwd=str(self.workdir),
                                          log=logger, kill_grace_s=kill_grace_s, watch_for=STARTED_LINE)
@@ -111,9 +112,8 @@ class MindIEDaemon:
         await self.process.start()
         await self.wait_ready(session)
 
-    def multi_node_env(self) -> dict[str, str]:
-        if self.ranktable is None:
-            return {}
+    def _write_ranktable(self) -> dict[str, str]:
+        """Writes the rank table beside config.json; returns the env that points this daemon at it."""
         path = self.workdir / "ranktable.json"
         write_config(self.ranktable, path)  # mode 640 as well: MindIE checks it the same way
         servers = self.ranktable["server_list"]
