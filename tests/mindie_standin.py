@@ -1,5 +1,5 @@
 """A MindIE Service installation for tests: the stand-in daemon (tests/mindie_standin_daemon.py) as
-bin/mindieservice_daemon, and MindIE's shipped default conf/config.json (the shared fixture), laid out
+bin/mindieservice_daemon, and MindIE's shipped default conf/config.json (tests/fixtures/mindie), laid out
 as MIES_INSTALL_PATH is. raystack finds and runs it exactly as it would the real one."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import stat
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO.parent / "shared" / "fixtures" / "mindie" / "config.default.json"
+from tests import FIXTURES
+
+DEFAULT_CONFIG = FIXTURES / "mindie" / "config.default.json"
 DAEMON_SCRIPT = Path(__file__).with_name("mindie_standin_daemon.py")
 
 
 def install_mindie(root: Path) -> Path:
     """A mindie-service directory under `root`; returns it (the value of MIES_INSTALL_PATH)."""
-    assert DEFAULT_CONFIG.is_file(), f"{DEFAULT_CONFIG} is missing: the shared fixtures must be beside the repo"
     install = root / "mindie-service"
     (install / "bin").mkdir(parents=True)
     (install / "conf").mkdir()
@@ -77,7 +77,7 @@ def port_free(port: int, ip: str = "127.0.0.1") -> bool:
             return False
 
 
-HCCN_FIXTURE = REPO.parent / "shared" / "fixtures" / "hccn_tool" / "ip_g_8card.txt"
+HCCN_FIXTURE = FIXTURES / "hccn_tool" / "ip_g_8card.txt"
 
 
 def install_hccn_tool(folder: Path) -> Path:

@@ -1,20 +1,17 @@
-"""A stand-in `npu-smi` executable for tests: it answers from published npu-smi outputs (the shared
-fixtures, see their README) so discovery is tested at its real boundary, a process on PATH."""
+"""A stand-in `npu-smi` executable for tests: it answers from published npu-smi outputs
+(tests/fixtures/npu-smi, see tests/fixtures/README.md) so discovery is tested at its real boundary, a
+process on PATH."""
 
 import json
 import stat
 import sys
 from pathlib import Path
 
-# The shared fixtures live beside the repository clone: <parent>/main (this repo) and <parent>/shared.
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "npu-smi"
+from tests import FIXTURES
 
 
 def fixture(name: str) -> str:
-    path = FIXTURES / name
-    assert path.is_file(), f"{path} is missing: the shared fixtures must be checked out beside the repo"
-    return path.read_text()
+    return (FIXTURES / "npu-smi" / name).read_text()
 
 
 # The stand-in answers `npu-smi <args>` from a JSON table keyed by the normalised command: "info",

@@ -1,15 +1,15 @@
 """MindIE's config.json as a replica writes it, from the default config.json MindIE ships (the public
-sample in ../shared/fixtures/mindie)."""
+sample in tests/fixtures/mindie)."""
 
 import json
 import stat
-from pathlib import Path
 
 import pytest
 
 from raystack.engines.mindie_config import MindIEConfigError, MindIEPlan, deep_merge, render_config, write_config
+from tests import FIXTURES
 
-DEFAULT = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "mindie" / "config.default.json"
+DEFAULT = FIXTURES / "mindie" / "config.default.json"
 PLAN = MindIEPlan(model_name="qwen3-32b", weight_path="/models/Qwen3-32B", npu_ids=[4, 5], port=41234,
                   max_seq_len=32768, max_input_token_len=30720, max_batch_size=64, max_prefill_tokens=32768,
                   cache_block_size=128)

@@ -1,18 +1,18 @@
 """The rank table a multi-node MindIE replica writes: MindIE's published shape, and clear refusals."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from raystack.engines.mindie_ranktable import NodeDevices, RankTableError, device_ip, render_ranktable
+from tests import FIXTURES
 from tests.mindie_standin import install_hccn_tool
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "mindie"
+
 
 
 def test_the_table_matches_mindies_two_node_sample():
-    sample = json.loads((FIXTURES / "ranktable.2node_8card.json").read_text())
+    sample = json.loads((FIXTURES / "mindie" / "ranktable.2node_8card.json").read_text())
     nodes = [NodeDevices(s["container_ip"], tuple((int(d["device_id"]), d["device_ip"]) for d in s["device"]))
              for s in sample["server_list"]]
     assert render_ranktable(nodes) == sample

@@ -1,5 +1,5 @@
 """NPU discovery, tested at its real boundary: a stand-in `npu-smi` executable that prints published npu-smi
-output (/work/shared/fixtures, see its README) and a fake /dev directory. Nothing of raystack is mocked."""
+output (tests/fixtures/npu-smi, see tests/fixtures/README.md) and a fake /dev directory. Nothing of raystack is mocked."""
 
 import os
 import re
