@@ -7,11 +7,11 @@ export DO_NOT_TRACK = 1
 export RAY_USAGE_STATS_ENABLED = 0
 # Ray runs workers at nice 15; serving replicas (and Serve's proxy) are the workload, not background jobs.
 export RAY_worker_niceness = 0
-# Serve's throughput preset without direct ingress (raystack/serving/fast_path.py says why, and holds the
+# Serve's throughput preset without direct ingress (raystack/process.py says why, and holds the
 # settings), for the Ray that `serve run` starts (its proxy). Not for the tests' own process: there it
 # would make synchronous handle calls from test code fail (no event loop); their replicas get it from
 # build_app.
-SERVE_FAST_PATH = $(VENV)/bin/python -c 'from raystack.serving.fast_path import SERVE_FAST_PATH_ENV as env; \
+SERVE_FAST_PATH = $(VENV)/bin/python -c 'from raystack.process import SERVE_FAST_PATH_ENV as env; \
 	print(" ".join(f"{k}={v}" for k, v in env.items()))'
 CONFIG ?= deploy_configs/local.yaml
 

@@ -14,9 +14,8 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem, ray_strategy
+from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem, ray_placement
 from raystack.config import (
-    MINDIE_NODE_CPUS,
     Backend,
     ConfigError,
     Model,
@@ -27,19 +26,22 @@ from raystack.config import (
     parse_config,
 )
 from raystack.models import embedded, sources
-from raystack.serving.fast_path import SERVE_FAST_PATH_ENV
-from raystack.serving.router import Router
+from raystack.process import SERVE_FAST_PATH_ENV
+from raystack.serving.ingress import Router
 from raystack.serving.server import LLMServer
 
 ENGINE_START_ATTEMPTS = 3
-BACKEND_REQUEST_ROUTER = "raystack.serving.request_router:BackendRequestRouter"
+BACKEND_REQUEST_ROUTER = "raystack.serving.replica_choice:BackendRequestRouter"
 
 
 def cache_dir_of(config: RaystackConfig) -> Path:
     return Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
 
 
-def check_deployable(config: RaystackConfig, cache_dir: Path) -> None:
+HBMNeeds = dict[tuple[str, str], float]  # (model, backend) -> GiB of HBM each NPU of a replica needs
+
+
+def check_deployable(config: RaystackConfig, cache_dir: Path, hbm: HBMNeeds | None = None) -> None:
     """Fail fast on what the config names but this machine can tell is wrong."""
     problems = []
     for i, model in enumerate(config.models):
@@ -47,11 +49,32 @@ def check_deployable(config: RaystackConfig, cache_dir: Path) -> None:
         if model.loads_model:  # all-synthetic models read no source
             problems += _check_source(model, f"{where}.source")
         for j, backend in enumerate(model.backends):
-            if backend.engine == "vllm":
-                problems += _check_vllm_args(backend, f"{where}.backends[{j}].engine_args")
-    problems += _check_capacity(config)
+            problems += backend.spec.check_deployable(backend, f"{where}.backends[{j}]")
+    problems += _check_capacity(config, hbm or {})
     if problems:
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
+
+
+def hbm_needs(config: RaystackConfig, cache_dir: Path, fetch: bool = True) -> HBMNeeds:
+    """The HBM each NPU of every NPU backend's replica needs, by `raystack estimate`'s rule for the backend's
+    parallelism, context and engine memory share. A model whose config.json cannot be read (not fetched
+    with `fetch` False, offline hub, not a decoder the estimate knows) gets no HBM requirement, said."""
+    from raystack.cluster.estimate import EstimateError, min_hbm_gib
+
+    needs: HBMNeeds = {}
+    for model in config.models:
+        npu = [b for b in model.backends if b.device == "npu" and b.loads_model]
+        if not npu:
+            continue
+        try:
+            model_config = sources.model_config(model.source, cache_dir, progress=print, fetch=fetch)
+            for b in npu:
+                needs[model.name, b.name] = min_hbm_gib(
+                    model_config, b.parallel.tensor, b.parallel.pipeline, b.max_model_len,
+                    b.engine_args.get("dtype"), b.spec.memory_fraction(b))
+        except (sources.ModelSourceError, EstimateError) as err:
+            print(f"raystack: {model.name}: no HBM requirement for its NPU replicas ({err})")
+    return needs
 
 
 def check_api_keys(config: RaystackConfig) -> None:
@@ -78,7 +101,7 @@ def _check_source(model: Model, where: str) -> list[str]:
     return []
 
 
-def _check_capacity(config: RaystackConfig) -> list[str]:
+def _check_capacity(config: RaystackConfig, hbm: HBMNeeds) -> list[str]:
     """When connected to a cluster (as `serve run` is), refuse backends it can never host."""
     import ray
 
@@ -88,24 +111,13 @@ def _check_capacity(config: RaystackConfig) -> list[str]:
     problems = []
     for i, model in enumerate(config.models):
         for j, backend in enumerate(model.backends):
-            never, not_now = fit_problem(f"{model.name}@{backend.name}", backend_demand(backend), nodes)
+            demand = backend_demand(backend, hbm.get((model.name, backend.name)))
+            never, not_now = fit_problem(f"{model.name}@{backend.name}", demand, nodes)
             if never:
                 problems.append(f"  models[{i}].backends[{j}]: {never}")
             elif not_now:
                 print(f"raystack: {not_now}")
     return problems
-
-
-def _check_vllm_args(backend: Backend, where: str) -> list[str]:
-    from raystack.engines.vllm import EngineArgsError, check_engine_args
-
-    try:
-        check_engine_args(backend.engine_args, where)
-    except ImportError:  # vLLM lives only on the engine nodes: the replica checks instead
-        return []
-    except EngineArgsError as err:
-        return [str(err)]
-    return []
 
 
 def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> None:
@@ -132,7 +144,7 @@ def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> None:
                   f"x pipeline {size.pipeline_parallel} ({size.required_gib:.0f} GiB on {size.npu_type})")
 
 
-def deployment_options(backend: Backend, routing: Routing = Routing()) -> dict[str, Any]:
+def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_gib: float | None = None) -> dict[str, Any]:
     """Ray Serve options of one backend's LLMServer deployment: resources, scaling, routing, health."""
     actor: dict[str, Any] = {
         "num_cpus": backend.replica_cpus,
@@ -145,7 +157,7 @@ def deployment_options(backend: Backend, routing: Routing = Routing()) -> dict[s
         "max_queued_requests": backend.max_queued_requests,
         "request_router_config": RequestRouterConfig(
             request_router_class=BACKEND_REQUEST_ROUTER,
-            request_router_kwargs={"policy": routing.policy, "affinity_slack": routing.affinity_slack},
+            request_router_kwargs=routing.model_dump(),
         ),
         "health_check_period_s": backend.health_check_period_s,
         "health_check_timeout_s": backend.health_check_timeout_s,
@@ -155,43 +167,25 @@ def deployment_options(backend: Backend, routing: Routing = Routing()) -> dict[s
         "max_constructor_retry_count": ENGINE_START_ATTEMPTS,
         "ray_actor_options": actor,
     }
-    if backend.device == "npu":
-        npus = backend.parallel.world_size
-        accel = {f"accelerator_type:{backend.accelerator.type}": 0.001} if backend.accelerator.type else {}
-        if backend.engine == "mindie":
-            options.update(mindie_placement(backend, actor, accel))
-        elif npus == 1:
-            actor["resources"] = {"NPU": 1, **accel}
-        else:
-            # Bundle 0 holds the replica and its first NPU; the engine's workers take the rest.
-            options["placement_group_bundles"] = [
-                {"CPU": backend.replica_cpus, "NPU": 1, **accel}
-            ] + [{"NPU": 1, **accel} for _ in range(npus - 1)]
-            options["placement_group_strategy"] = ray_strategy(backend)
+    placement = ray_placement(backend, min_hbm_gib)
+    if placement.replica:
+        actor["resources"] = placement.replica
+    if placement.bundles:
+        options["placement_group_bundles"] = list(placement.bundles)
+        options["placement_group_strategy"] = placement.strategy
+        if placement.label_selector:  # one selector: Serve applies it to every bundle
+            options["placement_group_bundle_label_selector"] = [placement.label_selector]
+    elif placement.label_selector:
+        actor["label_selector"] = placement.label_selector
     return options
-
-
-def mindie_placement(backend: Backend, actor: dict[str, Any], accel: dict[str, float]) -> dict[str, Any]:
-    """A MindIE replica holds all of its node's NPUs itself (its daemon is one process over them): tensor
-    NPUs per node, on `pipeline` nodes. Beyond one node, each further node is a bundle of its own where
-    a MindIENode actor runs that node's daemon; STRICT_SPREAD, since two daemons of one replica cannot
-    share a host."""
-    per_node = backend.parallel.tensor
-    actor["resources"] = {"NPU": per_node, **accel}
-    if backend.parallel.pipeline == 1:
-        return {}
-    return {
-        "placement_group_bundles": [{"CPU": backend.replica_cpus, "NPU": per_node, **accel}]
-        + [{"CPU": MINDIE_NODE_CPUS, "NPU": per_node, **accel} for _ in range(backend.parallel.pipeline - 1)],
-        "placement_group_strategy": "STRICT_SPREAD",
-    }
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_config(args)
     cache_dir = cache_dir_of(config)
     resolve_parallelism(config, cache_dir)
-    check_deployable(config, cache_dir)
+    hbm = hbm_needs(config, cache_dir)
+    check_deployable(config, cache_dir, hbm)
     check_api_keys(config)
     for model in config.models:  # embedded models prepare offline in seconds: do it here, visibly
         if model.loads_model and sources.parse_source(model.source).kind == "embedded":
@@ -200,9 +194,8 @@ def build_app(args: dict[str, Any]) -> Application:
     backends: dict[str, dict[str, Application]] = {}
     for model in config.models:
         for backend in model.backends:
-            deployment = LLMServer.options(
-                name=deployment_name(model.name, backend.name), **deployment_options(backend, model.routing)
-            )
+            options = deployment_options(backend, model.routing, hbm.get((model.name, backend.name)))
+            deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
             backends.setdefault(model.name, {})[backend.name] = deployment.bind(
                 model.name, model.source, backend.model_dump(), str(cache_dir)
             )

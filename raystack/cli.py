@@ -19,7 +19,7 @@ from raystack.config import ConfigError, load_serve_config
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from raystack.app import cache_dir_of, check_deployable, resolve_parallelism
+    from raystack.app import cache_dir_of, check_deployable, hbm_needs, resolve_parallelism
 
     failed = 0
     for path in args.files:
@@ -27,7 +27,7 @@ def _config_check(args: argparse.Namespace) -> int:
             for app_name, config in load_serve_config(path):
                 cache = cache_dir_of(config)
                 resolve_parallelism(config, cache)
-                check_deployable(config, cache)
+                check_deployable(config, cache, hbm_needs(config, cache, fetch=False))
                 summary = ", ".join(
                     f"{m.name} <- {'/'.join(b.name for b in m.backends)}" for m in config.models
                 )
@@ -68,12 +68,15 @@ def _models_prepare(args: argparse.Namespace) -> int:
 
 
 def _simulated_npus(count: int, chip_type: str | None, hbm_gib: float | None):
-    from raystack.cluster.npu import NodeNPUs, NPUChip
+    from raystack.cluster.chips import parse_chip
+    from raystack.cluster.npu import NodeNPUs
+    from raystack.cluster.npu_smi import NPUChip
 
-    name = (chip_type or "").removeprefix("Ascend")
+    chip = parse_chip(chip_type or "")
+    hbm_gib = hbm_gib or (chip.hbm_gib if chip else None)
     hbm_mb = int(hbm_gib * 1024) if hbm_gib else None
-    chips = [NPUChip(i, 0, i, name, "OK", hbm_mb) for i in range(count)]
-    return NodeNPUs(chips, [], chip_type, hbm_gib, "simulated (--npus)", [])
+    chips = [NPUChip(i, 0, i, (chip_type or "").removeprefix("Ascend"), "OK", hbm_mb) for i in range(count)]
+    return NodeNPUs(chips, [], chip and chip.model, hbm_gib, "simulated (--npus)", [], chip and chip.family)
 
 
 def _start(args: argparse.Namespace) -> int:

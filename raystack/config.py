@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from raystack.cluster.chips import FAMILIES, family_of, parse_chip
+from raystack.engines.base import DEFAULT_ENGINE, EngineSpec, engine_spec, registry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 BUILD_APP_IMPORT_PATH = "raystack.app:build_app"
@@ -44,7 +47,21 @@ class Parallelism(_Strict):
 
 
 class Accelerator(_Strict):
-    type: str | None = Field(None, description="required chip type, e.g. Ascend910B")
+    type: str | None = Field(
+        None, description="the NPUs a replica needs: a family (Ascend910B = every Atlas A2 part, Ascend910_93, "
+        "Ascend310P) or a model (Ascend910B3, Ascend910B4-1); placed by the labels `raystack start` sets"
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, wanted: str | None) -> str | None:
+        if wanted is None or family_of(wanted):
+            return wanted
+        chip = parse_chip(wanted)
+        if chip is None or chip.model is None:
+            raise ValueError(f"unknown NPU type {wanted!r}: name a family ({', '.join(FAMILIES)}) or a model "
+                             f"(Ascend910B3, Ascend910B4, Ascend910B4-1, Ascend910_9392, Ascend310P3, ...)")
+        return wanted
 
 
 class Autoscaling(_Strict):
@@ -84,62 +101,13 @@ class Resources(_Strict):
     )
 
 
-# A synthetic replica only sleeps between tokens: a tenth of a core lets several share a small machine.
-SYNTHETIC_REPLICA_CPUS = 0.1
-# A synthetic "model" has a context like a real one, so no request can ask it for billions of words.
-SYNTHETIC_DEFAULT_CONTEXT = 32768
-
-
-class SyntheticSettings(_Strict):
-    """engine: synthetic, a backend without a model for load tests: deterministic words at a set pace."""
-
-    ttft_ms: float = Field(50, ge=0, description="time to the first token")
-    tokens_per_s: float | None = Field(
-        50, ge=0, description="pace after the first token; 0 or null: as fast as possible"
-    )
-    output_tokens: int = Field(64, ge=1, description="answer length when the request sets no max_tokens")
-    startup_s: float = Field(0, ge=0, description="time a replica takes to start, as a model load would")
-
-
-DEFAULT_MINDIE_INSTALL_PATH = "/usr/local/Ascend/mindie/latest/mindie-service"
-# A MindIE replica on several nodes runs a MindIENode actor (one process, mostly waiting) on each further node.
-MINDIE_NODE_CPUS = 1
-
-
-class MindIESettings(_Strict):
-    """engine: mindie, MindIE Service run as a supervised mindieservice_daemon per replica (engines/mindie.py).
-    The replica writes config.json from the installation's shipped one; `overrides` are merged last."""
-
-    install_path: str | None = Field(
-        None, description=f"MindIE Service installation holding bin/mindieservice_daemon and conf/config.json "
-        f"(default: $MIES_INSTALL_PATH, else {DEFAULT_MINDIE_INSTALL_PATH})"
-    )
-    max_input_token_len: int | None = Field(
-        None, ge=1, description="longest prompt in tokens (maxInputTokenLen; default: max_model_len)"
-    )
-    max_batch_size: int = Field(200, ge=1, description="sequences decoded together (maxBatchSize)")
-    max_prefill_tokens: int | None = Field(
-        None, ge=1, description="tokens of one prefill batch (maxPrefillTokens; default: max(8192, max_input_token_len))"
-    )
-    cache_block_size: int = Field(128, ge=1, description="tokens per KV-cache block (cacheBlockSize)")
-    npu_memory_fraction: float = Field(
-        0.9, gt=0, le=1, description="share of each NPU's memory MindIE may use (NPU_MEMORY_FRACTION)"
-    )
-    startup_timeout_s: float = Field(
-        1800, gt=0, description="longest wait for the daemon to load the model and open its port"
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="merged into config.json last, e.g. {BackendConfig: {ScheduleConfig: "
-        "{maxIterTimes: 1024}}}"
-    )
-
-
-class Backend(_Strict):
-    """One engine serving a model: its deployment, placement and engine arguments."""
+class _BackendFields(_Strict):
+    """One engine serving a model: its deployment, placement and engine arguments. Each engine's own
+    settings block (`mindie:`, `synthetic:`, ...) is added from the engine registry (Backend below)."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    engine: Literal["vllm", "mindie", "synthetic"] = "vllm"
-    device: Literal["cpu", "npu"] = "npu"
+    engine: str = Field(DEFAULT_ENGINE, description=f"the inference engine: {' | '.join(registry())}")
+    device: Literal["cpu", "npu"] = Field("npu", description="default: the engine's first device")
     accelerator: Accelerator = Accelerator()
     parallelism: Parallelism | Literal["auto"] = Field(
         Parallelism(), description="tensor/pipeline sizes, or `auto` to size from the model (raystack estimate)"
@@ -148,13 +116,11 @@ class Backend(_Strict):
         "pack", description="how a replica's NPU bundles spread over nodes (Ray placement strategy)"
     )
     max_model_len: int | None = Field(
-        None, ge=16, description=f"context length; default: the model's ({SYNTHETIC_DEFAULT_CONTEXT} for engine: synthetic)"
+        None, ge=16, description="context length; default: the model's (or the engine's, for an engine without one)"
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="passed to the engine as-is (vLLM: AsyncEngineArgs fields)"
     )
-    synthetic: SyntheticSettings | None = Field(None, description="pace and length of engine: synthetic")
-    mindie: MindIESettings | None = Field(None, description="MindIE Service settings of engine: mindie")
     env: dict[str, str] = Field(default_factory=dict, description="environment of the replica")
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
@@ -171,17 +137,19 @@ class Backend(_Strict):
     graceful_shutdown_timeout_s: float = Field(30, ge=0)
 
     @property
+    def spec(self) -> EngineSpec:
+        return engine_spec(self.engine)
+
+    @property
     def loads_model(self) -> bool:
-        """False for engine: synthetic, which answers without model files."""
-        return self.engine != "synthetic"
+        """False for an engine that answers without model files (engine: synthetic)."""
+        return self.spec.loads_model
 
     @property
     def replica_cpus(self) -> float:
         if self.resources.cpus is not None:
             return self.resources.cpus
-        if not self.loads_model:
-            return SYNTHETIC_REPLICA_CPUS
-        return 1.0 if self.device == "cpu" else 2.0
+        return self.spec.replica_cpus[self.device]
 
     @property
     def parallel(self) -> Parallelism:
@@ -190,51 +158,47 @@ class Backend(_Strict):
             raise ValueError("parallelism: auto is resolved by build_app (raystack.app.resolve_parallelism)")
         return self.parallelism
 
-    @model_validator(mode="after")
-    def _mindie_consistency(self) -> Backend:
-        if self.engine != "mindie":
-            if self.mindie is not None:
-                raise ValueError("mindie: applies to engine: mindie only; remove it or set that engine")
-            return self
-        if self.device != "npu":
-            raise ValueError("engine: mindie runs on Ascend NPUs only; use device: npu (or engine: vllm on cpu)")
-        if self.engine_args:
-            raise ValueError("engine_args are vLLM's; engine: mindie is set up by its mindie: block "
-                             "(and mindie.overrides for any config.json key)")
-        if self.mindie is None:
-            self.mindie = MindIESettings()
-        return self
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, engine: str) -> str:
+        if engine not in registry():
+            raise ValueError(f"unknown engine {engine!r}; the engines are: {', '.join(registry())}")
+        return engine
 
     @model_validator(mode="after")
-    def _synthetic_consistency(self) -> Backend:
-        if self.engine != "synthetic":
-            if self.synthetic is not None:
-                raise ValueError("synthetic: applies to engine: synthetic only; remove it or set that engine")
-            return self
-        if self.engine_args:
-            raise ValueError("engine_args are vLLM's; engine: synthetic is set up by its synthetic: block")
+    def _engine_rules(self) -> _BackendFields:
+        spec = self.spec
+        for other in registry().values():
+            if other.settings is not None and other.name != self.engine and getattr(self, other.name) is not None:
+                raise ValueError(f"{other.name}: applies to engine: {other.name} only; remove it or set that engine")
         if "device" not in self.model_fields_set:
-            self.device = "cpu"  # it runs no model: nothing to place on an NPU
-        elif self.device != "cpu":
-            raise ValueError("engine: synthetic runs no model and needs no NPU; use device: cpu")
-        if self.synthetic is None:
-            self.synthetic = SyntheticSettings()
+            self.device = spec.devices[0]
+        if spec.settings is not None and getattr(self, spec.name) is None:
+            setattr(self, spec.name, spec.settings())
         if self.max_model_len is None:
-            self.max_model_len = SYNTHETIC_DEFAULT_CONTEXT
-        return self
-
-    @model_validator(mode="after")
-    def _device_consistency(self) -> Backend:
+            self.max_model_len = spec.default_max_model_len
         if self.parallelism == "auto" and self.device == "cpu":
             self.parallelism = Parallelism()  # one CPU engine per replica: nothing to size
-        if self.device == "cpu" and self.parallel.world_size > 1:
-            raise ValueError(
-                "parallelism above 1 needs device: npu (vLLM's CPU platform has no Ray executor); "
-                "set parallelism to {tensor: 1, pipeline: 1} or device: npu"
-            )
         if self.device == "cpu" and self.accelerator.type:
             raise ValueError("accelerator.type applies to device: npu only; remove it or set device: npu")
+        spec.validate(self)  # the engine's own rules (and messages) first
+        if self.device not in spec.devices:
+            raise ValueError(f"engine: {self.engine} runs on device: {' or '.join(spec.devices)} only")
+        if self.engine_args and not spec.takes_engine_args:
+            takers = [e.name for e in registry().values() if e.takes_engine_args]
+            raise ValueError(f"engine_args apply to engine: {' or '.join(takers)} only; engine: {self.engine} is "
+                             f"set up by its {self.engine}: block")
         return self
+
+
+# A backend with each registered engine's settings block as an optional field named after the engine.
+Backend = create_model(
+    "Backend",
+    __base__=_BackendFields,
+    __module__=__name__,
+    **{spec.name: (spec.settings | None, Field(None, description=f"settings of engine: {spec.name}"))
+       for spec in registry().values() if spec.settings is not None},
+)
 
 
 class Routing(_Strict):
@@ -283,6 +247,12 @@ class Model(_Strict):
     def _unique_backend_names(cls, backends: list[Backend]) -> list[Backend]:
         _require_unique("backend names within a model", [b.name for b in backends])
         return backends
+
+    @model_validator(mode="after")
+    def _names_the_engines_accept(self) -> Model:
+        for backend in self.backends:
+            backend.spec.check_model_name(self.name)
+        return self
 
     @model_validator(mode="after")
     def _some_weight(self) -> Model:

@@ -53,7 +53,6 @@ def serve_direct(port: int, ttft_ms: float, tokens_per_s: float) -> None:
     import uvicorn
 
     from raystack.config import Backend
-    from raystack.engines.base import JSONResult
     from raystack.engines.synthetic import SyntheticEngine
 
     engine = SyntheticEngine(MODEL, None, Backend.model_validate(synthetic_backend(ttft_ms, tokens_per_s, 1)))
@@ -61,10 +60,10 @@ def serve_direct(port: int, ttft_ms: float, tokens_per_s: float) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        result = await engine.generate("chat", await request.json())
-        if isinstance(result, JSONResult):
-            return JSONResponse(result.body, status_code=result.status)
-        return StreamingResponse(result, media_type="text/event-stream")
+        answer = await engine.generate("chat", await request.json())
+        if answer.stream is None:
+            return JSONResponse(answer.body, status_code=answer.status)
+        return StreamingResponse(answer.stream, media_type="text/event-stream")
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -169,27 +168,27 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20, help="seconds of each capacity run")
     parser.add_argument("--engine-replicas", type=int, default=1)
     parser.add_argument("--serve-defaults", action="store_true",
-                        help="run Serve with its default settings instead of raystack's (fast_path.py), for comparison")
+                        help="run Serve with its default settings instead of raystack's (raystack/process.py), for comparison")
     parser.add_argument("--serve-direct", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ttft-ms", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_direct:
         return serve_direct(args.serve_direct, args.ttft_ms, args.tokens_per_s)
 
-    from raystack.serving import fast_path
+    from raystack import process
 
     os.environ.setdefault("RAY_worker_niceness", "0")
-    for key in fast_path.SERVE_FAST_PATH_ENV:  # whatever the calling shell exported: this run decides
+    for key in process.SERVE_FAST_PATH_ENV:  # whatever the calling shell exported: this run decides
         os.environ.pop(key, None)
     if args.serve_defaults:  # build_app sets the fast path in its replicas' runtime_env: empty it
-        fast_path.SERVE_FAST_PATH_ENV.clear()
-    os.environ.update(fast_path.SERVE_FAST_PATH_ENV)  # the proxy's settings, as `raystack start` exports them
+        process.SERVE_FAST_PATH_ENV.clear()
+    os.environ.update(process.SERVE_FAST_PATH_ENV)  # the proxy's settings, as `raystack start` exports them
     # Serve reads its settings when imported: only now.
     import ray
     from ray import serve
 
     from raystack.app import build_app
-    from tests.e2e.conftest import free_port
+    from tests.serve_cluster import free_port
 
     serve_port, direct_ports = free_port(), {}
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -206,7 +205,7 @@ def main() -> None:
             serve.run(build_app({"models": [{"name": MODEL, "backends": [backend]}]}),
                       name=f"raystack-{phase}", route_prefix=f"/raystack-{phase}")
             from raystack.config import Backend
-            serve.run(passthrough_app(Backend.model_validate(backend).model_dump(), fast_path.SERVE_FAST_PATH_ENV),
+            serve.run(passthrough_app(Backend.model_validate(backend).model_dump(), process.SERVE_FAST_PATH_ENV),
                       name=f"passthrough-{phase}", route_prefix=f"/passthrough-{phase}")
         for port in direct_ports.values():
             wait_for_port(port)

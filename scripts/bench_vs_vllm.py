@@ -34,7 +34,7 @@ MODEL = "smollm2"
 def engine_flags(backend: dict) -> list[str]:
     """vLLM server flags equal to what raystack's engine uses for the local.yaml backend."""
     from raystack.config import Backend
-    from raystack.engines.vllm import build_engine_args
+    from raystack.engines.vllm.args import build_engine_args
 
     args = build_engine_args(MODEL, Path("unused"), Backend.model_validate(backend))
     flags = []

@@ -1,6 +1,10 @@
-"""A MindIE Service installation for tests: the stand-in daemon (tests/mindie_standin_daemon.py) as
-bin/mindieservice_daemon, and MindIE's shipped default conf/config.json (tests/fixtures/mindie), laid out
-as MIES_INSTALL_PATH is. raystack finds and runs it exactly as it would the real one."""
+"""A MindIE Service installation for tests, laid out as Huawei's installers lay out /usr/local/Ascend: the
+stand-in daemon (tests/mindie_standin_daemon.py) as mindie/latest/mindie-service/bin/mindieservice_daemon,
+MindIE's shipped default conf/config.json (tests/fixtures/mindie), and the four set_env.sh scripts that
+GPUStack sources before the daemon, each setting the variables the real one sets that MindIE relies on
+(as read from the real scripts: raystack/engines/mindie/environment.py cites them). Like the real
+mindie-llm script, mindie/set_env.sh runs `rm -rf /dev/shm/*` and prints a usage line when given an
+argument it does not know. raystack finds and runs all of it exactly as it would the real one."""
 
 from __future__ import annotations
 
@@ -18,9 +22,26 @@ DEFAULT_CONFIG = FIXTURES / "mindie" / "config.default.json"
 DAEMON_SCRIPT = Path(__file__).with_name("mindie_standin_daemon.py")
 
 
+SET_ENV = {
+    "ascend-toolkit/set_env.sh": 'export ASCEND_TOOLKIT_HOME="$HERE/latest"\nexport ASCEND_HOME_PATH="$ASCEND_TOOLKIT_HOME"\n'
+                                 'export LD_LIBRARY_PATH="$ASCEND_TOOLKIT_HOME/lib64:$LD_LIBRARY_PATH"\n',
+    "nnal/atb/set_env.sh": 'export ATB_HOME_PATH="$HERE/cxx_abi_0"\nexport ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE=1\n',
+    "atb-models/set_env.sh": 'export ATB_SPEED_HOME_PATH="$HERE"\nexport TASK_QUEUE_ENABLE=1\n',
+    "mindie/set_env.sh": 'rm -rf /dev/shm/*\nexport MINDIE_LLM_HOME_PATH="$HERE/latest/mindie-llm"\n'
+                         'export MINDIE_LOG_TO_STDOUT=0\n'
+                         'if [ -n "$1" ] && [ "${1#--backend=}" = "$1" ]; then echo "Usage: source set_env.sh --backend=<backend>"; '
+                         'unset MINDIE_LLM_HOME_PATH; fi\n',
+}
+
+
 def install_mindie(root: Path) -> Path:
-    """A mindie-service directory under `root`; returns it (the value of MIES_INSTALL_PATH)."""
-    install = root / "mindie-service"
+    """An Ascend home (CANN, NNAL, atb-models, MindIE) under `root`; returns it (mindie.ascend_home)."""
+    home = root / "Ascend"
+    for script, body in SET_ENV.items():
+        path = home / script
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"\n{body}')
+    install = home / "mindie" / "latest" / "mindie-service"
     (install / "bin").mkdir(parents=True)
     (install / "conf").mkdir()
     shutil.copy(DEFAULT_CONFIG, install / "conf" / "config.json")
@@ -28,7 +49,7 @@ def install_mindie(root: Path) -> Path:
     daemon = install / "bin" / "mindieservice_daemon"
     daemon.write_text(f'#!/bin/sh\nexec "{sys.executable}" -u "{DAEMON_SCRIPT}" "$@"\n')
     daemon.chmod(daemon.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)
-    return install
+    return home
 
 
 def model_weights(root: Path, max_position_embeddings: int = 4096) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,20 @@ def get(config: dict, path: str, kind: type | tuple[type, ...]):
     if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
         fail(f"config.json: {path} has the wrong type ({type(node).__name__})")
     return node
+
+
+# What the Ascend scripts set that MindIE's libraries need (the CANN toolkit's, nnal/atb's, atb-models' and
+# mindie's set_env.sh; MindIE-LLM environment_variable.md: ATB_HOME_PATH and ATB_SPEED_HOME_PATH "必须配置").
+REQUIRED_ENV = {"ASCEND_HOME_PATH": "ascend-toolkit/set_env.sh", "ATB_HOME_PATH": "nnal/atb/set_env.sh",
+                "ATB_SPEED_HOME_PATH": "atb-models/set_env.sh", "MINDIE_LLM_HOME_PATH": "mindie/set_env.sh"}
+MODEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,254}[A-Za-z0-9])?")
+
+
+def check_env() -> None:
+    """As MindIE's libraries fail to load without the Ascend stack's environment."""
+    for key, script in REQUIRED_ENV.items():
+        if not os.environ.get(key):
+            fail(f"{key} is not set: error while loading shared libraries (source {script} first)")
 
 
 def load_config() -> tuple[str, dict]:
@@ -132,6 +147,9 @@ def check_config(config: dict) -> dict:
     for key, kind in [("modelName", str), ("modelWeightPath", str), ("worldSize", int)]:
         if not isinstance(model.get(key), kind):
             fail(f"config.json: ModelConfig[0].{key} is missing or has the wrong type")
+    if not MODEL_NAME.fullmatch(model["modelName"]):  # model_deploy_config.cpp
+        fail("The string length is [1, 256] and consists of a match of the type [a-zA-Z0-9_.-]. "
+             "The first and last characters must be characters or digits.")
     weights = model["modelWeightPath"]
     if not os.path.isdir(weights) or os.path.islink(weights):
         fail(f"modelWeightPath {weights} is not a directory (or is a symlink)")
@@ -149,8 +167,12 @@ def check_config(config: dict) -> dict:
         if get(config, f"BackendConfig.ScheduleConfig.{key}", int) <= 0:
             fail(f"config.json: ScheduleConfig.{key} must be positive")
     if schedule["maxPrefillTokens"] < max_input:
-        fail(f"config.json: maxPrefillTokens ({schedule['maxPrefillTokens']}) must be at least "
-             f"maxInputTokenLen ({max_input})")
+        fail("The value of maxPrefillTokens should not be less than maxInputTokenLen.")
+    max_iter = get(config, "BackendConfig.ScheduleConfig.maxIterTimes", int)
+    if max_iter == 0:
+        fail("The value of ScheduleParam.maxIterTimes can not be 0.")
+    if get(config, "ServerConfig.port", int) == get(config, "BackendConfig.multiNodesInferPort", int):
+        fail("Endpoint port cannot be equal to multiNodesInferPort.")
     world = model["worldSize"]
     local = devices[0]
     master = True
@@ -165,7 +187,8 @@ def check_config(config: dict) -> dict:
     elif world != len(local):
         fail(f"config.json: worldSize {world} != {len(local)} npuDeviceIds")
     return {"planes": planes, "model": model["modelName"], "devices": local, "max_seq": max_seq,
-            "max_input": max_input, "max_batch": schedule["maxBatchSize"], "world": world, "master": master}
+            "max_input": max_input, "max_batch": schedule["maxBatchSize"], "world": world, "master": master,
+            "max_iter": max_iter}
 
 
 def check_ranktable() -> tuple[list[int], bool]:
@@ -320,10 +343,12 @@ class Daemon:
         if prompt_tokens > self.s["max_input"]:
             return self.error(422, f"Messages token length must be in (0, {self.s['max_input']}], "
                                    f"but got {prompt_tokens}")
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16
+        # As MindIE: no max_tokens means maxIterTimes, and the answer is min(maxIterTimes, max_tokens,
+        # maxSeqLen - prompt) tokens long (service_parameter_configuration.md; infer_param.cpp).
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or self.s["max_iter"]
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return self.error(422, "max_tokens must be greater than 0")
-        max_tokens = min(max_tokens, self.s["max_seq"] - prompt_tokens)
+        max_tokens = min(max_tokens, self.s["max_iter"], self.s["max_seq"] - prompt_tokens)
         if max_tokens < 1:
             return self.error(422, f"the input leaves no room to generate within maxSeqLen {self.s['max_seq']}")
         if "stream_options" in body:  # MindIE parses no stream_options; an unknown field is refused here
@@ -444,7 +469,9 @@ async def serve(settings: dict) -> None:
 
 RECORDED_ENV = ("MIES_INSTALL_PATH", "MIES_CONFIG_JSON_PATH", "MIES_SERVICE_MONITOR_MODE", "NPU_MEMORY_FRACTION",
                 "OMP_NUM_THREADS", "MINDIE_LOG_TO_STDOUT", "ASCEND_RT_VISIBLE_DEVICES", "RANK_TABLE_FILE",
-                "WORLD_SIZE", "MIES_CONTAINER_IP", "MASTER_IP")
+                "WORLD_SIZE", "MIES_CONTAINER_IP", "MASTER_IP", "MASTER_PORT", "HCCL_CONNECT_TIMEOUT",
+                "HCCL_OP_EXPANSION_MODE", "ATB_LLM_HCCL_ENABLE", "http_proxy", "https_proxy", *REQUIRED_ENV,
+                "ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE", "TASK_QUEUE_ENABLE")
 
 
 def record_start(path: str, config: dict) -> None:
@@ -466,6 +493,7 @@ def main() -> None:
     except PermissionError:
         pass  # already a session leader (started that way), hence its group's leader
     record_pid(os.getpid(), "daemon")
+    check_env()
     path, config = load_config()
     log("INFO", f"read config {path}")
     record_start(path, config)

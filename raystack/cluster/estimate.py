@@ -20,15 +20,28 @@ rough is said in `SizeEstimate.notes`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from raystack.models.sources import ModelSourceError, default_cache_dir, locate, parse_source, resolve
+from raystack.models.shape import (
+    ModelShapeError,
+    count_parameters,
+    embedding_parameters,
+    kv_cache_bytes_per_token,
+    kv_copies,
+    language_config,
+    model_max_len,
+    quantized_bits,
+    rope_scaling,
+    rope_type,
+    serving_dtype,
+    shape,
+    tensor_parallel_options,
+)
+from raystack.models.sources import model_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +49,6 @@ GIB = 1024**3
 WEIGHT_MARGIN = 0.2  # GPUStack's x1.2: activations, sampler and allocator slack, proportional to weights
 OVERHEAD_PER_NPU_GIB = 2.0  # GPUStack's +2 GiB (graph capture, runtime), counted on every NPU here
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default; the share of HBM vLLM lets itself use
-TP_CANDIDATES = (1, 2, 4, 8, 16)
 DEFAULT_NPU_TYPE = "Ascend910B"
 
 
@@ -69,19 +81,6 @@ NPU_TYPES: dict[str, NpuSpec] = {
     "Ascend910_93": NpuSpec(64, 16, "Ascend910_93 (A3): 64 GiB per die; each 910C chip is two dies, two NPUs"),
 }
 _ALIASES = {"910a": "Ascend910", "910c": "Ascend910_93", "a3": "Ascend910_93", "310p": "Ascend310P3"}
-
-_DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4, "float": 4}
-_MAX_LEN_KEYS = (  # vLLM takes the smallest of these that the config has
-    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-    "max_sequence_length", "max_seq_length", "seq_len",
-)
-_QKV_BIAS_MODEL_TYPES = {"qwen2", "qwen2_moe"}  # Qwen2 always has q/k/v biases; its config does not say so
-_QUANT_BITS = {  # quant_method -> bits per weight when the config does not say `bits`
-    "fp8": 8, "fbgemm_fp8": 8, "ptpc_fp8": 8, "gptq": 4, "awq": 4, "gptq_marlin": 4, "awq_marlin": 4,
-    "mxfp4": 4, "bitnet": 2,
-}
-_ASCEND_QUANT_BITS = {"w8a8": 8, "w8a8_dynamic": 8, "w8a16": 8, "w4a8": 4, "w4a8_dynamic": 4, "w4a16": 4}
-
 
 @dataclass(frozen=True)
 class SizeEstimate:
@@ -151,234 +150,6 @@ def npu_spec(npu_type: str) -> tuple[str, NpuSpec]:
     )
 
 
-# ---------------------------------------------------------------------------------------------- shape
-
-
-@dataclass(frozen=True)
-class _Shape:
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tie: bool
-    experts: int  # routed experts per MoE layer; 0 for a dense model
-    mla: bool  # DeepSeek's multi-head latent attention: one compressed KV per token, not per head
-
-
-def language_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The decoder's fields: multimodal configs nest them under text_config / llm_config."""
-    if "hidden_size" in config or "num_hidden_layers" in config:
-        return config
-    for key in ("text_config", "llm_config", "language_config"):
-        sub = config.get(key)
-        if isinstance(sub, dict) and "hidden_size" in sub:
-            inherited = ("torch_dtype", "dtype", "quantization_config", "tie_word_embeddings", "_name_or_path")
-            return {**{k: config[k] for k in inherited if k in config}, **sub, "_nested_in": key}
-    return config
-
-
-def _shape(cfg: dict[str, Any]) -> _Shape:
-    experts = int(cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts") or 0)
-    needed = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
-    if not experts:
-        needed.append("intermediate_size")
-    missing = [k for k in needed if not cfg.get(k)]
-    mla = bool(cfg.get("kv_lora_rank"))
-    if mla:
-        missing += [k for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if not cfg.get(k)]
-    if missing:
-        kind = cfg.get("model_type") or "this model"
-        raise EstimateError(
-            f"config.json of {kind} has no {', '.join(missing)}: not a decoder the estimate understands; "
-            f"set parallelism (tensor, pipeline) explicitly"
-        )
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    return _Shape(
-        model_type=str(cfg.get("model_type") or ""),
-        hidden=hidden,
-        layers=int(cfg["num_hidden_layers"]),
-        heads=heads,
-        kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        intermediate=int(cfg.get("intermediate_size") or 0),
-        vocab=int(cfg["vocab_size"]),
-        tie=bool(cfg.get("tie_word_embeddings", False)),
-        experts=experts,
-        mla=mla,
-    )
-
-
-def _attention_params(cfg: dict[str, Any], s: _Shape) -> int:
-    h, nh = s.hidden, s.heads
-    if s.mla:
-        nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-        kv_rank, q_rank = cfg["kv_lora_rank"], cfg.get("q_lora_rank")
-        q = h * q_rank + q_rank + q_rank * nh * (nope + rope) if q_rank else h * nh * (nope + rope)
-        kv = h * (kv_rank + rope) + kv_rank + kv_rank * nh * (nope + v)
-        return q + kv + nh * v * h
-    q_out, kv_out = nh * s.head_dim, s.kv_heads * s.head_dim
-    params = h * q_out + 2 * h * kv_out + q_out * h  # q, k, v, o
-    if s.model_type in _QKV_BIAS_MODEL_TYPES or cfg.get("attention_bias"):
-        params += q_out + 2 * kv_out
-    if cfg.get("attention_bias") and s.model_type not in _QKV_BIAS_MODEL_TYPES:
-        params += h  # o_proj bias
-    if s.model_type.startswith("qwen3"):
-        params += 2 * s.head_dim  # q_norm, k_norm
-    return params
-
-
-def _is_moe_layer(cfg: dict[str, Any], i: int) -> bool:
-    if i in (cfg.get("mlp_only_layers") or []):  # Qwen MoE
-        return False
-    if i < int(cfg.get("first_k_dense_replace") or 0):  # DeepSeek
-        return False
-    if (i + 1) % int(cfg.get("decoder_sparse_step") or 1):  # Qwen MoE
-        return False
-    return i % int(cfg.get("moe_layer_freq") or 1) == 0  # DeepSeek
-
-
-def _mlp_params(cfg: dict[str, Any], s: _Shape, i: int) -> int:
-    h = s.hidden
-    if not (s.experts and _is_moe_layer(cfg, i)):
-        return 3 * h * s.intermediate  # gate, up, down
-    expert = int(cfg.get("moe_intermediate_size") or s.intermediate)
-    params = s.experts * 3 * h * expert + h * s.experts  # experts + router
-    params += int(cfg.get("n_shared_experts") or 0) * 3 * h * expert  # DeepSeek
-    if cfg.get("shared_expert_intermediate_size"):  # Qwen2-MoE: one wide shared expert and its gate
-        params += 3 * h * int(cfg["shared_expert_intermediate_size"]) + h
-    return params
-
-
-def embedding_parameters(config: dict[str, Any]) -> int:
-    s = _shape(language_config(config))
-    return s.vocab * s.hidden * (1 if s.tie else 2)
-
-
-def count_parameters(config: dict[str, Any]) -> int:
-    """Parameters of a Llama/Qwen2/Qwen3-style decoder from config.json; also Qwen-MoE, Mixtral and
-    DeepSeek-V2/V3 (MoE, MLA)."""
-    cfg = language_config(config)
-    s = _shape(cfg)
-    per_layer = _attention_params(cfg, s) + 2 * s.hidden  # + input and post-attention norms
-    layers = sum(per_layer + _mlp_params(cfg, s, i) for i in range(s.layers))
-    return embedding_parameters(cfg) + layers + s.hidden  # + final norm
-
-
-def kv_cache_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 2) -> int:
-    """One token's K and V over all layers (MLA: its one compressed latent), without TP copies."""
-    cfg = language_config(config)
-    s = _shape(cfg)
-    if s.mla:
-        return s.layers * (int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"])) * dtype_bytes
-    return 2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
-
-
-def tensor_parallel_options(config: dict[str, Any], max_tp: int = TP_CANDIDATES[-1]) -> tuple[int, ...]:
-    """Powers of two vLLM accepts as tensor-parallel size: they divide the attention heads, and the KV
-    heads divide by TP or TP by the KV heads (vLLM then replicates KV heads)."""
-    s = _shape(language_config(config))
-    return tuple(
-        tp for tp in TP_CANDIDATES
-        if tp <= max_tp and s.heads % tp == 0 and (s.mla or s.kv_heads % tp == 0 or tp % s.kv_heads == 0)
-    )
-
-
-def _kv_copies(s: _Shape, tp: int) -> float:
-    """How many times the KV cache is stored across TP ranks, relative to one copy."""
-    if s.mla:
-        return tp  # vLLM keeps the whole latent cache on every TP rank
-    return max(1, s.kv_heads // tp) * tp / s.kv_heads  # each rank holds at least one KV head
-
-
-def model_max_len(config: dict[str, Any]) -> int:
-    """The context length vLLM defaults to: the smallest max-length key, x the RoPE factor for linear and
-    dynamic scaling (YaRN, llama3 and longrope configs already state the scaled length)."""
-    cfg = language_config(config)
-    lengths = [int(cfg[k]) for k in _MAX_LEN_KEYS if isinstance(cfg.get(k), (int, float)) and cfg[k] > 0]
-    length = min(lengths) if lengths else 2048  # vLLM's fallback
-    rope = _rope_scaling(cfg)
-    if rope and _rope_type(rope) in ("linear", "dynamic") and rope.get("factor"):
-        length = int(length * float(rope["factor"]))
-    return length
-
-
-def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    return rope if isinstance(rope, dict) and _rope_type(rope) not in ("", "default") else None
-
-
-def _rope_type(rope: dict[str, Any]) -> str:
-    return str(rope.get("rope_type") or rope.get("type") or "")
-
-
-# ------------------------------------------------------------------------------------ dtype and quant
-
-
-def _serving_dtype(cfg: dict[str, Any], dtype: str | None, notes: list[str]) -> tuple[str, int]:
-    if dtype and dtype != "auto":
-        name = dtype.lower().removeprefix("torch.")
-        if name not in _DTYPE_BYTES:
-            raise EstimateError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPE_BYTES)}")
-        return name, _DTYPE_BYTES[name]
-    config_dtype = cfg.get("torch_dtype") or cfg.get("dtype")
-    name = str(config_dtype).lower().removeprefix("torch.") if config_dtype else ""
-    if name not in _DTYPE_BYTES:
-        notes.append(f"config.json has no usable dtype ({config_dtype!r}); assumed bfloat16")
-        return "bfloat16", 2
-    if _DTYPE_BYTES[name] == 4:
-        notes.append(
-            "config.json says float32, but vLLM's dtype=auto serves float32 checkpoints in 16-bit, so "
-            "2 bytes per value are counted; pass dtype float32 to size for full precision"
-        )
-        return "bfloat16", 2
-    return name, _DTYPE_BYTES[name]
-
-
-def _weight_bits(cfg: dict[str, Any], dtype_bytes: int, notes: list[str]) -> float:
-    full = 8.0 * dtype_bytes
-    quant = cfg.get("quantization_config")
-    if isinstance(quant, dict) and quant:
-        method = str(quant.get("quant_method") or "").lower()
-        bits = quant.get("bits") or quant.get("w_bit") or _compressed_tensors_bits(quant)
-        if not bits and method == "bitsandbytes":
-            bits = 4 if quant.get("load_in_4bit") else 8
-        bits = bits or _QUANT_BITS.get(method)
-        if not bits:
-            what = method or "unknown method"
-            notes.append(f"quantization_config ({what}) not understood: weights counted unquantized")
-            return full
-        notes.append(
-            f"quantized checkpoint ({method}, {bits}-bit weights): embeddings and LM head counted at "
-            f"{dtype_bytes} bytes, scales and zero points not counted"
-        )
-        if method in ("fp8", "fbgemm_fp8", "ptpc_fp8"):
-            notes.append(
-                "Ascend NPUs have no FP8: vllm-ascend serves such a model from a W8A8 conversion (the size "
-                "counted here) or a bfloat16 one (twice the weights)"
-            )
-        return float(bits)
-    ascend_quant = str(cfg.get("quantize") or "").lower()  # msModelSlim / MindIE-style checkpoints
-    if ascend_quant in _ASCEND_QUANT_BITS:
-        notes.append(f"Ascend-quantized checkpoint ({ascend_quant}): embeddings counted at {dtype_bytes} bytes")
-        return float(_ASCEND_QUANT_BITS[ascend_quant])
-    return full
-
-
-def _compressed_tensors_bits(quant: dict[str, Any]) -> int | None:
-    for group in (quant.get("config_groups") or {}).values():
-        bits = ((group or {}).get("weights") or {}).get("num_bits")
-        if bits:
-            return int(bits)
-    return None
-
-
-# ------------------------------------------------------------------------------------------ estimate
-
-
 def estimate(
     config: dict[str, Any],
     npu_type: str | None = DEFAULT_NPU_TYPE,
@@ -400,7 +171,11 @@ def estimate(
     cfg = language_config(config)
     if "_nested_in" in cfg:
         notes.append(f"multimodal config: only the language model ({cfg['_nested_in']}) is counted")
-    s = _shape(cfg)
+    try:
+        s = shape(cfg)
+        dtype_name, dtype_bytes = serving_dtype(cfg, dtype, notes)
+    except ModelShapeError as err:
+        raise EstimateError(str(err)) from None
     model = name or str(config.get("_name_or_path") or cfg.get("_name_or_path") or "model")
 
     npu_type = npu_type or DEFAULT_NPU_TYPE
@@ -425,12 +200,12 @@ def estimate(
         raise EstimateError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
 
     default_len = model_max_len(cfg)
-    rope = _rope_scaling(cfg)
+    rope = rope_scaling(cfg)
     if max_model_len is None:
         max_model_len = default_len
         if rope:
             notes.append(
-                f"config enables {_rope_type(rope)} RoPE scaling; sized for the model's default context "
+                f"config enables {rope_type(rope)} RoPE scaling; sized for the model's default context "
                 f"{default_len}; pass max_model_len to size for the context you serve"
             )
     elif max_model_len < 1:
@@ -441,11 +216,7 @@ def estimate(
             f"VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"
         )
 
-    dtype_name, dtype_bytes = _serving_dtype(cfg, dtype, notes)
-    weight_bits = _weight_bits(cfg, dtype_bytes, notes)
-    params = count_parameters(cfg)
-    embed = embedding_parameters(cfg)
-    weights_gib = (embed * dtype_bytes + (params - embed) * weight_bits / 8) / GIB
+    params, weight_bits, weights_gib = _weights(cfg, dtype_bytes, notes)
     kv_per_token = kv_cache_bytes_per_token(cfg, dtype_bytes)
     kv_one_copy_gib = kv_per_token * max_model_len / GIB
 
@@ -475,7 +246,7 @@ def estimate(
         )
 
     def need(tp: int) -> float:  # weights + margin + KV cache, for all NPUs of a replica
-        return weights_gib * (1 + WEIGHT_MARGIN) + kv_one_copy_gib * _kv_copies(s, tp)
+        return weights_gib * (1 + WEIGHT_MARGIN) + kv_one_copy_gib * kv_copies(s, tp)
 
     tp, pp = _plan(need, budget, options, s.layers)
     if tp is None:
@@ -489,29 +260,41 @@ def estimate(
             f"first and last also hold the embeddings and LM head"
         )
     npus = tp * pp
-    kv_gib = kv_one_copy_gib * _kv_copies(s, tp)
+    kv_gib = kv_one_copy_gib * kv_copies(s, tp)
     overhead = weights_gib * WEIGHT_MARGIN + OVERHEAD_PER_NPU_GIB * npus
     return SizeEstimate(
-        model=model,
-        params_b=params / 1e9,
-        dtype=dtype_name,
-        dtype_bytes=dtype_bytes,
-        weight_bits=weight_bits,
-        weights_gib=weights_gib,
-        kv_bytes_per_token=kv_per_token,
-        kv_cache_gib=kv_gib,
-        overhead_gib=overhead,
+        model=model, params_b=params / 1e9, dtype=dtype_name, dtype_bytes=dtype_bytes, weight_bits=weight_bits,
+        weights_gib=weights_gib, kv_bytes_per_token=kv_per_token, kv_cache_gib=kv_gib, overhead_gib=overhead,
         required_gib=weights_gib + kv_gib + overhead,
-        npu_type=npu_type,
-        hbm_gib=float(spec.hbm_gib),
-        gpu_memory_utilization=gpu_memory_utilization,
-        npus_per_node=per_node,
-        max_model_len=max_model_len,
-        tensor_parallel=tp,
-        pipeline_parallel=pp,
-        tp_options=options,
-        notes=tuple(notes),
+        npu_type=npu_type, hbm_gib=float(spec.hbm_gib), gpu_memory_utilization=gpu_memory_utilization,
+        npus_per_node=per_node, max_model_len=max_model_len, tensor_parallel=tp, pipeline_parallel=pp,
+        tp_options=options, notes=tuple(notes),
     )
+
+
+def _weights(cfg: dict[str, Any], dtype_bytes: int, notes: list[str]) -> tuple[int, float, float]:
+    """(parameters, bits per non-embedding weight, GiB of weights)."""
+    weight_bits = quantized_bits(cfg, dtype_bytes, notes)
+    params = count_parameters(cfg)
+    embed = embedding_parameters(cfg)
+    return params, weight_bits, (embed * dtype_bytes + (params - embed) * weight_bits / 8) / GIB
+
+
+def min_hbm_gib(config: dict[str, Any], tensor: int, pipeline: int, max_model_len: int | None = None,
+                dtype: str | None = None, memory_fraction: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> float:
+    """The HBM each NPU of a tensor x pipeline replica needs, by estimate()'s rule: its share of the weights
+    x (1 + WEIGHT_MARGIN) and of one max_model_len sequence's KV cache, plus OVERHEAD_PER_NPU_GIB, all
+    within `memory_fraction` of the NPU's HBM (vLLM's gpu_memory_utilization, MindIE's NPU_MEMORY_FRACTION)."""
+    cfg = language_config(config)
+    try:
+        s = shape(cfg)
+        _, dtype_bytes = serving_dtype(cfg, dtype, [])
+    except ModelShapeError as err:
+        raise EstimateError(str(err)) from None
+    _, _, weights_gib = _weights(cfg, dtype_bytes, [])
+    kv_gib = kv_cache_bytes_per_token(cfg, dtype_bytes) * (max_model_len or model_max_len(cfg)) / GIB
+    need = weights_gib * (1 + WEIGHT_MARGIN) + kv_gib * kv_copies(s, tensor)
+    return (need / (tensor * pipeline) + OVERHEAD_PER_NPU_GIB) / memory_fraction
 
 
 def _plan(
@@ -555,74 +338,8 @@ def format_estimate(e: SizeEstimate) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------- model configs
-
-
-def load_model_config(
-    source: str, cache_dir: Path | None = None, progress: Callable[[str], None] = logger.info
-) -> dict[str, Any]:
-    """config.json of a deploy-config model source, without downloading the weights.
-
-    A local directory, a downloaded hub model or a prepared embedded model gives it directly; an embedded
-    model is prepared (offline); for a hub model not downloaded yet only config.json is fetched, into
-    <cache>/configs/<hub>/<Org>/<Name>/. Failures raise ModelSourceError naming the model and the fix.
-    """
-    src = parse_source(source)
-    cache_dir = cache_dir or default_cache_dir()
-    ready = locate(source, cache_dir)
-    if ready is not None:
-        return _read_config(ready / "config.json")
-    if src.kind in ("local", "embedded"):
-        return _read_config(resolve(source, cache_dir, progress=progress) / "config.json")
-    path = cache_dir / "configs" / src.kind / src.ref / "config.json"
-    if not path.is_file():
-        _download_config(src, path.parent, progress)
-    return _read_config(path)
-
-
 def estimate_source(source: str, cache_dir: Path | None = None, **kwargs: Any) -> SizeEstimate:
-    """estimate() for a deploy-config model source; kwargs as estimate()'s."""
+    """estimate() for a deploy-config model source (its config.json only, never its weights); kwargs as
+    estimate()'s."""
     kwargs.setdefault("name", source)
-    return estimate(load_model_config(source, cache_dir), **kwargs)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelSourceError(f"cannot read {path}: {err}") from None
-    if not isinstance(config, dict):
-        raise ModelSourceError(f"{path} is not a JSON object")
-    return config
-
-
-def _download_config(src: Any, out: Path, progress: Callable[[str], None]) -> None:
-    hub = "ModelScope" if src.kind == "modelscope" else "Hugging Face"
-    progress(f"{src}: fetching config.json from {hub}")
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        if src.kind == "modelscope":
-            from modelscope.hub.file_download import model_file_download
-
-            # The endpoint is read now, not when modelscope first configured itself, and the revision is
-            # named: without one modelscope looks up a release revision on its default endpoint.
-            model_file_download(
-                src.ref, "config.json", revision="master", local_dir=str(out),
-                endpoint=os.environ.get("MODELSCOPE_ENDPOINT") or None,
-            )
-        else:
-            from huggingface_hub import hf_hub_download
-
-            hf_hub_download(
-                repo_id=src.ref, filename="config.json", local_dir=str(out),
-                endpoint=os.environ.get("HF_ENDPOINT") or None,
-            )
-    except Exception as err:  # network, auth, missing repo: all end the same way for the user
-        raise ModelSourceError(
-            f"could not fetch config.json of {src} from {hub}: {type(err).__name__}: {str(err).rstrip('.')}. "
-            f"If this machine is offline, estimate from a local copy instead (`raystack estimate "
-            f"/path/to/model`, a directory with its config.json), or download the model where {hub} is "
-            f"reachable (`raystack models prepare {src}`) and set `source:` to its local path."
-        ) from None
-    if not (out / "config.json").is_file():
-        raise ModelSourceError(f"{src} on {hub} has no config.json; is it a model checkpoint?")
+    return estimate(model_config(source, cache_dir), **kwargs)

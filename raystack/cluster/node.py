@@ -1,33 +1,28 @@
 """`raystack start`: join this node to a Ray cluster with its Ascend NPUs registered.
 
-The NPUs register under Ray's own names: resource `NPU` (count of healthy chips), resource
-`accelerator_type:<type>` and label `ray.io/accelerator-type` (e.g. Ascend910B3), plus label
-`raystack.io/npu-hbm-gib`. The environment vllm-ascend needs across nodes is exported before
-`ray start`, so every Ray worker on this node (and so every engine worker) inherits it.
+The NPUs register under Ray's own names: resource `NPU` (count of healthy chips), and, when the model is
+known, resource `accelerator_type:<model>` and label `ray.io/accelerator-type` (e.g. Ascend910B3, as Ray
+names it from acl). raystack adds two labels that replicas are placed by (placement.py): the chip family,
+`raystack.io/npu-family` (Ascend910B for every A2 part, 910B4-1 and 910B2C included), and the HBM per NPU
+in GiB, `raystack.io/npu-hbm-gib` (rounded up to chips.HBM_TIERS_GIB, so "at least N" is a label
+selector). The environment vllm-ascend needs across nodes is exported before `ray start`, so every Ray
+worker on this node (and so every engine worker) inherits it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL, hbm_tier
 from raystack.cluster.npu import NodeNPUs
-from raystack.serving.fast_path import SERVE_FAST_PATH_ENV
-from raystack.serving.priority import NICENESS_ENV
+from raystack.process import SERVE_FAST_PATH_ENV
+from raystack.process import NICENESS_ENV, VISIBLE_NPUS_ENV
 
-HBM_LABEL = "raystack.io/npu-hbm-gib"
-ACCELERATOR_LABEL = "ray.io/accelerator-type"
-
-
-def chip_family(chip_type: str) -> str | None:
-    """Ascend910B3 -> Ascend910B, Ascend310P3 -> Ascend310P: what deploy configs usually require."""
-    m = re.fullmatch(r"(Ascend\d+[A-Za-z]+)\d+", chip_type)
-    return m.group(1) if m else None
 
 
 @dataclass
@@ -101,21 +96,18 @@ def plan_start(
     labels: dict[str, str] = {}
     if npus.count:
         resources["NPU"] = npus.count
-        if npus.chip_type:
-            # The exact type as Ray itself registers it, and the family, so `accelerator: {type:
-            # Ascend910B}` in a deploy config matches 910B1..910B4 nodes alike.
+        if npus.chip_type:  # the model as Ray itself registers it (acl.get_soc_name())
             resources[f"accelerator_type:{npus.chip_type}"] = 1
-            family = chip_family(npus.chip_type)
-            if family:
-                resources[f"accelerator_type:{family}"] = 1
             labels[ACCELERATOR_LABEL] = npus.chip_type
+        if npus.family:
+            labels[FAMILY_LABEL] = npus.family
         if npus.hbm_gib_per_npu:
-            labels[HBM_LABEL] = f"{npus.hbm_gib_per_npu:g}"
-        plan.env["ASCEND_RT_VISIBLE_DEVICES"] = npus.visible_devices()
+            labels[HBM_LABEL] = str(hbm_tier(npus.hbm_gib_per_npu))
+        plan.env[VISIBLE_NPUS_ENV] = npus.visible_devices()
         # vLLM's Ray executor sets each worker's visible devices itself; Ray must not narrow them.
         plan.env["RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"] = "1"
         plan.notices.append(
-            f"{npus.count} x {npus.chip_type or 'NPU'} registered (devices {npus.visible_devices()}, "
+            f"{npus.count} x {npus.chip_type or npus.family or 'NPU'} registered (devices {npus.visible_devices()}, "
             f"{npus.hbm_gib_per_npu or '?'} GiB HBM each; found via {npus.source})"
         )
     else:

@@ -22,50 +22,43 @@ every exclusion is logged.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
+from raystack.cluster.npu_smi import (
+    NPUChip,
+    NpuSmi,
+    NpuSmiError,
+    parse_info,
+    parse_info_m,
+    parse_visible_devices,
+)
+from raystack.cluster.chips import Chip, parse_chip
+from raystack.process import VISIBLE_NPUS_ENV
+
 logger = logging.getLogger(__name__)
 
-VISIBLE_DEVICES_ENV = "ASCEND_RT_VISIBLE_DEVICES"  # the variable Ray's NPUAcceleratorManager reads and sets
 OK = "OK"
 WARNING = "Warning"
 UNCHECKED = "unchecked"  # the /dev and env sources have nothing to ask about health
 UNKNOWN = "unknown"  # npu-smi was asked about health and did not answer
 DEFAULT_TIMEOUT_S = 10.0
-# Names that are no chip type: Huawei's doc samples print `xxx`; `Mcu` is the management MCU in `info -m`.
-_PLACEHOLDER_NAMES = {"", "-", "na", "mcu"}
-
-
-@dataclass(frozen=True)
-class NPUChip:
-    npu_id: int  # card id as npu-smi prints it (not contiguous: 1,2,4,5 or 0,96,32768,32896 in containers)
-    chip_id: int  # chip index on the card
-    logic_id: int | None  # device id of ASCEND_RT_VISIBLE_DEVICES / MindIE npuDeviceIds
-    name: str  # npu-smi's name, e.g. "910B3", "310P3", "Ascend 910A" (from `info -m`)
-    health: str  # OK / Warning / Alarm / Critical / ... as npu-smi prints it; "unchecked" without npu-smi
-    hbm_mb: int | None  # total HBM (on 310P: the chip's memory) in MB
-
-    def label(self) -> str:
-        return f"NPU {self.npu_id} chip {self.chip_id} (logic id {self.logic_id})"
 
 
 @dataclass
 class NodeNPUs:
     healthy: list[NPUChip]  # the chips to register, ordered by logic id
     excluded: list[tuple[NPUChip, str]]  # detected but not registered, and why ("health Critical", ...)
-    chip_type: str | None  # Ray's accelerator type of the healthy chips, e.g. "Ascend910B3"
+    chip_type: str | None  # the healthy chips' model as Ray names it (acl's SoC name), e.g. "Ascend910B3"
     hbm_gib_per_npu: float | None  # the smallest healthy chip's, so a replica sized to it fits on any
     source: str  # "npu-smi" | "/dev/davinci" | "ASCEND_RT_VISIBLE_DEVICES" | "none"
     notes: list[str] = field(default_factory=list)  # fallbacks taken, disagreements, Warning chips kept
+    family: str | None = None  # the healthy chips' family (chips.FAMILIES), e.g. "Ascend910B"
 
     @property
     def count(self) -> int:
@@ -74,189 +67,6 @@ class NodeNPUs:
     def visible_devices(self) -> str:
         """ASCEND_RT_VISIBLE_DEVICES for exactly the healthy chips."""
         return ",".join(str(c.logic_id) for c in self.healthy if c.logic_id is not None)
-
-
-# --- parsers: text in, values out; lenient about indentation (TAB or spaces) and `NA` ---------------------
-
-
-def parse_info(text: str) -> list[NPUChip]:
-    """The chip table of `npu-smi info`: two rows per chip, then the process table (ignored).
-
-        | NPU   Name       | Health | Power(W)  Temp(C)          Hugepages-Usage(page) |  <- card row
-        | Chip  [Device]   | Bus-Id | AICore(%) Memory-Usage(MB) [HBM-Usage(MB)]       |  <- chip row
-    """
-    chips: list[NPUChip] = []
-    # The label after "Chip" in the second header: "Device" is the logic id (310P); "Phy-ID" (A3) is not.
-    second_label = ""
-    card: tuple[int, str, str] | None = None  # (npu_id, name, health) of a card row awaiting its chip row
-
-    def add(chip_cells: list[str] | None) -> None:
-        npu_id, name, health = card  # type: ignore[misc]
-        words = chip_cells[0].split() if chip_cells else []
-        chip_id = int(words[0]) if words else sum(c.npu_id == npu_id for c in chips)
-        logic = int(words[1]) if second_label == "Device" and len(words) > 1 and words[1].isdigit() else None
-        total = _trailing_total(chip_cells[2]) if chip_cells and len(chip_cells) > 2 else None
-        chips.append(NPUChip(npu_id, chip_id, logic, name, health, total))
-
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("+"):  # a separator: a card row without its chip row is complete
-            if card is not None:
-                add(None)
-                card = None
-            continue
-        if not line.startswith("|"):
-            continue
-        if "Process id" in line or "Process name" in line:
-            break  # the process table: its rows look like chip rows
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        words = cells[0].split()
-        if "Health" in line and "Name" in line:
-            continue
-        if words[:1] == ["Chip"]:
-            second_label = words[1] if len(words) > 1 else ""
-            continue
-        if len(cells) < 3 or not words or not words[0].isdigit():
-            continue  # the version banner, "No running processes found", anything else
-        if card is None:
-            card = (int(words[0]), " ".join(words[1:]), cells[1])
-        else:
-            add(cells)
-            card = None
-    if card is not None:
-        add(None)
-    return chips
-
-
-def _trailing_total(cell: str) -> int | None:
-    """Total MB from the last `used / total` of a chip row's third cell.
-
-    The last column is HBM-Usage where the table has one (910, 910B, A3) and Memory-Usage where it does
-    not (310P); on 910-class chips Memory-Usage is the control CPU's DDR, never what a model can use.
-    `0` (910B's Memory-Usage) and `NA` mean unknown.
-    """
-    m = re.search(r"(\d+)\s*/\s*(\d+)$", cell.strip())
-    return (int(m.group(2)) or None) if m else None
-
-
-_INFO_M_ROW = re.compile(r"^(\d+)\s+(\d+)\s+(\d+|-)\s+(\S.*?)\s*$")
-
-
-def parse_info_m(text: str) -> dict[tuple[int, int], tuple[int | None, str]]:
-    """`npu-smi info -m`: (npu_id, chip_id) -> (logic id, chip name); the `Mcu` rows have logic id `-` (None)."""
-    mapping: dict[tuple[int, int], tuple[int | None, str]] = {}
-    for raw in text.splitlines():
-        m = _INFO_M_ROW.match(raw.strip())
-        if m:
-            npu, chip, logic, name = m.groups()
-            mapping[(int(npu), int(chip))] = (None if logic == "-" else int(logic), name)
-    return mapping
-
-
-def parse_key_values(text: str) -> dict[str, str]:
-    """`Key : Value` lines of `npu-smi info -t board|usages|memory|health|...`.
-
-    A line with an empty key continues the previous value (`-t health` prints one line per error).
-    Keys repeated by later chip blocks of a multi-chip card keep their first value.
-    """
-    values: dict[str, str] = {}
-    last: str | None = None
-    for raw in text.splitlines():
-        key, sep, value = raw.strip().partition(":")
-        if not sep:
-            continue
-        key, value = key.strip(), value.strip()
-        if not key:
-            if last is not None and value:
-                values[last] = f"{values[last]}\n{value}"
-            continue
-        if key not in values:
-            values[key] = value
-            last = key
-        else:
-            last = None
-    return values
-
-
-def ray_chip_type(name: str) -> str | None:
-    """Ray's accelerator type for an npu-smi chip name: "910B3" -> "Ascend910B3", "Ascend 910A" -> "Ascend910A".
-
-    Ray names the type with `acl.get_soc_name()` ("Ascend910B3", "Ascend310P3"), so `accelerator_type:<type>`
-    matches what Ray registers where npu-smi names the SoC. A3 is the exception: npu-smi prints "Ascend910"
-    while the SoC name carries a suffix (e.g. "Ascend910_9392"), so there the two differ.
-    """
-    compact = "".join(name.split())
-    if compact.lower() in _PLACEHOLDER_NAMES or "xxx" in compact.lower():
-        return None
-    return compact if compact.lower().startswith("ascend") else f"Ascend{compact}"
-
-
-def parse_visible_devices(value: str) -> tuple[list[int], list[str]]:
-    """ASCEND_RT_VISIBLE_DEVICES as Ray reads it ("" and "NoDevFiles" mean none): (ids, unparseable items)."""
-    if value.strip() in ("", "NoDevFiles"):
-        return [], []
-    ids: list[int] = []
-    bad: list[str] = []
-    for item in value.split(","):
-        item = item.strip()
-        if item.isdigit():
-            ids.append(int(item))
-        else:
-            bad.append(item)
-    return ids, bad
-
-
-# --- the npu-smi boundary ------------------------------------------------------------------------------
-
-
-class NpuSmiError(RuntimeError):
-    """npu-smi is missing, failed or hung; the message says which and how."""
-
-
-class _NpuSmi:
-    def __init__(self, exe: str, timeout: float):
-        self.exe = exe
-        self.timeout = timeout
-        self.hung: set[str] = set()  # query kinds that timed out once: don't wait for them on every chip
-
-    def run(self, *args: str) -> str:
-        cmd = f"npu-smi {' '.join(args)}"
-        try:
-            proc = subprocess.Popen(
-                [self.exe, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                errors="replace",
-                start_new_session=True,
-            )
-        except OSError as e:
-            raise NpuSmiError(f"cannot run {self.exe}: {e.strerror or e}") from e
-        try:
-            out, err = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            # npu-smi can hang on a wedged driver: kill its whole session so nothing keeps the pipes open.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise NpuSmiError(f"`{cmd}` timed out after {self.timeout:g} s") from None
-        if proc.returncode != 0:
-            detail = next((ln.strip() for ln in (err + "\n" + out).splitlines() if ln.strip()), "no output")
-            raise NpuSmiError(f"`{cmd}` exited with {proc.returncode}: {detail}")
-        return out
-
-    def query(self, kind: str, chip: NPUChip) -> dict[str, str]:
-        """`npu-smi info -t <kind> -i <card> -c <chip>` as key/values; {} if it fails."""
-        if kind in self.hung:
-            return {}
-        try:
-            return parse_key_values(self.run("info", "-t", kind, "-i", str(chip.npu_id), "-c", str(chip.chip_id)))
-        except NpuSmiError as e:
-            if "timed out" in str(e):
-                self.hung.add(kind)
-            logger.debug("%s", e)
-            return {}
 
 
 def _capacity_mb(values: Mapping[str, str]) -> int | None:
@@ -268,7 +78,7 @@ def _capacity_mb(values: Mapping[str, str]) -> int | None:
     return None
 
 
-def _from_npu_smi(smi: _NpuSmi, note: Callable[[str], None]) -> list[NPUChip]:
+def _from_npu_smi(smi: NpuSmi, note: Callable[[str], None]) -> list[NPUChip]:
     """The chips npu-smi lists, with logic ids and names merged from `info -m`; [] if npu-smi cannot tell."""
     try:
         table = parse_info(smi.run("info"))
@@ -302,24 +112,36 @@ def _from_npu_smi(smi: _NpuSmi, note: Callable[[str], None]) -> list[NPUChip]:
         if logic is None:
             logic = chip.logic_id if chip.logic_id is not None else order
         # The table's name unless it is a placeholder (`xxx`) and `info -m` has a real one.
-        name = chip.name if ray_chip_type(chip.name) or not ray_chip_type(m_name) else m_name
+        name = chip.name if parse_chip(chip.name) or not parse_chip(m_name) else m_name
         chips.append(replace(chip, logic_id=logic, name=name))
     return chips
 
 
-def _fill_gaps(smi: _NpuSmi, chips: list[NPUChip]) -> list[NPUChip]:
+def _fill_gaps(smi: NpuSmi, chips: list[NPUChip]) -> list[NPUChip]:
     """Per-chip queries, only for what the table and `info -m` left unknown: the name, the HBM total."""
     filled = []
     for chip in chips:
-        if ray_chip_type(chip.name) is None:
-            board_name = smi.query("board", chip).get("Chip Name", "")
-            if ray_chip_type(board_name):
-                chip = replace(chip, name=board_name)
+        known = parse_chip(chip.name)
+        if known is None or known.model is None:
+            board = smi.query("board", chip)
+            better = parse_chip(_board_chip_name(board))
+            if better and (known is None or (better.model and not known.model)):
+                chip = replace(chip, name=_board_chip_name(board))
         if chip.hbm_mb is None:
             total = _capacity_mb(smi.query("usages", chip)) or _capacity_mb(smi.query("memory", chip))
             chip = replace(chip, hbm_mb=total)
         filled.append(chip)
     return filled
+
+
+def _board_chip_name(board: Mapping[str, str]) -> str:
+    """The chip's name from `npu-smi info -t board -i N -c C`: "Chip Name" (910B3, 910A), or on A3, where it
+    says only "Ascend910", with the "NPU Name" (9392) that completes the SoC name (vllm-ascend's setup.py
+    builds Ascend910_9392 the same way)."""
+    name, npu_name = board.get("Chip Name", ""), board.get("NPU Name", "")
+    if npu_name and "".join(name.split()).upper() == "ASCEND910":
+        return f"Ascend910_{npu_name.strip()}"
+    return name
 
 
 def _davinci_ids(dev_dir: str) -> list[int]:
@@ -348,19 +170,19 @@ def discover(
         log(message)
 
     dev_ids = _davinci_ids(dev_dir)
-    smi: _NpuSmi | None = None
+    smi: NpuSmi | None = None
     exe = shutil.which(npu_smi)
     if exe is None:
         note(f"{npu_smi} not found; falling back to /dev/davinci*")
         chips: list[NPUChip] = []
     else:
-        smi = _NpuSmi(exe, timeout)
+        smi = NpuSmi(exe, timeout)
         chips = _from_npu_smi(smi, note)
 
-    visible_env = env.get(VISIBLE_DEVICES_ENV)
+    visible_env = env.get(VISIBLE_NPUS_ENV)
     visible, bad = parse_visible_devices(visible_env) if visible_env is not None else (None, [])
     if bad:
-        note(f"{VISIBLE_DEVICES_ENV}={visible_env}: ignoring {', '.join(bad)} (not a device id)")
+        note(f"{VISIBLE_NPUS_ENV}={visible_env}: ignoring {', '.join(bad)} (not a device id)")
 
     if chips:
         source = "npu-smi"
@@ -378,14 +200,14 @@ def discover(
         chips = [NPUChip(n, 0, i, "", UNCHECKED, None) for i, n in enumerate(dev_ids)]
         note(f"{len(chips)} NPUs from {dev_dir}/davinci*: count only, no chip type, memory or health")
     elif visible:
-        source = VISIBLE_DEVICES_ENV
+        source = VISIBLE_NPUS_ENV
         chips = [NPUChip(i, 0, i, "", UNCHECKED, None) for i in visible]
-        note(f"{len(chips)} NPUs from {VISIBLE_DEVICES_ENV}={visible_env} alone: no chip type, memory or health")
+        note(f"{len(chips)} NPUs from {VISIBLE_NPUS_ENV}={visible_env} alone: no chip type, memory or health")
     else:
         source = "none"
 
     usable = {OK.lower(), UNCHECKED} | ({WARNING.lower()} if allow_warning else set())
-    restrict = visible is not None and source != VISIBLE_DEVICES_ENV
+    restrict = visible is not None and source != VISIBLE_NPUS_ENV
     healthy: list[NPUChip] = []
     excluded: list[tuple[NPUChip, str]] = []
     kept_warnings: list[NPUChip] = []
@@ -393,7 +215,7 @@ def discover(
         if chip.health.lower() not in usable:
             reason = f"health {chip.health or UNKNOWN}"
         elif restrict and chip.logic_id not in visible:  # type: ignore[operator]
-            reason = f"not in {VISIBLE_DEVICES_ENV}={visible_env}"
+            reason = f"not in {VISIBLE_NPUS_ENV}={visible_env}"
         else:
             healthy.append(chip)
             if chip.health.lower() == WARNING.lower():
@@ -411,22 +233,32 @@ def discover(
     if restrict:
         missing = sorted(set(visible) - {c.logic_id for c in chips})
         if missing:
-            note(f"{VISIBLE_DEVICES_ENV}={visible_env} names logic ids {missing} that no chip here has")
+            note(f"{VISIBLE_NPUS_ENV}={visible_env} names logic ids {missing} that no chip here has")
 
     if smi is not None and source == "npu-smi":
         healthy = _fill_gaps(smi, healthy)
     healthy.sort(key=lambda c: (c.logic_id is None, c.logic_id))
 
-    # One known type names the node (chips whose name npu-smi withheld are the same part); two do not.
-    types = sorted({ray_chip_type(c.name) for c in healthy} - {None})  # type: ignore[type-var]
-    chip_type = types[0] if len(types) == 1 else None
-    if len(types) > 1:
-        note(f"mixed chip types {types}; registering no accelerator type")
-    elif healthy and source == "npu-smi" and chip_type is None:
+    # One known model names the node (chips whose name npu-smi withheld are the same part); two do not.
+    parsed = [p for p in (parse_chip(c.name) for c in healthy) if p is not None]
+    families = sorted({p.family for p in parsed})
+    models = sorted({p.model for p in parsed if p.model})
+    family = families[0] if len(families) == 1 else None
+    chip_type = models[0] if len(models) == 1 and family else None
+    if len(families) > 1 or len(models) > 1:
+        note(f"mixed chip types {models or families}; registering no accelerator type")
+    elif healthy and source == "npu-smi" and family is None:
         note(f"chip type unknown: npu-smi names the chips {sorted({c.name for c in healthy})}")
+    elif family and chip_type is None and source == "npu-smi":
+        note(f"{family} chips of an unnamed model ({sorted({c.name for c in healthy})}): Ray's own detection "
+             f"names the model")
     totals = [c.hbm_mb for c in healthy if c.hbm_mb]
     hbm_gib = round(min(totals) / 1024, 2) if totals else None
     if healthy and source == "npu-smi" and len(totals) < len(healthy):
         note(f"HBM total unknown for {len(healthy) - len(totals)} of {len(healthy)} chips")
+    nominal = Chip(family, chip_type).hbm_gib if family else None
+    if hbm_gib is None and nominal:
+        hbm_gib = float(nominal)
+        note(f"HBM per NPU taken from the model ({chip_type}: {nominal} GiB)")
 
-    return NodeNPUs(healthy, excluded, chip_type, hbm_gib, source, notes)
+    return NodeNPUs(healthy, excluded, chip_type, hbm_gib, source, notes, family)

@@ -7,9 +7,19 @@ word; these checks say it plainly instead, in `serve run` and `raystack status`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from raystack.cluster.chips import (
+    ACCELERATOR_LABEL,
+    FAMILY_LABEL,
+    HBM_LABEL,
+    HBM_TIERS_GIB,
+    family_of,
+    parse_chip,
+    tiers_at_least,
+)
 from raystack.config import Backend
+from raystack.engines.base import Placement
 
 
 @dataclass
@@ -18,11 +28,23 @@ class NodeCapacity:
     address: str
     npu_total: float
     npu_free: float
-    accelerator_types: set[str] = field(default_factory=set)
     labels: dict[str, str] = field(default_factory=dict)
 
-    def has_type(self, chip_type: str | None) -> bool:
-        return chip_type is None or chip_type in self.accelerator_types
+    def qualifies(self, selector: dict[str, str]) -> bool:
+        return matches(selector, self.labels)
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether node `labels` satisfy a label selector of the forms raystack writes: `value` and `in(a,b)`
+    (Ray's own syntax: every condition must hold; a node without the label does not match)."""
+    for key, condition in selector.items():
+        value = labels.get(key)
+        if condition.startswith("in(") and condition.endswith(")"):
+            if value not in condition[3:-1].split(","):
+                return False
+        elif value != condition:
+            return False
+    return True
 
 
 def cluster_capacity() -> list[NodeCapacity]:
@@ -34,15 +56,12 @@ def cluster_capacity() -> list[NodeCapacity]:
     for n in ray.nodes():
         if not n.get("Alive"):
             continue
-        total = n.get("Resources", {})
-        types = {k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:")}
         nodes.append(
             NodeCapacity(
                 node_id=n["NodeID"],
                 address=n.get("NodeManagerAddress", "?"),
-                npu_total=total.get("NPU", 0),
+                npu_total=n.get("Resources", {}).get("NPU", 0),
                 npu_free=free_by_node.get(n["NodeID"], {}).get("NPU", 0),
-                accelerator_types=types,
                 labels=dict(n.get("Labels") or {}),
             )
         )
@@ -58,30 +77,69 @@ def _available_per_node() -> dict[str, dict[str, float]]:
 
 @dataclass(frozen=True)
 class NPUDemand:
-    """What one replica needs: NPUs, of which chip type, and whether all on one node."""
+    """What one replica needs: NPUs, on nodes whose labels match `selector`, and whether all on one node."""
 
     npus: float
-    chip_type: str | None = None
+    selector: dict[str, str] = field(default_factory=dict)
     one_node: bool = False
     detail: str = ""  # e.g. "tensor 4 x pipeline 2"
-    per_node: float = 0  # MindIE: this many NPUs on each of npus / per_node distinct nodes
+    per_node: float = 0  # STRICT_SPREAD: this many NPUs on each of npus / per_node distinct nodes
+
+    def kind(self) -> str:
+        """The NPUs it needs, in words: "Ascend910B NPUs with at least 48 GiB HBM each"."""
+        chip = self.selector.get(FAMILY_LABEL) or self.selector.get(ACCELERATOR_LABEL) or ""
+        hbm = self.selector.get(HBM_LABEL, "")
+        least = hbm[3:-1].split(",")[0] if hbm.startswith("in(") else hbm
+        return f"{chip} NPUs".strip() + (f" with at least {least} GiB HBM each" if least else "")
+
+    def unlabelled(self, nodes: list[NodeCapacity]) -> list[str]:
+        """The labels the selector asks for that no NPU node carries (nodes not started by raystack start)."""
+        npu_nodes = [n for n in nodes if n.npu_total]
+        return [k for k in self.selector if npu_nodes and not any(k in n.labels for n in npu_nodes)]
 
 
-def backend_demand(backend: Backend) -> NPUDemand:
+def label_selector(backend: Backend, min_hbm_gib: float | None = None) -> dict[str, str]:
+    """The node labels (set by `raystack start`, node.py) a replica's NPUs must be on: the family or model
+    `accelerator.type` names, and an HBM size of at least `min_hbm_gib` per NPU."""
+    selector = {}
+    wanted = backend.accelerator.type
+    if wanted:
+        family = family_of(wanted)
+        selector = {FAMILY_LABEL: family} if family else {ACCELERATOR_LABEL: parse_chip(wanted).model}
+    if min_hbm_gib:
+        tiers = tiers_at_least(min_hbm_gib)
+        selector[HBM_LABEL] = f"in({','.join(map(str, tiers))})" if tiers else f"in(over-{HBM_TIERS_GIB[-1]})"
+    return selector
+
+
+def ray_placement(backend: Backend, min_hbm_gib: float | None = None) -> Placement:
+    """What Ray reserves for one replica: its engine's placement, the replica's own CPUs in bundle 0, and the
+    label selector its NPUs must satisfy. CPU replicas hold only their CPUs."""
     if backend.device != "npu":
-        return NPUDemand(0)
+        return Placement()
+    placement = backend.spec.placement(backend)
+    bundles = placement.bundles
+    if bundles:  # bundle 0 holds the replica
+        bundles = ({"CPU": backend.replica_cpus, **bundles[0]},) + bundles[1:]
+    return replace(placement, bundles=bundles, label_selector=label_selector(backend, min_hbm_gib))
+
+
+def backend_demand(backend: Backend, min_hbm_gib: float | None = None) -> NPUDemand:
+    placement = ray_placement(backend, min_hbm_gib)
+    demand = bundles_demand(list(placement.bundles) or [placement.replica], placement.strategy,
+                            placement.label_selector)
     p = backend.parallel
-    detail = f"tensor {p.tensor} x pipeline {p.pipeline}"
-    if backend.engine == "mindie":  # one daemon per node over tensor NPUs (app.mindie_placement)
-        return NPUDemand(p.world_size, backend.accelerator.type, p.pipeline == 1, detail, per_node=p.tensor)
-    return NPUDemand(p.world_size, backend.accelerator.type, backend.placement == "strict_pack", detail)
+    return replace(demand, detail=f"tensor {p.tensor} x pipeline {p.pipeline}") if demand.npus else demand
 
 
-def bundles_demand(bundles: list[dict[str, float]], strategy: str = "PACK") -> NPUDemand:
-    """The same, read back from what Ray was asked for: placement-group bundles or actor resources."""
-    types = {k.split(":", 1)[1] for b in bundles for k in b if k.startswith("accelerator_type:")}
-    return NPUDemand(sum(b.get("NPU", 0) for b in bundles), next(iter(sorted(types)), None),
-                     strategy == "STRICT_PACK")
+def bundles_demand(bundles: list[dict[str, float]], strategy: str = "PACK",
+                   selector: dict[str, str] | None = None) -> NPUDemand:
+    """What one replica needs, from what Ray is asked for: placement-group bundles or actor resources, and
+    the label selector. STRICT_SPREAD puts each bundle on a node of its own."""
+    npus = [b.get("NPU", 0) for b in bundles]
+    spread = strategy == "STRICT_SPREAD" and len(bundles) > 1
+    return NPUDemand(sum(npus), dict(selector or {}), strategy == "STRICT_PACK" or len(bundles) == 1,
+                     per_node=max(npus) if spread else 0)
 
 
 def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tuple[str | None, str | None]:
@@ -89,8 +147,7 @@ def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tupl
     need = demand.npus
     if not need:
         return None, None
-    matching = [n for n in nodes if n.has_type(demand.chip_type)]
-    kind = f"{demand.chip_type} " if demand.chip_type else ""
+    matching = [n for n in nodes if n.qualifies(demand.selector)]
     if demand.per_node and not demand.one_node:
         nodes = round(need / demand.per_node)
         # Capacity of the `nodes` best nodes, counting only nodes that can hold a whole share.
@@ -105,23 +162,25 @@ def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tupl
         best_total = sum(n.npu_total for n in matching)
         best_free = sum(n.npu_free for n in matching)
         where = "in the cluster"
-    have = f"the cluster has {sum(n.npu_total for n in matching):g} {kind}NPUs on {len(matching)} node(s)"
+    kind = demand.kind()
+    have = f"the cluster has {sum(n.npu_total for n in matching):g} {kind} on {len(matching)} node(s)"
     if best_total < need:
+        missing = demand.unlabelled(nodes)
+        fix = (f"No NPU node carries the label{'s' * (len(missing) > 1)} {', '.join(missing)}: start NPU nodes "
+               f"with `raystack start`, which sets them." if missing else
+               "Add NPU nodes (`raystack start --address ...`), lower parallelism, or change accelerator.type.")
         never = (
-            f"backend {name} needs {need:g} {kind}NPUs per replica {where}"
+            f"backend {name} needs {need:g} {kind} per replica {where}"
             + (f" ({demand.detail})" if demand.detail else "")
             + f", but {have}"
             + (f" (largest node: {best_total:g})" if demand.one_node else "")
-            + ". Add NPU nodes (`raystack start --address ...`), lower parallelism, or change accelerator.type."
+            + f". {fix}"
         )
         return never, None
     if best_free < need:
         return None, (
-            f"backend {name} needs {need:g} {kind}NPUs per replica {where}; only {best_free:g} are free now, "
+            f"backend {name} needs {need:g} {kind} per replica {where}; only {best_free:g} are free now, "
             f"so a new replica waits until other replicas release theirs"
         )
     return None, None
 
-
-def ray_strategy(backend: Backend) -> str:
-    return {"pack": "PACK", "strict_pack": "STRICT_PACK", "spread": "SPREAD"}[backend.placement]

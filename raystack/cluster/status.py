@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from raystack.cluster.node import ACCELERATOR_LABEL, HBM_LABEL
+from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL
 from raystack.cluster.placement import NPUDemand, bundles_demand, cluster_capacity, fit_problem
 
 
@@ -53,27 +53,42 @@ def _npu_holders() -> dict[str, list[tuple[str, float]]]:
     return holders
 
 
-def _waiting_for_npus() -> list[tuple[str, NPUDemand]]:
-    """Replicas Ray has not placed yet that need NPUs: pending placement groups and actors."""
+def _waiting_for_npus(selectors: dict[str, dict[str, str]]) -> list[tuple[str, NPUDemand]]:
+    """Replicas Ray has not placed yet that need NPUs: pending placement groups and actors. A placement
+    group does not carry its label selector in Ray's table: Serve's deployment config (`selectors`,
+    app/deployment -> selector) says it."""
     import ray
     from ray.util.state import list_actors
 
     waiting = []
     for pg in ray.util.placement_group_table().values():
         if pg.get("state") in ("PENDING", "RESCHEDULING"):
-            demand = bundles_demand(list(pg.get("bundles", {}).values()), pg.get("strategy", "PACK"))
+            # Serve names a replica's group SERVE_REPLICA::<app>#<deployment>#<replica id>
+            name = (pg.get("name") or pg["placement_group_id"]).removeprefix("SERVE_REPLICA::").replace("#", "/")
+            selector = selectors.get("/".join(name.split("/")[:2]), {})
+            demand = bundles_demand(list(pg.get("bundles", {}).values()), pg.get("strategy", "PACK"), selector)
             if demand.npus:
-                # Serve names a replica's group SERVE_REPLICA::<app>#<deployment>#<replica id>
-                name = (pg.get("name") or pg["placement_group_id"]).removeprefix("SERVE_REPLICA::")
-                waiting.append((name.replace("#", "/"), demand))
+                waiting.append((name, demand))
     dashboard = _dashboard_url_or_none()
     pending = list_actors(address=dashboard, filters=[("state", "=", "PENDING_CREATION")], detail=True,
                           raise_on_missing_output=False) if dashboard else []
     for actor in pending:
-        demand = bundles_demand([actor.required_resources or {}])
+        demand = bundles_demand([actor.required_resources or {}], selector=getattr(actor, "label_selector", None))
         if demand.npus and not actor.placement_group_id:
             waiting.append((actor.name or actor.class_name, demand))
     return waiting
+
+
+def _selectors(details: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """app/deployment -> the label selector its replicas' NPUs must satisfy, from Serve's deployment configs."""
+    selectors = {}
+    for app_name, app in (details.get("applications") or {}).items():
+        for dep_name, dep in (app.get("deployments") or {}).items():
+            config = dep.get("deployment_config") or {}
+            bundles = config.get("placement_group_bundle_label_selector") or [{}]
+            actor = (config.get("ray_actor_options") or {}).get("label_selector") or {}
+            selectors[f"{app_name}/{dep_name}"] = bundles[0] or actor
+    return selectors
 
 
 def _serve_details() -> dict[str, Any]:
@@ -99,8 +114,7 @@ def gather(address: str = "auto") -> dict[str, Any]:
         out["nodes"].append({
             "node_id": n.node_id,
             "address": n.address,
-            # Without raystack's label, the most specific registered type (Ascend910B3 over its family).
-            "npu_type": n.labels.get(ACCELERATOR_LABEL) or max(n.accelerator_types, key=len, default=None),
+            "npu_type": n.labels.get(ACCELERATOR_LABEL) or n.labels.get(FAMILY_LABEL),
             "hbm_gib": n.labels.get(HBM_LABEL),
             "npus": n.npu_total,
             "npus_free": n.npu_free,
@@ -125,7 +139,7 @@ def gather(address: str = "auto") -> dict[str, Any]:
             "deployments": deployments,
         })
     # Ray keeps an unplaceable replica pending without a word: say why, in NPUs.
-    for name, demand in _waiting_for_npus():
+    for name, demand in _waiting_for_npus(_selectors(details)):
         never, not_now = fit_problem(name, demand, nodes)
         out["problems"].append(never or not_now or f"replica {name} is waiting for {demand.npus:g} NPUs")
     return out

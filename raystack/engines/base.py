@@ -1,38 +1,63 @@
-"""The Engine protocol: the seam between serving (router, LLMServer) and an inference engine.
+"""The engine seam: what serving and the deploy config ask of an inference engine, and the registry.
 
-An engine takes an OpenAI request body and answers either with a whole JSON response (a completion,
-or an error in OpenAI's shape) or with a stream of server-sent-event strings (`data: {...}\\n\\n`,
-ending with `data: [DONE]\\n\\n`). Adding an engine is one new module and one line in ENGINES.
+An engine is one module, or one package for a large one, that exposes `ENGINE`, an EngineSpec: its
+name in the deploy config, its settings block, its config rules, its placement on the cluster, and its
+class (imported only where a replica runs it, so the router and `config check` never load vLLM).
+config.py, app.py and cluster/ ask the registry and never name an engine. Engines beyond the built-in
+ones register through the `raystack.engines` entry-point group, as a package declares
+`[project.entry-points."raystack.engines"] myengine = "mypackage.engine:ENGINE"`.
+
+An engine answers one OpenAI request body with an Answer: either a whole JSON response (a completion,
+or an error in OpenAI's shape) or a stream of server-sent-event strings (`data: {...}\\n\\n`, ending
+with `data: [DONE]\\n\\n`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Protocol
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from raystack.config import Backend
     from raystack.observability.metrics import ReplicaMetrics
 
 RequestKind = Literal["chat", "completion"]
+Device = Literal["cpu", "npu"]
 
 
 @dataclass(frozen=True)
-class JSONResult:
-    status: int
-    body: dict[str, Any]
+class Answer:
+    """An engine's answer: a whole JSON body with its HTTP status, or a stream of SSE strings."""
 
+    status: int = 200
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[str] | None = None
 
-EngineResult = JSONResult | AsyncIterator[str]
+    @classmethod
+    def whole(cls, status: int, body: dict[str, Any]) -> Answer:
+        return cls(status=status, body=body)
+
+    @classmethod
+    def streamed(cls, chunks: AsyncIterator[str]) -> Answer:
+        return cls(stream=chunks)
 
 
 class Engine(Protocol):
+    def __init__(self, model_name: str, model_path: Path | None, backend: Backend,
+                 metrics: ReplicaMetrics | None = None) -> None:
+        """`model_path` is None for an engine that loads no model (EngineSpec.loads_model). The engine
+        reports its requests' latencies and token counts to `metrics`."""
+
     async def start(self) -> None:
         """Load the model; return when the engine can take requests."""
 
-    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
+    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> Answer:
         """Answer one OpenAI chat or completion request."""
 
     def stats(self) -> dict[str, int]:
@@ -46,17 +71,112 @@ class Engine(Protocol):
         """Stop the engine and every process it started."""
 
 
-# engine name in the deploy config -> "module:class"; imported lazily so the router never loads them.
-ENGINES = {
-    "vllm": "raystack.engines.vllm:VLLMEngine",
-    "mindie": "raystack.engines.mindie:MindIEEngine",
-    "synthetic": "raystack.engines.synthetic:SyntheticEngine",
-}
+@dataclass(frozen=True)
+class Placement:
+    """Where one replica runs. `replica` is what the replica's own actor holds besides its CPUs; with
+    `bundles`, Serve reserves a placement group per replica and the replica runs in bundle 0 (the
+    replica's CPUs are added to it). `node_bundles` are the bundles that each run a part of the engine
+    on a node of their own (MindIE's per-node daemons). The engine says how many NPUs go where; which
+    nodes qualify (`label_selector`) is the backend's choice, added by cluster/placement.py."""
+
+    replica: dict[str, float] = field(default_factory=dict)
+    bundles: tuple[dict[str, float], ...] = ()
+    strategy: str = "PACK"
+    node_bundles: tuple[int, ...] = ()
+    label_selector: dict[str, str] = field(default_factory=dict)  # node labels every NPU must be on
+
+    @property
+    def npus(self) -> float:
+        return sum(b.get("NPU", 0) for b in self.bundles) if self.bundles else self.replica.get("NPU", 0)
 
 
-def create_engine(model_name: str, model_path: Path | None, backend: "Backend",
-                  metrics: "ReplicaMetrics | None" = None) -> Engine:
-    """model_path is None for an engine that loads no model (Backend.loads_model). The engine reports
-    its requests' latencies and token counts to `metrics`."""
-    module, cls = ENGINES[backend.engine].split(":")
-    return getattr(importlib.import_module(module), cls)(model_name, model_path, backend, metrics)
+# Ray's placement strategies by the deploy config's `placement:` names.
+RAY_STRATEGIES = {"pack": "PACK", "strict_pack": "STRICT_PACK", "spread": "SPREAD"}
+
+
+def rank_per_npu(backend: Backend) -> Placement:
+    """The default placement of an NPU engine: one {NPU: 1} bundle per tensor x pipeline rank, the replica
+    in bundle 0 with the first rank, spread by the backend's `placement` strategy; a one-NPU replica holds
+    its NPU itself, with no placement group."""
+    npus = backend.parallel.world_size
+    if npus == 1:
+        return Placement(replica={"NPU": 1})
+    return Placement(bundles=tuple({"NPU": 1} for _ in range(npus)), strategy=RAY_STRATEGIES[backend.placement])
+
+
+def _no_problems(backend: Backend, where: str) -> list[str]:
+    return []
+
+
+def _no_rules(backend: Backend) -> None:
+    pass
+
+
+def _any_name(model_name: str) -> None:
+    pass
+
+
+def _nine_tenths(backend: Backend) -> float:
+    return 0.9
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything the rest of raystack knows about one engine."""
+
+    name: str  # `engine:` in the deploy config; also the key of its settings block
+    engine_class: str  # "module:Class", imported where a replica runs it
+    settings: type[BaseModel] | None = None  # the backend's `<name>:` block, if the engine has one
+    loads_model: bool = True  # False: needs no `source` (engine: synthetic)
+    devices: tuple[Device, ...] = ("npu",)  # where it runs; the first is the default
+    takes_engine_args: bool = False  # whether `engine_args` are this engine's
+    default_max_model_len: int | None = None  # when neither the config nor (later) the model says
+    replica_cpus: dict[Device, float] = field(default_factory=lambda: {"cpu": 1.0, "npu": 2.0})
+    # Rules on a backend beyond its fields' types (raise ValueError with the fix); may set defaults.
+    validate: Callable[[Backend], None] = _no_rules
+    # Rules on the name clients use for the model, which the engine serves it under (raise ValueError).
+    check_model_name: Callable[[str], None] = _any_name
+    # What this machine can tell before anything is scheduled: ["  where: problem", ...].
+    check_deployable: Callable[[Backend, str], list[str]] = _no_problems
+    # Where a `device: npu` replica runs; CPU replicas hold only their CPUs.
+    placement: Callable[[Backend], Placement] = rank_per_npu
+    # The share of each NPU's HBM the engine takes (what `raystack estimate`'s rule sizes within).
+    memory_fraction: Callable[[Backend], float] = _nine_tenths
+
+    def engine_type(self) -> type[Engine]:
+        module, cls = self.engine_class.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+# The built-in engines: each module's ENGINE. Loading a spec module loads no engine library.
+BUILT_IN = ("raystack.engines.vllm:ENGINE", "raystack.engines.mindie:ENGINE", "raystack.engines.synthetic:ENGINE")
+DEFAULT_ENGINE = "vllm"
+ENTRY_POINT_GROUP = "raystack.engines"
+
+
+def _load(path: str) -> EngineSpec:
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@functools.cache
+def registry() -> dict[str, EngineSpec]:
+    """Every engine by name: the built-in ones, then those installed packages register."""
+    specs = [_load(path) for path in BUILT_IN]
+    specs += [point.load() for point in entry_points(group=ENTRY_POINT_GROUP)]
+    engines: dict[str, EngineSpec] = {}
+    for spec in specs:
+        if spec.name in engines:
+            raise RuntimeError(f"two engines are registered as {spec.name!r}: {engines[spec.name].engine_class} "
+                               f"and {spec.engine_class}")
+        engines[spec.name] = spec
+    return engines
+
+
+def engine_spec(name: str) -> EngineSpec:
+    return registry()[name]
+
+
+def create_engine(model_name: str, model_path: Path | None, backend: Backend,
+                  metrics: ReplicaMetrics | None = None) -> Engine:
+    return engine_spec(backend.engine).engine_type()(model_name, model_path, backend, metrics)

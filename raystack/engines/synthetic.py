@@ -23,12 +23,51 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
-from raystack.config import Backend, SyntheticSettings
-from raystack.engines.base import EngineResult, JSONResult, RequestKind
-from raystack.observability.metrics import ReplicaMetrics
-from raystack.serving.protocol import SSE_DONE, completion_prompts, error_body, message_text, sse_event
+from pydantic import BaseModel, ConfigDict, Field
+
+from raystack.engines.base import Answer, EngineSpec, RequestKind
+from raystack.protocol import SSE_DONE, completion_prompts, error_body, message_text, sse_event
+
+if TYPE_CHECKING:
+    from raystack.config import Backend
+    from raystack.observability.metrics import ReplicaMetrics
+
+# A synthetic replica only sleeps between tokens: a tenth of a core lets several share a small machine.
+SYNTHETIC_REPLICA_CPUS = 0.1
+# A synthetic "model" has a context like a real one, so no request can ask it for billions of words.
+SYNTHETIC_DEFAULT_CONTEXT = 32768
+
+
+class SyntheticSettings(BaseModel):
+    """The backend's `synthetic:` block: pace and length of the answers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_ms: float = Field(50, ge=0, description="time to the first token")
+    tokens_per_s: float | None = Field(
+        50, ge=0, description="pace after the first token; 0 or null: as fast as possible"
+    )
+    output_tokens: int = Field(64, ge=1, description="answer length when the request sets no max_tokens")
+    startup_s: float = Field(0, ge=0, description="time a replica takes to start, as a model load would")
+
+
+def _validate(backend: Backend) -> None:
+    if backend.device != "cpu":
+        raise ValueError("engine: synthetic runs no model and needs no NPU; use device: cpu")
+
+
+ENGINE = EngineSpec(
+    name="synthetic",
+    engine_class="raystack.engines.synthetic:SyntheticEngine",
+    settings=SyntheticSettings,
+    loads_model=False,
+    devices=("cpu",),
+    default_max_model_len=SYNTHETIC_DEFAULT_CONTEXT,
+    replica_cpus={"cpu": SYNTHETIC_REPLICA_CPUS},
+    validate=_validate,
+)
 
 VOCABULARY = (
     "the quick brown fox jumps over a lazy dog while seven bright stars drift across "
@@ -67,7 +106,7 @@ def prompt_text(kind: RequestKind, body: dict[str, Any]) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
-class Answer:
+class Script:
     """What one request will be answered with."""
 
     words: list[str]
@@ -83,7 +122,7 @@ class Answer:
 
 
 def plan_answer(kind: RequestKind, body: dict[str, Any], settings: SyntheticSettings,
-                max_model_len: int | None) -> Answer:
+                max_model_len: int | None) -> Script:
     if (body.get("n") or 1) > 1:
         raise RequestError("engine: synthetic supports only n=1.", "n")
     text, prompt_tokens = prompt_text(kind, body)
@@ -103,7 +142,7 @@ def plan_answer(kind: RequestKind, body: dict[str, Any], settings: SyntheticSett
     start = zlib.crc32(text.encode())  # stable across processes, unlike hash()
     words = [VOCABULARY[(start + i) % len(VOCABULARY)] for i in range(length)]
     cut_short = requested or length < settings.output_tokens  # by the request, or by the context
-    return Answer(words, prompt_tokens, "length" if cut_short else "stop")
+    return Script(words, prompt_tokens, "length" if cut_short else "stop")
 
 
 class Pace:
@@ -125,7 +164,7 @@ class SyntheticEngine:
                  metrics: ReplicaMetrics | None = None):
         self.model_name = model_name
         self.metrics = metrics
-        self.settings = backend.synthetic  # the Backend validator fills it for engine: synthetic
+        self.settings: SyntheticSettings = backend.synthetic  # config fills it for engine: synthetic
         self.max_model_len = backend.max_model_len
         self.running = 0
         self.completed = 0
@@ -134,22 +173,22 @@ class SyntheticEngine:
     async def start(self) -> None:
         await asyncio.sleep(self.settings.startup_s)  # stands in for loading a model
 
-    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
+    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> Answer:
         try:
             answer = plan_answer(kind, body, self.settings, self.max_model_len)
         except RequestError as err:
-            return JSONResult(400, error_body(400, str(err), err.param, err.code))
+            return Answer.whole(400, error_body(400, str(err), err.param, err.code))
         pace = Pace(self.settings)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return self._stream(kind, answer, pace, include_usage)
+            return Answer.streamed(self._stream(kind, answer, pace, include_usage))
         with self._in_flight():
             await pace.until(len(answer.words) - 1)  # the whole answer, as if it had been streamed
         self._record(answer, pace)
-        return JSONResult(200, self._response(kind, answer))
+        return Answer.whole(200, self._response(kind, answer))
 
     async def _stream(
-        self, kind: RequestKind, answer: Answer, pace: Pace, include_usage: bool
+        self, kind: RequestKind, answer: Script, pace: Pace, include_usage: bool
     ) -> AsyncIterator[str]:
         prefix, _, chunk_object = OBJECTS[kind]
         header = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": chunk_object, "created": int(time.time()),
@@ -171,7 +210,7 @@ class SyntheticEngine:
             yield sse_event({**header, "choices": [], "usage": answer.usage()})
         yield SSE_DONE
 
-    def _response(self, kind: RequestKind, answer: Answer) -> dict[str, Any]:
+    def _response(self, kind: RequestKind, answer: Script) -> dict[str, Any]:
         prefix, response_object, _ = OBJECTS[kind]
         text = " ".join(answer.words)
         choice: dict[str, Any] = {"index": 0}
@@ -183,7 +222,7 @@ class SyntheticEngine:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": response_object, "created": int(time.time()),
                 "model": self.model_name, "choices": [choice], "usage": answer.usage()}
 
-    def _record(self, answer: Answer, pace: Pace) -> None:
+    def _record(self, answer: Script, pace: Pace) -> None:
         """The finished request's figures, from its schedule (what a client sees, less the network)."""
         if self.metrics is None:
             return

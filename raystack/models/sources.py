@@ -8,17 +8,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from raystack.models import embedded
 
 logger = logging.getLogger(__name__)
 
 HUB_SCHEMES = {"modelscope://": "modelscope", "hf://": "hf"}
+HUB_NAMES = {"modelscope": "ModelScope", "hf": "Hugging Face"}
 # Files a checkpoint directory needs before an engine can load it.
 REQUIRED_FILES = ("config.json",)
 
@@ -114,25 +116,81 @@ def _download(src: ModelSource, cache_dir: Path, progress: Callable[[str], None]
     if done.is_file():
         return out
     progress(f"{src}: downloading into {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        if src.kind == "modelscope":
-            from modelscope import snapshot_download as ms_download
-
-            ms_download(src.ref, local_dir=str(out))
-        else:
-            from huggingface_hub import snapshot_download as hf_download
-
-            hf_download(repo_id=src.ref, local_dir=str(out))
-    except Exception as err:  # network, auth, missing repo: all end the same way for the user
-        hub = "ModelScope" if src.kind == "modelscope" else "Hugging Face"
-        raise ModelSourceError(
-            f"could not download {src} from {hub}: {type(err).__name__}: {err}. "
-            f"If this machine is offline, download the model where {hub} is reachable "
-            f"(`raystack models prepare {src}` with RAYSTACK_CACHE_DIR on shared storage) or copy it here "
-            f"and set `source:` to its local path."
-        ) from None
+    fetch_from_hub(src, out, fix=f"(`raystack models prepare {src}` with RAYSTACK_CACHE_DIR on shared storage) "
+                                 f"or copy it here and set `source:` to its local path")
     check_local_dir(out, str(src))
     done.touch()
     progress(f"{src}: ready at {out}")
     return out
+
+
+def model_config(source: str, cache_dir: Path | None = None,
+                 progress: Callable[[str], None] = logger.info, fetch: bool = True) -> dict[str, Any]:
+    """config.json of a deploy-config model source, without downloading the weights.
+
+    A local directory, a downloaded hub model or a prepared embedded model gives it directly; an embedded
+    model is prepared (offline); for a hub model not downloaded yet only config.json is fetched (unless
+    `fetch` is False), into <cache>/configs/<hub>/<Org>/<Name>/. Failures raise ModelSourceError naming
+    the model and the fix.
+    """
+    src = parse_source(source)
+    cache_dir = cache_dir or default_cache_dir()
+    ready = locate(source, cache_dir)
+    if ready is not None:
+        return _read_json(ready / "config.json")
+    if src.kind in ("local", "embedded"):
+        return _read_json(resolve(source, cache_dir, progress=progress) / "config.json")
+    path = cache_dir / "configs" / src.kind / src.ref / "config.json"
+    if not path.is_file() and not fetch:
+        raise ModelSourceError(f"{src}: config.json is not downloaded yet (`raystack models prepare {src}`)")
+    if not path.is_file():
+        progress(f"{src}: fetching config.json from {HUB_NAMES[src.kind]}")
+        fetch_from_hub(src, path.parent, filename="config.json",
+                       fix=f"(`raystack models prepare {src}`) and set `source:` to its local path; or estimate "
+                           f"from a local copy (`raystack estimate /path/to/model`, a directory with its config.json)")
+        if not path.is_file():
+            raise ModelSourceError(f"{src} on {HUB_NAMES[src.kind]} has no config.json; is it a model checkpoint?")
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"cannot read {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{path} is not a JSON object")
+    return config
+
+
+def fetch_from_hub(src: ModelSource, out: Path, fix: str, filename: str | None = None) -> None:
+    """The whole model, or one file of it, from its hub into `out`. The endpoint is read now (MODELSCOPE_ENDPOINT,
+    HF_ENDPOINT), not when the hub library first configured itself. A failure (network, auth, a missing
+    repository) raises ModelSourceError with the hub's words and `fix`, what to do where the hub is
+    unreachable."""
+    hub = HUB_NAMES[src.kind]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if src.kind == "modelscope":
+            from modelscope import snapshot_download
+            from modelscope.hub.file_download import model_file_download
+
+            endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or None
+            if filename:  # a named revision: without one modelscope looks up a release on its default endpoint
+                model_file_download(src.ref, filename, revision="master", local_dir=str(out), endpoint=endpoint)
+            else:
+                snapshot_download(src.ref, local_dir=str(out))
+        else:
+            from huggingface_hub import hf_hub_download, snapshot_download
+
+            endpoint = os.environ.get("HF_ENDPOINT") or None
+            if filename:
+                hf_hub_download(repo_id=src.ref, filename=filename, local_dir=str(out), endpoint=endpoint)
+            else:
+                snapshot_download(repo_id=src.ref, local_dir=str(out), endpoint=endpoint)
+    except Exception as err:  # network, auth, missing repo: all end the same way for the user
+        what = f"fetch {filename} of {src}" if filename else f"download {src}"
+        raise ModelSourceError(
+            f"could not {what} from {hub}: {type(err).__name__}: {str(err).rstrip('.')}. "
+            f"If this machine is offline, download the model where {hub} is reachable {fix}."
+        ) from None

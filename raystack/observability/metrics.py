@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from raystack.serving.protocol import error_type
+from raystack.protocol import error_type
 
 REPLICA_TAGS = ("model", "backend", "replica")
 # Seconds: from a cached prefill on a small model to a long queue on a large one.

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raystack.serving.protocol import OpenAIError
+from raystack.protocol import OpenAIError
 
 
 class APIKeyError(ValueError):

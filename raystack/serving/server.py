@@ -11,10 +11,10 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from raystack.config import Backend
-from raystack.engines.base import JSONResult, RequestKind, create_engine
+from raystack.engines.base import RequestKind, create_engine
 from raystack.models import sources
 from raystack.observability.metrics import ReplicaMetrics
-from raystack.serving.priority import restore_normal_priority
+from raystack.process import pin_granted_npus, restore_normal_priority
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,6 +74,7 @@ class LLMServer:
 
     async def __init__(self, model_name: str, source: str | None, backend: dict[str, Any], cache_dir: str):
         restore_normal_priority()  # before the engine starts: its processes inherit it
+        pin_granted_npus()  # likewise: the engine sees only this replica's NPUs
         self.backend = Backend.model_validate(backend)
         self.model_name = model_name
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -89,12 +90,12 @@ class LLMServer:
     async def generate(self, kind: RequestKind, body: dict[str, Any], route: tuple[int, ...] = ()) -> AsyncIterator[Any]:
         """Streams the answer: an Opening, then (for a stream) further SSE strings.
         `route` is the prompt's prefix blocks, read by the request router that chose this replica."""
-        result = await self.engine.generate(kind, body)
-        if isinstance(result, JSONResult):
-            yield Opening(self.replica, status=result.status, body=result.body)
+        answer = await self.engine.generate(kind, body)
+        if answer.stream is None:
+            yield Opening(self.replica, status=answer.status, body=answer.body)
             return
         first = True
-        async for chunk in coalesce(result):
+        async for chunk in coalesce(answer.stream):
             yield Opening(self.replica, chunk=chunk) if first else chunk
             first = False
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ import openai
 import pytest
 import yaml
 
-from raystack.serving.fast_path import SERVE_FAST_PATH_ENV
+from raystack.process import SERVE_FAST_PATH_ENV
+from tests.serve_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 900
@@ -26,12 +26,6 @@ STARTUP_TIMEOUT_S = 900
 def default_sigint() -> None:
     # A background job inherits SIGINT as ignored; serve run needs it to shut Serve and Ray down.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Shared by the integration tests that deploy raystack apps on synthetic backends: a fresh local Ray
-with Serve per test module, and a helper that deploys one app under its own route prefix."""
+"""Shared by the integration tests that deploy raystack apps: a fresh local Ray with Serve per test module
+(tests/serve_cluster.py), synthetic backends, and a helper that deploys one app under its own route prefix."""
 
 from __future__ import annotations
 
@@ -7,30 +7,16 @@ import contextlib
 from typing import Any
 
 import pytest
-import ray
 from ray import serve
 
 from raystack.app import build_app
-from tests.e2e.conftest import free_port
-
-
-@contextlib.contextmanager
-def serve_on_local_ray(**ray_args: Any):
-    """A fresh local Ray (2 CPUs, plus `ray_args`) with Serve's HTTP on a free port; yields its URL."""
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", **ray_args)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+from tests.serve_cluster import serve_cluster
 
 
 @pytest.fixture(scope="module")
 def server():
-    with serve_on_local_ray() as url:
-        yield url
+    with serve_cluster() as running:
+        yield running.url
 
 
 def synthetic(name: str, replicas: int = 1, **settings: Any) -> dict[str, Any]:

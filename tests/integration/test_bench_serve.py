@@ -49,15 +49,18 @@ def test_every_request_is_counted_with_the_servers_usage(bench_run):
 
 def test_reported_latencies_are_the_engines_pace(bench_run):
     _, _, report = bench_run
-    # The pace is a floor (absolute deadlines in the engine); the serving path adds milliseconds.
+    # The pace is a floor (absolute deadlines in the engine); the serving path adds milliseconds, more of
+    # them on a loaded 2-core machine, so the fast backend is also told from the slow one by order.
     for target, pace in (("paced@fast", FAST), ("paced@slow", SLOW)):
         interval_ms = 1000 / pace["tokens_per_s"]
         for row in rows_of(report, target).values():
-            assert pace["ttft_ms"] <= row["ttft_median_ms"] < pace["ttft_ms"] + 150, row
+            assert pace["ttft_ms"] <= row["ttft_median_ms"] < pace["ttft_ms"] + 300, row
             assert 0.8 * interval_ms <= row["tpot_median_ms"] < 2 * interval_ms, row
             assert 0.5 * interval_ms <= row["itl_median_ms"] < 2 * interval_ms, row
             expected_rate = OUTPUT_TOKENS / ((pace["ttft_ms"] + (OUTPUT_TOKENS - 1) * interval_ms) / 1000)
             assert 0.5 * expected_rate < row["per_request_tokens_per_s"] <= 1.05 * expected_rate, row
+    for level, fast in rows_of(report, "paced@fast").items():
+        assert fast["ttft_median_ms"] < rows_of(report, "paced@slow")[level]["ttft_median_ms"]
 
 
 def test_outputs_table_csv_json_and_chart(bench_run):

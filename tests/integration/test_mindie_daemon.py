@@ -16,25 +16,30 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from raystack.config import MindIESettings
-from raystack.engines.mindie_config import MindIEPlan
-from raystack.engines.mindie_daemon import MindIEDaemon, MindIEStartError, free_port
+from raystack.engines.mindie.config import MindIEPlan
+from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
+from raystack.engines.mindie.settings import MindIESettings
 from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
 
 
 @pytest.fixture
 def mindie(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    install = install_mindie(tmp_path)
+    home = install_mindie(tmp_path)
     control = tmp_path / "control"
     control.mkdir()
     monkeypatch.setenv("STANDIN_CONTROL", str(control))
     monkeypatch.setenv("STANDIN_LOAD_S", "0.5")
-    return install, control, model_weights(tmp_path)
+    return home, control, model_weights(tmp_path)
+
+
+def free_port() -> int:
+    return free_ports()[0]
 
 
 def plan(weights: Path, port: int) -> MindIEPlan:
     return MindIEPlan(model_name="qwen3", weight_path=str(weights), npu_ids=[2, 3], port=port, max_seq_len=4096,
-                      max_input_token_len=4096, max_batch_size=16, max_prefill_tokens=8192)
+                      max_input_token_len=4096, max_batch_size=16, max_prefill_tokens=8192, max_iter_times=4096,
+                      multi_nodes_infer_port=free_port())
 
 
 async def run(daemon: MindIEDaemon, then=None):
@@ -47,10 +52,10 @@ async def run(daemon: MindIEDaemon, then=None):
 
 
 def test_the_daemon_starts_from_the_written_config_and_stops_without_a_trace(mindie):
-    install, control, weights = mindie
+    home, control, weights = mindie
     port = free_port()
-    daemon = MindIEDaemon(plan(weights, port), MindIESettings(install_path=str(install), npu_memory_fraction=0.85),
-                          "mindieservice_daemon")
+    daemon = MindIEDaemon(plan(weights, port), MindIESettings(ascend_home=str(home), npu_memory_fraction=0.85),
+                          "mindieservice_daemon", {"ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE": "3"})
 
     async def check(session):
         async with session.get(f"{daemon.url}/health") as r:
@@ -61,7 +66,7 @@ def test_the_daemon_starts_from_the_written_config_and_stops_without_a_trace(min
     workdir = asyncio.run(run(daemon, check))
     [seen] = starts(control)
     assert seen["mode"] == "640" and seen["cwd"] == str(workdir)  # writable, for its kernel_meta
-    assert seen["env"]["MIES_INSTALL_PATH"] == str(install)
+    assert seen["env"]["MIES_INSTALL_PATH"] == str(home / "mindie/latest/mindie-service")
     assert seen["env"]["MIES_CONFIG_JSON_PATH"] == seen["config_path"]
     assert seen["env"]["MIES_SERVICE_MONITOR_MODE"] == "1" and seen["env"]["OMP_NUM_THREADS"] == "1"
     assert seen["env"]["NPU_MEMORY_FRACTION"] == "0.85" and seen["env"]["MINDIE_LOG_TO_STDOUT"] == "1"
@@ -77,28 +82,63 @@ def test_the_daemon_starts_from_the_written_config_and_stops_without_a_trace(min
 
 
 def test_a_config_mindie_refuses_fails_the_start_with_its_words(mindie):
-    install, control, weights = mindie
-    settings = MindIESettings(install_path=str(install), overrides={"ServerConfig": {"httpsEnabled": True}})
-    daemon = MindIEDaemon(plan(weights, free_port()), settings, "mindieservice_daemon")
+    home, control, weights = mindie
+    settings = MindIESettings(ascend_home=str(home), overrides={"ServerConfig": {"httpsEnabled": True}})
+    daemon = MindIEDaemon(plan(weights, free_port()), settings, "mindieservice_daemon", {})
     with pytest.raises(MindIEStartError, match=r"did not start(.|\n)*killed by signal 9(.|\n)*httpsEnabled is true"):
         asyncio.run(run(daemon))
 
 
 def test_a_missing_installation_says_where_to_point(tmp_path):
     daemon = MindIEDaemon(plan(tmp_path, free_port()), MindIESettings(install_path=str(tmp_path / "nowhere")),
-                          "mindieservice_daemon")
-    with pytest.raises(MindIEStartError, match="set mindie.install_path"):
+                          "mindieservice_daemon", {})
+    with pytest.raises(MindIEStartError, match="install MindIE on every NPU node, and set mindie.ascend_home"):
         asyncio.run(run(daemon))
 
 
 def test_a_load_past_the_startup_timeout_is_stopped_and_explained(mindie, monkeypatch):
-    install, control, weights = mindie
+    home, control, weights = mindie
     monkeypatch.setenv("STANDIN_LOAD_S", "60")
-    daemon = MindIEDaemon(plan(weights, free_port()), MindIESettings(install_path=str(install), startup_timeout_s=2),
-                          "mindieservice_daemon")
+    daemon = MindIEDaemon(plan(weights, free_port()), MindIESettings(ascend_home=str(home), startup_timeout_s=2),
+                          "mindieservice_daemon", {})
     with pytest.raises(MindIEStartError, match=r"within mindie.startup_timeout_s \(2 s\)(.|\n)*loading qwen3"):
         asyncio.run(run(daemon))
     assert not [p for p in pids_started(control) if alive(p)]
+
+
+def test_the_daemon_runs_in_the_ascend_scripts_environment_and_dev_shm_survives_them(mindie):
+    """The four set_env.sh scripts are sourced (the stand-in refuses to start without what they set), the
+    backend's env wins over what they set (their ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE=1 against GPUStack's 3),
+    and mindie's `rm -rf /dev/shm/*` removes nothing."""
+    home, control, weights = mindie
+    sentinel = Path("/dev/shm") / f"raystack-test-{os.getpid()}-{time.monotonic_ns()}"
+    sentinel.write_text("Ray's object store and other replicas keep their shared memory here")
+    try:
+        daemon = MindIEDaemon(plan(weights, free_port()), MindIESettings(ascend_home=str(home)), "mindieservice_daemon",
+                              {"ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE": "3"})
+        asyncio.run(run(daemon))
+        assert sentinel.exists(), "a sourced script wiped /dev/shm"
+    finally:
+        sentinel.unlink(missing_ok=True)
+    [seen] = starts(control)
+    env = seen["env"]
+    assert env["ASCEND_HOME_PATH"] == str(home / "ascend-toolkit/latest")
+    assert (env["ATB_HOME_PATH"], env["ATB_SPEED_HOME_PATH"]) == (str(home / "nnal/atb/cxx_abi_0"), str(home / "atb-models"))
+    assert env["MINDIE_LLM_HOME_PATH"] == str(home / "mindie/latest/mindie-llm")
+    assert env["ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE"] == "3" and env["TASK_QUEUE_ENABLE"] == "1"
+    assert env["MINDIE_LOG_TO_STDOUT"] == "1"  # raystack's, over mindie's 0: the replica's log shows it
+
+
+def test_a_missing_script_is_named_and_without_the_environment_mindie_does_not_start(mindie):
+    home, control, weights = mindie
+    (home / "nnal/atb/set_env.sh").unlink()
+    daemon = MindIEDaemon(plan(weights, free_port()), MindIESettings(ascend_home=str(home)), "mindieservice_daemon", {})
+    with pytest.raises(MindIEStartError, match=r"nnal/atb/set_env.sh is missing: MindIE's libraries need"):
+        asyncio.run(run(daemon))
+    only_toolkit = MindIESettings(ascend_home=str(home), set_env_scripts=[str(home / "ascend-toolkit/set_env.sh")])
+    daemon = MindIEDaemon(plan(weights, free_port()), only_toolkit, "mindieservice_daemon", {})
+    with pytest.raises(MindIEStartError, match="ATB_HOME_PATH is not set"):
+        asyncio.run(run(daemon))
 
 
 OWNER = textwrap.dedent("""

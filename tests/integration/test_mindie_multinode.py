@@ -12,11 +12,8 @@ from pathlib import Path
 
 import openai
 import pytest
-import ray
-from ray import serve
-from ray.cluster_utils import Cluster
 
-from tests.e2e.conftest import free_port
+from tests.serve_cluster import serve_cluster
 from tests.integration.conftest import deployed
 from tests.integration.test_mindie_serve import assert_nothing_left, ask, mindie_model
 from tests.mindie_standin import install_hccn_tool, install_mindie, model_weights, starts
@@ -29,19 +26,13 @@ def server(tmp_path_factory):
     tools = install_hccn_tool(tmp_path_factory.mktemp("tools")).parent
     path = os.environ["PATH"]
     os.environ["PATH"] = f"{tools}:{path}"  # the nodes' raylets, hence their workers, inherit it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # A proxy in the nodes' environment, as many clusters have: the daemons must not inherit it.
+    proxies = {k: "http://proxy.invalid:3128" for k in ("http_proxy", "https_proxy")}
     try:
-        for ip in NODE_IPS:
-            cluster.add_node(num_cpus=2, resources={"NPU": 2}, node_ip_address=ip)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="ERROR")
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
+        with serve_cluster([{"num_cpus": 2, "resources": {"NPU": 2}, "node_ip_address": ip, "env_vars": proxies}
+                            for ip in NODE_IPS]) as running:
+            yield running.url
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
         os.environ["PATH"] = path
 
 
@@ -72,9 +63,16 @@ def test_one_replica_runs_a_daemon_per_node_from_one_rank_table(server, mindie):
     # NIC addresses are hccn_tool's, for the device ids Ray granted (0 and 1 on each simulated node).
     assert [d["device_ip"] for d in table["server_list"][0]["device"]] == ["192.1.45.172", "192.2.167.33"]
     master_ip = table["server_list"][0]["container_ip"]
+    # One master port and one multiNodesInferPort, the master's, on every node (never the shipped 1120).
+    [(master_port, infer_port)] = {(d["env"]["MASTER_PORT"], d["config"]["BackendConfig"]["multiNodesInferPort"])
+                                   for d in daemons}
+    assert int(master_port) > 1024 and infer_port != 1120
     for seen in daemons:
         env, config = seen["env"], seen["config"]
         assert env["WORLD_SIZE"] == "4" and env["MASTER_IP"] == master_ip
+        # MindIE's rank-table guide and GPUStack's multi-node settings; the proxy the test set is gone.
+        assert (env["HCCL_CONNECT_TIMEOUT"], env["ATB_LLM_HCCL_ENABLE"], env["HCCL_OP_EXPANSION_MODE"]) == ("7200", "1", "AIV")
+        assert env["http_proxy"] is None and env["https_proxy"] is None
         assert env["RANK_TABLE_FILE"] and config["BackendConfig"]["multiNodesInferEnabled"] is True
         assert config["BackendConfig"]["interNodeTLSEnabled"] is False
         assert config["BackendConfig"]["ModelDeployConfig"]["ModelConfig"][0]["worldSize"] == 2  # per node

@@ -14,14 +14,15 @@ from typing import Any
 import openai
 import pytest
 
-from tests.integration.conftest import deployed, serve_on_local_ray
+from tests.integration.conftest import deployed
 from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
+from tests.serve_cluster import serve_cluster
 
 
 @pytest.fixture(scope="module")
 def server():
-    with serve_on_local_ray(resources={"NPU": 4}) as url:
-        yield url
+    with serve_cluster(resources={"NPU": 4}) as running:
+        yield running.url
 
 
 @pytest.fixture
@@ -31,12 +32,13 @@ def mindie(tmp_path: Path):
     return install_mindie(tmp_path), control, model_weights(tmp_path)
 
 
-def mindie_model(mindie, replicas: int = 1, tensor: int = 1, name: str = "qwen3") -> list[dict[str, Any]]:
-    install, control, weights = mindie
+def mindie_model(mindie, replicas: int = 1, tensor: int = 1, name: str = "qwen3",
+                 token_s: float = 0.02) -> list[dict[str, Any]]:
+    home, control, weights = mindie
     backend = {
         "name": "mindie", "engine": "mindie", "parallelism": {"tensor": tensor, "pipeline": 1},
-        "max_model_len": 4096, "mindie": {"install_path": str(install), "startup_timeout_s": 60},
-        "env": {"STANDIN_CONTROL": str(control), "STANDIN_LOAD_S": "1", "STANDIN_TOKEN_S": "0.02"},
+        "max_model_len": 4096, "mindie": {"ascend_home": str(home), "startup_timeout_s": 60},
+        "env": {"STANDIN_CONTROL": str(control), "STANDIN_LOAD_S": "1", "STANDIN_TOKEN_S": str(token_s)},
         "resources": {"cpus": 0.1},
         "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
         "health_check_period_s": 1, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 15,
@@ -50,6 +52,15 @@ def client(url: str) -> openai.OpenAI:
 
 def ask(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
+
+
+def test_answers_are_as_long_as_asked_or_as_the_context_allows_not_cut_at_512(server, mindie):
+    """MindIE answers min(maxIterTimes, max_tokens, maxSeqLen - prompt) tokens; its shipped maxIterTimes is 512."""
+    with deployed(server, "mindie-long", mindie_model(mindie, token_s=0.0005)) as url:
+        c = client(url)
+        assert c.completions.create(model="qwen3", prompt="count", max_tokens=1000).usage.completion_tokens == 1000
+        unbounded = c.completions.create(model="qwen3", prompt="count to the end").usage
+        assert unbounded.completion_tokens == 4096 - unbounded.prompt_tokens  # max_model_len 4096, not 512
 
 
 def test_openai_requests_work_through_the_router_and_each_replica_gets_its_own_npus(server, mindie):

@@ -1,57 +1,69 @@
-"""NPU placement on a real multi-node Ray cluster, simulated on one machine with ray.cluster_utils.
+"""NPU placement on a real multi-node Ray cluster, simulated on one machine with ray.cluster_utils, under
+what `raystack start` gives a real node: its resources, its labels and its environment (notably
+RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1, so Ray leaves ASCEND_RT_VISIBLE_DEVICES at the node's
+whole list in every worker).
 
-Two nodes declare 4 NPUs each (Ascend910B3, registered the way `raystack start` registers them) and a
-third is CPU-only. Backends are deployed with Ray Serve using exactly the options build_app gives them.
-The replica stands in for vLLM's Ray executor (which the CPU platform refuses to run): it starts one
-worker per NPU bundle of its placement group and reports where each landed and what NPUs it sees.
+Node A has 5 Ascend910B3 chips (64 GB) of which chip 2 reports Critical, so it registers 4 NPUs with
+device ids 0,1,3,4; node B has 4 Ascend910B4 chips (32 GB); the head is CPU-only. Backends are deployed
+with Ray Serve using exactly the options build_app gives them. One-NPU replicas are real LLMServers (the
+toy engine reports what its process sees); a multi-NPU replica stands in for vLLM's Ray executor (which
+the CPU platform refuses to run), doing with its placement group what vLLM 0.23's RayExecutorV2 does.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 
+import httpx
 import pytest
 import ray
 from ray import serve
-from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raystack.app import build_app, deployment_options
+from raystack.cluster.chips import parse_chip
 from raystack.cluster.node import plan_start
-from raystack.cluster.npu import NodeNPUs, NPUChip
+from raystack.cluster.npu import NodeNPUs
+from raystack.cluster.npu_smi import NPUChip
 from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem
 from raystack.config import Backend, ConfigError
-from tests.e2e.conftest import free_port
+from tests import FIXTURES
+from tests.serve_cluster import free_port, serve_cluster
 
 
-def npu_node_args(count: int) -> dict:
-    """The resources and labels `raystack start` registers for a node of `count` Ascend910B3 chips."""
-    chips = [NPUChip(i, 0, i, "910B3", "OK", 65536) for i in range(count)]
-    plan = plan_start(NodeNPUs(chips, [], "Ascend910B3", 64.0, "test", []), head=True, ifname="lo")
-    import json
+NODE_A_DEVICES = ["0", "1", "3", "4"]
 
+
+def npu_node_args(name: str, count: int, hbm_mb: int, critical: tuple[int, ...] = ()) -> dict:
+    """What `raystack start` gives a node of `count` chips named `name` (npu-smi's table name): the
+    resources, labels and environment of its plan, as Ray's Cluster.add_node takes them."""
+    chips = [NPUChip(i, 0, i, name, "Critical" if i in critical else "OK", hbm_mb) for i in range(count)]
+    healthy = [c for c in chips if c.health == "OK"]
+    chip = parse_chip(name)
+    npus = NodeNPUs(healthy, [(c, "health Critical") for c in chips if c not in healthy], chip.model,
+                    hbm_mb / 1024, "test", [], chip.family)
+    plan = plan_start(npus, head=True, ifname="lo")
     [resources] = [a for a in plan.command if a.startswith("--resources=")]
     [labels] = [a for a in plan.command if a.startswith("--labels=")]
     return {
+        "num_cpus": 2,
         "resources": json.loads(resources.split("=", 1)[1]),
         "labels": dict(kv.split("=", 1) for kv in labels.split("=", 1)[1].split(",")),
+        "env_vars": plan.env,  # the raylet's, so every worker of the node inherits it, as after raystack start
     }
 
 
 @pytest.fixture(scope="module")
 def cluster():
     # CPU-only head, with a dashboard of its own (8265 may belong to another Ray instance on this machine)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
-                                                      "dashboard_port": free_port()})
-    for _ in range(2):
-        c.add_node(num_cpus=2, **npu_node_args(4))
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    yield c
-    serve.shutdown()
-    ray.shutdown()
-    c.shutdown()
+    head = {"num_cpus": 2, "include_dashboard": True, "dashboard_port": free_port()}
+    nodes = [npu_node_args("910B3", 5, 65536, critical=(2,)), npu_node_args("910B4", 4, 32768)]
+    assert nodes[0]["env_vars"]["RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"] == "1"
+    assert nodes[0]["env_vars"]["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(NODE_A_DEVICES)
+    with serve_cluster(nodes, head=head) as running:
+        yield running
 
 
 @ray.remote(num_cpus=0)
@@ -61,13 +73,17 @@ class EngineWorker:
         return {
             "node": ctx.get_node_id(),
             "granted": ctx.get_accelerator_ids().get("NPU", []),
-            "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
+            "inherited": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),  # from the node, before vLLM sets it
+            "labels": ctx.get_node_labels(),
         }
 
 
 @serve.deployment
 class ExecutorStandIn:
-    """What vLLM's Ray executor does with the replica's placement group: one worker per NPU bundle."""
+    """What vLLM 0.23's Ray executor (RayExecutorV2, vllm/v1/executor/ray_executor_v2.py, steps 5-7) does
+    with the replica's placement group: one worker per NPU bundle; then each worker gets
+    ASCEND_RT_VISIBLE_DEVICES = the sorted ids Ray granted the executor's workers on its node, and its
+    local rank (its place among those workers) picks the one it opens."""
 
     def __init__(self):
         pg = ray.util.get_current_placement_group()
@@ -81,28 +97,35 @@ class ExecutorStandIn:
         ]
 
     async def __call__(self):
-        return [await w.where.remote() for w in self.workers]
+        found = [await w.where.remote() for w in self.workers]
+        node_workers, node_devices = defaultdict(list), defaultdict(list)
+        for i, worker in enumerate(found):
+            node_workers[worker["node"]].append(i)
+            node_devices[worker["node"]] += [int(g) for g in worker["granted"]]
+        for i, worker in enumerate(found):
+            visible = sorted(node_devices[worker["node"]])
+            worker["visible"] = ",".join(map(str, visible))
+            worker["opens"] = str(visible[node_workers[worker["node"]].index(i)])
+        return found
 
 
-def deploy(backend: Backend, name: str):
-    app = ExecutorStandIn.options(name=name, **deployment_options(backend)).bind()
+def deploy(backend: Backend, name: str, min_hbm_gib: float | None = None):
+    app = ExecutorStandIn.options(name=name, **deployment_options(backend, min_hbm_gib=min_hbm_gib)).bind()
     handle = serve.run(app, name=name, route_prefix=None)
     return handle.remote().result(timeout_s=120)
 
 
-def npu_backend(tensor: int, pipeline: int = 1, placement: str = "pack") -> Backend:
-    return Backend(name="vllm", device="npu", accelerator={"type": "Ascend910B"}, resources={"cpus": 0.5},
+def npu_backend(tensor: int, pipeline: int = 1, placement: str = "pack", chip: str = "Ascend910B") -> Backend:
+    return Backend(name="vllm", device="npu", accelerator={"type": chip}, resources={"cpus": 0.5},
                    parallelism={"tensor": tensor, "pipeline": pipeline}, placement=placement)
 
 
-def test_tp4_packs_on_one_node_and_each_worker_sees_its_granted_npu(cluster):
+def test_tp4_packs_on_one_node_and_each_worker_opens_its_granted_npu(cluster):
     workers = deploy(npu_backend(4), "tp4")
-    assert len(workers) == 4
-    assert len({w["node"] for w in workers}) == 1
+    assert len(workers) == 4 and len({w["node"] for w in workers}) == 1
     for w in workers:
-        assert len(w["granted"]) == 1
-        assert w["visible"] == w["granted"][0]  # what the engine worker sees is what Ray granted
-    assert len({w["granted"][0] for w in workers}) == 4
+        assert len(w["granted"]) == 1 and w["opens"] == w["granted"][0]
+    assert len({w["opens"] for w in workers}) == 4
     serve.delete("tp4")
 
 
@@ -111,9 +134,61 @@ def test_tp4_pp2_spans_both_npu_nodes(cluster):
     per_node = Counter(w["node"] for w in workers)
     assert sorted(per_node.values()) == [4, 4]
     for node in per_node:
-        ids = sorted(w["granted"][0] for w in workers if w["node"] == node)
-        assert ids == ["0", "1", "2", "3"]
+        on_node = [w for w in workers if w["node"] == node]
+        # Every NPU of the node, each opened once: the node's own device ids (A's skip the Critical chip 2).
+        assert sorted(w["opens"] for w in on_node) == sorted(on_node[0]["inherited"].split(","))
+    assert {w["inherited"] for w in workers} == {"0,1,3,4", "0,1,2,3"}
     serve.delete("tp4pp2")
+
+
+def ask_every_replica(base: str, model: str, replicas: int) -> dict[str, str]:
+    """replica -> its answer, asking until `replicas` distinct replicas have answered."""
+    answers: dict[str, str] = {}
+    for _ in range(60):
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=30,
+                       json={"model": model, "messages": [{"role": "user", "content": "where?"}]})
+        assert r.status_code == 200, r.text
+        answers[r.headers["x-raystack-replica"]] = r.json()["choices"][0]["message"]["content"]
+        if len(answers) == replicas:
+            return answers
+    raise AssertionError(f"only {len(answers)} of {replicas} replicas answered: {answers}")
+
+
+def test_every_replica_opens_exactly_the_npus_ray_granted_it(cluster):
+    """Under raystack start's environment every worker inherits node A's whole list; still, two one-NPU
+    replicas (real LLMServers, whose engine would open device 0 of what it sees) and a TP=2 replica see
+    disjoint sets, each equal to its grant."""
+    args = {"models": [{"name": "where", "backends": [
+        {"name": "one", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B3"},
+         "toy": {"prefix": "visible={visible} granted={granted}"},
+         "autoscaling": {"min_replicas": 2, "max_replicas": 2}}]}]}
+    serve.run(build_app(args), name="where", route_prefix="/where")
+    tp2 = deploy(npu_backend(2, chip="Ascend910B3"), "tp2")
+    try:
+        seen = []
+        for answer in ask_every_replica(f"{cluster.url}/where", "where", 2).values():
+            visible, granted = (part.split("=")[1] for part in answer.split()[:2])
+            assert visible == granted and len(granted.split(",")) == 1, answer
+            seen.append(visible)
+        assert {w["inherited"] for w in tp2} == {",".join(NODE_A_DEVICES)}  # raystack start's env is in force
+        assert len({w["node"] for w in tp2}) == 1
+        assert sorted(w["opens"] for w in tp2) == sorted(g for w in tp2 for g in w["granted"])
+        seen += [w["opens"] for w in tp2]
+        assert len(seen) == len(set(seen)) == 4 and set(seen) == set(NODE_A_DEVICES)
+    finally:
+        serve.delete("tp2")
+        serve.delete("where")
+
+
+def test_replicas_land_only_where_the_chip_and_its_hbm_qualify(cluster):
+    # Family Ascend910B covers node A (910B3, 64 GB) and node B (910B4, 32 GB); a replica needing 44 GiB
+    # of HBM per NPU fits only A, one naming the model Ascend910B4 only B.
+    big = deploy(npu_backend(2), "big", min_hbm_gib=44.5)
+    assert {w["labels"]["raystack.io/npu-hbm-gib"] for w in big} == {"64"}
+    b4 = deploy(npu_backend(2, chip="Ascend910B4"), "b4")
+    assert {w["labels"]["ray.io/accelerator-type"] for w in b4} == {"Ascend910B4"}
+    serve.delete("big")
+    serve.delete("b4")
 
 
 def test_capacity_messages_are_plain(cluster):
@@ -125,7 +200,19 @@ def test_capacity_messages_are_plain(cluster):
     assert "on one node (strict_pack)" in never and "largest node: 4" in never
     never, _ = fit_problem("x@vllm", backend_demand(Backend(name="vllm", device="npu", accelerator={"type": "Ascend310P"})), nodes)
     assert "the cluster has 0 Ascend310P NPUs on 0 node(s)" in never
+    never, _ = fit_problem("q@vllm", backend_demand(npu_backend(1, chip="Ascend910B4"), min_hbm_gib=44.5), nodes)
+    assert never.startswith("backend q@vllm needs 1 Ascend910B4 NPUs with at least 48 GiB HBM each per replica")
     assert fit_problem("qwen3@vllm", backend_demand(npu_backend(8)), nodes) == (None, None)
+
+
+def test_serve_run_refuses_a_model_no_nodes_npus_can_hold(cluster, tmp_path):
+    # Qwen3-14B in bf16 at TP 1 with a 32k context needs ~44 GiB per NPU: more than a 910B4's 32 GB.
+    (tmp_path / "config.json").write_text((FIXTURES / "model_configs" / "qwen3-14b.json").read_text())
+    args = {"models": [{"name": "qwen3-14b", "source": str(tmp_path), "backends": [
+        {"name": "vllm", "device": "npu", "accelerator": {"type": "Ascend910B4"}, "max_model_len": 32768}]}]}
+    with pytest.raises(ConfigError, match=r"needs 1 Ascend910B4 NPUs with at least 48 GiB HBM each per replica "
+                                          r".*but the cluster has 0 Ascend910B4 NPUs with at least 48 GiB"):
+        build_app(args)
 
 
 def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_path):
@@ -153,8 +240,8 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster):
             break
         time.sleep(2)
     npu_nodes = [n for n in result["nodes"] if n["npus"]]
-    assert len(npu_nodes) == 2
-    assert all((n["npu_type"], n["hbm_gib"], n["npus_free"]) == ("Ascend910B3", "64", 0) for n in npu_nodes)
+    assert sorted((n["npu_type"], n["hbm_gib"], n["npus_free"]) for n in npu_nodes) == [
+        ("Ascend910B3", "64", 0), ("Ascend910B4", "32", 0)]
     assert all(sum(h["npus"] for h in n["held_by"]) == 4 for n in npu_nodes)
     assert [n for n in result["nodes"] if not n["npus"]]  # the CPU-only node is listed too
     [problem] = result["problems"]

@@ -9,12 +9,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import ray
 import yaml
 from ray import serve
 
 from raystack.app import build_app
-from tests.e2e.conftest import free_port
+from tests.serve_cluster import serve_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "synthetic"
@@ -25,16 +24,9 @@ PROMPT_WORDS = 2 + 3
 @pytest.fixture(scope="module")
 def base_url():
     args = yaml.safe_load((ROOT / "deploy_configs/synthetic.yaml").read_text())["applications"][0]["args"]
-    port = free_port()
-    # address="local": always a new cluster of our own, never one a developer (or RAY_ADDRESS) points at.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with serve_cluster() as running:
         serve.run(build_app(args), name="raystack", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield running.url
 
 
 @pytest.fixture(scope="module")

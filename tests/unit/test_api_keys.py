@@ -7,7 +7,7 @@ import pytest
 from raystack.app import build_app
 from raystack.config import ConfigError
 from raystack.serving.auth import APIKeyError, APIKeys
-from raystack.serving.protocol import OpenAIError
+from raystack.protocol import OpenAIError
 
 
 def test_entries_from_a_file_or_an_env_var_with_optional_model_lists():

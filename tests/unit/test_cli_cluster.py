@@ -29,8 +29,9 @@ def test_start_registers_8_x_910b3_with_the_vllm_ascend_env(tmp_path):
     assert out.returncode == 0, out.stderr
     command = out.stdout.strip().splitlines()[-1]
     resources = json.loads(command.split("--resources=", 1)[1].split("'")[0])
-    assert resources == {"NPU": 8, "accelerator_type:Ascend910B3": 1, "accelerator_type:Ascend910B": 1}
-    assert "--labels=ray.io/accelerator-type=Ascend910B3,raystack.io/npu-hbm-gib=64" in command
+    assert resources == {"NPU": 8, "accelerator_type:Ascend910B3": 1}
+    assert ("--labels=ray.io/accelerator-type=Ascend910B3,raystack.io/npu-family=Ascend910B,"
+            "raystack.io/npu-hbm-gib=64") in command
     for line in ["export ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7", "export HCCL_IF_IP=127.0.0.1",
                  "export GLOO_SOCKET_IFNAME=lo", "export TP_SOCKET_IFNAME=lo",
                  "export RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1", "export RAY_worker_niceness=0"]:
@@ -43,6 +44,8 @@ def test_start_leaves_out_an_unhealthy_chip_and_says_why(tmp_path):
     out = raystack("start", "--address", "127.0.0.1:6379", "--dry-run", path_dir=tmp_path / "bin")
     assert out.returncode == 0, out.stderr
     assert '"NPU":7' in out.stdout and "accelerator_type:Ascend310P3" in out.stdout
+    # 310P memory varies by card: the label is the smallest chip's size rounded up to a tier (43693 MB -> 48)
+    assert "raystack.io/npu-family=Ascend310P,raystack.io/npu-hbm-gib=48" in out.stdout
     assert "left out NPU 4 chip 0: health Critical" in out.stdout
     assert "export ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,5,6,7" in out.stdout
     assert "export GLOO_SOCKET_IFNAME=lo" in out.stdout  # the interface that routes to the head
@@ -57,8 +60,8 @@ def test_a_node_without_npus_joins_as_a_cpu_node_with_a_notice(tmp_path):
 
 def test_declared_npus_for_simulation():
     out = raystack("start", "--head", "--npus", "4", "--npu-type", "Ascend910B4", "--hbm-gib", "32", "--dry-run")
-    assert '"NPU":4,"accelerator_type:Ascend910B4":1,"accelerator_type:Ascend910B":1' in out.stdout
-    assert "raystack.io/npu-hbm-gib=32" in out.stdout
+    assert '"NPU":4,"accelerator_type:Ascend910B4":1' in out.stdout
+    assert "raystack.io/npu-family=Ascend910B,raystack.io/npu-hbm-gib=32" in out.stdout
 
 
 def test_head_and_address_are_exclusive():

@@ -109,11 +109,23 @@ def test_missing_local_model_fails_before_deploying(tmp_path):
          "models[0]: Value error, source: required, because backend 'vllm' (engine: vllm) loads the model"),
         (lambda a: a["models"][0]["backends"][0].update(synthetic={"ttft_ms": 1}),
          "synthetic: applies to engine: synthetic only"),
-        (lambda a: a["models"][0]["backends"][0].update(engine="synthetic"), "engine_args are vLLM's"),
+        (lambda a: a["models"][0]["backends"][0].update(engine="synthetic"), "engine_args apply to engine: vllm only"),
         (lambda a: a["models"][0]["backends"][0].update(engine="synthetic", engine_args={}, device="npu"),
          "engine: synthetic runs no model and needs no NPU"),
         (lambda a: a["models"][0]["backends"][0].update(engine="synthetic", engine_args={}, synthetic={"ttft": 1}),
          "models[0].backends[0].synthetic.ttft: unknown key"),
+        # What MindIE would refuse at start, refused by config check instead.
+        (lambda a: (a["models"][0].update(name="qwen3-"), a["models"][0]["backends"][0].update(
+            engine="mindie", device="npu", engine_args={})),
+         "engine: mindie serves the model as ModelConfig.modelName, and MindIE refuses 'qwen3-'"),
+        (lambda a: a["models"][0]["backends"][0].update(engine="mindie", device="npu", engine_args={}, max_model_len=4096,
+                                                        mindie={"max_prefill_tokens": 2048}),
+         "mindie.max_prefill_tokens (2048) is below max_input_token_len (max_model_len, 4096)"),
+        (lambda a: a["models"][0]["backends"][0].update(engine="mindie", device="npu", engine_args={}, mindie={
+            "max_input_token_len": 8192, "max_prefill_tokens": 4096}),
+         "max_prefill_tokens (4096) is below max_input_token_len (8192); MindIE refuses that"),
+        (lambda a: a["models"][0]["backends"][0].update(device="npu", accelerator={"type": "Ascend999"}),
+         "unknown NPU type 'Ascend999'"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(change, message):
@@ -139,7 +151,8 @@ def test_npu_tensor_parallel_backend_gets_one_npu_bundle_per_rank():
     bundles = options["placement_group_bundles"]
     assert len(bundles) == 4 and all(b["NPU"] == 1 for b in bundles)
     assert bundles[0]["CPU"] == 4 and all("CPU" not in b for b in bundles[1:])
-    assert all(b["accelerator_type:Ascend910B"] > 0 for b in bundles)
+    # Ascend910B is the A2 family: every bundle on a node `raystack start` labelled so (910B1..B4-1 alike)
+    assert options["placement_group_bundle_label_selector"] == [{"raystack.io/npu-family": "Ascend910B"}]
 
 
 def test_autoscaling_defaults_scale_on_load():
@@ -155,7 +168,8 @@ def test_every_backend_queue_is_bounded_and_routed_by_the_models_policy():
     assert options["max_queued_requests"] == 128  # beyond it: 429, never an unbounded queue
     router_config = options["request_router_config"]
     assert router_config.request_router_class.endswith(":BackendRequestRouter")
-    assert router_config.request_router_kwargs == {"policy": "prefix_affinity", "affinity_slack": 2}
+    assert router_config.request_router_kwargs == {"policy": "prefix_affinity", "affinity_slack": 2,
+                                                   "prefix_chars": 2048}
 
 
 def test_weighted_routing_needs_some_weight():

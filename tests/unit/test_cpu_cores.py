@@ -11,7 +11,7 @@ import uuid
 import psutil
 import pytest
 
-from raystack.engines.cpu_cores import move_off_engine_cores
+from raystack.engines.vllm.cpu_cores import move_off_engine_cores
 
 pytestmark = pytest.mark.skipif(psutil.cpu_count() < 2, reason="needs 2 cores")
 

@@ -12,18 +12,10 @@ from pathlib import Path
 import pytest
 
 from raystack.cluster import estimate as est
-from raystack.cluster.estimate import (
-    EstimateError,
-    count_parameters,
-    estimate,
-    format_estimate,
-    kv_cache_bytes_per_token,
-    load_model_config,
-    model_max_len,
-    tensor_parallel_options,
-)
+from raystack.cluster.estimate import EstimateError, estimate, format_estimate
 from raystack.models import embedded
-from raystack.models.sources import ModelSourceError
+from raystack.models.shape import count_parameters, kv_cache_bytes_per_token, model_max_len, tensor_parallel_options
+from raystack.models.sources import ModelSourceError, model_config
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs"
 
@@ -253,14 +245,14 @@ def test_as_dict_has_the_derived_numbers():
 
 def test_local_directory(tmp_path):
     (tmp_path / "config.json").write_text((FIXTURES / "qwen3-14b.json").read_text())
-    assert load_model_config(str(tmp_path), tmp_path / "cache") == cfg("qwen3-14b")
+    assert model_config(str(tmp_path), tmp_path / "cache") == cfg("qwen3-14b")
     e = est.estimate_source(str(tmp_path), tmp_path / "cache", max_model_len=4096)
     assert (e.model, e.tensor_parallel) == (str(tmp_path), 1)
 
 
 def test_local_directory_without_config(tmp_path):
     with pytest.raises(ModelSourceError, match="config.json"):
-        load_model_config(str(tmp_path), tmp_path / "cache")
+        model_config(str(tmp_path), tmp_path / "cache")
 
 
 def test_prepared_embedded_model_is_read_without_preparing(tmp_path):
@@ -270,7 +262,7 @@ def test_prepared_embedded_model_is_read_without_preparing(tmp_path):
     (out / "config.json").write_text((FIXTURES / "smollm2-135m-instruct.json").read_text())
     marker = {"gguf_sha256": model.gguf_sha256, "files": {"config.json": "unchecked"}}
     (out / embedded.MARKER).write_text(json.dumps(marker))
-    assert load_model_config("smollm2-135m-instruct", tmp_path)["num_attention_heads"] == 9
+    assert model_config("smollm2-135m-instruct", tmp_path)["num_attention_heads"] == 9
 
 
 def test_downloaded_hub_model_and_fetched_config_are_reused(tmp_path, no_internet):
@@ -278,12 +270,12 @@ def test_downloaded_hub_model_and_fetched_config_are_reused(tmp_path, no_interne
     done.mkdir(parents=True)
     (done / "config.json").write_text((FIXTURES / "qwen3-32b.json").read_text())
     (done / ".raystack-complete").touch()
-    assert load_model_config("modelscope://Qwen/Qwen3-32B", tmp_path)["num_hidden_layers"] == 64
+    assert model_config("modelscope://Qwen/Qwen3-32B", tmp_path)["num_hidden_layers"] == 64
 
     fetched = tmp_path / "configs" / "hf" / "Qwen" / "Qwen3-14B"
     fetched.mkdir(parents=True)
     (fetched / "config.json").write_text((FIXTURES / "qwen3-14b.json").read_text())
-    assert load_model_config("hf://Qwen/Qwen3-14B", tmp_path)["num_hidden_layers"] == 40
+    assert model_config("hf://Qwen/Qwen3-14B", tmp_path)["num_hidden_layers"] == 40
     assert no_internet == []  # nothing was contacted
 
 
@@ -328,7 +320,7 @@ def test_offline_config_fetch_names_the_model_and_the_fix(tmp_path, monkeypatch,
     monkeypatch.setattr(time, "sleep", lambda seconds: None)
     monkeypatch.setattr("modelscope_hub._download.DOWNLOAD_RETRY_TIMES", 0, raising=False)
     with pytest.raises(ModelSourceError) as err:
-        load_model_config(source, tmp_path)
+        model_config(source, tmp_path)
     message = str(err.value)
     assert f"could not fetch config.json of {source}" in message
     assert "raystack estimate /path/to/model" in message and "set `source:` to its local path" in message

@@ -6,13 +6,13 @@ import stat
 
 import pytest
 
-from raystack.engines.mindie_config import MindIEConfigError, MindIEPlan, deep_merge, render_config, write_config
+from raystack.engines.mindie.config import MindIEConfigError, MindIEPlan, deep_merge, render_config, write_config
 from tests import FIXTURES
 
 DEFAULT = FIXTURES / "mindie" / "config.default.json"
 PLAN = MindIEPlan(model_name="qwen3-32b", weight_path="/models/Qwen3-32B", npu_ids=[4, 5], port=41234,
                   max_seq_len=32768, max_input_token_len=30720, max_batch_size=64, max_prefill_tokens=32768,
-                  cache_block_size=128)
+                  max_iter_times=32768, multi_nodes_infer_port=41235, cache_block_size=128)
 
 
 @pytest.fixture
@@ -30,12 +30,15 @@ def test_every_field_raystack_owns_is_set(default):
     backend = config["BackendConfig"]
     assert backend["npuDeviceIds"] == [[4, 5]]
     assert backend["multiNodesInferEnabled"] is False and backend["interNodeTLSEnabled"] is False
+    assert backend["multiNodesInferPort"] == 41235  # never the shipped 1120: two replicas on a node would collide
     deploy = backend["ModelDeployConfig"]
     assert (deploy["maxSeqLen"], deploy["maxInputTokenLen"]) == (32768, 30720)
     [model] = deploy["ModelConfig"]
     assert (model["modelName"], model["modelWeightPath"], model["worldSize"]) == ("qwen3-32b", "/models/Qwen3-32B", 2)
     schedule = backend["ScheduleConfig"]
     assert (schedule["maxBatchSize"], schedule["maxPrefillTokens"], schedule["cacheBlockSize"]) == (64, 32768, 128)
+    # The shipped maxIterTimes (512) would cut every answer at 512 tokens: it follows the context instead.
+    assert (default["BackendConfig"]["ScheduleConfig"]["maxIterTimes"], schedule["maxIterTimes"]) == (512, 32768)
 
 
 def test_the_release_defaults_stay_and_the_default_is_not_changed(default):
@@ -43,7 +46,7 @@ def test_the_release_defaults_stay_and_the_default_is_not_changed(default):
     config = render_config(default, PLAN)
     assert json.dumps(default, sort_keys=True) == before
     assert config["ServerConfig"]["tokenTimeout"] == default["ServerConfig"]["tokenTimeout"]
-    assert config["BackendConfig"]["ScheduleConfig"]["maxIterTimes"] == 512
+    assert config["BackendConfig"]["ScheduleConfig"]["maxPrefillBatchSize"] == default["BackendConfig"]["ScheduleConfig"]["maxPrefillBatchSize"]
     assert config["BackendConfig"]["ModelDeployConfig"]["ModelConfig"][0]["backendType"] == "atb"
 
 

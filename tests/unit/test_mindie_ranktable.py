@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from raystack.engines.mindie_ranktable import NodeDevices, RankTableError, device_ip, render_ranktable
+from raystack.engines.mindie.ranktable import NodeDevices, RankTableError, device_ip, render_ranktable
 from tests import FIXTURES
 from tests.mindie_standin import install_hccn_tool
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raystack.cluster import npu
-from raystack.cluster.npu import NPUChip
+from raystack.cluster import npu, npu_smi
+from raystack.cluster.npu_smi import NPUChip
 
 from tests.npu_smi_standin import StandIn, fixture
 
@@ -56,7 +56,7 @@ def discover(smi: StandIn | str, dev: str, env: dict | None = None, **kwargs):
     ],
 )
 def test_parse_info_reads_every_chip_and_skips_the_process_table(name, npu_ids, chip_ids, healths, hbm):
-    chips = npu.parse_info(fixture(name))
+    chips = npu_smi.parse_info(fixture(name))
     assert [c.npu_id for c in chips] == npu_ids
     assert [c.chip_id for c in chips] == chip_ids
     assert [c.health for c in chips] == healths
@@ -65,34 +65,24 @@ def test_parse_info_reads_every_chip_and_skips_the_process_table(name, npu_ids, 
 
 def test_parse_info_takes_logic_ids_from_the_device_column_only():
     # 310P prints "Chip Device": Device is the logic id. 910B prints "Chip" alone: no logic id in the table.
-    assert [c.logic_id for c in npu.parse_info(fixture("info_310p3_duo_4card_critical.txt"))] == list(range(8))
-    assert {c.logic_id for c in npu.parse_info(fixture("info_910b3_8card.txt"))} == {None}
+    assert [c.logic_id for c in npu_smi.parse_info(fixture("info_310p3_duo_4card_critical.txt"))] == list(range(8))
+    assert {c.logic_id for c in npu_smi.parse_info(fixture("info_910b3_8card.txt"))} == {None}
 
 
 def test_parse_info_m_maps_chips_to_logic_ids_and_names():
-    duo = npu.parse_info_m(fixture("info_m_310p_duo.docsample.txt"))
+    duo = npu_smi.parse_info_m(fixture("info_m_310p_duo.docsample.txt"))
     assert duo[(4, 0)] == (4, "Ascend xxx") and duo[(5, 1)] == (7, "Ascend xxx")
     assert duo[(4, 2)] == (None, "Mcu")
     assert len(duo) == 12
 
 
 def test_parse_key_values_usages_board_memory():
-    usages = npu.parse_key_values(fixture("usages_910b3_i0.txt"))
+    usages = npu_smi.parse_key_values(fixture("usages_910b3_i0.txt"))
     assert usages["HBM Capacity(MB)"] == "65536" and usages["NPU Utilization(%)"] == "0"
-    assert npu.parse_key_values(fixture("usages_910b1_i0.txt"))["HBM Capacity(MB)"] == "65536"
-    board = npu.parse_key_values(fixture("board_910b3_i0.txt"))
+    assert npu_smi.parse_key_values(fixture("usages_910b1_i0.txt"))["HBM Capacity(MB)"] == "65536"
+    board = npu_smi.parse_key_values(fixture("board_910b3_i0.txt"))
     assert board["PCI Device ID"] == "0xD802" and board["Model"] == "NA" and board["Chip Count"] == "1"
-    assert npu.parse_key_values(fixture("memory_910b_i1_c0.txt"))["HBM Capacity(MB)"] == "65536"
-
-
-@pytest.mark.parametrize(
-    "name, ray_type",
-    [("910B3", "Ascend910B3"), ("310P3", "Ascend310P3"), ("Ascend 910A", "Ascend910A"),
-     ("910B4-1", "Ascend910B4-1"), ("Ascend910", "Ascend910"), ("xxx", None), ("Ascend xxx", None),
-     ("Mcu", None), ("NA", None), ("", None)],
-)
-def test_ray_chip_type_matches_acl_soc_names(name, ray_type):
-    assert npu.ray_chip_type(name) == ray_type
+    assert npu_smi.parse_key_values(fixture("memory_910b_i1_c0.txt"))["HBM Capacity(MB)"] == "65536"
 
 
 # --- TAB indentation: the mind-cluster FaultDiag captures keep npu-smi's leading TABs -------------------
@@ -120,16 +110,16 @@ AFTER = capture_sections("mindcluster_npu_info_after_910a_alarm.txt")
 
 def test_tab_indented_key_values_and_mapping():
     assert BEFORE["info -i 0 -t usages"].startswith("\tNPU ID")
-    usages = npu.parse_key_values(BEFORE["info -i 0 -t usages"])
+    usages = npu_smi.parse_key_values(BEFORE["info -i 0 -t usages"])
     assert usages["HBM Capacity(MB)"] == "31129" and usages["DDR Capacity(MB)"] == "13553"
-    assert npu.parse_key_values(BEFORE["info -i 0 -c 0 -t board"])["Chip Name"] == "910A"
-    assert npu.parse_key_values(BEFORE["info -i 0 -c 0 -t health"])["Health Status"] == "OK"
-    mapping = npu.parse_info_m(BEFORE["info -m"])
+    assert npu_smi.parse_key_values(BEFORE["info -i 0 -c 0 -t board"])["Chip Name"] == "910A"
+    assert npu_smi.parse_key_values(BEFORE["info -i 0 -c 0 -t health"])["Health Status"] == "OK"
+    mapping = npu_smi.parse_info_m(BEFORE["info -m"])
     assert mapping == {(i, 0): (i, "Ascend 910A") for i in range(8)}
 
 
 def test_tab_indented_health_alarm_with_multiline_error_information():
-    health = npu.parse_key_values(AFTER["info -i 0 -c 0 -t health"])
+    health = npu_smi.parse_key_values(AFTER["info -i 0 -c 0 -t health"])
     assert health["Health Status"] == "Alarm"
     assert health["Error Code"] == "A4025021 8C03A000 8C084E00"
     assert health["Error Information"].splitlines()[-1].endswith("event state=Heartbeat Lost.")
@@ -283,7 +273,20 @@ def test_a3_phy_id_is_not_a_logic_id(stand_in, tmp_path):
 """
     found, _ = discover(stand_in({"info": table}), make_dev(tmp_path, 4))
     assert [(c.npu_id, c.chip_id, c.logic_id) for c in found.healthy] == [(2, 0, 0), (2, 1, 1), (3, 0, 2), (3, 1, 3)]
-    assert found.chip_type == "Ascend910" and found.hbm_gib_per_npu == 64.0
+    # npu-smi names every A3 chip "Ascend910": the family is known, the model (Ascend910_93xx) is Ray's to say.
+    assert (found.family, found.chip_type, found.hbm_gib_per_npu) == ("Ascend910_93", None, 64.0)
+    assert any("Ray's own detection names the model" in n for n in found.notes)
+
+
+def test_an_a3_board_query_completes_the_model_name(stand_in, tmp_path):
+    # Our own variant: `-t board` on A3 says "Chip Name: Ascend910" and "NPU Name: 9392" (vllm-ascend's
+    # setup.py joins them into the SoC name the same way).
+    table = fixture("info_910b3_8card.txt").replace("910B3", "Ascend910".ljust(5))
+    answers = {"info": table}
+    for i in range(8):
+        answers[f"info -t board -i {i} -c 0"] = "\tChip Name                      : Ascend910\n\tNPU Name                       : 9392\n"
+    found, _ = discover(stand_in(answers), make_dev(tmp_path, 8))
+    assert (found.family, found.chip_type) == ("Ascend910_93", "Ascend910_9392")
 
 
 # --- disagreement and fallbacks ------------------------------------------------------------------------

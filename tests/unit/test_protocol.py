@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from raystack.serving.protocol import OpenAIError, error_body, parse_request
+from raystack.protocol import OpenAIError, error_body, parse_request
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

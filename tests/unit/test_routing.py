@@ -1,15 +1,18 @@
-"""The routing policy's pure parts: prefix blocks, the prefix table, the choice of backend."""
+"""The routing policies' pure parts: prefix blocks, the prefix table, the choice of backend."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 
-from raystack.serving.routing import (
+from raystack.config import Routing
+from raystack.serving import policies
+from raystack.serving.policies import (
+    POLICIES,
     PREFIX_BLOCK_CHARS,
     BackendLoad,
     PrefixTable,
-    choose_backend,
+    policy_for,
     prefix_blocks,
     prompt_text,
 )
@@ -53,35 +56,45 @@ def test_prefix_table_returns_the_longest_match_and_forgets_the_oldest():
     table.record((1, 2, 9), "mindie", "r2")
     assert table.match((1, 2, 3)) == ("vllm", "r1")  # block 3 is only r1's
     assert table.match((1, 2, 7)) == ("mindie", "r2")  # blocks 1, 2 were last served by r2
-    assert table.match((1, 2, 7), backend="vllm") is None
-    assert table.match((1, 2, 3), backend="vllm") == ("vllm", "r1")
+    assert table.match((1, 2, 7), deployment="vllm") is None
+    assert table.match((1, 2, 3), deployment="vllm") == ("vllm", "r1")
     table.record((5,), "vllm", "r3")
     assert len(table) == 4 and table.match((3,)) is None  # block 3 was the least recently used
 
 
 def loads(*specs: tuple[str, int, int | None]) -> list[BackendLoad]:
-    return [BackendLoad(name, 1, in_flight, replicas) for name, in_flight, replicas in specs]
+    return [BackendLoad(name, f"LLMServer-m-{name}", 1, in_flight, replicas) for name, in_flight, replicas in specs]
+
+
+def choose(policy: str, backends: list[BackendLoad], route=(), rng=random, **routing) -> str:
+    return policy_for({"policy": policy, "rng": rng, **routing}).choose_backend(backends, route)
+
+
+def test_every_policy_the_config_accepts_is_registered():
+    assert set(Routing.model_fields["policy"].annotation.__args__) == set(POLICIES)
 
 
 def test_least_loaded_compares_requests_per_replica():
-    assert choose_backend("least_loaded", loads(("a", 6, 3), ("b", 3, 1))) == "a"  # 2 per replica vs 3
-    assert choose_backend("least_loaded", loads(("a", 0, 0), ("b", 50, 2))) == "b"  # a is scaled to zero
-    assert choose_backend("least_loaded", loads(("a", 0, 0), ("b", 1, 0))) == "a"  # all cold: fewest waiting
+    assert choose("least_loaded", loads(("a", 6, 3), ("b", 3, 1))) == "a"  # 2 per replica vs 3
+    assert choose("least_loaded", loads(("a", 0, 0), ("b", 50, 2))) == "b"  # a is scaled to zero
+    assert choose("least_loaded", loads(("a", 0, 0), ("b", 1, 0))) == "a"  # all cold: fewest waiting
     rng = random.Random(0)
-    ties = Counter(choose_backend("least_loaded", loads(("a", 2, 1), ("b", 2, 1)), rng=rng) for _ in range(400))
+    ties = Counter(choose("least_loaded", loads(("a", 2, 1), ("b", 2, 1)), rng=rng) for _ in range(400))
     assert 150 < ties["a"] < 250  # equal load: either, at random
 
 
-def test_prefix_affinity_keeps_the_matched_backend_within_the_slack():
+def test_prefix_affinity_keeps_the_matched_backend_within_the_slack(monkeypatch):
+    monkeypatch.setattr(policies, "PREFIXES", PrefixTable())
+    policies.PREFIXES.record((7, 8), "LLMServer-m-a", "r1")
     two = loads(("a", 5, 1), ("b", 2, 1))
-    assert choose_backend("prefix_affinity", two, affinity="a", slack=3) == "a"
-    assert choose_backend("prefix_affinity", two, affinity="a", slack=2) == "b"
-    assert choose_backend("prefix_affinity", two, affinity=None, slack=9) == "b"
+    assert choose("prefix_affinity", two, route=(7, 8), affinity_slack=3) == "a"
+    assert choose("prefix_affinity", two, route=(7, 8), affinity_slack=2) == "b"
+    assert choose("prefix_affinity", two, route=(9,), affinity_slack=9) == "b"  # no match: least loaded
 
 
 def test_weighted_splits_by_weight_and_skips_weightless_backends():
     rng = random.Random(1)
-    backends = [BackendLoad("a", 3, 0, 1), BackendLoad("b", 1, 0, 1), BackendLoad("c", 0, 0, 1)]
-    shares = Counter(choose_backend("weighted", backends, rng=rng) for _ in range(4000))
+    backends = [BackendLoad(n, n, w, 0, 1) for n, w in (("a", 3), ("b", 1), ("c", 0))]
+    shares = Counter(choose("weighted", backends, rng=rng) for _ in range(4000))
     assert shares["c"] == 0
     assert 0.72 < shares["a"] / 4000 < 0.78

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from raystack.config import Backend
-from raystack.engines.base import ENGINES, JSONResult, create_engine
+from raystack.engines.base import Answer, create_engine, engine_spec
 from raystack.engines.synthetic import SyntheticEngine
 from raystack.serving.server import coalesce
 
@@ -27,15 +27,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def answer(eng, kind, body) -> JSONResult:
+async def answer(eng, kind, body) -> Answer:
     result = await eng.generate(kind, body)
-    assert isinstance(result, JSONResult)
+    assert result.stream is None
     return result
 
 
 async def events(eng, kind, body) -> list:
     """The stream's events: parsed JSON chunks, then the literal "[DONE]"."""
-    stream = await eng.generate(kind, {**body, "stream": True})
+    stream = (await eng.generate(kind, {**body, "stream": True})).stream
     out = []
     async for event in stream:
         assert event.startswith("data: ") and event.endswith("\n\n")
@@ -49,7 +49,7 @@ def chat_text(chunks) -> str:
 
 
 def test_engine_is_registered_and_needs_no_model():
-    assert ENGINES["synthetic"] == "raystack.engines.synthetic:SyntheticEngine"
+    assert engine_spec("synthetic").engine_type() is SyntheticEngine and not engine_spec("synthetic").loads_model
     assert isinstance(engine(), SyntheticEngine)
 
 
@@ -148,7 +148,7 @@ def test_first_token_waits_for_ttft():
     async def first_chunk_after():
         loop = asyncio.get_running_loop()
         start = loop.time()
-        stream = await engine(ttft_ms=200, tokens_per_s=None).generate("chat", {**CHAT, "stream": True})
+        stream = (await engine(ttft_ms=200, tokens_per_s=None).generate("chat", {**CHAT, "stream": True})).stream
         await stream.__anext__()
         elapsed = loop.time() - start
         await stream.aclose()
@@ -164,7 +164,7 @@ def test_tokens_follow_the_rate_streaming_or_not():
         result = await engine(ttft_ms=0, tokens_per_s=20).generate("completion", {**PROMPT, "max_tokens": 5,
                                                                                    "stream": stream})
         if stream:
-            async for _ in result:
+            async for _ in result.stream:
                 pass
         return loop.time() - start
 
@@ -179,7 +179,7 @@ def test_unpaced_streams_still_take_turns_on_the_event_loop():
         order = []
 
         async def consume(tag):
-            async for _ in await eng.generate("completion", {**PROMPT, "max_tokens": 50, "stream": True}):
+            async for _ in (await eng.generate("completion", {**PROMPT, "max_tokens": 50, "stream": True})).stream:
                 order.append(tag)
 
         await asyncio.gather(consume("a"), consume("b"))
@@ -196,7 +196,7 @@ def test_running_counts_requests_in_flight():
         body = {**PROMPT, "max_tokens": 10, "stream": True}
 
         async def consume():
-            async for _ in await eng.generate("completion", body):
+            async for _ in (await eng.generate("completion", body)).stream:
                 pass
 
         tasks = [asyncio.create_task(consume()) for _ in range(3)]
@@ -214,7 +214,7 @@ def test_running_counts_requests_in_flight():
 def test_a_consumer_that_stops_iterating_ends_the_request_as_cancelled():
     async def scenario():
         eng = engine(ttft_ms=0, tokens_per_s=10)
-        stream = await eng.generate("chat", {**CHAT, "max_tokens": 100, "stream": True})
+        stream = (await eng.generate("chat", {**CHAT, "max_tokens": 100, "stream": True})).stream
         await stream.__anext__()
         assert eng.stats()["running"] == 1
         await stream.aclose()
@@ -230,7 +230,7 @@ def test_a_cancelled_task_stops_at_once_streaming_or_not():
         async def consume():
             result = await eng.generate("chat", {**CHAT, "max_tokens": 100, "stream": stream})
             if stream:
-                async for _ in result:
+                async for _ in result.stream:
                     pass
 
         task = asyncio.create_task(consume())
@@ -249,7 +249,7 @@ def test_leaving_the_llmserver_stream_early_cancels_the_engine_request():
     # LLMServer relays engine streams through coalesce(); a client disconnect closes that relay.
     async def scenario():
         eng = engine(ttft_ms=0, tokens_per_s=50)
-        relay = coalesce(await eng.generate("completion", {**PROMPT, "max_tokens": 100, "stream": True}))
+        relay = coalesce((await eng.generate("completion", {**PROMPT, "max_tokens": 100, "stream": True})).stream)
         await relay.__anext__()
         await relay.aclose()
         await asyncio.sleep(0.01)  # the pump task handles its cancellation

@@ -5,7 +5,7 @@ does not support ray"), so the NPU path is checked up to where vLLM validates it
 """
 
 from raystack.config import Backend
-from raystack.engines.vllm import CPU_DEFAULT_KV_CACHE_BYTES, build_engine_args
+from raystack.engines.vllm.args import CPU_DEFAULT_KV_CACHE_BYTES, build_engine_args
 from raystack.models.sources import resolve
 
 

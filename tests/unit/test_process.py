@@ -11,7 +11,7 @@ def test_every_thread_and_later_children_run_at_normal_priority():
         import os, subprocess, sys, threading, time
         os.nice(15)  # what Ray's raylet does to its workers
         threading.Thread(target=time.sleep, args=(5,), daemon=True).start()  # a thread from before
-        from raystack.serving.priority import restore_normal_priority
+        from raystack.process import restore_normal_priority
         restore_normal_priority()
         threads = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")]
         child = subprocess.run([sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"],

@@ -7,80 +7,29 @@ vLLM's server. On Ascend, vllm-ascend registers itself as a platform plugin; not
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from raystack.config import Backend
-from raystack.engines.base import EngineResult, JSONResult, RequestKind
-from raystack.engines.cpu_cores import move_off_engine_cores
-from raystack.observability.metrics import ReplicaMetrics
+from raystack.engines.base import Answer, RequestKind
+from raystack.engines.vllm.args import build_engine_args, check_engine_args
+from raystack.engines.vllm.compat import VLLMAPI, vllm_api
+from raystack.engines.vllm.cpu_cores import move_off_engine_cores
+
+if TYPE_CHECKING:
+    from raystack.config import Backend
+    from raystack.observability.metrics import ReplicaMetrics
 
 logger = logging.getLogger(__name__)
 
-GiB = 1 << 30
-# On CPU, vLLM reserves gpu_memory_utilization x *total* RAM and fails when less is free (0.92 by
-# default). A fixed KV cache skips that check and keeps a small model small.
-CPU_DEFAULT_KV_CACHE_BYTES = 2 * GiB
 
-
-class EngineArgsError(ValueError):
-    pass
-
-
-def engine_arg_names() -> set[str]:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-
-
-def check_engine_args(engine_args: dict[str, Any], where: str = "engine_args") -> None:
-    """Fail fast on a misspelt vLLM argument (used by `config check` and build_app)."""
-    known = engine_arg_names()
-    unknown = sorted(set(engine_args) - known)
-    if unknown:
-        import difflib
-
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"  {where}.{key}: not a vLLM engine argument" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise EngineArgsError("\n".join(hints))
-
-
-def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> dict[str, Any]:
-    """The vLLM engine arguments a backend stands for: explicit config wins over our defaults."""
-    args: dict[str, Any] = {
-        "model": str(model_path),
-        "served_model_name": [model_name],
-        "tensor_parallel_size": backend.parallel.tensor,
-        "pipeline_parallel_size": backend.parallel.pipeline,
-    }
-    if backend.max_model_len:
-        args["max_model_len"] = backend.max_model_len
-    if backend.device == "cpu":
-        args["enforce_eager"] = True  # torch.compile takes ~4x longer to start on CPU for no gain here
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and not {
-            "kv_cache_memory_bytes", "gpu_memory_utilization"
-        } & set(backend.engine_args):
-            args["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
-    elif backend.parallel.world_size > 1:
-        args["distributed_executor_backend"] = "ray"
-    args.update(backend.engine_args)
-    return args
-
-
-def stats_bridge(latest: dict[int, tuple[int, int]], metrics: ReplicaMetrics | None) -> type:
+def stats_bridge(vllm: VLLMAPI, latest: dict[int, tuple[int, int]], metrics: ReplicaMetrics | None) -> type:
     """A vLLM stat logger: keeps each engine core's latest (running, waiting) request counts in `latest`
     (vLLM reports them after every scheduler step, including the step that drops aborted requests), and
     re-exports vLLM's per-request figures (TTFT, inter-token latency, latency, tokens) to `metrics`."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class StatsBridge(StatLoggerBase):
+    class StatsBridge(vllm.StatLoggerBase):
         def __init__(self, vllm_config: Any, engine_index: int = 0):
             pass
 
@@ -108,26 +57,22 @@ class VLLMEngine:
         self.metrics = metrics
         self.on_cpu = backend.device == "cpu"
         self.engine_args = build_engine_args(model_name, model_path, backend)
+        self.vllm = vllm_api()  # the installed vLLM's names; an unsupported vLLM stops the replica here
         self.client = None
         self.state = None
         self.scheduler_counts: dict[int, tuple[int, int]] = {}  # engine core -> (running, waiting)
 
     async def start(self) -> None:
         from starlette.datastructures import State
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-        from vllm.v1.engine.async_llm import AsyncLLM
 
+        vllm = self.vllm
         check_engine_args(self.engine_args)
         # vLLM's serving layer reads its options from the CLI namespace: start from its defaults.
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", self.engine_args["model"]])
+        args = vllm.make_arg_parser(vllm.FlexibleArgumentParser()).parse_args(["--model", self.engine_args["model"]])
         for key, value in self.engine_args.items():
             setattr(args, key, value)
-        engine_args = AsyncEngineArgs.from_cli_args(args)
-        usage = UsageContext.OPENAI_API_SERVER
+        engine_args = vllm.AsyncEngineArgs.from_cli_args(args)
+        usage = vllm.UsageContext.OPENAI_API_SERVER
         vllm_config = engine_args.create_engine_config(usage_context=usage)
         if vllm_config.parallel_config.distributed_executor_backend == "ray":
             from ray.util import get_current_placement_group
@@ -136,30 +81,27 @@ class VLLMEngine:
             # group (one NPU bundle per rank) so the workers land on the NPUs Serve reserved.
             vllm_config.parallel_config.placement_group = get_current_placement_group()
         logger.info("starting vLLM engine for %s: %s", self.model_name, self.engine_args)
-        self.client = AsyncLLM.from_vllm_config(
+        self.client = vllm.AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=usage,
             enable_log_requests=engine_args.enable_log_requests,
             disable_log_stats=engine_args.disable_log_stats,
-            stat_loggers=[stats_bridge(self.scheduler_counts, self.metrics)],
+            stat_loggers=[stats_bridge(vllm, self.scheduler_counts, self.metrics)],
         )
         self.state = State()
-        await init_app_state(self.client, self.state, args, await self.client.get_supported_tasks())
+        await vllm.init_app_state(self.client, self.state, args, await self.client.get_supported_tasks())
         if self.on_cpu:
             move_off_engine_cores()
 
-    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
+    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> Answer:
+        vllm = self.vllm
+        create_error_response = vllm.create_error_response
         try:
             if kind == "chat":
-                request = ChatCompletionRequest.model_validate(body)
+                request = vllm.ChatCompletionRequest.model_validate(body)
                 result = await self.state.openai_serving_chat.create_chat_completion(request, None)
             else:
-                request = CompletionRequest.model_validate(body)
+                request = vllm.CompletionRequest.model_validate(body)
                 result = await self.state.openai_serving_completion.create_completion(request, None)
         except ValidationError as err:
             first = err.errors()[0]
@@ -167,11 +109,11 @@ class VLLMEngine:
             result = create_error_response(f"Invalid value for '{param}': {first['msg']}", param=param)
         except Exception as err:  # vLLM raises its validation errors (e.g. prompt too long); map them
             result = create_error_response(err)
-        if isinstance(result, ErrorResponse):
-            return JSONResult(result.error.code, result.model_dump())
+        if isinstance(result, vllm.ErrorResponse):
+            return Answer.whole(result.error.code, result.model_dump())
         if hasattr(result, "model_dump"):
-            return JSONResult(200, result.model_dump())
-        return result
+            return Answer.whole(200, result.model_dump())
+        return Answer.streamed(result)
 
     def stats(self) -> dict[str, int]:
         counts = list(self.scheduler_counts.values())

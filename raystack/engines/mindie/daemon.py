@@ -7,6 +7,7 @@ Only loopback clients reach it: the replica proxies requests to it and reads its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,8 +20,10 @@ from typing import Any
 
 import aiohttp
 
-from raystack.config import DEFAULT_MINDIE_INSTALL_PATH, MindIESettings
-from raystack.engines.mindie_config import MindIEPlan, render_config, write_config
+from raystack.cluster.chips import FAMILY_LABEL
+from raystack.engines.mindie.config import MindIEPlan, render_config, write_config
+from raystack.engines.mindie.environment import MindIEEnvironmentError, daemon_env
+from raystack.engines.mindie.settings import MindIESettings
 from raystack.engines.supervised import SupervisedProcess
 
 logger = logging.getLogger("ray.serve")
@@ -34,14 +37,15 @@ class MindIEStartError(RuntimeError):
     """The daemon could not start; the message carries its last log lines and what to do."""
 
 
-def install_path(settings: MindIESettings) -> Path:
-    return Path(settings.install_path or os.environ.get("MIES_INSTALL_PATH") or DEFAULT_MINDIE_INSTALL_PATH)
-
-
-def free_port(ip: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
+def free_ports(ip: str = "127.0.0.1", count: int = 1) -> list[int]:
+    """`count` distinct ports free on `ip` now (all held open while choosing, so none repeats)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind((ip, 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def load_default_config(install: Path) -> dict[str, Any]:
@@ -49,8 +53,8 @@ def load_default_config(install: Path) -> dict[str, Any]:
     shipped = install / "conf" / "config.json"
     if not os.access(daemon, os.X_OK):
         raise MindIEStartError(
-            f"{daemon} is missing or not executable: set mindie.install_path (or MIES_INSTALL_PATH) to the "
-            f"mindie-service directory of a MindIE installation on every NPU node"
+            f"{daemon} is missing or not executable: install MindIE on every NPU node, and set mindie.ascend_home "
+            f"to where it is installed (or mindie.install_path, or MIES_INSTALL_PATH, to its mindie-service directory)"
         )
     try:
         return json.loads(shipped.read_text())
@@ -58,37 +62,26 @@ def load_default_config(install: Path) -> dict[str, Any]:
         raise MindIEStartError(f"cannot read MindIE's shipped {shipped}: {err}") from None
 
 
-def daemon_env(settings: MindIESettings, install: Path, config_path: Path,
-               extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    # Ray narrows ASCEND_RT_VISIBLE_DEVICES to the replica's NPUs and renumbers them from 0; MindIE
-    # selects devices by their physical ids in npuDeviceIds, which the narrowed view would not contain.
-    env.pop("ASCEND_RT_VISIBLE_DEVICES", None)
-    env.update({
-        "MIES_INSTALL_PATH": str(install),
-        "MIES_CONFIG_JSON_PATH": str(config_path),
-        "MIES_SERVICE_MONITOR_MODE": "1",  # Prometheus /metrics on the metrics port
-        "NPU_MEMORY_FRACTION": f"{settings.npu_memory_fraction:g}",
-        "OMP_NUM_THREADS": "1",
-        "MINDIE_LOG_TO_STDOUT": "1",  # into the replica's log, through our pipe
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update(extra or {})
-    return env
+def _node_chip_family() -> str | None:
+    """The chip family `raystack start` labelled this node with, if Ray runs here."""
+    import ray
+
+    return ray.get_runtime_context().get_node_labels().get(FAMILY_LABEL) if ray.is_initialized() else None
 
 
 class MindIEDaemon:
     """`ranktable` makes it one node of a multi-node replica; `serves_http` is False on the nodes that do
     not hold rank 0 (MindIE's slaves open no port: they are ready once they print STARTED_LINE)."""
 
-    def __init__(self, plan: MindIEPlan, settings: MindIESettings, name: str,
+    def __init__(self, plan: MindIEPlan, settings: MindIESettings, name: str, backend_env: dict[str, str],
                  ranktable: dict[str, Any] | None = None, serves_http: bool = True):
         self.plan = plan
         self.settings = settings
         self.name = name
+        self.backend_env = backend_env
         self.ranktable = ranktable
         self.serves_http = serves_http
-        self.install = install_path(settings)
+        self.install = settings.install(dict(os.environ))
         self.workdir: Path | None = None
         self.process: SupervisedProcess | None = None
         self.url = f"http://{plan.ip}:{plan.port}"
@@ -102,8 +95,21 @@ class MindIEDaemon:
         default = load_default_config(self.install)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"raystack-mindie-{self.name}-"))
         write_config(render_config(default, self.plan, self.settings.overrides), self.config_path)
-        env = daemon_env(self.settings, self.install, self.config_path,
-                         self._write_ranktable() if self.ranktable is not None else {})
+        own = {
+            "MIES_INSTALL_PATH": str(self.install),
+            "MIES_CONFIG_JSON_PATH": str(self.config_path),
+            "MIES_SERVICE_MONITOR_MODE": "1",  # Prometheus /metrics on the metrics port
+            "NPU_MEMORY_FRACTION": f"{self.settings.npu_memory_fraction:g}",
+            "OMP_NUM_THREADS": "1",
+            "MINDIE_LOG_TO_STDOUT": "1",  # into the replica's log, through our pipe
+            "PYTHONUNBUFFERED": "1",
+        }
+        multi_node = self._write_ranktable() if self.ranktable is not None else None
+        try:
+            env = await asyncio.to_thread(daemon_env, self.settings, self.backend_env, own, multi_node,
+                                          _node_chip_family())
+        except MindIEEnvironmentError as err:
+            raise MindIEStartError(f"{self.name} cannot start: {err}") from None
         # cwd: MindIE writes kernel_meta/ into its working directory, which must be writable.
         self.process = SupervisedProcess(self.name, [str(self.install / DAEMON)], env, cwd=str(self.workdir),
                                          log=logger, kill_grace_s=kill_grace_s, watch_for=STARTED_LINE)
@@ -121,7 +127,8 @@ class MindIEDaemon:
             "RANK_TABLE_FILE": str(path),
             "RANKTABLEFILE": str(path),  # the name MindIE releases before 2.0 read
             "MIES_CONTAINER_IP": self.plan.ip,  # finds this node in the table; the master binds its port to it
-            "MASTER_IP": servers[0]["container_ip"],
+            "MASTER_IP": servers[0]["container_ip"],  # the rank-table guide: the first server's IP
+            "MASTER_PORT": str(self.plan.master_port),  # a free port of the master's (the guide: any free port)
             "WORLD_SIZE": str(sum(len(s["device"]) for s in servers)),
         }
 

@@ -14,16 +14,19 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
-from raystack.config import MINDIE_NODE_CPUS, Backend
-from raystack.engines.base import EngineResult, JSONResult, RequestKind
-from raystack.engines.mindie_config import MindIEPlan
-from raystack.engines.mindie_daemon import MindIEDaemon, MindIEStartError, free_port
-from raystack.observability.metrics import ReplicaMetrics
-from raystack.serving.protocol import SSE_DONE, error_body, sse_event
+from raystack.engines.base import Answer, RequestKind
+from raystack.engines.mindie import ENGINE
+from raystack.engines.mindie.config import MindIEPlan
+from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
+from raystack.protocol import SSE_DONE, error_body, sse_event
+
+if TYPE_CHECKING:
+    from raystack.config import Backend
+    from raystack.observability.metrics import ReplicaMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,16 +63,21 @@ def context_length(backend: Backend, model_path: Path) -> int:
         return MINDIE_DEFAULT_SEQ_LEN
 
 
-def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[int], port: int,
+def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[int],
              ip: str = "127.0.0.1") -> MindIEPlan:
+    """What one replica runs, on free ports of `ip` (the node's IP on a replica over several nodes)."""
     settings = backend.mindie
     seq_len = context_length(backend, model_path)
     max_input = settings.max_input_token_len or seq_len
+    multi_node = backend.parallel.pipeline > 1
+    port, infer_port, master_port = free_ports(ip, 3)
     return MindIEPlan(
         model_name=model_name, weight_path=str(model_path), npu_ids=npu_ids, port=port,
         max_seq_len=seq_len, max_input_token_len=max_input, max_batch_size=settings.max_batch_size,
         max_prefill_tokens=settings.max_prefill_tokens or max(8192, max_input),
-        cache_block_size=settings.cache_block_size, ip=ip, multi_node=backend.parallel.pipeline > 1,
+        max_iter_times=seq_len,  # answers may be as long as the context allows, as on vLLM (config.py)
+        multi_nodes_infer_port=infer_port, cache_block_size=settings.cache_block_size, ip=ip,
+        multi_node=multi_node, master_port=master_port if multi_node else 0,
     )
 
 
@@ -122,8 +130,8 @@ class MindIEEngine:
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         try:
             if self.backend.parallel.pipeline == 1:
-                plan = plan_for(self.model_name, self.model_path, self.backend, replica_npu_ids(), free_port())
-                self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon")
+                plan = plan_for(self.model_name, self.model_path, self.backend, replica_npu_ids())
+                self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon", self.backend.env)
                 await self.daemon.start(self.session, KILL_GRACE_S)
             else:
                 await self._start_on_nodes()
@@ -137,28 +145,29 @@ class MindIEEngine:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from raystack.engines.mindie_node import MindIENode, this_node
-        from raystack.engines.mindie_ranktable import render_ranktable
+        from raystack.engines.mindie.node import MindIENode, this_node
+        from raystack.engines.mindie.ranktable import render_ranktable
 
         group = ray.util.get_current_placement_group()
-        per_node = self.backend.parallel.tensor
+        placement = ENGINE.placement(self.backend)
         node_actor = ray.remote(MindIENode)
-        for bundle in range(1, self.backend.parallel.pipeline):
+        for index in placement.node_bundles:
+            bundle = placement.bundles[index]
             self.nodes.append(node_actor.options(
-                num_cpus=MINDIE_NODE_CPUS, resources={"NPU": per_node},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
-            ).remote(self.backend.mindie.model_dump(), f"mindieservice_daemon (node {bundle})"))
+                num_cpus=bundle.get("CPU", 0), resources={"NPU": bundle["NPU"]},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+            ).remote(self.backend.mindie.model_dump(), self.backend.env, f"mindieservice_daemon (node {index})"))
         me = await asyncio.to_thread(this_node)
         others = await asyncio.gather(*(node.where.remote() for node in self.nodes))
         table = render_ranktable([me, *others])
-        plan = plan_for(self.model_name, self.model_path, self.backend, [i for i, _ in me.devices],
-                        free_port(me.ip), ip=me.ip)
-        self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon (node 0, master)", ranktable=table)
+        plan = plan_for(self.model_name, self.model_path, self.backend, [i for i, _ in me.devices], ip=me.ip)
+        self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon (node 0, master)",
+                                   self.backend.env, ranktable=table)
         logger.info("MindIE over %d nodes, rank table: %s", len(table["server_list"]), table)
         await asyncio.gather(self.daemon.start(self.session, KILL_GRACE_S),
                              *(node.start.remote(plan, table, KILL_GRACE_S) for node in self.nodes))
 
-    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> EngineResult:
+    async def generate(self, kind: RequestKind, body: dict[str, Any]) -> Answer:
         # MindIE serves the model under this name. It reads no stream_options: it always sends usage,
         # on the finishing chunk; include_usage is honoured here (_relay).
         payload = {k: v for k, v in body.items() if k != "stream_options"} | {"model": self.model_name}
@@ -174,11 +183,11 @@ class MindIEEngine:
                 except (json.JSONDecodeError, aiohttp.ClientError):
                     answer = await response.text()
             if response.status != 200:
-                return JSONResult(*openai_error(response.status, answer))
+                return Answer.whole(*openai_error(response.status, answer))
             self._finished(time.monotonic() - started, None, [], answer.get("usage") if isinstance(answer, dict) else None)
-            return JSONResult(200, answer)
+            return Answer.whole(200, answer)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return self._relay(response, started, include_usage)
+        return Answer.streamed(self._relay(response, started, include_usage))
 
     async def _relay(self, response: aiohttp.ClientResponse, started: float, include_usage: bool) -> AsyncIterator[str]:
         first_at: float | None = None

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from raystack.config import MindIESettings
-from raystack.engines.mindie_config import MindIEPlan
-from raystack.engines.mindie_daemon import MindIEDaemon
-from raystack.engines.mindie_ranktable import NodeDevices, device_ip
+from raystack.engines.mindie.settings import MindIESettings
+from raystack.engines.mindie.config import MindIEPlan
+from raystack.engines.mindie.daemon import MindIEDaemon
+from raystack.engines.mindie.ranktable import NodeDevices, device_ip
 
 
 def this_node() -> NodeDevices:
@@ -25,8 +25,9 @@ def this_node() -> NodeDevices:
 
 
 class MindIENode:
-    def __init__(self, settings: dict, name: str):
+    def __init__(self, settings: dict, backend_env: dict[str, str], name: str):
         self.settings = MindIESettings.model_validate(settings)
+        self.backend_env = backend_env
         self.name = name
         self.node = this_node()
         self.daemon: MindIEDaemon | None = None
@@ -37,7 +38,8 @@ class MindIENode:
     async def start(self, plan: MindIEPlan, ranktable: dict, kill_grace_s: float) -> None:
         """This node's daemon: the replica's plan with this node's NPUs and IP; it serves no HTTP."""
         mine = dataclasses.replace(plan, npu_ids=[i for i, _ in self.node.devices], ip=self.node.ip)
-        self.daemon = MindIEDaemon(mine, self.settings, self.name, ranktable=ranktable, serves_http=False)
+        self.daemon = MindIEDaemon(mine, self.settings, self.name, self.backend_env, ranktable=ranktable,
+                                   serves_http=False)
         await self.daemon.start(None, kill_grace_s)
 
     def exited(self) -> str | None:

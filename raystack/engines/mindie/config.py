@@ -12,7 +12,13 @@ Keys raystack owns:
   `multiNodesInferEnabled`, ModelDeployConfig `maxSeqLen` / `maxInputTokenLen`, and the first
   ModelConfig's `modelName`, `modelWeightPath`, `worldSize` (this node's NPUs: MindIE's convention, and
   what it derives from the rank table on a multi-node replica);
-- ScheduleConfig: `maxBatchSize`, `maxPrefillTokens`, `cacheBlockSize`.
+- ScheduleConfig: `maxBatchSize`, `maxPrefillTokens`, `cacheBlockSize`, and `maxIterTimes`, the most tokens
+  MindIE generates per request (output = min(maxIterTimes, max_tokens, maxSeqLen - prompt): MindIE-LLM
+  docs/zh/user_guide/user_manual/service_parameter_configuration.md). The shipped 512 would cut every
+  answer there; like GPUStack (ascend_mindie.py sets maxIterTimes = maxSeqLen) it follows max_model_len;
+- BackendConfig `multiNodesInferPort`: the master's port for the other nodes of a multi-node replica, one
+  free port per replica so two replicas on a node never collide (MindIE also refuses a config whose
+  inference port equals it, even on one node: config_manager_impl.cpp).
 """
 
 from __future__ import annotations
@@ -44,9 +50,12 @@ class MindIEPlan:
     max_input_token_len: int
     max_batch_size: int
     max_prefill_tokens: int
+    max_iter_times: int
+    multi_nodes_infer_port: int
     cache_block_size: int = 128
     multi_node: bool = False
     ip: str = "127.0.0.1"
+    master_port: int = 0  # multi-node: the master's port for the ranks' rendezvous (MASTER_PORT)
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +94,7 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str
     backend.update({
         "npuDeviceIds": [list(plan.npu_ids)],
         "multiNodesInferEnabled": plan.multi_node,
+        "multiNodesInferPort": plan.multi_nodes_infer_port,
         "interNodeTLSEnabled": False,
     })
     deploy = _section(config, "BackendConfig", "ModelDeployConfig")
@@ -102,6 +112,7 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str
     schedule.update({
         "maxBatchSize": plan.max_batch_size,
         "maxPrefillTokens": plan.max_prefill_tokens,
+        "maxIterTimes": plan.max_iter_times,
         "cacheBlockSize": plan.cache_block_size,
     })
     return deep_merge(config, overrides or {})

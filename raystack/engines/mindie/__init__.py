@@ -1,0 +1,71 @@
+"""engine: mindie, MindIE Service (Huawei's inference server) as a supervised `mindieservice_daemon` per
+replica, proxied over loopback HTTP.
+
+    settings.py   the backend's `mindie:` block
+    engine.py     MindIEEngine: the proxy, health and metrics of a replica
+    daemon.py     one daemon: its config.json, environment, readiness and stop
+    config.py     MindIE's config.json for one replica
+    ranktable.py  the rank table of a replica over several nodes
+    node.py       MindIENode: the actor that runs a multi-node replica's daemon on each further node
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from raystack.engines.base import EngineSpec, Placement
+from raystack.engines.mindie.settings import MINDIE_NODE_CPUS, MODEL_NAME_RULE, MindIESettings
+
+if TYPE_CHECKING:
+    from raystack.config import Backend
+
+
+def _validate(backend: Backend) -> None:
+    if backend.device != "npu":
+        raise ValueError("engine: mindie runs on Ascend NPUs only; use device: npu (or engine: vllm on cpu)")
+    if backend.engine_args:
+        raise ValueError("engine_args are vLLM's; engine: mindie is set up by its mindie: block "
+                         "(and mindie.overrides for any config.json key)")
+    max_input = backend.mindie.max_input_token_len
+    if max_input and backend.max_model_len and max_input > backend.max_model_len:
+        raise ValueError(f"mindie.max_input_token_len ({max_input}) exceeds max_model_len ({backend.max_model_len}), "
+                         f"MindIE's maxSeqLen: a prompt must leave room to answer")
+    prefill = backend.mindie.max_prefill_tokens
+    if prefill and not max_input and backend.max_model_len and prefill < backend.max_model_len:
+        raise ValueError(f"mindie.max_prefill_tokens ({prefill}) is below max_input_token_len (max_model_len, "
+                         f"{backend.max_model_len}); MindIE refuses that: raise it or set max_input_token_len")
+
+
+def _check_model_name(name: str) -> None:
+    if not MODEL_NAME_RULE.fullmatch(name):
+        raise ValueError(f"engine: mindie serves the model as ModelConfig.modelName, and MindIE refuses {name!r}: "
+                         f"1 to 256 of A-Z a-z 0-9 _ . -, beginning and ending with a letter or digit")
+
+
+def _placement(backend: Backend) -> Placement:
+    """A MindIE replica holds its node's NPUs itself (its daemon is one process over them): tensor NPUs per
+    node, on `pipeline` nodes. Beyond one node, each further node is a bundle of its own where a
+    MindIENode actor runs that node's daemon; STRICT_SPREAD, since two daemons of one replica cannot
+    share a host."""
+    per_node = backend.parallel.tensor
+    nodes = backend.parallel.pipeline
+    if nodes == 1:
+        return Placement(replica={"NPU": per_node})
+    return Placement(
+        replica={"NPU": per_node},
+        bundles=({"NPU": per_node},) + tuple({"CPU": MINDIE_NODE_CPUS, "NPU": per_node} for _ in range(nodes - 1)),
+        strategy="STRICT_SPREAD",
+        node_bundles=tuple(range(1, nodes)),
+    )
+
+
+ENGINE = EngineSpec(
+    name="mindie",
+    engine_class="raystack.engines.mindie.engine:MindIEEngine",
+    settings=MindIESettings,
+    devices=("npu",),
+    validate=_validate,
+    check_model_name=_check_model_name,
+    placement=_placement,
+    memory_fraction=lambda backend: backend.mindie.npu_memory_fraction,
+)

@@ -1,0 +1,104 @@
+"""The environment a mindieservice_daemon starts in.
+
+1. The Ascend stack's own scripts, sourced in order as GPUStack does before it starts the daemon
+   (gpustack/worker/backends/ascend_mindie.py, `_get_serving_command_script`: CANN toolkit, nnal/atb,
+   atb-models, mindie). They set what MindIE's libraries need (ASCEND_HOME_PATH, ATB_HOME_PATH,
+   ATB_SPEED_HOME_PATH, MINDIE_LLM_HOME_PATH, library and Python paths; MindIE-LLM
+   docs/zh/user_guide/user_manual/environment_variable.md marks ATB_HOME_PATH and ATB_SPEED_HOME_PATH as
+   required). Two guards while sourcing: `set --`, since a script sourced without arguments sees its
+   caller's (mindie-llm's would take ours for `--backend=`); and an `rm` that keeps /dev/shm, since
+   mindie-llm's set_env.sh runs `rm -rf /dev/shm/*` (MindIE-LLM scripts/set_env.sh), harmless in
+   GPUStack's one-model containers and fatal on a shared Ray node, where /dev/shm holds Ray's object
+   store and the other replicas' shared memory.
+2. Variables inherited from the replica that would mislead the daemon are removed, as GPUStack removes
+   them (ascend_mindie.py: NPU_VISIBLE_DEVICES, NPU_DEVICE_IDS, ASCEND_LAUNCH_BLOCKING,
+   ASCEND_RT_VISIBLE_DEVICES, MIES_CONTAINER_MANAGEMENT_IP, WORLD_SIZE, RANKTABLEFILE, RANK_TABLE_FILE;
+   on one node also MIES_CONTAINER_IP and HOST_IP).
+3. The backend's `env` (its tuning, say what GPUStack sets: see deploy_configs/), then raystack's own keys.
+4. On a replica over several nodes, what MindIE's rank-table guide requires (MindIE-LLM
+   docs/zh/user_guide/user_manual/rank_table_file_configuration.md: MASTER_IP, MASTER_PORT,
+   MIES_CONTAINER_IP, RANK_TABLE_FILE, HCCL_CONNECT_TIMEOUT in [120, 7200], and "unset http_proxy /
+   https_proxy" or the nodes cannot talk: their link is gRPC, which honours those) and what GPUStack's
+   multi-node MindIE sets (ATB_LLM_HCCL_ENABLE, ATB_LLM_COMM_BACKEND, HCCL_CONNECT_TIMEOUT=7200,
+   HCCL_RDMA_PCIE_DIRECT_POST_NOSTRICT, HCCL_EXEC_TIMEOUT=0, HCCL_OP_EXPANSION_MODE=AIV except on 310P).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from raystack.process import VISIBLE_NPUS_ENV
+
+if TYPE_CHECKING:
+    from raystack.engines.mindie.settings import MindIESettings
+
+SOURCE_TIMEOUT_S = 120  # the atb-models script starts Python twice to find torch; a slow disk takes a while
+KEEP_SHM = r'''rm() {
+  for arg in "$@"; do
+    case "$arg" in /dev/shm|/dev/shm/*) echo "raystack: kept /dev/shm (a sourced script ran: rm $*)" >&2; return 0;; esac
+  done
+  command rm "$@"
+}'''
+# Left by bash itself, not by the scripts.
+_SHELL_VARIABLES = {"_", "SHLVL", "PWD", "OLDPWD"}
+INHERITED_NOT_PASSED = ("NPU_VISIBLE_DEVICES", "NPU_DEVICE_IDS", "ASCEND_LAUNCH_BLOCKING", VISIBLE_NPUS_ENV,
+                        "MIES_CONTAINER_MANAGEMENT_IP", "WORLD_SIZE", "RANKTABLEFILE", "RANK_TABLE_FILE",
+                        "MIES_CONTAINER_IP", "HOST_IP", "MASTER_IP", "MASTER_PORT")
+PROXIES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "all_proxy", "ALL_PROXY")
+
+
+class MindIEEnvironmentError(RuntimeError):
+    """A script MindIE needs is missing or failed; the message names it and what to do."""
+
+
+def sourced_environment(scripts: list[str], base: dict[str, str]) -> dict[str, str]:
+    """`base` as it is after sourcing `scripts` (each `PATH [ARGS]`) in one bash, in order."""
+    lines = ["set --", KEEP_SHM]
+    for entry in scripts:
+        path, *args = shlex.split(entry)
+        if not Path(path).is_file():
+            raise MindIEEnvironmentError(
+                f"{path} is missing: MindIE's libraries need the environment it sets. Install that part of the "
+                f"Ascend stack on this node (CANN toolkit, NNAL/ATB, atb-models, MindIE), or point "
+                f"mindie.ascend_home (or mindie.set_env_scripts) at where it is installed")
+        lines.append(" ".join(["source", *map(shlex.quote, [path, *args])]))
+    lines.append("env -0")
+    try:
+        done = subprocess.run(["bash", "-c", "\n".join(lines)], env=base, capture_output=True,
+                              timeout=SOURCE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise MindIEEnvironmentError(f"sourcing {', '.join(scripts)} took over {SOURCE_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        raise MindIEEnvironmentError(f"sourcing {', '.join(scripts)} failed (exit {done.returncode}): "
+                                     f"{done.stderr.decode(errors='replace').strip()[-500:]}")
+    env = dict(item.split("=", 1) for item in done.stdout.decode(errors="replace").split("\0") if "=" in item)
+    return {k: v for k, v in env.items() if k not in _SHELL_VARIABLES}
+
+
+def daemon_env(settings: MindIESettings, backend_env: dict[str, str], own: dict[str, str],
+               multi_node: dict[str, str] | None = None, chip_family: str | None = None) -> dict[str, str]:
+    """The daemon's environment: this process's, the Ascend scripts', then the backend's `env`, then `own`
+    (raystack's keys), and on a replica over several nodes `multi_node` (rank table, master, ports)."""
+    env = sourced_environment(settings.scripts(), dict(os.environ))
+    for key in INHERITED_NOT_PASSED:
+        env.pop(key, None)
+    if multi_node is not None:  # defaults first: the backend's env may tune them
+        for key in PROXIES:
+            env.pop(key, None)
+        env.update({
+            "ATB_LLM_HCCL_ENABLE": "1",
+            "ATB_LLM_COMM_BACKEND": "hccl",
+            "HCCL_CONNECT_TIMEOUT": "7200",
+            "HCCL_RDMA_PCIE_DIRECT_POST_NOSTRICT": "TRUE",
+            "HCCL_EXEC_TIMEOUT": "0",
+        })
+        if chip_family != "Ascend310P":  # GPUStack: the AIV expansion mode is not available on 310P
+            env["HCCL_OP_EXPANSION_MODE"] = "AIV"
+    env.update(backend_env)
+    env.update(own)
+    env.update(multi_node or {})
+    return env

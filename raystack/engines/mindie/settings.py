@@ -1,0 +1,77 @@
+"""The backend's `mindie:` block: where MindIE Service is installed and the limits its config.json gets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_ASCEND_HOME = "/usr/local/Ascend"  # where Huawei's installers put CANN, NNAL, atb-models and MindIE
+# A MindIE replica on several nodes runs a MindIENode actor (one process, mostly waiting) on each further node.
+MINDIE_NODE_CPUS = 1
+# MindIE's rule for ModelConfig.modelName (MindIE-LLM src/config_manager/model_deploy_config.cpp: 1-256 of
+# [a-zA-Z0-9_.-], first and last a letter or digit); the daemon refuses any other name at start.
+MODEL_NAME_RULE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,254}[A-Za-z0-9])?")
+
+
+class MindIESettings(BaseModel):
+    """engine: mindie, MindIE Service run as a supervised mindieservice_daemon per replica (engine.py).
+    The replica writes config.json from the installation's shipped one; `overrides` are merged last."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ascend_home: str = Field(
+        DEFAULT_ASCEND_HOME, description="where CANN, NNAL (ATB), atb-models and MindIE are installed (GPUStack's "
+        "CANN_HOME); the default scripts and installation are found under it"
+    )
+    set_env_scripts: list[str] | None = Field(
+        None, min_length=1, description="scripts sourced, in order, before the daemon starts, each `PATH [ARGS]` "
+        "(default, as GPUStack: ascend_home's ascend-toolkit/set_env.sh (cann/set_env.sh from CANN 8.5), "
+        "nnal/atb/set_env.sh, atb-models/set_env.sh, mindie/set_env.sh)"
+    )
+    install_path: str | None = Field(
+        None, description="MindIE Service installation holding bin/mindieservice_daemon and conf/config.json "
+        "(default: $MIES_INSTALL_PATH, else ascend_home's mindie/latest/mindie-service)"
+    )
+    max_input_token_len: int | None = Field(
+        None, ge=1, description="longest prompt in tokens (maxInputTokenLen; default: max_model_len)"
+    )
+    max_batch_size: int = Field(200, ge=1, description="sequences decoded together (maxBatchSize)")
+    max_prefill_tokens: int | None = Field(
+        None, ge=1, description="tokens of one prefill batch (maxPrefillTokens; default: max(8192, max_input_token_len))"
+    )
+    cache_block_size: int = Field(128, ge=1, description="tokens per KV-cache block (cacheBlockSize)")
+    npu_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="share of each NPU's memory MindIE may use (NPU_MEMORY_FRACTION)"
+    )
+    startup_timeout_s: float = Field(
+        1800, gt=0, description="longest wait for the daemon to load the model and open its port"
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="merged into config.json last, e.g. {BackendConfig: {ScheduleConfig: "
+        "{maxIterTimes: 1024}}}"
+    )
+
+    @model_validator(mode="after")
+    def _prefill_holds_a_prompt(self) -> MindIESettings:
+        # MindIE refuses it at start: "The value of maxPrefillTokens should not be less than maxInputTokenLen"
+        # (MindIE-LLM src/config_manager/config_manager_impl.cpp).
+        if self.max_prefill_tokens and self.max_input_token_len and self.max_prefill_tokens < self.max_input_token_len:
+            raise ValueError(f"max_prefill_tokens ({self.max_prefill_tokens}) is below max_input_token_len "
+                             f"({self.max_input_token_len}); MindIE refuses that: raise max_prefill_tokens")
+        return self
+
+    def scripts(self) -> list[str]:
+        if self.set_env_scripts is not None:
+            return list(self.set_env_scripts)
+        home = Path(self.ascend_home)
+        toolkit = next((home / p for p in ("ascend-toolkit/set_env.sh", "cann/set_env.sh") if (home / p).is_file()),
+                       home / "ascend-toolkit/set_env.sh")
+        return [str(toolkit)] + [str(home / p) for p in ("nnal/atb/set_env.sh", "atb-models/set_env.sh",
+                                                          "mindie/set_env.sh")]
+
+    def install(self, environ: dict[str, str]) -> Path:
+        return Path(self.install_path or environ.get("MIES_INSTALL_PATH")
+                    or Path(self.ascend_home) / "mindie/latest/mindie-service")

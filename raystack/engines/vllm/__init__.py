@@ -1,0 +1,56 @@
+"""engine: vllm, vLLM's AsyncLLM in the replica (vllm-ascend's platform plugin on NPUs, the CPU engine on
+`device: cpu`), answered through vLLM's own OpenAI serving layer.
+
+    args.py       the engine arguments a backend stands for, and their check
+    engine.py     VLLMEngine: AsyncLLM + vLLM's OpenAI serving layer, its stats bridged to raystack's metrics
+    cpu_cores.py  keep Ray's processes off the CPU engine's cores
+
+Importing this package loads no vLLM: only the spec below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from raystack.engines.base import EngineSpec
+
+if TYPE_CHECKING:
+    from raystack.config import Backend
+
+
+def _validate(backend: Backend) -> None:
+    if backend.device == "cpu" and backend.parallel.world_size > 1:
+        raise ValueError(
+            "parallelism above 1 needs device: npu (vLLM's CPU platform has no Ray executor); "
+            "set parallelism to {tensor: 1, pipeline: 1} or device: npu"
+        )
+
+
+def _check_deployable(backend: Backend, where: str) -> list[str]:
+    """The vLLM installed where the config is checked: a version raystack runs on, and engine arguments it
+    knows. Where no vLLM is installed (a router-only head), the replica checks both when it starts."""
+    from raystack.engines.vllm.args import EngineArgsError, check_engine_args
+    from raystack.engines.vllm.compat import UnsupportedVLLM, installed_version, require_supported
+
+    found = installed_version()
+    if found is None:
+        return []
+    try:
+        require_supported(found)
+        check_engine_args(backend.engine_args, f"{where}.engine_args")
+    except UnsupportedVLLM as err:
+        return [f"  {where}: {err}"]
+    except EngineArgsError as err:
+        return [str(err)]
+    return []
+
+
+ENGINE = EngineSpec(
+    name="vllm",
+    engine_class="raystack.engines.vllm.engine:VLLMEngine",
+    devices=("npu", "cpu"),
+    takes_engine_args=True,
+    validate=_validate,
+    check_deployable=_check_deployable,
+    memory_fraction=lambda backend: float(backend.engine_args.get("gpu_memory_utilization", 0.9)),
+)

@@ -1,0 +1,216 @@
+"""Forwarding: one checked request to a backend of its model, and its answer back, every wait bounded.
+
+The ingress (ingress.py) has already authenticated, parsed and resolved the request. Here: the model's
+routing policy (policies.py) picks the backend; the request goes to it through its Serve handle (Serve's
+request router, replica_choice.py, picks the replica); the opening (a whole JSON answer, or a stream's
+first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or
+`request_timeout_s` passes. A replica that fails before its opening -> another replica (up to
+`router.retries` times), then 503; a backend whose replicas and queue are full -> the model's other
+backends, then 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from raystack.config import Model, RouterConfig, deployment_name
+from raystack.observability.metrics import RouterMetrics
+from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
+from raystack.serving import policies
+from raystack.serving.policies import BackendLoad, policy_for
+from raystack.serving.server import Opening
+
+logger = logging.getLogger("ray.serve")
+
+# A full queue empties as requests finish (seconds for most LLM answers): ask clients to come back soon.
+BUSY_RETRY_AFTER_S = 1
+
+
+class ReplicaFailed(Exception):
+    """A replica failed before answering: the request may go to another one."""
+
+
+@dataclass
+class Delivery:
+    """A request a backend has opened its answer to: who serves it, the opening, and (for a stream) the
+    rest. The backend's in-flight count holds until `Forwarder.relay` ends or `Forwarder.done` is called."""
+
+    model: str
+    backend: str
+    opening: Opening
+    stream: DeploymentResponseGenerator
+    deadline: float  # loop time by which the whole answer must be through (router.request_timeout_s)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.model, self.backend
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _last_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[-1][:300] if text else "no detail"
+
+
+class Forwarder:
+    def __init__(self, models: list[Model], backends: dict[str, dict[str, DeploymentHandle]],
+                 settings: RouterConfig, metrics: RouterMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.streams = {
+            model: {name: handle.options(stream=True) for name, handle in handles.items()}
+            for model, handles in backends.items()
+        }
+        self.deployments = {m.name: {b.name: deployment_name(m.name, b.name) for b in m.backends} for m in models}
+        self.policies = {m.name: policy_for(m.routing.model_dump()) for m in models}
+        self.in_flight: Counter[tuple[str, str]] = Counter()  # (model, backend) -> requests not yet done
+
+    def choose(self, model: Model, route: policies.Route, exclude: set[str]) -> str | None:
+        deployments = self.deployments[model.name]
+        loads = [
+            BackendLoad(b.name, deployments[b.name], b.weight, self.in_flight[model.name, b.name],
+                        policies.RUNNING_REPLICAS.get(deployments[b.name]))
+            for b in model.backends if b.name not in exclude
+        ]
+        return self.policies[model.name].choose_backend(loads, route) if loads else None
+
+    async def send(self, model: Model, pinned: str | None, requested: str, kind: str,
+                   body: dict[str, Any]) -> Delivery:
+        """To a backend of `model` (`pinned`, or the policy's choice) until one opens its answer."""
+        route = self.policies[model.name].route(kind, body)
+        streaming = bool(body.get("stream"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        busy: set[str] = set()  # backends whose replicas and queue are full
+        failures = 0
+        while True:
+            backend = pinned or self.choose(model, route, exclude=busy)
+            if backend is None or backend in busy:
+                raise OpenAIError(
+                    429,
+                    f"Every replica of `{requested}` is busy and its queue is full; retry in "
+                    f"{BUSY_RETRY_AFTER_S} s, or raise the backend's max_queued_requests or max_replicas.",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                )
+            try:
+                opening, stream = await self.open(model.name, backend, kind, body, route, streaming, deadline)
+            except BackPressureError:
+                busy.add(backend)
+                continue
+            except ReplicaFailed as err:
+                failures += 1
+                logger.warning("%s@%s failed before answering (attempt %d): %s", model.name, backend, failures, err)
+                if failures > self.settings.retries:
+                    raise OpenAIError(
+                        503, f"`{requested}` failed before answering on {failures} replicas ({err}); "
+                        f"retry shortly, and see `serve status` if it persists.",
+                        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                    ) from None
+                continue
+            return Delivery(model.name, backend, opening, stream, deadline)
+
+    async def open(
+        self, model: str, backend: str, kind: str, body: dict[str, Any], route: policies.Route,
+        streaming: bool, deadline: float,
+    ) -> tuple[Opening, DeploymentResponseGenerator]:
+        """Send the request to `backend` and wait for its opening (a stream's first chunk, or the whole
+        JSON answer). The backend's in-flight count holds until the answer is fully relayed."""
+        key = (model, backend)
+        self.in_flight[key] += 1
+        stream: DeploymentResponseGenerator = self.streams[model][backend].generate.remote(kind, body, route=route)
+        first = asyncio.ensure_future(stream.__anext__())
+        answered = False
+        loop = asyncio.get_running_loop()
+        try:
+            # A stream's first token is bounded by first_token_timeout_s; a whole answer by the request's
+            # deadline, except that no request waits longer than first_token_timeout_s for a replica.
+            await asyncio.wait({first}, timeout=min(self.settings.first_token_timeout_s, deadline - loop.time()))
+            if not first.done() and not streaming and self._replicas(model, backend) != 0:
+                await asyncio.wait({first}, timeout=deadline - loop.time())
+            if not first.done():
+                raise self._timed_out(model, backend, streaming)
+            try:
+                opening = first.result()
+            except BackPressureError:  # the backend's queue is full: send() tries another backend
+                raise
+            except DeploymentUnavailableError as err:
+                raise OpenAIError(503, f"`{model}@{backend}` is unavailable: {err}. See `serve status`.") from None
+            except StopAsyncIteration:
+                raise ReplicaFailed("it closed the answer without a word") from None
+            except Exception as err:
+                raise ReplicaFailed(f"{type(err).__name__}: {_last_line(err)}") from None
+            answered = True
+            return opening, stream
+        finally:
+            if not answered:  # failed, timed out, or the client left: free the replica
+                first.cancel()
+                first.add_done_callback(_retrieve)  # its exception is known and handled here
+                stream.cancel()
+                self.done(key)
+
+    def done(self, key: tuple[str, str]) -> None:
+        self.in_flight[key] -= 1
+
+    def _replicas(self, model: str, backend: str) -> int | None:
+        return policies.RUNNING_REPLICAS.get(self.deployments[model][backend])
+
+    def _timed_out(self, model: str, backend: str, streaming: bool) -> OpenAIError:
+        if self._replicas(model, backend) == 0:
+            return OpenAIError(
+                503,
+                f"No replica of `{model}@{backend}` came up within {self.settings.first_token_timeout_s:g} s "
+                f"(router.first_token_timeout_s). It is scaling from zero or cannot start: `serve status` "
+                f"shows which; retry shortly.",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+            )
+        limit = "first_token_timeout_s" if streaming else "request_timeout_s"
+        return OpenAIError(
+            504,
+            f"`{model}@{backend}` did not answer within router.{limit}; its replicas are overloaded or stuck. "
+            f"Retry later, or raise max_replicas.",
+        )
+
+    async def relay(self, delivery: Delivery) -> AsyncIterator[str]:
+        """The stream's chunks, its opening first, until it ends or the request's deadline passes."""
+        served = "@".join(delivery.key)
+        stream = delivery.stream
+        upstream_done = False
+        try:
+            yield delivery.opening.chunk
+            while True:
+                try:
+                    async with asyncio.timeout_at(delivery.deadline):  # one timer handle per chunk, no task
+                        chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    upstream_done = True
+                    return
+                yield chunk
+        # After the first token the status line is gone: the stream ends with an error event.
+        except TimeoutError:
+            self.metrics.error(delivery.model, 504)
+            yield sse_event(error_body(504, f"`{served}` did not finish within router.request_timeout_s "
+                                            f"({self.settings.request_timeout_s:g} s); the answer is incomplete."))
+            yield SSE_DONE
+        except Exception as err:
+            upstream_done = True
+            logger.warning("stream from %s broke: %r", served, err)
+            self.metrics.error(delivery.model, 502)
+            yield sse_event(error_body(502, f"The replica of `{served}` failed mid-stream ({type(err).__name__}); "
+                                            f"the answer is incomplete. Retry the request."))
+            yield SSE_DONE
+        finally:
+            if not upstream_done:  # the client went away or time ran out: stop the generation upstream
+                stream.cancel()
+            self.done(delivery.key)

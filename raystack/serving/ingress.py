@@ -1,0 +1,249 @@
+"""The Router: raystack's ingress deployment, the OpenAI-compatible HTTP endpoint.
+
+    POST /v1/chat/completions, /v1/completions   OpenAI API, streaming (SSE) or not
+    GET  /v1/models                              the configured models
+    GET  /health                                 200 once every model can answer
+
+Here a request is authenticated (API keys), read within bounds (a body over `max_request_bytes` -> 413,
+one that stalls past `body_timeout_s` -> 408), parsed (400 with the offending `param`) and resolved to
+its model: `model`, or `model@backend` to pin a backend (benchmarks compare backends that way). Then
+forwarding.py takes it to a backend. Each answer names who served it in the headers
+x-raystack-backend and x-raystack-replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raystack.config import Model, RaystackConfig
+from raystack.observability.metrics import RouterMetrics
+from raystack.process import restore_normal_priority
+from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
+from raystack.serving.auth import APIKeys
+from raystack.serving.forwarding import Forwarder
+
+logger = logging.getLogger("ray.serve")
+
+HEALTH_PROBE_TIMEOUT_S = 2.0
+
+app = FastAPI(
+    title="raystack",
+    description="OpenAI-compatible API served by raystack (Ray Serve + vLLM / MindIE).",
+    version="0.1.0",
+)
+
+
+@app.exception_handler(OpenAIError)
+async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code)
+
+
+# Bodies are parsed by hand (one pass, pass-through of engine-specific keys) but still documented in the
+# OpenAPI schema: each body's schema is given to its route, the models it refers to go to the components.
+SCHEMA_REF = "#/components/schemas/{model}"
+BODY_COMPONENTS: dict[str, Any] = {}
+
+
+def _body_schema(kind: str) -> dict[str, Any]:
+    schema = REQUEST_MODELS[kind].model_json_schema(ref_template=SCHEMA_REF)
+    BODY_COMPONENTS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_COMPONENTS)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+async def _result(response: Any) -> Any:
+    return await response
+
+
+# Module helpers precede the deployment class: Serve pickles the class (by value) when it is decorated.
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        413, f"The request body exceeds {limit} bytes (router.max_request_bytes). Send a shorter prompt, "
+        f"or raise the limit in the deploy config.", code="request_too_large",
+    )
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed `limit` bytes: from Content-Length
+    before reading, or while reading a body sent without one (chunked). A body still incomplete after
+    `timeout_s` is a 408: a client that stalls must not hold a router slot forever."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    parts, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise _too_large(limit)
+                parts.append(part)
+    except TimeoutError:
+        raise OpenAIError(408, f"The request body did not arrive within {timeout_s:g} s "
+                               f"(router.body_timeout_s; {size} bytes came). Send the whole body at once.",
+                          code="request_timeout") from None
+    return b"".join(parts)
+
+
+def check_length_bounds(model: Model, body: dict[str, Any]) -> None:
+    """A completion length no backend of `model` has room for is a 400 here, before any engine sees it."""
+    limit = model.context_limit
+    for param in ("max_completion_tokens", "max_tokens"):
+        requested = body.get(param)
+        if limit is not None and requested is not None and requested >= limit:
+            raise OpenAIError(
+                400, f"This model's maximum context length is {limit} tokens, which the prompt shares; "
+                f"{param} {requested} leaves it no room. Lower {param} below {limit}.",
+                param=param, code="context_length_exceeded",
+            )
+
+
+@serve.deployment
+@serve.ingress(app)
+class Router:
+    # Serve ships this class by value (cloudpickle), copying the module globals it uses: state shared with
+    # the request routers is reached through the `policies` module (in forwarding), imported, not copied.
+
+    def __init__(self, config: dict[str, Any], backends: dict[str, dict[str, DeploymentHandle]]):
+        restore_normal_priority()
+        self.config = RaystackConfig.model_validate(config)
+        self.settings = self.config.router
+        self.models: dict[str, Model] = {m.name: m for m in self.config.models}
+        self.handles = backends
+        keys = self.settings.api_keys
+        self.api_keys = APIKeys.load(keys.env, keys.file) if keys else None
+        self.metrics = RouterMetrics()
+        self.forwarder = Forwarder(self.config.models, backends, self.settings, self.metrics)
+        self.created = int(time.time())
+
+    def resolve(self, requested: str) -> tuple[Model, str | None]:
+        """`model` or `model@backend` -> (model, pinned backend or None)."""
+        name, _, pinned = requested.partition("@")
+        model = self.models.get(name)
+        if model is None:
+            raise OpenAIError(
+                404,
+                f"The model `{requested}` does not exist. Available models: {', '.join(sorted(self.models))}.",
+                param="model",
+                code="model_not_found",
+            )
+        backends = [b.name for b in model.backends]
+        if pinned and pinned not in backends:
+            raise OpenAIError(
+                404,
+                f"Model `{name}` has no backend `{pinned}`. Its backends: {', '.join(backends)}.",
+                param="model",
+                code="model_not_found",
+            )
+        return model, pinned or None
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        """200 once every model can answer: a backend has a ready replica, or the model scales from zero.
+        503 (and which) until then."""
+        waiting = []
+        for model in self.models.values():
+            always_on = [b.name for b in model.backends if b.autoscaling.min_replicas > 0]
+            if always_on and not await self._any_ready([self.handles[model.name][b] for b in always_on]):
+                waiting.append(model.name)
+        if waiting:
+            raise OpenAIError(
+                503,
+                f"No replica is ready yet for: {', '.join(waiting)}. Models take a while to load after "
+                f"start; `serve status` shows their progress.",
+                headers={"Retry-After": "5"},
+            )
+        return {"status": "ok"}
+
+    @staticmethod
+    async def _any_ready(handles: list[DeploymentHandle]) -> bool:
+        for handle in handles:
+            response = handle.ready.remote()
+            try:
+                # A call queues while no replica has finished loading: bound the wait.
+                await asyncio.wait_for(_result(response), HEALTH_PROBE_TIMEOUT_S)
+                return True
+            except Exception:
+                response.cancel()
+        return False
+
+    def authenticate(self, request: Request) -> str | None:
+        """The digest of the request's API key (None when keys are off); 401 without a valid one."""
+        return self.api_keys.check(request.headers.get("authorization")) if self.api_keys else None
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        key = self.authenticate(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model.name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "raystack",
+                    "root": model.source,
+                    "backends": [b.name for b in model.backends],
+                }
+                for model in self.models.values()
+                if key is None or self.api_keys.may_use(key, model.name)
+            ],
+        }
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema("chat"))
+    async def chat_completions(self, request: Request):
+        return await self.forward("chat", request)
+
+    @app.post("/v1/completions", openapi_extra=_body_schema("completion"))
+    async def completions(self, request: Request):
+        return await self.forward("completion", request)
+
+    async def forward(self, kind: str, request: Request):
+        try:
+            return await self._forward(kind, request)
+        except OpenAIError as err:
+            self.metrics.error(getattr(request.state, "model", "-"), err.status)
+            raise
+
+    async def _forward(self, kind: str, request: Request):
+        key = self.authenticate(request)  # before anything else: no hints to a caller without a key
+        raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
+        body = parse_request(kind, raw)
+        requested = body["model"]
+        model, pinned = self.resolve(requested)
+        request.state.model = model.name  # the errors metric's label from here on
+        if key is not None:
+            self.api_keys.require(key, model.name)
+        check_length_bounds(model, body)
+        body["model"] = model.name
+        delivery = await self.forwarder.send(model, pinned, requested, kind, body)
+        headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica}
+        if delivery.opening.chunk is None:
+            self.forwarder.done(delivery.key)
+            return JSONResponse(delivery.opening.body, status_code=delivery.opening.status, headers=headers)
+        return StreamingResponse(self.forwarder.relay(delivery), media_type="text/event-stream", headers=headers)
