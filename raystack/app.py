@@ -14,7 +14,14 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem, ray_placement
+from raystack.cluster.placement import (
+    HBMNeeds,
+    backend_demand,
+    cluster_capacity,
+    fit_problem,
+    hbm_needs,
+    ray_placement,
+)
 from raystack.config import (
     Backend,
     ConfigError,
@@ -34,13 +41,6 @@ ENGINE_START_ATTEMPTS = 3
 BACKEND_REQUEST_ROUTER = "raystack.serving.replica_choice:BackendRequestRouter"
 
 
-def cache_dir_of(config: RaystackConfig) -> Path:
-    return Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
-
-
-HBMNeeds = dict[tuple[str, str], float]  # (model, backend) -> GiB of HBM each NPU of a replica needs
-
-
 def check_deployable(config: RaystackConfig, cache_dir: Path, hbm: HBMNeeds | None = None) -> None:
     """Fail fast on what the config names but this machine can tell is wrong."""
     problems = []
@@ -53,28 +53,6 @@ def check_deployable(config: RaystackConfig, cache_dir: Path, hbm: HBMNeeds | No
     problems += _check_capacity(config, hbm or {})
     if problems:
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
-
-
-def hbm_needs(config: RaystackConfig, cache_dir: Path, fetch: bool = True) -> HBMNeeds:
-    """The HBM each NPU of every NPU backend's replica needs, by `raystack estimate`'s rule for the backend's
-    parallelism, context and engine memory share. A model whose config.json cannot be read (not fetched
-    with `fetch` False, offline hub, not a decoder the estimate knows) gets no HBM requirement, said."""
-    from raystack.cluster.estimate import EstimateError, min_hbm_gib
-
-    needs: HBMNeeds = {}
-    for model in config.models:
-        npu = [b for b in model.backends if b.device == "npu" and b.loads_model]
-        if not npu:
-            continue
-        try:
-            model_config = sources.model_config(model.source, cache_dir, progress=print, fetch=fetch)
-            for b in npu:
-                needs[model.name, b.name] = min_hbm_gib(
-                    model_config, b.parallel.tensor, b.parallel.pipeline, b.max_model_len,
-                    b.engine_args.get("dtype"), b.spec.memory_fraction(b))
-        except (sources.ModelSourceError, EstimateError) as err:
-            print(f"raystack: {model.name}: no HBM requirement for its NPU replicas ({err})")
-    return needs
 
 
 def check_api_keys(config: RaystackConfig) -> None:
@@ -170,19 +148,19 @@ def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_g
     placement = ray_placement(backend, min_hbm_gib)
     if placement.replica:
         actor["resources"] = placement.replica
+    if placement.label_selector:  # on the replica too, where `raystack status` reads it back
+        actor["label_selector"] = placement.label_selector
     if placement.bundles:
         options["placement_group_bundles"] = list(placement.bundles)
         options["placement_group_strategy"] = placement.strategy
         if placement.label_selector:  # one selector: Serve applies it to every bundle
             options["placement_group_bundle_label_selector"] = [placement.label_selector]
-    elif placement.label_selector:
-        actor["label_selector"] = placement.label_selector
     return options
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_config(args)
-    cache_dir = cache_dir_of(config)
+    cache_dir = sources.cache_root(config.cache_dir)
     resolve_parallelism(config, cache_dir)
     hbm = hbm_needs(config, cache_dir)
     check_deployable(config, cache_dir, hbm)
@@ -197,7 +175,7 @@ def build_app(args: dict[str, Any]) -> Application:
             options = deployment_options(backend, model.routing, hbm.get((model.name, backend.name)))
             deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
             backends.setdefault(model.name, {})[backend.name] = deployment.bind(
-                model.name, model.source, backend.model_dump(), str(cache_dir)
+                model.name, model.source, backend.model_dump(), str(cache_dir), config.cache_shared
             )
     router = Router.options(
         num_replicas=config.router.num_replicas,

@@ -19,13 +19,15 @@ from raystack.config import ConfigError, load_serve_config
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from raystack.app import cache_dir_of, check_deployable, hbm_needs, resolve_parallelism
+    from raystack.app import check_deployable, resolve_parallelism
+    from raystack.cluster.placement import hbm_needs
+    from raystack.models import sources
 
     failed = 0
     for path in args.files:
         try:
             for app_name, config in load_serve_config(path):
-                cache = cache_dir_of(config)
+                cache = sources.cache_root(config.cache_dir)
                 resolve_parallelism(config, cache)
                 check_deployable(config, cache, hbm_needs(config, cache, fetch=False))
                 summary = ", ".join(
@@ -38,10 +40,32 @@ def _config_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from raystack.app import resolve_parallelism
+    from raystack.models import sources
+    from raystack.plan import plan
+
+    try:
+        planned = {}
+        for app_name, config in load_serve_config(args.config):
+            resolve_parallelism(config, sources.cache_root(config.cache_dir))
+            planned[app_name] = plan(config, args.nodes)
+    except ConfigError as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(planned, indent=2, default=str) if args.json else
+          yaml.safe_dump(planned, sort_keys=False, default_flow_style=False, width=120))
+    return 0
+
+
 def _models_list(args: argparse.Namespace) -> int:
     from raystack.models import embedded, sources
 
-    cache = Path(args.cache_dir) if args.cache_dir else sources.default_cache_dir()
+    cache = sources.cache_root(args.cache_dir)
     print(f"cache: {cache}")
     for model_id, model in embedded.EMBEDDED_MODELS.items():
         state = "prepared" if embedded.is_prepared(model, cache, verify=False) else "not prepared"
@@ -56,7 +80,7 @@ def _models_list(args: argparse.Namespace) -> int:
 def _models_prepare(args: argparse.Namespace) -> int:
     from raystack.models import sources
 
-    cache = Path(args.cache_dir) if args.cache_dir else sources.default_cache_dir()
+    cache = sources.cache_root(args.cache_dir)
     for source in args.sources:
         try:
             path = sources.resolve(source, cache, progress=print)
@@ -216,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--cache-dir")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=_estimate)
+
+    planning = sub.add_parser("plan", help="what each backend's replicas will run on an NPU cluster, without NPUs")
+    planning.add_argument("config", help="a Serve YAML file that uses raystack.app:build_app")
+    planning.add_argument("--nodes", default="2x8:Ascend910B3",
+                          help="the cluster to plan for: COUNTxNPUS[:CHIP] joined by commas (default 2x8:Ascend910B3)")
+    planning.add_argument("--json", action="store_true")
+    planning.set_defaults(func=_plan)
 
     config = sub.add_parser("config", help="deploy configs").add_subparsers(dest="action", required=True)
     check = config.add_parser("check", help="validate Serve YAML files that use raystack.app:build_app")

@@ -315,7 +315,12 @@ class RaystackConfig(_Strict):
     models: list[Model] = Field(min_length=1)
     router: RouterConfig = RouterConfig()
     cache_dir: str | None = Field(
-        None, description="where prepared and downloaded models live (default: $RAYSTACK_CACHE_DIR or ~/.cache/raystack)"
+        None, description="where prepared and downloaded models live, the same path on every node "
+        "(default: $RAYSTACK_CACHE_DIR or ~/.cache/raystack, as where `serve run` runs)"
+    )
+    cache_shared: bool = Field(
+        False, description="cache_dir is one filesystem mounted on every node: a model is downloaded once, and "
+        "every node a replica spans is checked to see it (default: each node downloads its own copy)"
     )
 
     @field_validator("models")

@@ -1,8 +1,9 @@
 """The one way tests start Ray Serve: a fresh Ray cluster of their own (never one a developer or
 RAY_ADDRESS points at), Serve's HTTP on a free loopback port, and everything shut down afterwards.
 
-Without `nodes`, a local single-node Ray; with `nodes`, a multi-node cluster simulated on this machine
-(ray.cluster_utils.Cluster): a head, then one node per entry of `nodes` (Cluster.add_node's arguments).
+Without `nodes`, a local single-node Ray; with `nodes` (a list, maybe empty), a cluster simulated on this
+machine (ray.cluster_utils.Cluster): a head, then one node per entry of `nodes` (Cluster.add_node's
+arguments), and more may join it at `cluster.address`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any
     """`head`: the head node's arguments with `nodes` (default: 1 CPU, no dashboard); without `nodes`,
     ray.init's `ray_args` (default: 2 CPUs, no dashboard)."""
     cluster = None
-    if nodes:
+    if nodes is not None:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                                 **(head or {})})
         for node in nodes:

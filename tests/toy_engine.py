@@ -1,7 +1,8 @@
 """A toy engine in one file, as a third party would add one: its settings block, its rule, its spec and its
-class. It echoes the last user message after `toy.prefix`, streamed one word per chunk or whole; in the
-prefix, {visible} becomes the ASCEND_RT_VISIBLE_DEVICES its replica's engine started with and {granted} the
-NPUs Ray granted the replica, so placement tests can ask a replica what it runs on. tests/conftest.py
+class. It "loads" a checkpoint (a directory with a config.json, which raystack prepares as for any engine)
+and echoes the last user message after `toy.prefix`, streamed one word per chunk or whole; in the prefix,
+{visible} becomes the ASCEND_RT_VISIBLE_DEVICES its replica's engine started with, {granted} the NPUs Ray
+granted the replica and {model} the checkpoint's path, so tests can ask a replica what it runs on. tests/conftest.py
 registers it for the test session through the `raystack.engines` entry point."""
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ ENGINE = EngineSpec(
     name="toy",
     engine_class="tests.toy_engine:ToyEngine",
     settings=ToySettings,
-    loads_model=False,
     devices=("cpu", "npu"),
     replica_cpus={"cpu": 0.1, "npu": 0.1},
     default_max_model_len=1024,
@@ -43,13 +43,16 @@ ENGINE = EngineSpec(
 class ToyEngine:
     def __init__(self, model_name: str, model_path: Any, backend: Any, metrics: Any = None):
         self.model_name = model_name
+        self.model_path = model_path
         self.prefix = backend.toy.prefix
         self.answered = 0
 
     async def start(self) -> None:
         granted = ray.get_runtime_context().get_accelerator_ids().get("NPU", [])
+        if not (self.model_path / "config.json").is_file():
+            raise RuntimeError(f"no checkpoint at {self.model_path}")
         self.prefix = self.prefix.format(visible=os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "-"),
-                                         granted=",".join(sorted(granted, key=int)) or "-")
+                                         granted=",".join(sorted(granted, key=int)) or "-", model=self.model_path)
 
     async def generate(self, kind: str, body: dict[str, Any]) -> Answer:
         if kind != "chat":

@@ -80,14 +80,14 @@ def _waiting_for_npus(selectors: dict[str, dict[str, str]]) -> list[tuple[str, N
 
 
 def _selectors(details: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """app/deployment -> the label selector its replicas' NPUs must satisfy, from Serve's deployment configs."""
+    """app/deployment -> the label selector its replicas' NPUs must satisfy. Serve's details leave out a
+    deployment's placement-group options; raystack puts the selector on the replica actor as well
+    (app.deployment_options), which they show."""
     selectors = {}
     for app_name, app in (details.get("applications") or {}).items():
         for dep_name, dep in (app.get("deployments") or {}).items():
-            config = dep.get("deployment_config") or {}
-            bundles = config.get("placement_group_bundle_label_selector") or [{}]
-            actor = (config.get("ray_actor_options") or {}).get("label_selector") or {}
-            selectors[f"{app_name}/{dep_name}"] = bundles[0] or actor
+            actor = (dep.get("deployment_config") or {}).get("ray_actor_options") or {}
+            selectors[f"{app_name}/{dep_name}"] = actor.get("label_selector") or {}
     return selectors
 
 

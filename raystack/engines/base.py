@@ -121,6 +121,19 @@ def _nine_tenths(backend: Backend) -> float:
 
 
 @dataclass(frozen=True)
+class PlannedNode:
+    """A node as `raystack plan` imagines it: its IP, the device ids of its NPUs, their family."""
+
+    ip: str
+    npu_ids: tuple[int, ...]
+    chip_family: str | None = None
+
+
+def _nothing_more(model_name: str, model_path: Path, backend: Backend, nodes: list[PlannedNode]) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     """Everything the rest of raystack knows about one engine."""
 
@@ -142,6 +155,9 @@ class EngineSpec:
     placement: Callable[[Backend], Placement] = rank_per_npu
     # The share of each NPU's HBM the engine takes (what `raystack estimate`'s rule sizes within).
     memory_fraction: Callable[[Backend], float] = _nine_tenths
+    # What a replica will run, for `raystack plan` (engine arguments, config files, environment), from the
+    # model's path on the nodes and the nodes a replica lands on.
+    plan: Callable[[str, Path, Backend, list[PlannedNode]], dict[str, Any]] = _nothing_more
 
     def engine_type(self) -> type[Engine]:
         module, cls = self.engine_class.split(":")

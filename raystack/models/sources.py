@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from filelock import FileLock
+
 from raystack.models import embedded
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,11 @@ class ModelSource:
         return self.ref
 
 
-def default_cache_dir() -> Path:
+def cache_root(configured: str | None = None) -> Path:
+    """Where models are prepared and downloaded: the deploy config's `cache_dir`, else $RAYSTACK_CACHE_DIR,
+    else ~/.cache/raystack (read on the node that asks)."""
+    if configured:
+        return Path(configured).expanduser()
     return Path(os.environ.get("RAYSTACK_CACHE_DIR") or Path.home() / ".cache" / "raystack")
 
 
@@ -80,10 +86,20 @@ def check_local_dir(path: Path, what: str) -> Path:
     return path
 
 
+def target_dir(source: str, cache_dir: Path) -> Path:
+    """Where `resolve` puts (or finds) a source's checkpoint, whether it is there yet or not."""
+    src = parse_source(source)
+    if src.kind == "local":
+        return Path(src.ref)
+    if src.kind == "embedded":
+        return embedded.prepared_dir(embedded.EMBEDDED_MODELS[src.ref], cache_dir)
+    return hub_dir(src, cache_dir)
+
+
 def locate(source: str, cache_dir: Path | None = None) -> Path | None:
     """The local directory of a source if it is ready now, without preparing or downloading."""
     src = parse_source(source)
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or cache_root()
     if src.kind == "local":
         return Path(src.ref) if Path(src.ref, "config.json").is_file() else None
     if src.kind == "embedded":
@@ -91,7 +107,7 @@ def locate(source: str, cache_dir: Path | None = None) -> Path | None:
         ok = embedded.is_prepared(model, cache_dir, verify=False)
         return embedded.prepared_dir(model, cache_dir) if ok else None
     d = hub_dir(src, cache_dir)
-    return d if (d / ".raystack-complete").is_file() else None
+    return d if _complete(d) else None
 
 
 def resolve(
@@ -99,7 +115,7 @@ def resolve(
 ) -> Path:
     """A local checkpoint directory for the source: prepared or downloaded into the cache if needed."""
     src = parse_source(source)
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or cache_root()
     if src.kind == "local":
         return check_local_dir(Path(src.ref), str(src))
     if src.kind == "embedded":
@@ -110,16 +126,36 @@ def resolve(
     return _download(src, cache_dir, progress)
 
 
+COMPLETE = ".raystack-complete"  # written last: every file of the checkpoint with its size
+
+
+def _complete(out: Path) -> bool:
+    """Whether `out` holds a whole download: the manifest written when it finished, and every file in it
+    still there at its size (a node's disk may lose a file; a copy may be cut short)."""
+    try:
+        manifest = json.loads((out / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False
+    return all((out / name).is_file() and (out / name).stat().st_size == size for name, size in manifest.items())
+
+
 def _download(src: ModelSource, cache_dir: Path, progress: Callable[[str], None]) -> Path:
+    """Into the cache, once: a file lock makes a second download of the model on this node (another
+    replica, another engine) wait for the first and reuse it."""
     out = hub_dir(src, cache_dir)
-    done = out / ".raystack-complete"
-    if done.is_file():
+    if _complete(out):
         return out
-    progress(f"{src}: downloading into {out}")
-    fetch_from_hub(src, out, fix=f"(`raystack models prepare {src}` with RAYSTACK_CACHE_DIR on shared storage) "
-                                 f"or copy it here and set `source:` to its local path")
-    check_local_dir(out, str(src))
-    done.touch()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if _complete(out):
+            return out
+        progress(f"{src}: downloading into {out}")
+        fetch_from_hub(src, out, fix=f"(`raystack models prepare {src}` with RAYSTACK_CACHE_DIR on shared storage) "
+                                     f"or copy it here and set `source:` to its local path")
+        check_local_dir(out, str(src))
+        manifest = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*"))
+                    if f.is_file() and f.name != COMPLETE and ".cache" not in f.relative_to(out).parts}
+        (out / COMPLETE).write_text(json.dumps(manifest, indent=1))
     progress(f"{src}: ready at {out}")
     return out
 
@@ -134,7 +170,7 @@ def model_config(source: str, cache_dir: Path | None = None,
     the model and the fix.
     """
     src = parse_source(source)
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or cache_root()
     ready = locate(source, cache_dir)
     if ready is not None:
         return _read_json(ready / "config.json")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ray import serve
 
 from raystack.config import Backend
 from raystack.engines.base import RequestKind, create_engine
-from raystack.models import sources
+from raystack.models.replica_weights import prepare_on_every_node
 from raystack.observability.metrics import ReplicaMetrics
 from raystack.process import pin_granted_npus, restore_normal_priority
 
@@ -72,15 +71,16 @@ class Opening:
 class LLMServer:
     """One replica = one engine on the CPUs/NPUs Ray granted this replica."""
 
-    async def __init__(self, model_name: str, source: str | None, backend: dict[str, Any], cache_dir: str):
+    async def __init__(self, model_name: str, source: str | None, backend: dict[str, Any], cache_dir: str,
+                       cache_shared: bool = False):
         restore_normal_priority()  # before the engine starts: its processes inherit it
         pin_granted_npus()  # likewise: the engine sees only this replica's NPUs
         self.backend = Backend.model_validate(backend)
         self.model_name = model_name
         self.replica = serve.get_replica_context().replica_id.unique_id
         model_path = None
-        if self.backend.loads_model:
-            model_path = await asyncio.to_thread(sources.resolve, source, Path(cache_dir), logger.info)
+        if self.backend.loads_model:  # here, and on every other node this replica's ranks run on
+            model_path = await asyncio.to_thread(prepare_on_every_node, source, cache_dir, cache_shared, logger.info)
         self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
         self.engine = create_engine(model_name, model_path, self.backend, self.metrics)
         await self.engine.start()

@@ -24,13 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180
 
 
-def toy_config(port: int, **toy: str) -> dict:
+def toy_config(port: int, source: Path, **toy: str) -> dict:
+    (source / "config.json").write_text("{}")  # the toy engine's "checkpoint"
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{"name": "raystack", "route_prefix": "/", "import_path": "raystack.app:build_app",
-                          "args": {"models": [{"name": "parrot", "backends": [
-                              {"name": "toy", "engine": "toy", "toy": toy}]}]}}],
+                          "args": {"models": [{"name": "parrot", "source": str(source),
+                                               "backends": [{"name": "toy", "engine": "toy", "toy": toy}]}]}}],
     }
 
 
@@ -46,8 +47,8 @@ def raystack(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 def test_config_check_knows_the_engine_and_applies_its_rules(plugin_env, tmp_path):
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text(yaml.safe_dump(toy_config(8000, prefix="squawk:")))
-    bad.write_text(yaml.safe_dump(toy_config(8000, prefix=" ")))
+    good.write_text(yaml.safe_dump(toy_config(8000, tmp_path, prefix="squawk:")))
+    bad.write_text(yaml.safe_dump(toy_config(8000, tmp_path, prefix=" ")))
     assert raystack(plugin_env, "config", "check", str(good)).returncode == 0
     refused = raystack(plugin_env, "config", "check", str(bad))
     assert refused.returncode != 0 and "toy.prefix must not be blank" in refused.stderr
@@ -58,7 +59,7 @@ def test_config_check_knows_the_engine_and_applies_its_rules(plugin_env, tmp_pat
 def test_serve_run_serves_the_new_engine_through_the_router(plugin_env, tmp_path):
     port = free_port()
     config = tmp_path / "toy.yaml"
-    config.write_text(yaml.safe_dump(toy_config(port, prefix="squawk:")))
+    config.write_text(yaml.safe_dump(toy_config(port, tmp_path, prefix="squawk:")))
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(config)], cwd=ROOT,

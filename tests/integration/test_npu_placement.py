@@ -154,11 +154,12 @@ def ask_every_replica(base: str, model: str, replicas: int) -> dict[str, str]:
     raise AssertionError(f"only {len(answers)} of {replicas} replicas answered: {answers}")
 
 
-def test_every_replica_opens_exactly_the_npus_ray_granted_it(cluster):
+def test_every_replica_opens_exactly_the_npus_ray_granted_it(cluster, tmp_path):
     """Under raystack start's environment every worker inherits node A's whole list; still, two one-NPU
     replicas (real LLMServers, whose engine would open device 0 of what it sees) and a TP=2 replica see
     disjoint sets, each equal to its grant."""
-    args = {"models": [{"name": "where", "backends": [
+    (tmp_path / "config.json").write_text("{}")  # the toy engine's "checkpoint"
+    args = {"models": [{"name": "where", "source": str(tmp_path), "backends": [
         {"name": "one", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B3"},
          "toy": {"prefix": "visible={visible} granted={granted}"},
          "autoscaling": {"min_replicas": 2, "max_replicas": 2}}]}]}
@@ -224,15 +225,18 @@ def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_pat
         build_app(args)
 
 
-def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster):
+def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_path):
     import time
 
     from raystack.cluster import status
 
     deploy(npu_backend(4, 2), "big")  # all 8 NPUs
-    # A second backend of 4 NPUs can never start while "big" holds them: Ray would just keep it STARTING.
-    serve._run(ExecutorStandIn.options(name="waiting", **deployment_options(npu_backend(4))).bind(),
-               name="waiting", route_prefix=None, _blocking=False)
+    # A raystack backend of 4 NPUs can never start while "big" holds them: Ray would just keep it STARTING.
+    (tmp_path / "config.json").write_text("{}")
+    waiting = {"models": [{"name": "waiting", "source": str(tmp_path), "backends": [
+        {"name": "toy", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B"},
+         "parallelism": {"tensor": 4}}]}]}
+    serve._run(build_app(waiting), name="waiting", route_prefix="/waiting", _blocking=False)
     deadline = time.monotonic() + 60
     while True:
         result = status.gather()
@@ -245,7 +249,7 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster):
     assert all(sum(h["npus"] for h in n["held_by"]) == 4 for n in npu_nodes)
     assert [n for n in result["nodes"] if not n["npus"]]  # the CPU-only node is listed too
     [problem] = result["problems"]
-    assert problem.startswith("backend waiting/waiting/")  # app/deployment/replica
+    assert problem.startswith("backend waiting/LLMServer-waiting-toy/")  # app/deployment/replica
     assert problem.endswith("needs 4 Ascend910B NPUs per replica in the cluster; only 0 are free now, "
                             "so a new replica waits until other replicas release theirs")
     text = status.render(result)

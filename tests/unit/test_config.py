@@ -51,6 +51,9 @@ def test_qwen3_serves_vllm_and_mindie_under_one_name_and_every_npu_config_has_a_
                     mindie = engines.get("mindie")
                     assert mindie is not None, f"{path.name}: {model.name} has no MindIE backend"
                     assert mindie.parallel.tensor in {b.parallel.tensor for b in model.backends if b.engine == "vllm"}
+                    # Tuned as deliberately as vLLM: GPUStack's MindIE settings (ascend_mindie.py)
+                    assert {"MINDIE_LLM_FRAMEWORK_BACKEND": "ATB", "MINDIE_ASYNC_SCHEDULING_ENABLE": "1",
+                            "ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE": "3", "TASK_QUEUE_ENABLE": "1"}.items() <= mindie.env.items()
 
 
 def test_mindie_settings_belong_to_engine_mindie_on_npus():

@@ -269,7 +269,7 @@ def test_downloaded_hub_model_and_fetched_config_are_reused(tmp_path, no_interne
     done = tmp_path / "modelscope" / "Qwen" / "Qwen3-32B"
     done.mkdir(parents=True)
     (done / "config.json").write_text((FIXTURES / "qwen3-32b.json").read_text())
-    (done / ".raystack-complete").touch()
+    (done / ".raystack-complete").write_text(json.dumps({"config.json": (done / "config.json").stat().st_size}))
     assert model_config("modelscope://Qwen/Qwen3-32B", tmp_path)["num_hidden_layers"] == 64
 
     fetched = tmp_path / "configs" / "hf" / "Qwen" / "Qwen3-14B"

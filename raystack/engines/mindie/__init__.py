@@ -11,9 +11,10 @@ replica, proxied over loopback HTTP.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from raystack.engines.base import EngineSpec, Placement
+from raystack.engines.base import EngineSpec, Placement, PlannedNode
 from raystack.engines.mindie.settings import MINDIE_NODE_CPUS, MODEL_NAME_RULE, MindIESettings
 
 if TYPE_CHECKING:
@@ -59,6 +60,49 @@ def _placement(backend: Backend) -> Placement:
     )
 
 
+PLANNED_PORTS = (0, 0, 0)  # in `raystack plan`: a replica takes free ports of its node when it starts
+
+
+def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[PlannedNode]) -> dict[str, Any]:
+    """The config.json and environment of the replica's first daemon (the master, on a replica over several
+    nodes, with the rank table all its daemons share)."""
+    import os
+
+    from raystack.engines.mindie.config import MindIEConfigError, render_config
+    from raystack.engines.mindie.daemon import MindIEStartError, load_default_config, ranktable_env
+    from raystack.engines.mindie.engine import plan_for
+    from raystack.engines.mindie.environment import multi_node_defaults, own_env
+    from raystack.engines.mindie.ranktable import NodeDevices, render_ranktable
+
+    settings = backend.mindie
+    install = settings.install(dict(os.environ))
+    multi = backend.parallel.pipeline > 1
+    first = nodes[0]
+    daemon = plan_for(model_name, model_path, backend, list(first.npu_ids[:backend.parallel.tensor]),
+                      first.ip if multi else "127.0.0.1", PLANNED_PORTS)
+    try:
+        default, shipped = load_default_config(install), f"{install}/conf/config.json"
+    except MindIEStartError:  # MindIE is not installed where the plan is made: raystack's keys only
+        default = {"ServerConfig": {}, "BackendConfig": {"ModelDeployConfig": {"ModelConfig": [{}]},
+                                                         "ScheduleConfig": {}}}
+        shipped = f"not found here ({install}): raystack's keys and overrides only"
+    try:
+        config = render_config(default, daemon, settings.overrides)
+    except MindIEConfigError as err:
+        config = {"error": str(err)}
+    env = {**(multi_node_defaults(first.chip_family) if multi else {}), **backend.env,
+           **own_env(settings, install, Path("<the replica's private directory>/config.json"))}
+    planned: dict[str, Any] = {"set_env_scripts": settings.scripts(), "env": env, "shipped_config": shipped,
+                               "config.json": config, "ports": "0: a free port of the node, taken when the replica starts"}
+    if multi:
+        table = render_ranktable([NodeDevices(n.ip, tuple((i, f"<hccn_tool -i {i} -ip -g on {n.ip}>")
+                                                          for i in n.npu_ids[:backend.parallel.tensor]))
+                                  for n in nodes[:backend.parallel.pipeline]])
+        planned["env"].update(ranktable_env(table, Path("<the replica's private directory>/ranktable.json"), daemon))
+        planned["rank_table"] = table
+    return planned
+
+
 ENGINE = EngineSpec(
     name="mindie",
     engine_class="raystack.engines.mindie.engine:MindIEEngine",
@@ -68,4 +112,5 @@ ENGINE = EngineSpec(
     check_model_name=_check_model_name,
     placement=_placement,
     memory_fraction=lambda backend: backend.mindie.npu_memory_fraction,
+    plan=_plan,
 )

@@ -22,7 +22,7 @@ import aiohttp
 
 from raystack.cluster.chips import FAMILY_LABEL
 from raystack.engines.mindie.config import MindIEPlan, render_config, write_config
-from raystack.engines.mindie.environment import MindIEEnvironmentError, daemon_env
+from raystack.engines.mindie.environment import MindIEEnvironmentError, daemon_env, own_env
 from raystack.engines.mindie.settings import MindIESettings
 from raystack.engines.supervised import SupervisedProcess
 
@@ -62,6 +62,20 @@ def load_default_config(install: Path) -> dict[str, Any]:
         raise MindIEStartError(f"cannot read MindIE's shipped {shipped}: {err}") from None
 
 
+def ranktable_env(ranktable: dict[str, Any], path: Path, plan: MindIEPlan) -> dict[str, str]:
+    """What points a daemon of a multi-node replica at its rank table and its master (MindIE-LLM
+    docs/zh/user_guide/user_manual/rank_table_file_configuration.md)."""
+    servers = ranktable["server_list"]
+    return {
+        "RANK_TABLE_FILE": str(path),
+        "RANKTABLEFILE": str(path),  # the name MindIE releases before 2.0 read
+        "MIES_CONTAINER_IP": plan.ip,  # finds this node in the table; the master binds its port to it
+        "MASTER_IP": servers[0]["container_ip"],  # the guide: the first server's IP
+        "MASTER_PORT": str(plan.master_port),  # a free port of the master's (the guide: any free port)
+        "WORLD_SIZE": str(sum(len(s["device"]) for s in servers)),
+    }
+
+
 def _node_chip_family() -> str | None:
     """The chip family `raystack start` labelled this node with, if Ray runs here."""
     import ray
@@ -95,15 +109,7 @@ class MindIEDaemon:
         default = load_default_config(self.install)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"raystack-mindie-{self.name}-"))
         write_config(render_config(default, self.plan, self.settings.overrides), self.config_path)
-        own = {
-            "MIES_INSTALL_PATH": str(self.install),
-            "MIES_CONFIG_JSON_PATH": str(self.config_path),
-            "MIES_SERVICE_MONITOR_MODE": "1",  # Prometheus /metrics on the metrics port
-            "NPU_MEMORY_FRACTION": f"{self.settings.npu_memory_fraction:g}",
-            "OMP_NUM_THREADS": "1",
-            "MINDIE_LOG_TO_STDOUT": "1",  # into the replica's log, through our pipe
-            "PYTHONUNBUFFERED": "1",
-        }
+        own = own_env(self.settings, self.install, self.config_path)
         multi_node = self._write_ranktable() if self.ranktable is not None else None
         try:
             env = await asyncio.to_thread(daemon_env, self.settings, self.backend_env, own, multi_node,
@@ -122,15 +128,7 @@ class MindIEDaemon:
         """Writes the rank table beside config.json; returns the env that points this daemon at it."""
         path = self.workdir / "ranktable.json"
         write_config(self.ranktable, path)  # mode 640 as well: MindIE checks it the same way
-        servers = self.ranktable["server_list"]
-        return {
-            "RANK_TABLE_FILE": str(path),
-            "RANKTABLEFILE": str(path),  # the name MindIE releases before 2.0 read
-            "MIES_CONTAINER_IP": self.plan.ip,  # finds this node in the table; the master binds its port to it
-            "MASTER_IP": servers[0]["container_ip"],  # the rank-table guide: the first server's IP
-            "MASTER_PORT": str(self.plan.master_port),  # a free port of the master's (the guide: any free port)
-            "WORLD_SIZE": str(sum(len(s["device"]) for s in servers)),
-        }
+        return ranktable_env(self.ranktable, path, self.plan)
 
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:
         """Until /health answers 200 (MindIE opens its port only after the model has loaded); on a node

@@ -64,13 +64,14 @@ def context_length(backend: Backend, model_path: Path) -> int:
 
 
 def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[int],
-             ip: str = "127.0.0.1") -> MindIEPlan:
-    """What one replica runs, on free ports of `ip` (the node's IP on a replica over several nodes)."""
+             ip: str = "127.0.0.1", ports: tuple[int, int, int] | None = None) -> MindIEPlan:
+    """What one replica runs: on `ip` (the node's IP on a replica over several nodes), its inference,
+    multi-node and master `ports`, free ones of `ip` unless given."""
     settings = backend.mindie
     seq_len = context_length(backend, model_path)
     max_input = settings.max_input_token_len or seq_len
     multi_node = backend.parallel.pipeline > 1
-    port, infer_port, master_port = free_ports(ip, 3)
+    port, infer_port, master_port = ports or free_ports(ip, 3)
     return MindIEPlan(
         model_name=model_name, weight_path=str(model_path), npu_ids=npu_ids, port=port,
         max_seq_len=seq_len, max_input_token_len=max_input, max_batch_size=settings.max_batch_size,

@@ -79,6 +79,33 @@ def sourced_environment(scripts: list[str], base: dict[str, str]) -> dict[str, s
     return {k: v for k, v in env.items() if k not in _SHELL_VARIABLES}
 
 
+def own_env(settings: MindIESettings, install: Path, config_path: Path) -> dict[str, str]:
+    """The keys raystack sets for every daemon."""
+    return {
+        "MIES_INSTALL_PATH": str(install),
+        "MIES_CONFIG_JSON_PATH": str(config_path),
+        "MIES_SERVICE_MONITOR_MODE": "1",  # Prometheus /metrics on the metrics port
+        "NPU_MEMORY_FRACTION": f"{settings.npu_memory_fraction:g}",
+        "OMP_NUM_THREADS": "1",
+        "MINDIE_LOG_TO_STDOUT": "1",  # into the replica's log, through our pipe
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def multi_node_defaults(chip_family: str | None) -> dict[str, str]:
+    """GPUStack's settings for a MindIE model over several nodes (the backend's env may tune them)."""
+    env = {
+        "ATB_LLM_HCCL_ENABLE": "1",
+        "ATB_LLM_COMM_BACKEND": "hccl",
+        "HCCL_CONNECT_TIMEOUT": "7200",
+        "HCCL_RDMA_PCIE_DIRECT_POST_NOSTRICT": "TRUE",
+        "HCCL_EXEC_TIMEOUT": "0",
+    }
+    if chip_family != "Ascend310P":  # GPUStack: the AIV expansion mode is not available on 310P
+        env["HCCL_OP_EXPANSION_MODE"] = "AIV"
+    return env
+
+
 def daemon_env(settings: MindIESettings, backend_env: dict[str, str], own: dict[str, str],
                multi_node: dict[str, str] | None = None, chip_family: str | None = None) -> dict[str, str]:
     """The daemon's environment: this process's, the Ascend scripts', then the backend's `env`, then `own`
@@ -89,15 +116,7 @@ def daemon_env(settings: MindIESettings, backend_env: dict[str, str], own: dict[
     if multi_node is not None:  # defaults first: the backend's env may tune them
         for key in PROXIES:
             env.pop(key, None)
-        env.update({
-            "ATB_LLM_HCCL_ENABLE": "1",
-            "ATB_LLM_COMM_BACKEND": "hccl",
-            "HCCL_CONNECT_TIMEOUT": "7200",
-            "HCCL_RDMA_PCIE_DIRECT_POST_NOSTRICT": "TRUE",
-            "HCCL_EXEC_TIMEOUT": "0",
-        })
-        if chip_family != "Ascend310P":  # GPUStack: the AIV expansion mode is not available on 310P
-            env["HCCL_OP_EXPANSION_MODE"] = "AIV"
+        env.update(multi_node_defaults(chip_family))
     env.update(backend_env)
     env.update(own)
     env.update(multi_node or {})

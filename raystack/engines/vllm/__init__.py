@@ -10,9 +10,10 @@ Importing this package loads no vLLM: only the spec below.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from raystack.engines.base import EngineSpec
+from raystack.engines.base import EngineSpec, PlannedNode
 
 if TYPE_CHECKING:
     from raystack.config import Backend
@@ -45,6 +46,17 @@ def _check_deployable(backend: Backend, where: str) -> list[str]:
     return []
 
 
+def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[PlannedNode]) -> dict[str, Any]:
+    from raystack.engines.vllm.args import build_engine_args
+    from raystack.engines.vllm.compat import SUPPORTED
+
+    ranks = ("one process in the replica (uniproc executor), on the replica's NPU" if backend.parallel.world_size == 1
+             else "Ray workers, one per NPU bundle; vLLM sets each worker's ASCEND_RT_VISIBLE_DEVICES to the "
+                  "bundle NPUs Ray granted on its node (RayExecutorV2)")
+    return {"engine_args": build_engine_args(model_name, model_path, backend), "ranks": ranks,
+            "vllm_versions": ", ".join(f"{s}.x" for s in SUPPORTED)}
+
+
 ENGINE = EngineSpec(
     name="vllm",
     engine_class="raystack.engines.vllm.engine:VLLMEngine",
@@ -53,4 +65,5 @@ ENGINE = EngineSpec(
     validate=_validate,
     check_deployable=_check_deployable,
     memory_fraction=lambda backend: float(backend.engine_args.get("gpu_memory_utilization", 0.9)),
+    plan=_plan,
 )

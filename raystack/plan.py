@@ -1,0 +1,86 @@
+"""`raystack plan CONFIG [--nodes SPEC]`: what each backend's replicas will run on an NPU cluster, without one.
+
+For every backend: the NPUs and nodes a replica reserves (Ray bundles, strategy, the label selector its
+NPUs must satisfy, the HBM per NPU its estimate needs), whether the given nodes can host it, the replica's
+environment, and what its engine runs (vLLM's engine arguments; MindIE's config.json, environment and, over
+several nodes, the rank table). Operators review it before `serve run`. The nodes are imagined from SPEC,
+`COUNTxNPUS[:CHIP]` joined by commas (default 2x8:Ascend910B3), as `raystack start` would register them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL, hbm_tier, parse_chip
+from raystack.cluster.placement import NodeCapacity, backend_demand, fit_problem, hbm_needs, ray_placement
+from raystack.config import ConfigError, RaystackConfig, deployment_name
+from raystack.engines.base import PlannedNode
+from raystack.models import sources
+from raystack.process import SERVE_FAST_PATH_ENV
+
+DEFAULT_NODES = "2x8:Ascend910B3"
+_GROUP = re.compile(r"(\d+)x(\d+)(?::(\S+))?")
+
+
+def planned_nodes(spec: str) -> list[tuple[PlannedNode, NodeCapacity]]:
+    """Nodes 10.0.0.1, 10.0.0.2, ... as SPEC describes them, with the labels `raystack start` gives them."""
+    nodes = []
+    for group in spec.split(","):
+        match = _GROUP.fullmatch(group.strip())
+        chip = parse_chip(match[3] or "Ascend910B3") if match else None
+        if match is None or chip is None:
+            raise ConfigError(f"--nodes {spec!r}: each group is COUNTxNPUS[:CHIP], e.g. 2x8:Ascend910B3 or 1x16:Ascend910_9392")
+        labels = {FAMILY_LABEL: chip.family, **({ACCELERATOR_LABEL: chip.model} if chip.model else {}),
+                  **({HBM_LABEL: str(hbm_tier(chip.hbm_gib))} if chip.hbm_gib else {})}
+        for _ in range(int(match[1])):
+            ip = f"10.0.0.{len(nodes) + 1}"
+            npus = int(match[2])
+            nodes.append((PlannedNode(ip, tuple(range(npus)), chip.family), NodeCapacity(ip, ip, npus, npus, labels)))
+    return nodes
+
+
+def plan(config: RaystackConfig, spec: str = DEFAULT_NODES) -> dict[str, Any]:
+    nodes = planned_nodes(spec)
+    cache = sources.cache_root(config.cache_dir)
+    notes: list[str] = []
+    hbm = hbm_needs(config, cache, fetch=False, report=notes.append)
+    out: dict[str, Any] = {"nodes": {n.ip: {"npus": len(n.npu_ids), **c.labels} for n, c in nodes}, "backends": {}}
+    if notes:
+        out["notes"] = notes
+    for model in config.models:
+        for backend in model.backends:
+            name = f"{model.name}@{backend.name}"
+            need = hbm.get((model.name, backend.name))
+            placement = ray_placement(backend, need)
+            entry: dict[str, Any] = {
+                "engine": backend.engine, "device": backend.device,
+                "deployment": deployment_name(model.name, backend.name),
+                "replicas": f"{backend.autoscaling.min_replicas}-{backend.autoscaling.max_replicas}",
+                "replica_cpus": backend.replica_cpus,
+            }
+            if backend.device == "npu":
+                never, _ = fit_problem(name, backend_demand(backend, need), [c for _, c in nodes])
+                entry["placement"] = {
+                    "replica": placement.replica, "bundles": list(placement.bundles),
+                    "strategy": placement.strategy if placement.bundles else None,
+                    "label_selector": placement.label_selector,
+                    "hbm_per_npu_gib": round(need, 1) if need else "not estimated (see notes)",
+                    "fits": never or "yes",
+                }
+            entry["env"] = {**SERVE_FAST_PATH_ENV, **backend.env}
+            if backend.loads_model:
+                path = sources.target_dir(model.source, cache)
+                entry["model_path"] = str(path)
+                landing = _landing(backend, [n for n, c in nodes if c.qualifies(placement.label_selector)])
+                entry.update(backend.spec.plan(model.name, Path(path), backend, landing))
+            out["backends"][name] = entry
+    return out
+
+
+def _landing(backend: Any, qualifying: list[PlannedNode]) -> list[PlannedNode]:
+    """The nodes one replica lands on, as far as a plan can tell: the first qualifying ones it needs."""
+    if backend.device != "npu":
+        return [PlannedNode("127.0.0.1", ())]
+    return qualifying[:max(1, backend.parallel.pipeline)] or [PlannedNode("10.0.0.1", tuple(range(backend.parallel.tensor)))]

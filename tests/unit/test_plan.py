@@ -1,0 +1,67 @@
+"""`raystack plan`: what each backend's replicas will run on an NPU cluster, read without NPUs, as an
+operator reviews it before `serve run` (the real CLI, in a subprocess)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests import FIXTURES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def plan(config: Path, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "raystack.cli", "plan", str(config), "--json", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["raystack"]
+
+
+def config_file(tmp_path: Path, backends: list[dict], source: Path) -> Path:
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"applications": [{"name": "raystack", "import_path": "raystack.app:build_app",
+                                                      "args": {"models": [{"name": "qwen3-14b", "source": str(source),
+                                                                           "backends": backends}]}}]}))
+    return path
+
+
+def test_the_shipped_qwen3_config_as_a_910b_cluster_would_run_it():
+    backends = plan(ROOT / "deploy_configs/qwen3.yaml")["backends"]
+    vllm, mindie = backends["qwen3-32b@vllm"], backends["qwen3-32b@mindie"]
+    assert vllm["engine_args"]["tensor_parallel_size"] == 2 and vllm["engine_args"]["distributed_executor_backend"] == "ray"
+    assert [b["NPU"] for b in vllm["placement"]["bundles"]] == [1, 1]
+    assert vllm["placement"]["label_selector"] == {"raystack.io/npu-family": "Ascend910B"} and vllm["placement"]["fits"] == "yes"
+    config = mindie["config.json"]
+    assert config["BackendConfig"]["ScheduleConfig"]["maxIterTimes"] == config["BackendConfig"]["ModelDeployConfig"]["maxSeqLen"] == 32768
+    assert mindie["set_env_scripts"][0].endswith("ascend-toolkit/set_env.sh") and mindie["env"]["MINDIE_LLM_FRAMEWORK_BACKEND"] == "ATB"
+
+
+def test_a_mindie_replica_over_two_nodes_shows_its_rank_table_and_multi_node_env(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text((FIXTURES / "model_configs/qwen3-14b.json").read_text())
+    config = config_file(tmp_path, [{"name": "mindie", "engine": "mindie", "accelerator": {"type": "Ascend910B"},
+                                     "parallelism": {"tensor": 8, "pipeline": 2}, "max_model_len": 8192}], weights)
+    mindie = plan(config, "--nodes", "2x8:Ascend910B3")["backends"]["qwen3-14b@mindie"]
+    table = mindie["rank_table"]
+    assert [s["container_ip"] for s in table["server_list"]] == ["10.0.0.1", "10.0.0.2"]
+    assert [d["rank_id"] for s in table["server_list"] for d in s["device"]] == [str(r) for r in range(16)]
+    env = mindie["env"]
+    assert (env["MASTER_IP"], env["WORLD_SIZE"], env["HCCL_CONNECT_TIMEOUT"]) == ("10.0.0.1", "16", "7200")
+    assert mindie["config.json"]["BackendConfig"]["multiNodesInferEnabled"] is True
+    assert mindie["placement"]["strategy"] == "STRICT_SPREAD" and mindie["placement"]["fits"] == "yes"
+
+
+def test_a_replica_whose_model_needs_more_hbm_than_the_nodes_have_is_flagged(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text((FIXTURES / "model_configs/qwen3-14b.json").read_text())
+    config = config_file(tmp_path, [{"name": "vllm", "accelerator": {"type": "Ascend910B"}, "max_model_len": 32768}],
+                         weights)
+    on_b4 = plan(config, "--nodes", "2x8:Ascend910B4")["backends"]["qwen3-14b@vllm"]["placement"]
+    assert on_b4["hbm_per_npu_gib"] > 40 and on_b4["label_selector"]["raystack.io/npu-hbm-gib"].startswith("in(48,")
+    assert "needs 1 Ascend910B NPUs with at least 48 GiB HBM each per replica" in on_b4["fits"]
+    assert plan(config, "--nodes", "1x8:Ascend910B4-1")["backends"]["qwen3-14b@vllm"]["placement"]["fits"] == "yes"
