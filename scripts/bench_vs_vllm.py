@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,10 +22,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.serve_cluster import start_server, stop_server  # noqa: E402  (one way to run a server process)
 BIN = Path(sys.executable).parent
 MODEL = "smollm2"
 
@@ -46,27 +46,7 @@ def engine_flags(backend: dict) -> list[str]:
     return flags
 
 
-def default_sigint() -> None:
-    # A background job inherits SIGINT as ignored; serve run needs it to shut Serve and Ray down.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"{url} not healthy after {timeout}s")
-
-
 def start(name: str, model_path: Path, backend: dict, logdir: Path) -> tuple[subprocess.Popen, str]:
-    log = open(logdir / f"{name}.log", "a")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if name == "vllm-direct":
         cmd = [str(BIN / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
@@ -76,19 +56,11 @@ def start(name: str, model_path: Path, backend: dict, logdir: Path) -> tuple[sub
         cmd = [str(BIN / "serve"), "run", str(ROOT / "deploy_configs/local.yaml")]
         base, health = "http://127.0.0.1:8000", "http://127.0.0.1:8000/health"
     print(f"  starting {name}: {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=default_sigint, cwd=ROOT)
-    wait_healthy(health, proc)
-    return proc, base
+    return start_server(cmd, logdir / f"{name}.log", env, health, 900, cwd=ROOT), base
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_server(proc)
     time.sleep(3)
 
 

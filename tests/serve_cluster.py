@@ -1,5 +1,7 @@
 """The one way tests start Ray Serve: a fresh Ray cluster of their own (never one a developer or
-RAY_ADDRESS points at), Serve's HTTP on a free loopback port, and everything shut down afterwards.
+RAY_ADDRESS points at), Serve's HTTP on a free loopback port, and everything shut down afterwards. Also
+how tests and benchmarks run a server as a process (`serve run`, vLLM's own server): started in its own
+session, waited for until healthy, stopped with SIGINT as a user would, killed if it hangs.
 
 Without `nodes`, a local single-node Ray; with `nodes` (a list, maybe empty), a cluster simulated on this
 machine (ray.cluster_utils.Cluster): a head, then one node per entry of `nodes` (Cluster.add_node's
@@ -9,9 +11,16 @@ arguments), and more may join it at `cluster.address`.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
+
+import httpx
 
 import ray
 from ray import serve
@@ -55,3 +64,43 @@ def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+
+
+def default_sigint() -> None:
+    # A background job inherits SIGINT as ignored; serve run needs it to shut Serve and Ray down.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_server(command: list[str], log_path: Path, env: dict[str, str], health_url: str, timeout_s: float,
+                 cwd: Path | None = None) -> subprocess.Popen:
+    """`command` in a session of its own, its output appended to `log_path`, once `health_url` answers 200;
+    RuntimeError with the log's tail if it exits first or `timeout_s` passes."""
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=default_sigint)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+            try:
+                if httpx.get(health_url, timeout=5).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{health_url} not healthy after {timeout_s:g} s:\n{log_path.read_text()[-5000:]}")
+            time.sleep(1)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    """SIGINT (serve run then shuts Serve and its local Ray cluster down), SIGKILL to its group if it hangs."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import yaml
 
 from raystack.process import SERVE_FAST_PATH_ENV
-from tests.serve_cluster import free_port
+from tests.serve_cluster import free_port, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 900
-
-
-def default_sigint() -> None:
-    # A background job inherits SIGINT as ignored; serve run needs it to shut Serve and Ray down.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
@@ -41,33 +33,13 @@ def stack(tmp_path_factory):
     # Always a fresh local cluster, never one a developer has running.
     # As `make run` starts it: Serve's fast path for the Ray that serve run starts (proxy included).
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | SERVE_FAST_PATH_ENV
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [str(serve), "run", str(config_path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, preexec_fn=default_sigint,
-        )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    proc = start_server([str(serve), "run", str(config_path)], log_path, env, f"{base}/health", STARTUP_TIMEOUT_S,
+                        cwd=ROOT)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve run exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"stack not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-5000:]}")
-            time.sleep(2)
         yield {"base_url": base, "log": log_path, "proc": proc}
     finally:
-        proc.send_signal(signal.SIGINT)  # serve run shuts Serve and its local Ray cluster down
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

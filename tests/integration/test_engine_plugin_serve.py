@@ -6,10 +6,8 @@ changed; without the entry point, `config check` does not know it."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,8 +15,7 @@ import openai
 import pytest
 import yaml
 
-from tests.e2e.conftest import default_sigint
-from tests.serve_cluster import free_port
+from tests.serve_cluster import free_port, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180
@@ -60,23 +57,10 @@ def test_serve_run_serves_the_new_engine_through_the_router(plugin_env, tmp_path
     port = free_port()
     config = tmp_path / "toy.yaml"
     config.write_text(yaml.safe_dump(toy_config(port, tmp_path, prefix="squawk:")))
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(config)], cwd=ROOT,
-                                env=plugin_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=default_sigint)
     base = f"http://127.0.0.1:{port}"
+    proc = start_server([str(Path(sys.executable).with_name("serve")), "run", str(config)], tmp_path / "serve.log",
+                        plugin_env, f"{base}/health", STARTUP_TIMEOUT_S, cwd=ROOT)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"serve run exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
-            time.sleep(1)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
         messages = [{"role": "user", "content": "polly wants a cracker"}]
         whole = client.chat.completions.with_raw_response.create(model="parrot", messages=messages)
@@ -88,9 +72,4 @@ def test_serve_run_serves_the_new_engine_through_the_router(plugin_env, tmp_path
             client.completions.create(model="parrot", prompt="hello")
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["backends"] == ["toy"]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)

@@ -1,7 +1,7 @@
 """MindIE engine: a supervised mindieservice_daemon per replica, proxied over loopback HTTP.
 
-The replica writes the daemon's config.json (mindie_config), starts it on the NPUs Ray granted
-(mindie_daemon), and forwards OpenAI requests to it through one pooled aiohttp session. A client that
+The replica writes the daemon's config.json (config.py), starts it on the NPUs Ray granted
+(daemon.py), and forwards OpenAI requests to it through one pooled aiohttp session. A client that
 goes away closes the upstream connection, which makes MindIE drop the request. Latencies are measured
 here, on the stream the client gets; token counts and queue lengths come from MindIE's own Prometheus
 /metrics, scraped at each health check and re-exported under raystack's names.
