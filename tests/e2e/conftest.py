@@ -1,5 +1,6 @@
-"""The real stack, started once per test session: `serve run` on deploy_configs/local.yaml (Ray Serve,
-the vLLM CPU engine, the embedded SmolLM2), on a free port. Tests drive it with the openai client."""
+"""The real stack, started once for the e2e tests: `serve run` on deploy_configs/local.yaml (Ray Serve, the
+vLLM CPU engine, the embedded SmolLM2), on a free port. Tests drive it with the openai client. It stops
+when the last e2e test is done (package scope), so its idle engine does not slow the rest of the suite."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 900
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("stack")
     config = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
@@ -42,12 +43,12 @@ def stack(tmp_path_factory):
         stop_server(proc)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack['base_url']}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tokenizer():
     from transformers import AutoTokenizer
 

@@ -22,13 +22,12 @@ def local_args() -> dict:
     return shipped_args("local.yaml")
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_pass_config_check(path):
-    result = subprocess.run(
-        [sys.executable, "-m", "raystack.cli", "config", "check", str(path)], capture_output=True, text=True
+def test_shipped_configs_pass_config_check():
+    result = subprocess.run(  # one process for all: each would import vLLM to check its engine arguments
+        [sys.executable, "-m", "raystack.cli", "config", "check", *map(str, CONFIGS)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if ": OK (" in line] == list(map(str, CONFIGS))
 
 
 def test_qwen3_config_is_tp2_on_910b_with_autoscaling():
