@@ -85,10 +85,6 @@ class Placement:
     node_bundles: tuple[int, ...] = ()
     label_selector: dict[str, str] = field(default_factory=dict)  # node labels every NPU must be on
 
-    @property
-    def npus(self) -> float:
-        return sum(b.get("NPU", 0) for b in self.bundles) if self.bundles else self.replica.get("NPU", 0)
-
 
 # Ray's placement strategies by the deploy config's `placement:` names.
 RAY_STRATEGIES = {"pack": "PACK", "strict_pack": "STRICT_PACK", "spread": "SPREAD"}
