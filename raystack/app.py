@@ -34,6 +34,7 @@ from raystack.config import (
 )
 from raystack.models import embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
+from raystack.serve_file import proxy_timeout_problem
 from raystack.serving.ingress import Router
 from raystack.serving.server import LLMServer
 
@@ -53,6 +54,23 @@ def check_deployable(config: RaystackConfig, cache_dir: Path, hbm: HBMNeeds | No
     problems += _check_capacity(config, hbm or {})
     if problems:
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
+
+
+def check_proxy_timeout(config: RaystackConfig) -> None:
+    """Under a running Serve (as `serve run FILE` starts it), its proxy's timeout must not be shorter than the
+    router's (serve_file.py says why)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    if not ray.is_initialized():
+        return
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:  # Serve not started yet: it will start with its defaults (no proxy timeout)
+        return
+    problem = proxy_timeout_problem(ray.get(controller.get_http_config.remote(), timeout=60).request_timeout_s, config)
+    if problem:
+        raise ConfigError(f"raystack cannot deploy this config: {problem}")
 
 
 def check_api_keys(config: RaystackConfig) -> None:
@@ -164,6 +182,7 @@ def build_app(args: dict[str, Any]) -> Application:
     resolve_parallelism(config, cache_dir)
     hbm = hbm_needs(config, cache_dir)
     check_deployable(config, cache_dir, hbm)
+    check_proxy_timeout(config)
     check_api_keys(config)
     for model in config.models:  # embedded models prepare offline in seconds: do it here, visibly
         if model.loads_model and sources.parse_source(model.source).kind == "embedded":

@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from raystack.config import ConfigError, load_serve_config
+from raystack.config import ConfigError
+from raystack.serve_file import load_serve_config
 
 
 def _config_check(args: argparse.Namespace) -> int:

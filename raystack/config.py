@@ -10,17 +10,14 @@ Every model is strict: an unknown key is an error that names its path (`models[0
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from raystack.cluster.chips import FAMILIES, family_of, parse_chip
 from raystack.engines.base import DEFAULT_ENGINE, EngineSpec, engine_spec, registry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-BUILD_APP_IMPORT_PATH = "raystack.app:build_app"
 
 
 class ConfigError(ValueError):
@@ -358,35 +355,6 @@ def parse_config(args: dict[str, Any] | None, where: str = "args") -> RaystackCo
         return RaystackConfig.model_validate(args or {})
     except ValidationError as err:
         raise ConfigError(f"invalid raystack config:\n{format_validation_error(err, where)}") from None
-
-
-def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
-    """Validate a Ray Serve YAML file; return (application name, config) for each raystack app."""
-    from ray.serve.schema import ServeDeploySchema
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a Ray Serve config (a mapping with `applications:`)")
-    try:
-        ServeDeploySchema.model_validate(raw)
-    except Exception as err:  # Ray's pydantic (v1 or v2 API) error; its text names the field
-        raise ConfigError(f"{path}: not a valid Ray Serve config:\n{err}") from None
-
-    apps = []
-    for i, app in enumerate(raw.get("applications") or []):
-        if app.get("import_path") != BUILD_APP_IMPORT_PATH:
-            continue
-        name = app.get("name", "default")
-        apps.append((name, parse_config(app.get("args"), where=f"applications[{i}].args")))
-    if not apps:
-        raise ConfigError(f"{path}: no application has import_path: {BUILD_APP_IMPORT_PATH}")
-    return apps
 
 
 def deployment_name(model: str, backend: str) -> str:

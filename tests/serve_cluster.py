@@ -41,9 +41,9 @@ class ServeCluster:
 
 @contextlib.contextmanager
 def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any] | None = None,
-                  **ray_args: Any) -> Iterator[ServeCluster]:
+                  http: dict[str, Any] | None = None, **ray_args: Any) -> Iterator[ServeCluster]:
     """`head`: the head node's arguments with `nodes` (default: 1 CPU, no dashboard); without `nodes`,
-    ray.init's `ray_args` (default: 2 CPUs, no dashboard)."""
+    ray.init's `ray_args` (default: 2 CPUs, no dashboard). `http`: more of Serve's HTTP options."""
     cluster = None
     if nodes is not None:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
@@ -57,7 +57,7 @@ def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any
                     **ray_args})
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port, **(http or {})})
         yield ServeCluster(f"http://127.0.0.1:{port}", cluster)
     finally:
         serve.shutdown()

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from raystack.app import build_app, deployment_options
-from raystack.config import Backend, ConfigError, load_serve_config, parse_config
+from raystack.config import Backend, ConfigError, parse_config
+from raystack.serve_file import load_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "deploy_configs").glob("*.yaml"))
@@ -211,3 +212,15 @@ def test_api_keys_are_off_locally_and_on_in_every_cluster_config():
     for name in ("qwen3.yaml", "qwen3-14b.yaml", "deepseek-r1-distill-qwen-7b.yaml",
                  "deepseek-r1-distill-qwen-14b.yaml", "deepseek-r1-distill-qwen-32b.yaml"):
         assert parse_config(shipped_args(name)).router.api_keys.env == "RAYSTACK_API_KEYS", name
+
+
+def test_a_proxy_timeout_shorter_than_the_routers_is_refused(tmp_path):
+    # As the cluster configs had it: Serve's proxy at 600 s cut 600-3600 s answers with no error event.
+    raw = yaml.safe_load((ROOT / "deploy_configs/qwen3.yaml").read_text())
+    raw["http_options"]["request_timeout_s"] = 600
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"request_timeout_s \(600 s\) is shorter than router.request_timeout_s"):
+        load_serve_config(tmp_path / "short.yaml")
+    raw["applications"][0]["args"]["router"]["request_timeout_s"] = 600
+    (tmp_path / "aligned.yaml").write_text(yaml.safe_dump(raw))
+    assert load_serve_config(tmp_path / "aligned.yaml")
