@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.serve_cluster import start_server, stop_server  # noqa: E402  (one way to run a server process)
+from tests.serve_cluster import own_ray_env, start_server, stop_server  # noqa: E402  (one way to run a server process)
 BIN = Path(sys.executable).parent
 MODEL = "smollm2"
 
@@ -47,7 +46,7 @@ def engine_flags(backend: dict) -> list[str]:
 
 
 def start(name: str, model_path: Path, backend: dict, logdir: Path) -> tuple[subprocess.Popen, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = own_ray_env()
     if name == "vllm-direct":
         cmd = [str(BIN / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
                "--served-model-name", MODEL, "--port", "8001", *engine_flags(backend)]

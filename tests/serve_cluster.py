@@ -66,6 +66,13 @@ def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any
             cluster.shutdown()
 
 
+def own_ray_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) for a `serve run` that starts a Ray of its own. Without an address,
+    Ray joins the cluster named in /tmp/ray/ray_current_cluster (`ray start` writes it, and it outlives a
+    node that was killed); "local" always starts a new one."""
+    return {**(os.environ if env is None else env), "RAY_ADDRESS": "local"}
+
+
 def default_sigint() -> None:
     # A background job inherits SIGINT as ignored; serve run needs it to shut Serve and Ray down.
     signal.signal(signal.SIGINT, signal.SIG_DFL)

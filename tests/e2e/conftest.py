@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from raystack.process import SERVE_FAST_PATH_ENV
-from tests.serve_cluster import free_port, start_server, stop_server
+from tests.serve_cluster import free_port, own_ray_env, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 900
@@ -33,7 +33,7 @@ def stack(tmp_path_factory):
     serve = Path(sys.executable).with_name("serve")
     # Always a fresh local cluster, never one a developer has running.
     # As `make run` starts it: Serve's fast path for the Ray that serve run starts (proxy included).
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | SERVE_FAST_PATH_ENV
+    env = own_ray_env() | SERVE_FAST_PATH_ENV
     base = f"http://127.0.0.1:{port}"
     proc = start_server([str(serve), "run", str(config_path)], log_path, env, f"{base}/health", STARTUP_TIMEOUT_S,
                         cwd=ROOT)

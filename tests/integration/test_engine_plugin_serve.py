@@ -5,7 +5,6 @@ changed; without the entry point, `config check` does not know it."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import openai
 import pytest
 import yaml
 
-from tests.serve_cluster import free_port, start_server, stop_server
+from tests.serve_cluster import free_port, own_ray_env, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180
@@ -34,7 +33,7 @@ def toy_config(port: int, source: Path, **toy: str) -> dict:
 
 @pytest.fixture(scope="module")
 def plugin_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return own_ray_env()
 
 
 def raystack(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
