@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -37,20 +37,36 @@ class ReplicaFailed(Exception):
     """A replica failed before answering: the request may go to another one."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Delivery:
     """A request a backend has opened its answer to: who serves it, the opening, and (for a stream) the
-    rest. The backend's in-flight count holds until `Forwarder.relay` ends or `Forwarder.done` is called."""
+    rest. It holds one of the backend's in-flight slots until `finish`, which every way out calls: the
+    relay's end, the ingress after a whole answer, and, for a stream the client left before it was ever
+    iterated (whose relay never ran a line, so no `finally` either), the object's collection."""
 
     model: str
     backend: str
     opening: Opening
     stream: DeploymentResponseGenerator
     deadline: float  # loop time by which the whole answer must be through (router.request_timeout_s)
+    release: Callable[[], None]  # gives the slot back
+    finished: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
         return self.model, self.backend
+
+    def finish(self, upstream_done: bool) -> None:
+        """Once: the slot back, and the generation stopped upstream unless it ran to its end."""
+        if self.finished:
+            return
+        self.finished = True
+        if not upstream_done:
+            self.stream.cancel()
+        self.release()
+
+    def __del__(self) -> None:
+        self.finish(upstream_done=False)
 
 
 def _retrieve(task: asyncio.Future) -> None:
@@ -119,7 +135,8 @@ class Forwarder:
                         headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
                     ) from None
                 continue
-            return Delivery(model.name, backend, opening, stream, deadline)
+            key = (model.name, backend)
+            return Delivery(model.name, backend, opening, stream, deadline, release=lambda: self.done(key))
 
     async def open(
         self, model: str, backend: str, kind: str, body: dict[str, Any], route: policies.Route,
@@ -210,7 +227,5 @@ class Forwarder:
             yield sse_event(error_body(502, f"The replica of `{served}` failed mid-stream ({type(err).__name__}); "
                                             f"the answer is incomplete. Retry the request."))
             yield SSE_DONE
-        finally:
-            if not upstream_done:  # the client went away or time ran out: stop the generation upstream
-                stream.cancel()
-            self.done(delivery.key)
+        finally:  # the client went away or time ran out: the generation is stopped upstream
+            delivery.finish(upstream_done)

@@ -244,6 +244,6 @@ class Router:
         delivery = await self.forwarder.send(model, pinned, requested, kind, body)
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica}
         if delivery.opening.chunk is None:
-            self.forwarder.done(delivery.key)
+            delivery.finish(upstream_done=True)
             return JSONResponse(delivery.opening.body, status_code=delivery.opening.status, headers=headers)
         return StreamingResponse(self.forwarder.relay(delivery), media_type="text/event-stream", headers=headers)

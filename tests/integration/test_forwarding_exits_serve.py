@@ -1,0 +1,93 @@
+"""Every way a request can end gives its backend's in-flight slot back and stops the generation upstream:
+the router's Forwarder, driven here with real Serve handles to a real LLMServer (synthetic engine), left
+at each point a client can leave. Leaks here skew least_loaded routing for good and keep engines
+generating for nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import pytest
+from ray import serve
+
+from raystack.app import build_app
+from raystack.config import parse_config
+from raystack.observability.metrics import RouterMetrics
+from raystack.serving.forwarding import Forwarder
+from tests.integration.conftest import synthetic
+
+CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "count"}]}
+KEY = ("m", "s")
+
+
+@pytest.fixture(scope="module")
+def handle(server):
+    args = {"models": [{"name": "m", "backends": [synthetic("s", ttft_ms=300, tokens_per_s=20, output_tokens=200)]}]}
+    serve.run(build_app(args), name="exits", route_prefix="/exits")
+    yield parse_config(args), serve.get_deployment_handle("LLMServer-m-s", app_name="exits")
+    serve.delete("exits")
+
+
+async def settled(forwarder: Forwarder, handle, timeout_s: float = 10) -> tuple[int, int]:
+    """(the router's in-flight count, the engine's running count) once both are 0, or at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gc.collect()
+        running = (await handle.stats.remote())["running"]
+        if (forwarder.in_flight[KEY] == 0 and running == 0) or time.monotonic() > deadline:
+            return forwarder.in_flight[KEY], running
+        await asyncio.sleep(0.2)
+
+
+def scenario(handle, leave) -> tuple[int, int]:
+    config, backend = handle
+
+    async def run():
+        forwarder = Forwarder(config.models, {"m": {"s": backend}}, config.router, RouterMetrics())
+        await leave(forwarder, config.models[0])
+        return await settled(forwarder, backend)
+
+    return asyncio.run(run())
+
+
+def test_a_stream_left_before_it_was_iterated(handle):
+    async def leave(forwarder, model):
+        delivery = await forwarder.send(model, None, "m", "chat", dict(CHAT))
+        body = forwarder.relay(delivery)  # what the ingress returns; the client leaves before a byte is sent
+        assert forwarder.in_flight[KEY] == 1
+        del delivery, body
+
+    assert scenario(handle, leave) == (0, 0)
+
+
+def test_a_stream_left_after_some_chunks(handle):
+    async def leave(forwarder, model):
+        body = forwarder.relay(await forwarder.send(model, None, "m", "chat", dict(CHAT)))
+        for _ in range(3):
+            await body.__anext__()
+        await body.aclose()
+
+    assert scenario(handle, leave) == (0, 0)
+
+
+def test_a_request_left_while_waiting_for_its_first_token(handle):
+    async def leave(forwarder, model):
+        opening = asyncio.ensure_future(forwarder.send(model, None, "m", "chat", dict(CHAT)))
+        await asyncio.sleep(0.1)  # the engine's first token is 300 ms away
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    assert scenario(handle, leave) == (0, 0)
+
+
+def test_a_whole_answer_and_a_finished_stream(handle):
+    async def leave(forwarder, model):
+        whole = await forwarder.send(model, None, "m", "chat", {**CHAT, "stream": False, "max_tokens": 3})
+        whole.finish(upstream_done=True)  # as the ingress does once it has the body
+        body = forwarder.relay(await forwarder.send(model, None, "m", "chat", {**CHAT, "max_tokens": 3}))
+        assert "".join([chunk async for chunk in body]).endswith("data: [DONE]\n\n")
+
+    assert scenario(handle, leave) == (0, 0)
