@@ -154,7 +154,7 @@ class Forwarder:
             # A stream's first token is bounded by first_token_timeout_s; a whole answer by the request's
             # deadline, except that no request waits longer than first_token_timeout_s for a replica.
             await asyncio.wait({first}, timeout=min(self.settings.first_token_timeout_s, deadline - loop.time()))
-            if not first.done() and not streaming and self._replicas(model, backend) != 0:
+            if not first.done() and not streaming and self.running_replicas(model, backend) != 0:
                 await asyncio.wait({first}, timeout=deadline - loop.time())
             if not first.done():
                 raise self._timed_out(model, backend, streaming)
@@ -180,11 +180,12 @@ class Forwarder:
     def done(self, key: tuple[str, str]) -> None:
         self.in_flight[key] -= 1
 
-    def _replicas(self, model: str, backend: str) -> int | None:
+    def running_replicas(self, model: str, backend: str) -> int | None:
+        """As this process's handle last heard from Serve; None until it has."""
         return policies.RUNNING_REPLICAS.get(self.deployments[model][backend])
 
     def _timed_out(self, model: str, backend: str, streaming: bool) -> OpenAIError:
-        if self._replicas(model, backend) == 0:
+        if self.running_replicas(model, backend) == 0:
             return OpenAIError(
                 503,
                 f"No replica of `{model}@{backend}` came up within {self.settings.first_token_timeout_s:g} s "

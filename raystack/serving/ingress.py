@@ -3,6 +3,7 @@
     POST /v1/chat/completions, /v1/completions   OpenAI API, streaming (SSE) or not
     GET  /v1/models                              the configured models
     GET  /health                                 200 once every model can answer
+    GET  /health/models                          each model's readiness and running replicas
 
 Here a request is authenticated (API keys), read within bounds (a body over `max_request_bytes` -> 413,
 one that stalls past `body_timeout_s` -> 408), parsed (400 with the offending `param`) and resolved to
@@ -33,8 +34,6 @@ from raystack.serving.auth import APIKeys
 from raystack.serving.forwarding import Forwarder
 
 logger = logging.getLogger("ray.serve")
-
-HEALTH_PROBE_TIMEOUT_S = 2.0
 
 app = FastAPI(
     title="raystack",
@@ -74,10 +73,6 @@ def _openapi() -> dict[str, Any]:
 
 
 app.openapi = _openapi
-
-
-async def _result(response: Any) -> Any:
-    return await response
 
 
 # Module helpers precede the deployment class: Serve pickles the class (by value) when it is decorated.
@@ -162,15 +157,21 @@ class Router:
             )
         return model, pinned or None
 
+    def readiness(self, model: Model) -> dict[str, Any]:
+        """`model` as this router sees it, asking no engine: each backend's running replicas (Serve counts a
+        replica once its engine has loaded and its health check passed) and whether it can answer now or
+        scales from zero on demand."""
+        replicas = {b.name: self.forwarder.running_replicas(model.name, b.name) or 0 for b in model.backends}
+        on_demand = all(b.autoscaling.min_replicas == 0 for b in model.backends)
+        return {"id": model.name, "ready": on_demand or any(replicas.values()),
+                "backends": [{"name": name, "replicas": count} for name, count in replicas.items()]}
+
     @app.get("/health")
     async def health(self) -> dict[str, str]:
-        """200 once every model can answer: a backend has a ready replica, or the model scales from zero.
-        503 (and which) until then."""
-        waiting = []
-        for model in self.models.values():
-            always_on = [b.name for b in model.backends if b.autoscaling.min_replicas > 0]
-            if always_on and not await self._any_ready([self.handles[model.name][b] for b in always_on]):
-                waiting.append(model.name)
+        """200 once every model can answer: a backend has a running replica, or the model scales from zero.
+        503 (and which) until then. From the router's own view, so it costs no engine a slot and stays
+        200 at full load (a load balancer probing it must not pull the endpoint at peak)."""
+        waiting = [m.name for m in self.models.values() if not self.readiness(m)["ready"]]
         if waiting:
             raise OpenAIError(
                 503,
@@ -180,17 +181,12 @@ class Router:
             )
         return {"status": "ok"}
 
-    @staticmethod
-    async def _any_ready(handles: list[DeploymentHandle]) -> bool:
-        for handle in handles:
-            response = handle.ready.remote()
-            try:
-                # A call queues while no replica has finished loading: bound the wait.
-                await asyncio.wait_for(_result(response), HEALTH_PROBE_TIMEOUT_S)
-                return True
-            except Exception:
-                response.cancel()
-        return False
+    @app.get("/health/models")
+    async def model_readiness(self, request: Request) -> dict[str, Any]:
+        """Which models can answer now, with each backend's running replicas (those the key may use)."""
+        key = self.authenticate(request)
+        return {"object": "list", "data": [self.readiness(m) for m in self.models.values()
+                                           if key is None or self.api_keys.may_use(key, m.name)]}
 
     def authenticate(self, request: Request) -> str | None:
         """The digest of the request's API key (None when keys are off); 401 without a valid one."""

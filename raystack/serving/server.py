@@ -99,10 +99,6 @@ class LLMServer:
             yield Opening(self.replica, chunk=chunk) if first else chunk
             first = False
 
-    async def ready(self) -> bool:
-        """Answers once this replica has loaded its engine (the router's /health asks)."""
-        return True
-
     async def stats(self) -> dict[str, int]:
         """This replica's engine load (Engine.stats): requests running and waiting in the engine."""
         return self.engine.stats()

@@ -1,5 +1,6 @@
 """API keys on the real serving path: a raystack app with router.api_keys from a file, driven with the
-openai client. Missing or wrong key -> 401, a model the key may not use -> 403, /health stays open."""
+openai client. Missing or wrong key -> 401, a model the key may not use -> 403, /health stays open
+(/health/models, which names models, does not)."""
 
 from __future__ import annotations
 
@@ -49,5 +50,9 @@ def test_a_model_the_key_may_not_use_is_403(url):
         client(url, "sk-team").chat.completions.create(model="private", messages=ASK)
 
 
-def test_health_needs_no_key(url):
-    assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
+def test_health_needs_no_key_and_the_readiness_view_shows_only_what_the_key_may_use(url):
+    base = url.removesuffix("/v1")
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert httpx.get(f"{base}/health/models").status_code == 401
+    readiness = httpx.get(f"{base}/health/models", headers={"Authorization": "Bearer sk-team"}).json()["data"]
+    assert [(m["id"], m["ready"]) for m in readiness] == [("open", True)]
