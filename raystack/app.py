@@ -35,6 +35,7 @@ from raystack.config import (
 from raystack.models import embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.serve_file import proxy_timeout_problem
+from raystack.serving.auth import APIKeyError, APIKeys
 from raystack.serving.ingress import Router
 from raystack.serving.server import LLMServer
 
@@ -73,14 +74,13 @@ def check_proxy_timeout(config: RaystackConfig) -> None:
         raise ConfigError(f"raystack cannot deploy this config: {problem}")
 
 
-def check_api_keys(config: RaystackConfig) -> None:
-    """The key source must yield keys where the app is built (the cluster), not on whoever runs config check."""
+def load_api_keys(config: RaystackConfig) -> APIKeys | None:
+    """The router's keys, read where the app is built (a node of the cluster, not whoever runs config
+    check) and handed to the router as digests: no replica ever holds a key itself."""
     if config.router.api_keys is None:
-        return
-    from raystack.serving.auth import APIKeyError, APIKeys
-
+        return None
     try:
-        APIKeys.load(config.router.api_keys.env, config.router.api_keys.file)
+        return APIKeys.load(config.router.api_keys.env, config.router.api_keys.file)
     except APIKeyError as err:
         raise ConfigError(str(err)) from None
 
@@ -140,11 +140,14 @@ def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> None:
                   f"x pipeline {size.pipeline_parallel} ({size.required_gib:.0f} GiB on {size.npu_type})")
 
 
-def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_gib: float | None = None) -> dict[str, Any]:
-    """Ray Serve options of one backend's LLMServer deployment: resources, scaling, routing, health."""
+def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_gib: float | None = None,
+                       withheld_env: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Ray Serve options of one backend's LLMServer deployment: resources, scaling, routing, health.
+    `withheld_env`: variables blanked in the replica's environment, and so in everything it starts (its
+    engine processes and daemons; Ray actors it creates, such as vLLM's workers, inherit the runtime_env)."""
     actor: dict[str, Any] = {
         "num_cpus": backend.replica_cpus,
-        "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **backend.env}},
+        "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **backend.env, **dict.fromkeys(withheld_env, "")}},
     }
     options: dict[str, Any] = {
         "autoscaling_config": backend.autoscaling.to_serve(),
@@ -183,15 +186,18 @@ def build_app(args: dict[str, Any]) -> Application:
     hbm = hbm_needs(config, cache_dir)
     check_deployable(config, cache_dir, hbm)
     check_proxy_timeout(config)
-    check_api_keys(config)
+    api_keys = load_api_keys(config)
     for model in config.models:  # embedded models prepare offline in seconds: do it here, visibly
         if model.loads_model and sources.parse_source(model.source).kind == "embedded":
             sources.resolve(model.source, cache_dir, progress=print)
 
+    # The API keys' variable is in the environment of every Ray process of the node (exported before
+    # `raystack start`): blanked for the replicas, which never need it.
+    secrets = (config.router.api_keys.env,) if config.router.api_keys and config.router.api_keys.env else ()
     backends: dict[str, dict[str, Application]] = {}
     for model in config.models:
         for backend in model.backends:
-            options = deployment_options(backend, model.routing, hbm.get((model.name, backend.name)))
+            options = deployment_options(backend, model.routing, hbm.get((model.name, backend.name)), secrets)
             deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
             backends.setdefault(model.name, {})[backend.name] = deployment.bind(
                 model.name, model.source, backend.model_dump(), str(cache_dir), config.cache_shared
@@ -199,6 +205,7 @@ def build_app(args: dict[str, Any]) -> Application:
     router = Router.options(
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.router.cpus, "runtime_env": {"env_vars": SERVE_FAST_PATH_ENV}},
+        ray_actor_options={"num_cpus": config.router.cpus,
+                           "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **dict.fromkeys(secrets, "")}}},
     )
-    return router.bind(config.model_dump(), backends)
+    return router.bind(config.model_dump(), backends, api_keys)

@@ -1,13 +1,14 @@
 """API keys: `Authorization: Bearer KEY` on the OpenAI endpoints (router.api_keys in the deploy config).
 
-The keys come from an environment variable or a file of the Router's node, one entry per line (or
-separated by `;` in an environment variable):
+The keys come from an environment variable or a file of the node that builds the app (Serve builds it on
+a node of the cluster), one entry per line (or separated by `;` in an environment variable):
 
     sk-team-a                      # may use every model
     sk-team-b: qwen3-32b, qwen3-14b  # may use only these models
 
-Only their SHA-256 digests are kept in memory; a key is never logged or echoed. Missing or unknown
-key -> 401; a key not allowed for the requested model -> 403.
+Only their SHA-256 digests are kept, and only they reach the router; a key is never logged or echoed,
+and the variable is blanked in every replica's environment (app.py). Missing or unknown key -> 401; a
+key not allowed for the requested model -> 403.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class APIKeys:
             return cls.parse(path.read_text(), str(path))
         except OSError as err:
             raise APIKeyError(
-                f"router.api_keys: cannot read {path} ({err.strerror}); it must exist on every node that runs "
-                f"the router"
+                f"router.api_keys: cannot read {path} ({err.strerror}); it must exist on every node of the "
+                f"cluster (Serve builds the app on any of them)"
             ) from None
 
     def check(self, authorization: str | None) -> str:

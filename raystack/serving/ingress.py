@@ -124,14 +124,15 @@ class Router:
     # Serve ships this class by value (cloudpickle), copying the module globals it uses: state shared with
     # the request routers is reached through the `policies` module (in forwarding), imported, not copied.
 
-    def __init__(self, config: dict[str, Any], backends: dict[str, dict[str, DeploymentHandle]]):
+    def __init__(self, config: dict[str, Any], backends: dict[str, dict[str, DeploymentHandle]],
+                 api_keys: APIKeys | None = None):
+        """`api_keys`: the keys' digests, as build_app read them (router.api_keys)."""
         restore_normal_priority()
         self.config = RaystackConfig.model_validate(config)
         self.settings = self.config.router
         self.models: dict[str, Model] = {m.name: m for m in self.config.models}
         self.handles = backends
-        keys = self.settings.api_keys
-        self.api_keys = APIKeys.load(keys.env, keys.file) if keys else None
+        self.api_keys = api_keys
         self.metrics = RouterMetrics()
         self.forwarder = Forwarder(self.config.models, backends, self.settings, self.metrics)
         self.created = int(time.time())
