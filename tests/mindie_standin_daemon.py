@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,20 +110,44 @@ def load_config() -> tuple[str, dict]:
         fail(f"config file {path} is not valid JSON: {err}")
 
 
+def planes(server: dict, ports: dict[str, int]) -> dict[tuple[str, int], set[str]]:
+    """Address -> the planes it serves, as MindIE-LLM's server_config.cpp and http_server.cpp decide
+    (the layouts that code accepts; the others exit as it does)."""
+    ip = os.environ.get("MIES_CONTAINER_IP") or server["ipAddress"]  # the env wins (server_config.cpp:618-625)
+    # Not MIES_CONTAINER_IP: the management IP falls back to the config's IPs only (627-635).
+    management_ip = os.environ.get("MIES_CONTAINER_MANAGEMENT_IP") or server.get("managementIpAddress") or server["ipAddress"]
+    port, management, metrics = ports["port"], ports["managementPort"], ports["metricsPort"]
+    for each in {port, management, metrics}:  # IsPortUsed binds INADDR_ANY (http_server.cpp:218-244)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", each))
+            except OSError:
+                fail(f"port {each} is used")
+    if ip == management_ip:
+        if port == metrics != management:
+            fail("port is invalid")
+        layout: dict[tuple[str, int], set[str]] = {}
+        for plane, address in (("inference", (ip, port)), ("management", (ip, management)), ("metrics", (ip, metrics))):
+            layout.setdefault(address, set()).add(plane)
+        return layout
+    if port == management:  # another IP, the same port: the management routes go with the business ones
+        return {(ip, port): {"inference", "management"}, (management_ip, metrics): {"metrics"}}
+    if management == metrics:
+        return {(ip, port): {"inference"}, (management_ip, management): {"management", "metrics"}}
+    return {(ip, port): {"inference"}, (management_ip, management): {"management"}, (management_ip, metrics): {"metrics"}}
+
+
 def check_config(config: dict) -> dict:
     """The parts of config.json this daemon uses; exits on anything MindIE would refuse."""
     server = get(config, "ServerConfig", dict)
-    planes = {}
-    for plane, ip_key, port_key in [("inference", "ipAddress", "port"),
-                                    ("management", "managementIpAddress", "managementPort"),
-                                    ("metrics", "ipAddress", "metricsPort")]:
-        ip = server.get(ip_key, server.get("ipAddress"))
-        port = get(config, f"ServerConfig.{port_key}", int)
-        if not 1024 <= port <= 65535:
-            fail(f"config.json: ServerConfig.{port_key} {port} is out of range [1024, 65535]")
-        if ip == "0.0.0.0" and not server.get("allowAllZeroIpListening"):
+    ports = {}
+    for key in ("port", "managementPort", "metricsPort"):
+        ports[key] = server.get(key, ports.get("port")) if key == "managementPort" else get(config, f"ServerConfig.{key}", int)
+        if not isinstance(ports[key], int) or not 1024 <= ports[key] <= 65535:  # server_config.cpp:379-384
+            fail(f"config.json: ServerConfig.{key} {ports[key]} is out of range [1024, 65535]")
+    for key in ("ipAddress", "managementIpAddress"):  # CheckIp, common_util.cpp
+        if server.get(key) == "0.0.0.0" and not server.get("allowAllZeroIpListening"):
             fail("config.json: listening on 0.0.0.0 needs allowAllZeroIpListening true")
-        planes[plane] = (ip, port)
     if get(config, "ServerConfig.httpsEnabled", bool):
         install = os.environ["MIES_INSTALL_PATH"]
         for key in ("tlsCert", "tlsPk"):
@@ -182,11 +207,9 @@ def check_config(config: dict) -> dict:
         world = len(local)
         if backend.get("interNodeTLSEnabled", True):
             fail("interNodeTLSEnabled is true but no security/grpc certificates exist; set it false")
-        ip = os.environ["MIES_CONTAINER_IP"]  # MindIE binds the business plane to it
-        planes = {plane: (ip, port) for plane, (_, port) in planes.items()}
     elif world != len(local):
         fail(f"config.json: worldSize {world} != {len(local)} npuDeviceIds")
-    return {"planes": planes, "model": model["modelName"], "devices": local, "max_seq": max_seq,
+    return {"planes": planes(server, ports), "model": model["modelName"], "devices": local, "max_seq": max_seq,
             "max_input": max_input, "max_batch": schedule["maxBatchSize"], "world": world, "master": master,
             "max_iter": max_iter}
 
@@ -449,9 +472,7 @@ async def serve(settings: dict) -> None:
     if claim("fail_load"):
         daemon.stop_backends()
         fail("load weights failed: out of NPU memory")
-    by_address: dict[tuple[str, int], set[str]] = {}
-    for plane, address in settings["planes"].items():
-        by_address.setdefault(address, set()).add(plane)
+    by_address = settings["planes"]
     if not settings["master"]:  # as MindIE: only the rank-0 node takes requests
         log("INFO", "Multi Nodes infer slave instance need not init TokenizerProcessPool and HttpWrapper")
         by_address = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -53,6 +54,20 @@ def test_one_replica_runs_a_daemon_per_node_from_one_rank_table(server, mindie):
         streamed = list(c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=4,
                                                   stream=True))
         assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == answer.choices[0].message.content
+
+        # The master takes requests on its node's IP; its management plane (/stopService, /health, /info)
+        # and metrics answer on loopback only.
+        [master] = [d for d in starts(mindie[1])
+                    if d["env"]["MIES_CONTAINER_IP"] == d["rank_table"]["server_list"][0]["container_ip"]]
+        master_ip, server_config = master["env"]["MIES_CONTAINER_IP"], master["config"]["ServerConfig"]
+        business = f"http://{master_ip}:{server_config['port']}"
+        management = f"http://127.0.0.1:{server_config['managementPort']}"
+        assert httpx.get(f"{business}/v1/models").status_code == 200
+        for path in ("/health", "/info", "/metrics"):
+            assert httpx.get(f"{business}{path}").status_code == 404, path
+            assert httpx.get(f"{management}{path}").status_code == 200, path
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://{master_ip}:{server_config['managementPort']}/health")
 
     daemons = starts(mindie[1])
     assert sorted(d["env"]["MIES_CONTAINER_IP"] for d in daemons) == NODE_IPS, "one daemon on each node"

@@ -72,6 +72,17 @@ def test_a_multi_node_replica_gives_this_nodes_world_size(default):
     assert config["BackendConfig"]["multiNodesInferEnabled"] is True
 
 
+def test_a_multi_node_master_keeps_its_management_plane_on_loopback(default):
+    # MIES_CONTAINER_IP puts the inference plane on the node's IP; /stopService, /health and /metrics
+    # (managementIpAddress) stay on loopback, at a port of their own so they do not join that listener.
+    plan = MindIEPlan(**{**PLAN.__dict__, "ip": "10.0.0.7", "multi_node": True, "management_port": 41236})
+    server = render_config(default, plan)["ServerConfig"]
+    assert (server["ipAddress"], server["port"]) == ("10.0.0.7", 41234)
+    assert (server["managementIpAddress"], server["managementPort"], server["metricsPort"]) == ("127.0.0.1", 41236, 41236)
+    assert server["allowAllZeroIpListening"] is False
+    assert plan.management_url == "http://127.0.0.1:41236" and PLAN.management_url == "http://127.0.0.1:41234"
+
+
 def test_a_broken_default_is_named(default):
     del default["BackendConfig"]["ScheduleConfig"]
     with pytest.raises(MindIEConfigError, match="BackendConfig.ScheduleConfig"):

@@ -60,7 +60,7 @@ def _placement(backend: Backend) -> Placement:
     )
 
 
-PLANNED_PORTS = (0, 0, 0)  # in `raystack plan`: a replica takes free ports of its node when it starts
+PLANNED_PORTS = (0, 0, 0, 0)  # in `raystack plan`: a replica takes free ports of its node when it starts
 
 
 def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[PlannedNode]) -> dict[str, Any]:

@@ -5,9 +5,14 @@ every key of that release keeps its default; sets the keys raystack owns; then m
 config's `overrides` last (objects merge key by key, anything else is replaced).
 
 Keys raystack owns:
-- ServerConfig: one IP and one port for the inference, management and metrics planes (loopback: only the
-  replica, on the same host, talks to the daemon; on a multi-node replica, the node's IP, which MindIE
-  binds through MIES_CONTAINER_IP anyway), `httpsEnabled: false` and every TLS switch off;
+- ServerConfig: where the three planes listen. Only the replica, on the same host, talks to the daemon,
+  so all of them are on loopback, as one listener (one IP and one port: MindIE-LLM http_server.cpp
+  merges equal addresses). On a multi-node replica MIES_CONTAINER_IP, which MindIE needs to find this
+  node in the rank table (docs/zh/user_guide/user_manual/environment_variable.md), also moves the
+  inference plane to the node's IP (server_config.cpp); the management plane (/stopService, /health,
+  /info) and the metrics (which listen on managementIpAddress: http_server.cpp) then stay on loopback at
+  a port of their own. An equal port with another IP would put the management routes on the node-IP
+  listener too. `httpsEnabled: false` and every TLS switch off;
 - BackendConfig: `npuDeviceIds` (the NPUs Ray assigned to this replica on this node),
   `multiNodesInferEnabled`, ModelDeployConfig `maxSeqLen` / `maxInputTokenLen`, and the first
   ModelConfig's `modelName`, `modelWeightPath`, `worldSize` (this node's NPUs: MindIE's convention, and
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_MODE = 0o640  # MindIE refuses a config.json others may write or read
+LOOPBACK = "127.0.0.1"
 
 
 class MindIEConfigError(ValueError):
@@ -40,7 +46,7 @@ class MindIEConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MindIEPlan:
-    """What one replica runs: its model, its NPUs on this node, its loopback port, and the limits."""
+    """What one replica runs: its model, its NPUs on this node, its ports, and the limits."""
 
     model_name: str
     weight_path: str
@@ -54,8 +60,13 @@ class MindIEPlan:
     multi_nodes_infer_port: int
     cache_block_size: int = 128
     multi_node: bool = False
-    ip: str = "127.0.0.1"
+    ip: str = LOOPBACK  # the inference plane's: the node's IP on a multi-node replica
     master_port: int = 0  # multi-node: the master's port for the ranks' rendezvous (MASTER_PORT)
+    management_port: int = 0  # management and metrics, on loopback; 0: the inference port (one listener)
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.management_port or self.port}"
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -85,8 +96,9 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str
     config = copy.deepcopy(default)
     server = _section(config, "ServerConfig")
     server.update({
-        "ipAddress": plan.ip, "managementIpAddress": plan.ip,
-        "port": plan.port, "managementPort": plan.port, "metricsPort": plan.port,
+        "ipAddress": plan.ip, "managementIpAddress": LOOPBACK,
+        "port": plan.port, "managementPort": plan.management_port or plan.port,
+        "metricsPort": plan.management_port or plan.port,
         "allowAllZeroIpListening": False, "httpsEnabled": False, "interCommTLSEnabled": False,
         "openAiSupport": "vllm",
     })

@@ -37,13 +37,15 @@ class MindIEStartError(RuntimeError):
     """The daemon could not start; the message carries its last log lines and what to do."""
 
 
-def free_ports(ip: str = "127.0.0.1", count: int = 1) -> list[int]:
-    """`count` distinct ports free on `ip` now (all held open while choosing, so none repeats)."""
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct ports free now on every address (all held open while choosing, so none repeats):
+    MindIE refuses a port in use on any address, whichever it listens on (MindIE-LLM http_server.cpp,
+    IsPortUsed binds INADDR_ANY)."""
     with contextlib.ExitStack() as held:
         ports = []
         for _ in range(count):
             s = held.enter_context(socket.socket())
-            s.bind((ip, 0))
+            s.bind(("", 0))
             ports.append(s.getsockname()[1])
         return ports
 
@@ -159,7 +161,7 @@ class MindIEDaemon:
 
     async def healthy(self, session: aiohttp.ClientSession, timeout_s: float) -> bool:
         try:
-            async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+            async with session.get(f"{self.plan.management_url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
@@ -178,7 +180,7 @@ class MindIEDaemon:
         finished), then SIGTERM to its process group, SIGKILL after the grace period."""
         if self.process is not None and self.process.returncode is None and session is not None and drain_s > 0:
             try:
-                async with session.get(f"{self.url}/stopService", timeout=aiohttp.ClientTimeout(total=drain_s)):
+                async with session.get(f"{self.plan.management_url}/stopService", timeout=aiohttp.ClientTimeout(total=drain_s)):
                     pass
             except (aiohttp.ClientError, TimeoutError):
                 pass  # not answering, or still draining: the signals below

@@ -20,7 +20,7 @@ import aiohttp
 
 from raystack.engines.base import Answer, RequestKind
 from raystack.engines.mindie import ENGINE
-from raystack.engines.mindie.config import MindIEPlan
+from raystack.engines.mindie.config import LOOPBACK, MindIEPlan
 from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
 from raystack.protocol import SSE_DONE, error_body, sse_event
 
@@ -64,14 +64,14 @@ def context_length(backend: Backend, model_path: Path) -> int:
 
 
 def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[int],
-             ip: str = "127.0.0.1", ports: tuple[int, int, int] | None = None) -> MindIEPlan:
+             ip: str = LOOPBACK, ports: tuple[int, int, int, int] | None = None) -> MindIEPlan:
     """What one replica runs: on `ip` (the node's IP on a replica over several nodes), its inference,
-    multi-node and master `ports`, free ones of `ip` unless given."""
+    multi-node, master and (multi-node) management `ports`, free ones unless given."""
     settings = backend.mindie
     seq_len = context_length(backend, model_path)
     max_input = settings.max_input_token_len or seq_len
     multi_node = backend.parallel.pipeline > 1
-    port, infer_port, master_port = ports or free_ports(ip, 3)
+    port, infer_port, master_port, management_port = ports or free_ports(4)
     return MindIEPlan(
         model_name=model_name, weight_path=str(model_path), npu_ids=npu_ids, port=port,
         max_seq_len=seq_len, max_input_token_len=max_input, max_batch_size=settings.max_batch_size,
@@ -79,6 +79,7 @@ def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[
         max_iter_times=seq_len,  # answers may be as long as the context allows, as on vLLM (config.py)
         multi_nodes_infer_port=infer_port, cache_block_size=settings.cache_block_size, ip=ip,
         multi_node=multi_node, master_port=master_port if multi_node else 0,
+        management_port=management_port if multi_node else 0,  # config.py: why only there
     )
 
 
@@ -268,7 +269,7 @@ class MindIEEngine:
     async def scrape_metrics(self) -> None:
         """MindIE's /metrics (MIES_SERVICE_MONITOR_MODE=1) re-exported: running/waiting and token counts."""
         try:
-            async with self.session.get(f"{self.daemon.url}/metrics",
+            async with self.session.get(f"{self.daemon.plan.management_url}/metrics",
                                         timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as r:
                 if r.status != 200:
                     return
