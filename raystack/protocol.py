@@ -23,27 +23,86 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT32)]
+Int64 = Annotated[int, Field(ge=INT64[0], le=INT64[1])]
+JSONObject = dict[str, Any]
+
+
 class StreamOptions(_Open):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class ResponseFormat(_Open):
+    type: str = Field(min_length=1, description="text, json_object, json_schema, ...")
+    json_schema: JSONObject | None = None
 
 
 class _SamplingFields(_Open):
+    """Every field both endpoints share, OpenAI's and vLLM's sampling extras (vLLM's
+    entrypoints/openai protocol), typed as the engines read them: a value an engine could not use is a
+    400 naming its `param` here, never an engine's crash."""
+
     model: str = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     n: int | None = Field(None, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stop: str | list[str] | None = Field(None, description="a string or a list of strings")
-    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
+    seed: Int64 | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's sampling extras (MindIE reads the same names where it has them).
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    length_penalty: float | None = None
+    use_beam_search: bool | None = None
+    stop_token_ids: list[TokenId] | None = None
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Count | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=MAX_INT32)
+    truncation_side: Literal["left", "right"] | None = None
+    prompt_logprobs: int | None = Field(None, ge=-1, le=MAX_INT32)
+    add_special_tokens: bool | None = None
+    structured_outputs: JSONObject | None = None
+    priority: Int64 | None = None
+    request_id: str | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    thinking_token_budget: int | None = Field(None, ge=-1, le=MAX_INT32)
+    stream_interval: int | None = Field(None, ge=1, le=MAX_INT32)
+    kv_transfer_params: JSONObject | None = None
+    vllm_xargs: JSONObject | None = None
 
 
 class ContentPart(_Open):
     type: str = Field(min_length=1, description="text, image_url, ...")
+    text: str | None = None
+
+
+class FunctionCall(_Open):
+    name: str = Field(min_length=1)
+    arguments: str | None = None
+
+
+class ToolCall(_Open):
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCall
 
 
 class ChatMessage(_Open):
@@ -51,16 +110,49 @@ class ChatMessage(_Open):
     content: str | list[ContentPart] | None = Field(
         None, description='a string, a list of content parts ({"type": "text", "text": ...}) or null'
     )
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionSpec(_Open):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: JSONObject | None = None
+
+
+class Tool(_Open):
+    type: str = Field(min_length=1, description="function")
+    function: FunctionSpec
+
+
+class NamedToolChoice(_Open):
+    type: str = Field(min_length=1)
+    function: FunctionSpec
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
-
-
-TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+    )
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    include_reasoning: bool | None = None
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: JSONObject | None = None
+    mm_processor_kwargs: JSONObject | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    modalities: list[str] | None = None
+    service_tier: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -68,6 +160,9 @@ class CompletionRequest(_SamplingFields):
         description="a string, a list of strings, a list of token ids (integers from 0) or a list of such lists"
     )
     logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=128)
 
 
 REQUEST_MODELS: dict[str, type[_SamplingFields]] = {

@@ -15,6 +15,7 @@ x-raystack-backend and x-raystack-replica.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from typing import Any
@@ -64,10 +65,25 @@ def _body_schema(kind: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+# What `model` may be, as the Router serving this process names it: each model and each model@backend.
+# In the schema, so a client generator or a fuzzer reaches the request logic instead of a 404.
+SERVED_MODELS: list[str] = []
+
+
+def name_models_in_schema(names: list[str]) -> None:
+    SERVED_MODELS[:] = names
+    app.openapi_schema = None
+
+
 def _openapi() -> dict[str, Any]:
     if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = copy.deepcopy(get_openapi(title=app.title, version=app.version, description=app.description,
+                                           routes=app.routes))  # the routes' openapi_extra stay as they are
         schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_COMPONENTS)
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if SERVED_MODELS and "model" in body.get("properties", {}):
+                body["properties"]["model"]["enum"] = list(SERVED_MODELS)
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -131,6 +147,8 @@ class Router:
         self.config = RaystackConfig.model_validate(config)
         self.settings = self.config.router
         self.models: dict[str, Model] = {m.name: m for m in self.config.models}
+        name_models_in_schema([name for m in self.config.models
+                               for name in (m.name, *(f"{m.name}@{b.name}" for b in m.backends))])
         self.handles = backends
         self.api_keys = api_keys
         self.metrics = RouterMetrics()

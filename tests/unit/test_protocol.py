@@ -50,8 +50,25 @@ def test_malformed_chat_requests_are_400_with_the_param(raw, param):
 
 
 def test_engine_specific_fields_pass_through_untouched():
-    parsed = parse_request("chat", body(ignore_eos=True, top_k=5, stream_options={"include_usage": True}))
-    assert parsed["ignore_eos"] is True and parsed["top_k"] == 5
+    parsed = parse_request("chat", body(ignore_eos=True, top_k=5, stream_options={"include_usage": True},
+                                        my_engine_knob={"a": [1]}))
+    assert parsed["ignore_eos"] is True and parsed["top_k"] == 5 and parsed["my_engine_knob"] == {"a": [1]}
+
+
+@pytest.mark.parametrize("kind, field, value", [
+    # Once 500s: the synthetic engine took a completion's max_completion_tokens as a count.
+    ("completion", "max_completion_tokens", 0.5),
+    ("completion", "max_completion_tokens", [4]),
+    ("chat", "top_k", "5"), ("chat", "min_tokens", -1), ("chat", "stop_token_ids", [-1]),
+    ("chat", "logit_bias", {"1": 500}), ("chat", "tools", [{"type": "function"}]),
+    ("chat", "tool_choice", "sometimes"), ("chat", "response_format", {"type": 1}),
+    ("completion", "best_of", 0), ("completion", "suffix", 3), ("completion", "echo", "yes"),
+])
+def test_engine_fields_are_typed_on_both_endpoints(kind, field, value):
+    valid = {"chat": CHAT, "completion": {"model": "m", "prompt": "hi"}}[kind]
+    with pytest.raises(OpenAIError) as err:
+        parse_request(kind, json.dumps({**valid, field: value}).encode())
+    assert err.value.status == 400 and err.value.param.split(".")[0] == field
 
 
 def test_a_field_of_several_shapes_is_named_with_the_shapes_it_takes():
