@@ -8,10 +8,13 @@ stopService) and, with MIES_SERVICE_MONITOR_MODE=1, Prometheus /metrics. Like Mi
 process per NPU in its process group.
 
 Test switches (never MindIE's): STANDIN_LOAD_S (load delay, default 1), STANDIN_TOKEN_S (time per
-token, default 0.01), and STANDIN_CONTROL, a directory where a test drops files: `crash_mid_stream`
+token, default 0.01), STANDIN_TERM_S (how long it takes to exit after SIGTERM, default 0), and
+STANDIN_CONTROL, a directory where a test drops files: `crash_mid_stream`
 (the next stream claiming it dies after 3 tokens, leaving its backends behind as a crash would),
 `hang` (the daemon claiming it stops answering anything), `fail_load` (the next start fails loading
-weights). Every process it starts is appended to STANDIN_CONTROL/pids.
+weights). Every process it starts is appended to STANDIN_CONTROL/pids. There it also keeps which
+daemon holds which NPU, and refuses (as the hardware would) an NPU a live daemon of its node holds,
+noting it in STANDIN_CONTROL/npu_conflicts.
 """
 
 from __future__ import annotations
@@ -462,6 +465,7 @@ async def serve(settings: dict) -> None:
 
     def terminate() -> None:  # SIGTERM: MindIE takes its process group down with it, then aborts
         print("Daemon is killing, please wait about 1 seconds...", flush=True)
+        time.sleep(float(os.environ.get("STANDIN_TERM_S", "0")))  # a slow exit holds the NPUs meanwhile
         daemon.stop_backends()
         os.abort()
 
@@ -525,7 +529,38 @@ def main() -> None:
     if visible is not None and max(settings["devices"]) >= len(visible.split(",")):
         fail(f"npuDeviceIds {settings['devices']} are not all visible: ASCEND_RT_VISIBLE_DEVICES={visible} "
              f"renumbers the NPUs from 0")
+    take_npus(settings["devices"])
     asyncio.run(serve(settings))
+
+
+def take_npus(devices: list[int]) -> None:
+    """As the hardware: an NPU another live daemon of this node holds cannot be used (its memory is
+    taken). The tests' control folder keeps who holds which."""
+    if not CONTROL:
+        return
+    folder = os.path.join(CONTROL, "npus")
+    os.makedirs(folder, exist_ok=True)
+    node = os.environ.get("MIES_CONTAINER_IP") or "local"
+    for device in devices:
+        path = os.path.join(folder, f"{node}-{device}")
+        try:
+            holder = int(open(path).read())
+        except (OSError, ValueError):
+            holder = None
+        if holder and holder != os.getpid() and alive(holder):
+            with open(os.path.join(CONTROL, "npu_conflicts"), "a") as f:
+                f.write(f"{os.getpid()} {node} {device} {holder}\n")
+            fail(f"aclrtSetDevice failed: NPU {device} is in use by process {holder} (out of device memory)")
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

@@ -66,6 +66,12 @@ def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any
             cluster.shutdown()
 
 
+def replica_actors(app: str, deployment: str) -> list[str]:
+    """The Ray actor names of a deployment's replicas (namespace "serve"), to kill one as a crash would."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
+
+
 def own_ray_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """`env` (default: this process's) for a `serve run` that starts a Ray of its own. Without an address,
     Ray joins the cluster named in /tmp/ray/ray_current_cluster (`ray start` writes it, and it outlives a

@@ -5,6 +5,11 @@ starts a backend process per NPU). A guard process holds the read end of a pipe 
 the owner has: when the owner exits for any reason, even SIGKILL or a crash that skips every `finally`,
 the pipe closes and the guard terminates the whole group. Stopping it ourselves first makes the guard
 find nothing left to kill.
+
+The guard detaches from the owner (it forks and its parent exits): Ray kills a worker's direct children
+when it stops the worker (ray.kill, which Serve uses on replicas; RAY_kill_child_processes_on_worker_exit,
+on by default), which would take the guard and the daemon but leave the daemon's own children, holding
+their NPUs, with no one to stop them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ TAIL_LINES = 40  # output lines kept to explain a failure
 # Runs as `python -c GUARD pgid grace_s`; blocks until its stdin reaches end of file.
 GUARD = r"""
 import os, signal, sys, time
+if os.fork():
+    os._exit(0)  # detached: no longer a child of the owner
 pgid, grace = int(sys.argv[1]), float(sys.argv[2])
 sys.stdin.buffer.read()
 def alive():
@@ -43,7 +50,9 @@ if alive():
 
 class SupervisedProcess:
     def __init__(self, name: str, argv: list[str], env: Mapping[str, str], cwd: str | None = None,
-                 log: logging.Logger | None = None, kill_grace_s: float = 10.0, watch_for: str | None = None):
+                 log: logging.Logger | None = None, kill_grace_s: float = 10.0, watch_for: str | None = None,
+                 pass_fds: tuple[int, ...] = ()):
+        """`pass_fds`: descriptors the process and its children inherit (an NPU claim: npu_claim.py)."""
         self.name = name
         self.argv = argv
         self.env = dict(env)
@@ -55,6 +64,7 @@ class SupervisedProcess:
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._reader: asyncio.Task | None = None
         self.watch_for = watch_for
+        self.pass_fds = pass_fds
         self.seen = asyncio.Event()  # set once a line contains `watch_for`
 
     @property
@@ -72,13 +82,14 @@ class SupervisedProcess:
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
             *self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=self.pass_fds,
         )
         # The new session's id is the child's pid: the group to signal.
         self.guard = subprocess.Popen(
             [sys.executable, "-I", "-c", GUARD, str(self.process.pid), str(self.kill_grace_s)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
+        await asyncio.to_thread(self.guard.wait)  # the parent that forked it, gone at once; the guard runs on
         self._reader = asyncio.create_task(self._stream_output())
 
     async def _stream_output(self) -> None:
@@ -124,8 +135,4 @@ class SupervisedProcess:
                 self._reader.cancel()
         if self.guard is not None:
             self.guard.stdin.close()  # the guard wakes, finds the group gone, exits
-            try:
-                await asyncio.to_thread(self.guard.wait, 5)
-            except subprocess.TimeoutExpired:
-                self.guard.kill()
             self.guard = None

@@ -11,6 +11,7 @@ import httpx
 import ray
 
 from tests.integration.conftest import deployed, synthetic
+from tests.serve_cluster import replica_actors
 
 CAPACITY = 2  # the busy backend's max_ongoing_requests: every slot taken by the streams below
 
@@ -67,11 +68,6 @@ def test_health_stays_200_while_every_backend_slot_is_taken(server):
     # Asking an engine would wait for a free slot (seconds here); the router's own view answers at once.
     assert took[49] < 0.05 and took[-1] < 1, f"median {took[49] * 1000:.0f} ms, slowest {took[-1] * 1000:.0f} ms"
     assert [s.error for s in streams] == [None] * len(streams)
-
-
-def replica_actors(app: str, deployment: str) -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
 
 
 def test_health_follows_a_replica_that_dies_and_is_replaced(server):

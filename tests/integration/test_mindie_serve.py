@@ -7,16 +7,19 @@ replaced, a hung daemon replaced, and nothing left running once the app is gone.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+import ray
 
 from tests.integration.conftest import deployed
 from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
-from tests.serve_cluster import serve_cluster
+from tests.serve_cluster import replica_actors, serve_cluster
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +159,41 @@ def test_a_daemon_crashing_mid_stream_ends_the_stream_with_an_error_and_is_repla
         while [p for p in first_pids if alive(p)] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [p for p in first_pids if alive(p)]
+    assert_nothing_left(control)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[1])
+
+
+def test_a_replica_killed_either_way_leaves_nothing_and_its_replacement_waits_for_its_npus(server, mindie):
+    """Two ways a replica dies. SIGKILL to its process (the OOM killer): its daemon's guard SIGTERMs the
+    daemon, which takes 4 s to exit (as a loaded model may) while Ray has freed its NPUs at once; the
+    replacement, on the same 4 NPUs, must wait instead of starting beside it. ray.kill (Serve's way to
+    stop a replica that does not stop): Ray SIGKILLs the replica's direct children, and the guard must
+    outlive that to stop the daemon's own children."""
+    control = mindie[1]
+    models = mindie_model(mindie, tensor=4)
+    models[0]["backends"][0]["env"]["STANDIN_TERM_S"] = "4"
+    with deployed(server, "mindie-replace", models) as url:
+        c = client(url)
+        assert served_soon(c)
+        [first] = starts(control)
+        os.kill(parent_of(first["pid"]), signal.SIGKILL)
+        assert served_soon(c, within_s=90)
+        assert not (control / "npu_conflicts").exists(), (control / "npu_conflicts").read_text()
+        first_gone, second = starts(control)
+        assert not alive(first["pid"]) and alive(second["pid"])
+
+        [replica] = replica_actors("mindie-replace", "LLMServer-qwen3-mindie")
+        ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+        assert served_soon(c, within_s=90)
+        assert len(starts(control)) == 3 and not (control / "npu_conflicts").exists()
+        second_group = pids_started(control)[5:10]  # the second daemon and its 4 backends
+        deadline = time.monotonic() + 30
+        while [p for p in second_group if alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in second_group if alive(p)], "the killed replica's daemon or backends outlived it"
     assert_nothing_left(control)
 
 

@@ -1,7 +1,9 @@
 """One mindieservice_daemon on this node: its config.json, its environment, its start, readiness and stop.
 
 The replica runs one (and, when a replica spans nodes, a MindIENode actor runs one on each other node).
-Only loopback clients reach it: the replica proxies requests to it and reads its health and metrics.
+Only the replica talks to it, over loopback (a multi-node master's inference plane is on the node's IP:
+config.py). Its NPUs are claimed before it starts, and stay claimed until its last process has exited
+(npu_claim.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from raystack.cluster.chips import FAMILY_LABEL
 from raystack.engines.mindie.config import MindIEPlan, render_config, write_config
 from raystack.engines.mindie.environment import MindIEEnvironmentError, daemon_env, own_env
 from raystack.engines.mindie.settings import MindIESettings
+from raystack.engines.npu_claim import NPUClaim, NPUClaimTimeout
 from raystack.engines.supervised import SupervisedProcess
 
 logger = logging.getLogger("ray.serve")
@@ -31,6 +34,7 @@ logger = logging.getLogger("ray.serve")
 DAEMON = "bin/mindieservice_daemon"
 STARTED_LINE = "Daemon start success!"  # printed by every daemon, also by multi-node slaves that open no port
 PROGRESS_EVERY_S = 30  # a readiness wait of minutes says it is still alive
+CLAIM_MARGIN_S = 30  # past a gone engine's grace period, how long its NPUs may take to be free
 
 
 class MindIEStartError(RuntimeError):
@@ -78,6 +82,13 @@ def ranktable_env(ranktable: dict[str, Any], path: Path, plan: MindIEPlan) -> di
     }
 
 
+def _node_ip() -> str:
+    """This node's IP as Ray knows it (several simulated Ray nodes may share a machine)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
 def _node_chip_family() -> str | None:
     """The chip family `raystack start` labelled this node with, if Ray runs here."""
     import ray
@@ -100,6 +111,7 @@ class MindIEDaemon:
         self.install = settings.install(dict(os.environ))
         self.workdir: Path | None = None
         self.process: SupervisedProcess | None = None
+        self.claim: NPUClaim | None = None
         self.url = f"http://{plan.ip}:{plan.port}"
 
     @property
@@ -108,6 +120,27 @@ class MindIEDaemon:
         return self.workdir / "config.json"
 
     async def start(self, session: aiohttp.ClientSession | None, kill_grace_s: float) -> None:
+        await self._claim_npus(kill_grace_s)
+        try:
+            await self._start(session, kill_grace_s)
+        except BaseException:
+            if self.process is None or self.process.pid is None:  # else stop() releases it
+                self.claim.release()
+            raise
+
+    async def _claim_npus(self, kill_grace_s: float) -> None:
+        """This node's NPUs of the replica, once no other engine holds them (npu_claim.py): the daemon of a
+        replica that died may take up to its guard's grace period to go."""
+        self.claim = NPUClaim(_node_ip(), self.plan.npu_ids)
+        try:
+            waited = await self.claim.acquire(kill_grace_s + CLAIM_MARGIN_S)
+        except NPUClaimTimeout as err:
+            raise MindIEStartError(f"{self.name} cannot start: {err}") from None
+        if waited >= 1:
+            logger.info("%s waited %.0f s for NPUs %s: an engine that is gone still held them", self.name, waited,
+                        self.plan.npu_ids)
+
+    async def _start(self, session: aiohttp.ClientSession | None, kill_grace_s: float) -> None:
         default = load_default_config(self.install)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"raystack-mindie-{self.name}-"))
         write_config(render_config(default, self.plan, self.settings.overrides), self.config_path)
@@ -120,10 +153,12 @@ class MindIEDaemon:
             raise MindIEStartError(f"{self.name} cannot start: {err}") from None
         # cwd: MindIE writes kernel_meta/ into its working directory, which must be writable.
         self.process = SupervisedProcess(self.name, [str(self.install / DAEMON)], env, cwd=str(self.workdir),
-                                         log=logger, kill_grace_s=kill_grace_s, watch_for=STARTED_LINE)
+                                         log=logger, kill_grace_s=kill_grace_s, watch_for=STARTED_LINE,
+                                         pass_fds=tuple(self.claim.fds))
         logger.info("starting %s on NPUs %s, port %d (config %s)", self.name, self.plan.npu_ids, self.plan.port,
                     self.config_path)
         await self.process.start()
+        self.claim.held_by(self.process.pid)
         await self.wait_ready(session)
 
     def _write_ranktable(self) -> dict[str, str]:
@@ -186,6 +221,8 @@ class MindIEDaemon:
                 pass  # not answering, or still draining: the signals below
         if self.process is not None:
             await self.process.stop(kill_grace_s)
+        if self.claim is not None:
+            self.claim.release()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
