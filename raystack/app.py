@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from raystack.cluster.placement import (
     HBMNeeds,
@@ -36,6 +36,7 @@ from raystack.models import embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.serve_file import proxy_timeout_problem
 from raystack.serving.auth import APIKeyError, APIKeys
+from raystack.serving.forwarding import BUSY_RETRY_AFTER_S
 from raystack.serving.ingress import Router
 from raystack.serving.server import LLMServer
 
@@ -205,6 +206,8 @@ def build_app(args: dict[str, Any]) -> Application:
     router = Router.options(
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
+        max_queued_requests=config.router.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=BUSY_RETRY_AFTER_S),
         ray_actor_options={"num_cpus": config.router.cpus,
                            "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **dict.fromkeys(secrets, "")}}},
     )

@@ -285,8 +285,14 @@ class RouterConfig(_Strict):
     cpus: float = Field(
         0.1, ge=0, description="CPUs Ray reserves per router replica; small so it always schedules"
     )
-    num_replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(1024, ge=1)
+    num_replicas: int = Field(
+        1, ge=1, description="router replicas; two or more on a cluster, so losing one cuts only its own streams"
+    )
+    max_ongoing_requests: int = Field(1024, ge=1, description="requests one router replica handles at once")
+    max_queued_requests: int = Field(
+        1024, ge=1, description="requests waiting for a router replica past max_ongoing_requests; beyond it "
+        "clients get 429 with Retry-After (unbounded, a burst would queue in the proxy without end)"
+    )
     first_token_timeout_s: float = Field(
         300, gt=0, description="longest wait for a request's first token (queueing, scale-up and prefill "
         "included): then 503 when no replica came up, else 504"

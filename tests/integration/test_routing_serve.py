@@ -177,6 +177,22 @@ def test_full_replicas_and_queue_answer_429_with_retry_after(server):
     assert error["type"] == "rate_limit_error" and "queue is full" in error["message"]
 
 
+def test_a_full_router_answers_429_with_retry_after_instead_of_queueing_without_end(server):
+    # The router itself: 2 at a time, 2 more waiting in the proxy; the backend has room for all.
+    models = [{"name": "m", "backends": [synthetic("s", 1, ttft_ms=1000, tokens_per_s=0, output_tokens=4)]}]
+    with deployed(server, "router-full", models, router={"max_ongoing_requests": 2, "max_queued_requests": 2}):
+        async def burst():
+            async with httpx.AsyncClient(base_url=f"{server}/router-full/v1", timeout=30) as http:
+                return await asyncio.gather(*(
+                    http.post("/chat/completions", json={"model": "m", "messages": ask(f"q{i}")})
+                    for i in range(12)))
+
+        responses = asyncio.run(burst())
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses[200] >= 2 and statuses[429] >= 4 and set(statuses) == {200, 429}, statuses
+    assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 429)
+
+
 def test_timeouts_bound_every_wait(server):
     models = [
         {"name": "slow", "backends": [synthetic("s", 1, ttft_ms=5000)]},
