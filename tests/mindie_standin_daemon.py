@@ -12,7 +12,8 @@ token, default 0.01), STANDIN_TERM_S (how long it takes to exit after SIGTERM, d
 STANDIN_CONTROL, a directory where a test drops files: `crash_mid_stream`
 (the next stream claiming it dies after 3 tokens, leaving its backends behind as a crash would),
 `hang` (the daemon claiming it stops answering anything), `fail_load` (the next start fails loading
-weights). Every process it starts is appended to STANDIN_CONTROL/pids. There it also keeps which
+weights), `fail_generation` (the daemon claiming it fails every generation from then on with MindIE's
+424 Generation Error, noting each (pid, endpoint) in STANDIN_CONTROL/failed_generations, while its /health stays 200). Every process it starts is appended to STANDIN_CONTROL/pids. There it also keeps which
 daemon holds which NPU, and refuses (as the hardware would) an NPU a live daemon of its node holds,
 noting it in STANDIN_CONTROL/npu_conflicts.
 """
@@ -258,6 +259,7 @@ class Daemon:
         self.waiting = 0
         self.stopping = False
         self.hung = False
+        self.failing = False  # its model backend broke: every generation fails, /health stays 200
         self.counts = {"received": 0, "success": 0, "failed": 0, "prompt": 0, "generated": 0}
         self.backends: list[subprocess.Popen] = []
 
@@ -348,6 +350,12 @@ class Daemon:
         self.counts["received"] += 1
         if self.stopping:
             return self.error(503, "The service has been stopped", "Service Unavailable")
+        if self.failing or claim("fail_generation"):
+            self.failing = True
+            if CONTROL:
+                with open(os.path.join(CONTROL, "failed_generations"), "a") as f:
+                    f.write(f"{os.getpid()} {'chat' if chat else 'completion'}\n")
+            return self.error(424, "Generation failed: the model backend stopped responding", "Generation Error")
         try:
             body = await request.json()
         except json.JSONDecodeError:

@@ -88,7 +88,7 @@ class ReplicaMetrics:
 
 
 class RouterMetrics:
-    """Errors the router answered, by model, OpenAI error type and HTTP status."""
+    """Errors the router answered, by model, OpenAI error type and HTTP status; failed tries it resent."""
 
     def __init__(self) -> None:
         from ray.util import metrics
@@ -96,5 +96,12 @@ class RouterMetrics:
         self.errors = metrics.Counter("raystack_request_errors_total", description="Requests answered with an error.",
                                       tag_keys=("model", "type", "status"))
 
+        self.replica_failures = metrics.Counter(
+            "raystack_replica_failures_total", tag_keys=("model", "backend"),
+            description="Tries that failed on the replica's side before the first token (the request was resent).")
+
     def error(self, model: str, status: int) -> None:
         self.errors.inc(1, tags={"model": model or "-", "type": error_type(status), "status": str(status)})
+
+    def replica_failed(self, model: str, backend: str) -> None:
+        self.replica_failures.inc(1, tags={"model": model, "backend": backend})

@@ -4,15 +4,17 @@ The ingress (ingress.py) has already authenticated, parsed and resolved the requ
 routing policy (policies.py) picks the backend; the request goes to it through its Serve handle (Serve's
 request router, replica_choice.py, picks the replica); the opening (a whole JSON answer, or a stream's
 first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or
-`request_timeout_s` passes. A replica that fails before its opening -> another replica (up to
-`router.retries` times), then 503; a backend whose replicas and queue are full -> the model's other
-backends, then 429.
+`request_timeout_s` passes. A replica that fails before its opening, its process or its engine (a 5xx
+answer or error event of its own) -> another replica, never the one that failed, which new requests
+also avoid for a while (policies.FAILING); after `router.retries` such tries, 503. A backend whose
+replicas and queue are full -> the model's other backends, then 429.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -34,7 +36,12 @@ BUSY_RETRY_AFTER_S = 1
 
 
 class ReplicaFailed(Exception):
-    """A replica failed before answering: the request may go to another one."""
+    """A replica failed before answering (its process, or its engine on its side): the request may go to
+    another one, never back to `replica`."""
+
+    def __init__(self, message: str, replica: str | None = None):
+        super().__init__(message)
+        self.replica = replica
 
 
 @dataclass(eq=False)
@@ -109,6 +116,7 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         busy: set[str] = set()  # backends whose replicas and queue are full
+        failed: list[str] = []  # replicas that failed this request
         failures = 0
         while True:
             backend = pinned or self.choose(model, route, exclude=busy)
@@ -121,13 +129,19 @@ class Forwarder:
                     headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
                 )
             try:
-                opening, stream = await self.open(model.name, backend, kind, body, route, streaming, deadline)
+                opening, stream = await self.open(model.name, backend, kind, body, route, streaming, deadline,
+                                                  tuple(failed))
             except BackPressureError:
                 busy.add(backend)
                 continue
             except ReplicaFailed as err:
                 failures += 1
-                logger.warning("%s@%s failed before answering (attempt %d): %s", model.name, backend, failures, err)
+                if err.replica:
+                    failed.append(err.replica)
+                    policies.FAILING.add(err.replica)
+                self.metrics.replica_failed(model.name, backend)
+                logger.warning("%s@%s replica %s failed before answering (attempt %d): %s", model.name, backend,
+                               err.replica or "?", failures, err)
                 if failures > self.settings.retries:
                     raise OpenAIError(
                         503, f"`{requested}` failed before answering on {failures} replicas ({err}); "
@@ -140,13 +154,16 @@ class Forwarder:
 
     async def open(
         self, model: str, backend: str, kind: str, body: dict[str, Any], route: policies.Route,
-        streaming: bool, deadline: float,
+        streaming: bool, deadline: float, avoid: tuple[str, ...] = (),
     ) -> tuple[Opening, DeploymentResponseGenerator]:
-        """Send the request to `backend` and wait for its opening (a stream's first chunk, or the whole
-        JSON answer). The backend's in-flight count holds until the answer is fully relayed."""
+        """Send the request to `backend` (to none of the replicas in `avoid`) and wait for its opening (a
+        stream's first chunk, or the whole JSON answer). The backend's in-flight count holds until the
+        answer is fully relayed."""
         key = (model, backend)
         self.in_flight[key] += 1
-        stream: DeploymentResponseGenerator = self.streams[model][backend].generate.remote(kind, body, route=route)
+        attempt = uuid.uuid4().hex
+        stream: DeploymentResponseGenerator = self.streams[model][backend].generate.remote(
+            kind, body, route=route, avoid=avoid, attempt=attempt)
         first = asyncio.ensure_future(stream.__anext__())
         answered = False
         loop = asyncio.get_running_loop()
@@ -165,12 +182,16 @@ class Forwarder:
             except DeploymentUnavailableError as err:
                 raise OpenAIError(503, f"`{model}@{backend}` is unavailable: {err}. See `serve status`.") from None
             except StopAsyncIteration:
-                raise ReplicaFailed("it closed the answer without a word") from None
+                raise ReplicaFailed("it closed the answer without a word", policies.ROUTED.get(attempt)) from None
             except Exception as err:
-                raise ReplicaFailed(f"{type(err).__name__}: {_last_line(err)}") from None
+                raise ReplicaFailed(f"{type(err).__name__}: {_last_line(err)}", policies.ROUTED.get(attempt)) from None
+            failure = opening.engine_failure()
+            if failure:  # the engine's own failure, not the client's: another replica may well answer
+                raise ReplicaFailed(f"its engine failed: {failure}", opening.replica)
             answered = True
             return opening, stream
         finally:
+            policies.ROUTED.pop(attempt, None)
             if not answered:  # failed, timed out, or the client left: free the replica
                 first.cancel()
                 first.add_done_callback(_retrieve)  # its exception is known and handled here

@@ -19,6 +19,7 @@ import hashlib
 import math
 import random
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -91,6 +92,36 @@ PREFIXES = PrefixTable()
 # deployment name -> running replicas, as this process's handles see them (the request router writes it
 # when Serve tells the handle; absent until then).
 RUNNING_REPLICAS: dict[str, int] = {}
+
+# An attempt (Forwarder's token for one try of a request) -> the replica the request router sent it to,
+# until the Forwarder has its opening.
+ROUTED: dict[str, str] = {}
+
+
+class FailingReplicas:
+    """Replicas whose engine just failed a request on its side, kept from new requests for `hold_s` (or
+    until Serve replaces them): power-of-two choices would otherwise favour them, as failing fast keeps
+    their queue short. If every replica is failing, all stay candidates."""
+
+    def __init__(self, hold_s: float = 30.0):
+        self.hold_s = hold_s
+        self.until: dict[str, float] = {}  # replica id -> monotonic time its hold ends
+
+    def add(self, replica: str) -> None:
+        self.until[replica] = time.monotonic() + self.hold_s
+
+    def keep_only(self, replicas: set[str]) -> None:
+        """Forget replicas Serve no longer runs."""
+        self.until = {r: t for r, t in self.until.items() if r in replicas}
+
+    def usable(self, candidates: list[Any], avoid: Sequence[str] = ()) -> list[Any]:
+        now = time.monotonic()
+        held = {r for r, t in self.until.items() if t > now} | set(avoid)
+        fine = [c for c in candidates if c.replica_id.unique_id not in held]
+        return fine or candidates
+
+
+FAILING = FailingReplicas()
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -66,6 +67,26 @@ class Opening:
     body: Any = None
     chunk: str | None = None
 
+    def engine_failure(self) -> str | None:
+        """What the engine said if it failed on its side before the first token, else None (an answer, or
+        the client's own error): a whole answer with a 5xx status, or a stream whose first event is an
+        error with a 5xx code (vLLM streams its failures so: `data: {"error": {...}}`)."""
+        if self.chunk is None:
+            return _error_message(self.body) if (self.status or 200) >= 500 else None
+        if not self.chunk.startswith('data: {"error"'):
+            return None
+        try:
+            error = json.loads(self.chunk.split("\n\n", 1)[0].removeprefix("data: "))["error"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        code = error.get("code") if isinstance(error, dict) else None
+        return _error_message(error) if isinstance(code, int) and code >= 500 else None
+
+
+def _error_message(body: Any) -> str:
+    error = body.get("error", body) if isinstance(body, dict) else body
+    return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
+
 
 @serve.deployment
 class LLMServer:
@@ -82,22 +103,34 @@ class LLMServer:
         if self.backend.loads_model:  # here, and on every other node this replica's ranks run on
             model_path = await asyncio.to_thread(prepare_on_every_node, source, cache_dir, cache_shared, logger.info)
         self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
+        self.engine_failed: str | None = None  # what the engine said when it last failed a request on its side
         self.engine = create_engine(model_name, model_path, self.backend, self.metrics)
         await self.engine.start()
         logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine,
                     model_path or "no model files")
 
-    async def generate(self, kind: RequestKind, body: dict[str, Any], route: tuple[int, ...] = ()) -> AsyncIterator[Any]:
-        """Streams the answer: an Opening, then (for a stream) further SSE strings.
-        `route` is the prompt's prefix blocks, read by the request router that chose this replica."""
-        answer = await self.engine.generate(kind, body)
+    async def generate(self, kind: RequestKind, body: dict[str, Any], route: tuple[int, ...] = (),
+                       avoid: tuple[str, ...] = (), attempt: str = "") -> AsyncIterator[Any]:
+        """Streams the answer: an Opening, then (for a stream) further SSE strings. `route` (the prompt's
+        prefix blocks), `avoid` (replicas that just failed this request) and `attempt` (names this try)
+        are read by the request router that chose this replica (replica_choice.py)."""
+        try:
+            answer = await self.engine.generate(kind, body)
+        except Exception as err:
+            self.engine_failed = f"{type(err).__name__}: {err}"
+            raise
         if answer.stream is None:
-            yield Opening(self.replica, status=answer.status, body=answer.body)
+            yield self._checked(Opening(self.replica, status=answer.status, body=answer.body))
             return
         first = True
         async for chunk in coalesce(answer.stream):
-            yield Opening(self.replica, chunk=chunk) if first else chunk
+            yield self._checked(Opening(self.replica, chunk=chunk)) if first else chunk
             first = False
+
+    def _checked(self, opening: Opening) -> Opening:
+        """Notes whether the engine failed on its side (the next health check then probes it)."""
+        self.engine_failed = opening.engine_failure()
+        return opening
 
     async def stats(self) -> dict[str, int]:
         """This replica's engine load (Engine.stats): requests running and waiting in the engine."""
@@ -105,8 +138,21 @@ class LLMServer:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+        if self.engine_failed:  # its last answer was a failure of its own: can it still answer at all?
+            await self._probe_engine()
         load = self.engine.stats()  # Serve calls this every health_check_period_s: the gauges follow
         self.metrics.load(load["running"], load["waiting"])
+
+    async def _probe_engine(self) -> None:
+        """A one-token completion through the engine: it failed its last request, and the router now keeps
+        traffic away from it, so only this can tell a passing fault (healthy again) from a dead engine
+        (raise: Serve replaces the replica)."""
+        probe = {"model": self.model_name, "prompt": "ping", "max_tokens": 1, "stream": False}
+        answer = await self.engine.generate("completion", probe)
+        failure = Opening(self.replica, status=answer.status, body=answer.body).engine_failure()
+        if failure:
+            raise RuntimeError(f"the engine failed a request ({self.engine_failed}) and a probe since: {failure}")
+        self.engine_failed = None
 
     async def __del__(self) -> None:
         engine = getattr(self, "engine", None)  # absent when __init__ failed

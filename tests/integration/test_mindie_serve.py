@@ -197,6 +197,37 @@ def test_a_replica_killed_either_way_leaves_nothing_and_its_replacement_waits_fo
     assert_nothing_left(control)
 
 
+def test_an_engine_failing_on_its_side_gets_no_more_requests_and_is_replaced(server, mindie):
+    """One of two daemons starts failing every generation (424) while its /health stays 200. The request
+    that meets it is resent to the other replica; later requests do not meet it; its next health check
+    probes the engine, fails, and Serve replaces the replica."""
+    control = mindie[1]
+    with deployed(server, "mindie-failing", mindie_model(mindie, replicas=2)) as url:
+        c = client(url)
+        assert served_soon(c)
+        (control / "fail_generation").touch()
+        answers = []
+        for i in range(12):
+            if i % 2:
+                chunks = list(c.chat.completions.create(model="qwen3", messages=ask(f"q{i}"), max_tokens=3,
+                                                        stream=True))
+                answers.append("".join(ch.choices[0].delta.content or "" for ch in chunks))
+            else:
+                answers.append(c.chat.completions.create(model="qwen3", messages=ask(f"q{i}"),
+                                                         max_tokens=3).choices[0].message.content)
+        assert all(len(a.split()) == 3 for a in answers), answers
+        assert not (control / "fail_generation").exists(), "a daemon met the failure"
+        deadline = time.monotonic() + 60
+        while len(starts(control)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(starts(control)) == 3, "the failing replica was replaced"
+        failed = [line.split() for line in (control / "failed_generations").read_text().splitlines()]
+        assert not alive(int(failed[0][0]))
+        # The client's requests are chats; the replica's own health probes, completions. One chat met it.
+        assert [endpoint for _, endpoint in failed].count("chat") == 1, failed
+    assert_nothing_left(control)
+
+
 def test_a_hung_daemon_fails_its_health_check_and_is_replaced(server, mindie):
     control = mindie[1]
     with deployed(server, "mindie-hang", mindie_model(mindie)) as url:
