@@ -161,12 +161,13 @@ def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_g
         ),
         "health_check_period_s": backend.health_check_period_s,
         "health_check_timeout_s": backend.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": backend.graceful_shutdown_timeout_s,
         # A replica that cannot start (download impossible offline, out of memory) fails the same way
         # every time: give up after a few attempts so `serve status` shows the error, not a retry loop.
         "max_constructor_retry_count": ENGINE_START_ATTEMPTS,
         "ray_actor_options": actor,
     }
+    if backend.graceful_shutdown_timeout_s is not None:  # None only outside a whole config (tests)
+        options["graceful_shutdown_timeout_s"] = backend.graceful_shutdown_timeout_s
     placement = ray_placement(backend, min_hbm_gib)
     if placement.replica:
         actor["resources"] = placement.replica
@@ -207,6 +208,8 @@ def build_app(args: dict[str, Any]) -> Application:
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
         max_queued_requests=config.router.max_queued_requests,
+        # A router replica being replaced (any redeploy) relays its streams to their end first.
+        graceful_shutdown_timeout_s=config.router.request_timeout_s,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=BUSY_RETRY_AFTER_S),
         ray_actor_options={"num_cpus": config.router.cpus,
                            "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **dict.fromkeys(secrets, "")}}},

@@ -131,7 +131,11 @@ class _BackendFields(_Strict):
     weight: float = Field(1, ge=0, description="share of the model's requests under routing policy: weighted")
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
-    graceful_shutdown_timeout_s: float = Field(30, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="how long a replica being replaced or scaled down may finish its requests "
+        "before it is stopped (default: router.request_timeout_s, the longest any request may take, so a "
+        "rolling update or a scale-down never cuts an answer)"
+    )
 
     @property
     def spec(self) -> EngineSpec:
@@ -331,6 +335,13 @@ class RaystackConfig(_Strict):
     def _unique_model_names(cls, models: list[Model]) -> list[Model]:
         _require_unique("model names", [m.name for m in models])
         return models
+
+    @model_validator(mode="after")
+    def _drain_as_long_as_a_request_may_run(self) -> RaystackConfig:
+        for backend in (b for m in self.models for b in m.backends):
+            if backend.graceful_shutdown_timeout_s is None:
+                backend.graceful_shutdown_timeout_s = self.router.request_timeout_s
+        return self
 
 
 def _error_path(loc: tuple[Any, ...]) -> str:

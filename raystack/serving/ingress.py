@@ -9,7 +9,7 @@ Here a request is authenticated (API keys), read within bounds (a body over `max
 one that stalls past `body_timeout_s` -> 408), parsed (400 with the offending `param`) and resolved to
 its model: `model`, or `model@backend` to pin a backend (benchmarks compare backends that way). Then
 forwarding.py takes it to a backend. Each answer names who served it in the headers
-x-raystack-backend and x-raystack-replica.
+x-raystack-backend and x-raystack-replica, and the router replica that relayed it in x-raystack-router.
 """
 
 from __future__ import annotations
@@ -154,6 +154,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.forwarder = Forwarder(self.config.models, backends, self.settings, self.metrics)
         self.created = int(time.time())
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
     def resolve(self, requested: str) -> tuple[Model, str | None]:
         """`model` or `model@backend` -> (model, pinned backend or None)."""
@@ -257,7 +258,8 @@ class Router:
         check_length_bounds(model, body)
         body["model"] = model.name
         delivery = await self.forwarder.send(model, pinned, requested, kind, body)
-        headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica}
+        headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
+                   "x-raystack-router": self.replica}
         if delivery.opening.chunk is None:
             delivery.finish(upstream_done=True)
             return JSONResponse(delivery.opening.body, status_code=delivery.opening.status, headers=headers)

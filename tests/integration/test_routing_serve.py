@@ -158,17 +158,21 @@ def test_a_replica_killed_under_32_streams_loses_no_request(server):
     assert all(o.finish_reason == "stop" for o in outcomes if not o.error)
 
 
+def burst(url: str, requests: int = 12) -> list[httpx.Response]:
+    """`requests` chats to model `m` at once, non-streamed."""
+    async def send_all():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            return await asyncio.gather(*(http.post("/chat/completions", json={"model": "m", "messages": ask(f"q{i}")})
+                                          for i in range(requests)))
+
+    return asyncio.run(send_all())
+
+
 def test_full_replicas_and_queue_answer_429_with_retry_after(server):
     models = [{"name": "m", "backends": [synthetic(
         "s", 1, ttft_ms=1000, tokens_per_s=0, output_tokens=4, max_ongoing_requests=2, max_queued_requests=2)]}]
-    with deployed(server, "busy", models):
-        async def burst():
-            async with httpx.AsyncClient(base_url=f"{server}/busy/v1", timeout=30) as http:
-                return await asyncio.gather(*(
-                    http.post("/chat/completions", json={"model": "m", "messages": ask(f"q{i}")})
-                    for i in range(12)))
-
-        responses = asyncio.run(burst())
+    with deployed(server, "busy", models) as url:
+        responses = burst(url)
     statuses = Counter(r.status_code for r in responses)
     assert statuses[200] >= 4 and statuses[429] >= 4 and set(statuses) == {200, 429}, statuses
     rejected = next(r for r in responses if r.status_code == 429)
@@ -180,14 +184,8 @@ def test_full_replicas_and_queue_answer_429_with_retry_after(server):
 def test_a_full_router_answers_429_with_retry_after_instead_of_queueing_without_end(server):
     # The router itself: 2 at a time, 2 more waiting in the proxy; the backend has room for all.
     models = [{"name": "m", "backends": [synthetic("s", 1, ttft_ms=1000, tokens_per_s=0, output_tokens=4)]}]
-    with deployed(server, "router-full", models, router={"max_ongoing_requests": 2, "max_queued_requests": 2}):
-        async def burst():
-            async with httpx.AsyncClient(base_url=f"{server}/router-full/v1", timeout=30) as http:
-                return await asyncio.gather(*(
-                    http.post("/chat/completions", json={"model": "m", "messages": ask(f"q{i}")})
-                    for i in range(12)))
-
-        responses = asyncio.run(burst())
+    with deployed(server, "router-full", models, router={"max_ongoing_requests": 2, "max_queued_requests": 2}) as url:
+        responses = burst(url)
     statuses = Counter(r.status_code for r in responses)
     assert statuses[200] >= 2 and statuses[429] >= 4 and set(statuses) == {200, 429}, statuses
     assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 429)
