@@ -144,7 +144,7 @@ class Forwarder:
                                err.replica or "?", failures, err)
                 if failures > self.settings.retries:
                     raise OpenAIError(
-                        503, f"`{requested}` failed before answering on {failures} replicas ({err}); "
+                        503, f"`{requested}` failed before answering, {failures} tries ({err}); "
                         f"retry shortly, and see `serve status` if it persists.",
                         headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
                     ) from None
