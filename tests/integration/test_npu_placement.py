@@ -235,7 +235,10 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_pa
     (tmp_path / "config.json").write_text("{}")
     waiting = {"models": [{"name": "waiting", "source": str(tmp_path), "backends": [
         {"name": "toy", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B"},
-         "parallelism": {"tensor": 4}}]}]}
+         "parallelism": {"tensor": 4},
+         # Serve stops a replica that was never placed only after its drain bound (its graceful-shutdown
+         # call waits for an actor that never starts): short here, so the app deletes in seconds.
+         "graceful_shutdown_timeout_s": 5}]}]}
     serve._run(build_app(waiting), name="waiting", route_prefix="/waiting", _blocking=False)
     deadline = time.monotonic() + 60
     while True:
