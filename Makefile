@@ -10,7 +10,7 @@ export RAY_worker_niceness = 0
 # Serve's throughput preset without direct ingress (raystack/process.py says why, and holds the
 # settings), for the Ray that `serve run` starts (its proxy). Not for the tests' own process: there it
 # would make synchronous handle calls from test code fail (no event loop); their replicas get it from
-# build_app.
+# build_router and build_backend.
 SERVE_FAST_PATH = $(VENV)/bin/python -c 'from raystack.process import SERVE_FAST_PATH_ENV as env; \
 	print(" ".join(f"{k}={v}" for k, v in env.items()))'
 CONFIG ?= deploy_configs/local.yaml

@@ -1,9 +1,11 @@
-"""build_app: the `import_path` of a raystack Serve config. Validates, then wires the deployments.
+"""The `import_path`s of a raystack Serve config: validate, then wire the deployments.
 
-    Router (ingress)  ->  LLMServer-<model>-<backend>  (one deployment per model backend)
+    build_router   the Router (ingress): the OpenAI endpoint; it finds its backends at run time
+    build_backend  one model backend: an LLMServer deployment, an application of its own (config.py says why)
 
 Everything that can be checked before Ray schedules anything is checked here, so a bad config or a
 missing model fails `serve run` at once with the field and the fix, not in a replica restart loop.
+run_stack deploys a whole RaystackConfig with Serve's Python API, as the YAML file's applications would.
 """
 
 from __future__ import annotations
@@ -24,18 +26,22 @@ from raystack.cluster.placement import (
 )
 from raystack.config import (
     Backend,
+    BackendApp,
     ConfigError,
     Model,
     Parallelism,
     RaystackConfig,
+    RouterConfig,
     Routing,
     deployment_name,
+    parse_args,
     parse_config,
 )
 from raystack.models import embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.serve_file import proxy_timeout_problem
 from raystack.serving.auth import APIKeyError, APIKeys
+from raystack.serving.catalogue import REGISTRATION, registered_backends, serve_details
 from raystack.serving.forwarding import BUSY_RETRY_AFTER_S
 from raystack.serving.ingress import Router
 from raystack.serving.server import LLMServer
@@ -44,21 +50,20 @@ ENGINE_START_ATTEMPTS = 3
 BACKEND_REQUEST_ROUTER = "raystack.serving.replica_choice:BackendRequestRouter"
 
 
-def check_deployable(config: RaystackConfig, cache_dir: Path, hbm: HBMNeeds | None = None) -> None:
+def check_deployable(models: list[Model], cache_dir: Path, hbm: HBMNeeds | None = None) -> None:
     """Fail fast on what the config names but this machine can tell is wrong."""
     problems = []
-    for i, model in enumerate(config.models):
-        where = f"models[{i}]"
+    for model in models:
         if model.loads_model:  # all-synthetic models read no source
-            problems += _check_source(model, f"{where}.source")
-        for j, backend in enumerate(model.backends):
-            problems += backend.spec.check_deployable(backend, f"{where}.backends[{j}]")
-    problems += _check_capacity(config, hbm or {})
+            problems += _check_source(model, f"model {model.name}: source")
+        for backend in model.backends:
+            problems += backend.spec.check_deployable(backend, f"{model.name}@{backend.name}")
+    problems += _check_capacity(models, hbm or {})
     if problems:
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
 
 
-def check_proxy_timeout(config: RaystackConfig) -> None:
+def check_proxy_timeout(router: RouterConfig) -> None:
     """Under a running Serve (as `serve run FILE` starts it), its proxy's timeout must not be shorter than the
     router's (serve_file.py says why)."""
     import ray
@@ -70,18 +75,18 @@ def check_proxy_timeout(config: RaystackConfig) -> None:
         controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     except ValueError:  # Serve not started yet: it will start with its defaults (no proxy timeout)
         return
-    problem = proxy_timeout_problem(ray.get(controller.get_http_config.remote(), timeout=60).request_timeout_s, config)
+    problem = proxy_timeout_problem(ray.get(controller.get_http_config.remote(), timeout=60).request_timeout_s, router)
     if problem:
         raise ConfigError(f"raystack cannot deploy this config: {problem}")
 
 
-def load_api_keys(config: RaystackConfig) -> APIKeys | None:
+def load_api_keys(router: RouterConfig) -> APIKeys | None:
     """The router's keys, read where the app is built (a node of the cluster, not whoever runs config
     check) and handed to the router as digests: no replica ever holds a key itself."""
-    if config.router.api_keys is None:
+    if router.api_keys is None:
         return None
     try:
-        return APIKeys.load(config.router.api_keys.env, config.router.api_keys.file)
+        return APIKeys.load(router.api_keys.env, router.api_keys.file)
     except APIKeyError as err:
         raise ConfigError(str(err)) from None
 
@@ -98,7 +103,7 @@ def _check_source(model: Model, where: str) -> list[str]:
     return []
 
 
-def _check_capacity(config: RaystackConfig, hbm: HBMNeeds) -> list[str]:
+def _check_capacity(models: list[Model], hbm: HBMNeeds) -> list[str]:
     """When connected to a cluster (as `serve run` is), refuse backends it can never host."""
     import ray
 
@@ -106,20 +111,20 @@ def _check_capacity(config: RaystackConfig, hbm: HBMNeeds) -> list[str]:
         return []
     nodes = cluster_capacity()
     problems = []
-    for i, model in enumerate(config.models):
-        for j, backend in enumerate(model.backends):
+    for model in models:
+        for backend in model.backends:
             demand = backend_demand(backend, hbm.get((model.name, backend.name)))
             never, not_now = fit_problem(f"{model.name}@{backend.name}", demand, nodes)
             if never:
-                problems.append(f"  models[{i}].backends[{j}]: {never}")
+                problems.append(f"  {never}")
             elif not_now:
                 print(f"raystack: {not_now}")
     return problems
 
 
-def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> None:
+def resolve_parallelism(models: list[Model], cache_dir: Path) -> None:
     """Replace `parallelism: auto` with the smallest tensor x pipeline that fits (raystack estimate)."""
-    for model in config.models:
+    for model in models:
         for backend in model.backends:
             if backend.parallelism != "auto":
                 continue
@@ -142,10 +147,11 @@ def resolve_parallelism(config: RaystackConfig, cache_dir: Path) -> None:
 
 
 def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_gib: float | None = None,
-                       withheld_env: tuple[str, ...] = ()) -> dict[str, Any]:
+                       withheld_env: tuple[str, ...] = (), registration: BackendApp | None = None) -> dict[str, Any]:
     """Ray Serve options of one backend's LLMServer deployment: resources, scaling, routing, health.
     `withheld_env`: variables blanked in the replica's environment, and so in everything it starts (its
-    engine processes and daemons; Ray actors it creates, such as vLLM's workers, inherit the runtime_env)."""
+    engine processes and daemons; Ray actors it creates, such as vLLM's workers, inherit the runtime_env).
+    `registration`: the backend as its router reads it from Serve's controller (serving/catalogue.py)."""
     actor: dict[str, Any] = {
         "num_cpus": backend.replica_cpus,
         "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **backend.env, **dict.fromkeys(withheld_env, "")}},
@@ -168,6 +174,8 @@ def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_g
     }
     if backend.graceful_shutdown_timeout_s is not None:  # None only outside a whole config (tests)
         options["graceful_shutdown_timeout_s"] = backend.graceful_shutdown_timeout_s
+    if registration is not None:
+        options["user_config"] = {REGISTRATION: registration.model_dump(mode="json")}
     placement = ray_placement(backend, min_hbm_gib)
     if placement.replica:
         actor["resources"] = placement.replica
@@ -181,37 +189,67 @@ def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_g
     return options
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    config = parse_config(args)
-    cache_dir = sources.cache_root(config.cache_dir)
-    resolve_parallelism(config, cache_dir)
-    hbm = hbm_needs(config, cache_dir)
-    check_deployable(config, cache_dir, hbm)
-    check_proxy_timeout(config)
-    api_keys = load_api_keys(config)
-    for model in config.models:  # embedded models prepare offline in seconds: do it here, visibly
-        if model.loads_model and sources.parse_source(model.source).kind == "embedded":
-            sources.resolve(model.source, cache_dir, progress=print)
+def build_backend(args: dict[str, Any]) -> Application:
+    """One model backend (config.BackendApp): its LLMServer deployment, which its router finds."""
+    app = parse_args(BackendApp, args)
+    model = app.as_model()
+    cache_dir = sources.cache_root(app.cache_dir)
+    resolve_parallelism([model], cache_dir)
+    hbm = hbm_needs([model], cache_dir)
+    check_deployable([model], cache_dir, hbm)
+    if model.loads_model and sources.parse_source(model.source).kind == "embedded":
+        sources.resolve(model.source, cache_dir, progress=print)  # offline, in seconds: here, visibly
+    backend = app.backend
+    options = deployment_options(backend, model.routing, hbm.get((model.name, backend.name)),
+                                 tuple(app.withheld_env), registration=app)
+    deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
+    return deployment.bind(model.name, model.source, backend.model_dump(), str(cache_dir), app.cache_shared)
 
+
+def build_router(args: dict[str, Any]) -> Application:
+    """The Router (config.RouterConfig): the endpoint of every backend application that names it."""
+    settings = parse_args(RouterConfig, args)
+    check_proxy_timeout(settings)
+    api_keys = load_api_keys(settings)
     # The API keys' variable is in the environment of every Ray process of the node (exported before
-    # `raystack start`): blanked for the replicas, which never need it.
-    secrets = (config.router.api_keys.env,) if config.router.api_keys and config.router.api_keys.env else ()
-    backends: dict[str, dict[str, Application]] = {}
-    for model in config.models:
-        for backend in model.backends:
-            options = deployment_options(backend, model.routing, hbm.get((model.name, backend.name)), secrets)
-            deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
-            backends.setdefault(model.name, {})[backend.name] = deployment.bind(
-                model.name, model.source, backend.model_dump(), str(cache_dir), config.cache_shared
-            )
+    # `raystack start`): blanked for the replicas, which were handed the digests.
+    secrets = (settings.api_keys.env,) if settings.api_keys and settings.api_keys.env else ()
     router = Router.options(
-        num_replicas=config.router.num_replicas,
-        max_ongoing_requests=config.router.max_ongoing_requests,
-        max_queued_requests=config.router.max_queued_requests,
-        # A router replica being replaced (any redeploy) relays its streams to their end first.
-        graceful_shutdown_timeout_s=config.router.request_timeout_s,
+        num_replicas=settings.num_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        # A router replica being replaced (any change to its own args) relays its streams to their end first.
+        graceful_shutdown_timeout_s=settings.request_timeout_s,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=BUSY_RETRY_AFTER_S),
-        ray_actor_options={"num_cpus": config.router.cpus,
+        ray_actor_options={"num_cpus": settings.cpus,
                            "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **dict.fromkeys(secrets, "")}}},
     )
-    return router.bind(config.model_dump(), backends, api_keys)
+    return router.bind(settings.model_dump(), api_keys)
+
+
+def run_stack(args: dict[str, Any], name: str = "raystack", route_prefix: str | None = "/",
+              wait: bool = True) -> None:
+    """Deploy a whole RaystackConfig with Serve's Python API: one application per backend (named by
+    config.backend_app_name), then the router as `name` under `route_prefix`; backend applications of
+    this router that the config no longer has are deleted, as `serve deploy` would. `wait`: until all run."""
+    from ray import serve
+
+    config = parse_config(args)
+    apps = config.backend_apps(name)
+    targets = [serve.RunTarget(build_backend(app.model_dump(mode="json")), name=app_name, route_prefix=None)
+               for app_name, app in apps.items()]
+    targets.append(serve.RunTarget(build_router(config.router.model_dump(mode="json")), name=name,
+                                   route_prefix=route_prefix))
+    serve.run_many(targets, wait_for_ingress_deployment_creation=wait, wait_for_applications_running=wait)
+    for backend in registered_backends(serve_details(), name):
+        if backend.app not in apps:
+            serve.delete(backend.app)
+
+
+def delete_stack(name: str = "raystack") -> None:
+    """Delete the router application `name` and every backend application that names it."""
+    from ray import serve
+
+    for backend in registered_backends(serve_details(), name):
+        serve.delete(backend.app)
+    serve.delete(name)

@@ -29,12 +29,12 @@ def _config_check(args: argparse.Namespace) -> int:
         try:
             for app_name, config in load_serve_config(path):
                 cache = sources.cache_root(config.cache_dir)
-                resolve_parallelism(config, cache)
-                check_deployable(config, cache, hbm_needs(config, cache, fetch=False))
+                resolve_parallelism(config.models, cache)
+                check_deployable(config.models, cache, hbm_needs(config.models, cache, fetch=False))
                 summary = ", ".join(
                     f"{m.name} <- {'/'.join(b.name for b in m.backends)}" for m in config.models
                 )
-                print(f"{path}: OK (application {app_name!r}: {summary})")
+                print(f"{path}: OK (router {app_name!r}: {summary})")
         except ConfigError as err:
             print(f"{path}: {err}", file=sys.stderr)
             failed += 1
@@ -53,7 +53,7 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         planned = {}
         for app_name, config in load_serve_config(args.config):
-            resolve_parallelism(config, sources.cache_root(config.cache_dir))
+            resolve_parallelism(config.models, sources.cache_root(config.cache_dir))
             planned[app_name] = plan(config, args.nodes)
     except ConfigError as err:
         print(f"{args.config}: {err}", file=sys.stderr)
@@ -243,14 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.set_defaults(func=_estimate)
 
     planning = sub.add_parser("plan", help="what each backend's replicas will run on an NPU cluster, without NPUs")
-    planning.add_argument("config", help="a Serve YAML file that uses raystack.app:build_app")
+    planning.add_argument("config", help="a Serve YAML file of raystack applications")
     planning.add_argument("--nodes", default="2x8:Ascend910B3",
                           help="the cluster to plan for: COUNTxNPUS[:CHIP] joined by commas (default 2x8:Ascend910B3)")
     planning.add_argument("--json", action="store_true")
     planning.set_defaults(func=_plan)
 
     config = sub.add_parser("config", help="deploy configs").add_subparsers(dest="action", required=True)
-    check = config.add_parser("check", help="validate Serve YAML files that use raystack.app:build_app")
+    check = config.add_parser("check", help="validate Serve YAML files of raystack applications")
     check.add_argument("files", nargs="+")
     check.set_defaults(func=_config_check)
 

@@ -1,16 +1,26 @@
-"""The deploy config: pydantic models of the `args` block of a Ray Serve YAML file.
+"""The deploy config: pydantic models of the `args` blocks of a Ray Serve YAML file.
 
     applications:
-      - name: raystack
-        import_path: raystack.app:build_app
-        args: {models: [...], router: {...}}      # <- RaystackConfig
+      - name: raystack                            # the router: the OpenAI endpoint
+        route_prefix: /
+        import_path: raystack.app:build_router
+        args: {api_keys: ..., num_replicas: 2}    # <- RouterConfig
+      - name: qwen3-32b.vllm                      # one application per model backend
+        route_prefix: null
+        import_path: raystack.app:build_backend
+        args: {model: {name: ..., source: ...}, backend: {name: vllm, ...}}   # <- BackendApp
 
-Every model is strict: an unknown key is an error that names its path (`models[0].backends[0].foo`).
+Serve versions every deployment of an application by the application's args, so each backend is an
+application of its own: changing one redeploys it alone, not the router or the other backends. The router
+finds its backends at run time (serving/catalogue.py). RaystackConfig is the whole of it, a router and its
+models, as `raystack config check` assembles it from a file and `raystack.app.run_stack` splits it.
+
+Every model is strict: an unknown key is an error that names its path (`backend.foo`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -133,8 +143,9 @@ class _BackendFields(_Strict):
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float | None = Field(
         None, ge=0, description="how long a replica being replaced or scaled down may finish its requests "
-        "before it is stopped (default: router.request_timeout_s, the longest any request may take, so a "
-        "rolling update or a scale-down never cuts an answer)"
+        "before it is stopped (default: the router's default request_timeout_s, 3600, the longest a request may "
+        "take, so a rolling update or a scale-down never cuts an answer; config check refuses less than the "
+        "router's)"
     )
 
     @property
@@ -154,9 +165,9 @@ class _BackendFields(_Strict):
 
     @property
     def parallel(self) -> Parallelism:
-        """The resolved parallelism; build_app resolves `auto` before anything reads it."""
+        """The resolved parallelism; build_backend resolves `auto` before anything reads it."""
         if self.parallelism == "auto":
-            raise ValueError("parallelism: auto is resolved by build_app (raystack.app.resolve_parallelism)")
+            raise ValueError("parallelism: auto is resolved by build_backend (raystack.app.resolve_parallelism)")
         return self.parallelism
 
     @field_validator("engine")
@@ -220,7 +231,9 @@ class Routing(_Strict):
     )
 
 
-class Model(_Strict):
+class ModelFields(_Strict):
+    """What a model is, whichever backends serve it."""
+
     name: str = Field(pattern=NAME_PATTERN, description="the `model` clients ask for")
     source: str | None = Field(
         None,
@@ -228,8 +241,15 @@ class Model(_Strict):
         description="embedded id, local path, modelscope://Org/Name or hf://Org/Name; "
         "may be left out when every backend is engine: synthetic",
     )
-    backends: list[Backend] = Field(min_length=1)
     routing: Routing = Routing()
+
+
+class Model(ModelFields):
+    backends: list[Backend] = Field(min_length=1)
+
+    @property
+    def fields(self) -> ModelFields:
+        return ModelFields.model_validate(self.model_dump(exclude={"backends"}))
 
     @property
     def context_limit(self) -> int | None:
@@ -253,12 +273,6 @@ class Model(_Strict):
     def _names_the_engines_accept(self) -> Model:
         for backend in self.backends:
             backend.spec.check_model_name(self.name)
-        return self
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> Model:
-        if self.routing.policy == "weighted" and not any(b.weight > 0 for b in self.backends):
-            raise ValueError("routing.policy weighted needs a backend with weight above 0")
         return self
 
     @model_validator(mode="after")
@@ -318,9 +332,13 @@ class RouterConfig(_Strict):
     )
 
 
-class RaystackConfig(_Strict):
-    models: list[Model] = Field(min_length=1)
-    router: RouterConfig = RouterConfig()
+# The router's keys are in the environment of every Ray process of a node (exported before `raystack
+# start`); a backend blanks them for its replicas, which never need them (BackendApp.withheld_env).
+DEFAULT_KEYS_ENV = "RAYSTACK_API_KEYS"
+DEFAULT_ROUTER_APP = "raystack"
+
+
+class _CacheFields(_Strict):
     cache_dir: str | None = Field(
         None, description="where prepared and downloaded models live, the same path on every node "
         "(default: $RAYSTACK_CACHE_DIR or ~/.cache/raystack, as where `serve run` runs)"
@@ -330,6 +348,36 @@ class RaystackConfig(_Strict):
         "every node a replica spans is checked to see it (default: each node downloads its own copy)"
     )
 
+
+class BackendApp(_CacheFields):
+    """`args` of raystack.app:build_backend: one backend of one model, a Serve application of its own."""
+
+    router: str = Field(DEFAULT_ROUTER_APP, min_length=1,
+                        description="name of the router application that serves this backend")
+    model: ModelFields
+    backend: Backend
+    withheld_env: list[str] = Field(
+        [DEFAULT_KEYS_ENV], description="environment variables blanked for this backend's replicas and all "
+        "they start: at least the variable the router reads its API keys from (router api_keys.env)"
+    )
+
+    @model_validator(mode="after")
+    def _a_model_this_backend_serves(self) -> BackendApp:
+        self.as_model()
+        if self.backend.graceful_shutdown_timeout_s is None:  # a backend cannot see its router: its default bound
+            self.backend.graceful_shutdown_timeout_s = RouterConfig().request_timeout_s
+        return self
+
+    def as_model(self) -> Model:
+        return Model(**self.model.model_dump(), backends=[self.backend])
+
+
+class RaystackConfig(_CacheFields):
+    """A whole raystack service: the router and every model with its backends."""
+
+    models: list[Model] = Field(min_length=1)
+    router: RouterConfig = RouterConfig()
+
     @field_validator("models")
     @classmethod
     def _unique_model_names(cls, models: list[Model]) -> list[Model]:
@@ -337,11 +385,50 @@ class RaystackConfig(_Strict):
         return models
 
     @model_validator(mode="after")
+    def _some_weight(self) -> RaystackConfig:
+        for model in self.models:
+            if model.routing.policy == "weighted" and not any(b.weight > 0 for b in model.backends):
+                raise ValueError(f"model {model.name}: routing.policy weighted needs a backend with weight above 0")
+        return self
+
+    @model_validator(mode="after")
     def _drain_as_long_as_a_request_may_run(self) -> RaystackConfig:
         for backend in (b for m in self.models for b in m.backends):
             if backend.graceful_shutdown_timeout_s is None:
                 backend.graceful_shutdown_timeout_s = self.router.request_timeout_s
         return self
+
+    def backend_apps(self, router: str = DEFAULT_ROUTER_APP) -> dict[str, BackendApp]:
+        """Each backend as the application it is deployed as, by application name."""
+        keys = self.router.api_keys
+        withheld = [keys.env] if keys and keys.env else [DEFAULT_KEYS_ENV]
+        return {
+            backend_app_name(router, model.name, backend.name): BackendApp(
+                router=router, model=model.fields, backend=backend, withheld_env=withheld,
+                cache_dir=self.cache_dir, cache_shared=self.cache_shared,
+            )
+            for model in self.models for backend in model.backends
+        }
+
+    @classmethod
+    def assemble(cls, router: RouterConfig, backends: list[BackendApp]) -> RaystackConfig:
+        """The service a router and its backend applications make. A model's backends must agree on what
+        the model is (its source and routing)."""
+        models: dict[str, Model] = {}
+        for app in backends:
+            model = models.get(app.model.name)
+            if model is None:
+                models[app.model.name] = app.as_model()
+                continue
+            if model.fields != app.model:
+                raise ValueError(f"the backends of model {app.model.name} disagree on what it is: "
+                                 f"{model.fields.model_dump()} vs {app.model.model_dump()}; give each the same "
+                                 f"model: block")
+            model.backends.append(app.backend)
+            Model.model_validate(model.model_dump())  # backend names unique within the model
+        cache = {(app.cache_dir, app.cache_shared) for app in backends}
+        cache_dir, cache_shared = cache.pop() if len(cache) == 1 else (None, False)
+        return cls(models=list(models.values()), router=router, cache_dir=cache_dir, cache_shared=cache_shared)
 
 
 def _error_path(loc: tuple[Any, ...]) -> str:
@@ -367,11 +454,24 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def parse_config(args: dict[str, Any] | None, where: str = "args") -> RaystackConfig:
+ParsedArgs = TypeVar("ParsedArgs", bound=BaseModel)
+
+
+def parse_args(kind: type[ParsedArgs], args: dict[str, Any] | None, where: str = "args") -> ParsedArgs:
+    """An application's `args` as `kind` (RouterConfig, BackendApp, RaystackConfig), or the error by path."""
     try:
-        return RaystackConfig.model_validate(args or {})
+        return kind.model_validate(args or {})
     except ValidationError as err:
         raise ConfigError(f"invalid raystack config:\n{format_validation_error(err, where)}") from None
+
+
+def parse_config(args: dict[str, Any] | None, where: str = "args") -> RaystackConfig:
+    return parse_args(RaystackConfig, args, where)
+
+
+def backend_app_name(router: str, model: str, backend: str) -> str:
+    """The application a whole config's backend is deployed as (RaystackConfig.backend_apps)."""
+    return f"{router}.{model}.{backend}"
 
 
 def deployment_name(model: str, backend: str) -> str:

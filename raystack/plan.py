@@ -45,7 +45,7 @@ def plan(config: RaystackConfig, spec: str = DEFAULT_NODES) -> dict[str, Any]:
     nodes = planned_nodes(spec)
     cache = sources.cache_root(config.cache_dir)
     notes: list[str] = []
-    hbm = hbm_needs(config, cache, fetch=False, report=notes.append)
+    hbm = hbm_needs(config.models, cache, fetch=False, report=notes.append)
     out: dict[str, Any] = {"nodes": {n.ip: {"npus": len(n.npu_ids), **c.labels} for n, c in nodes}, "backends": {}}
     if notes:
         out["notes"] = notes

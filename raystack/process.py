@@ -7,8 +7,8 @@ logs. On a 2-core machine it doubled the streamed chunks/s one router replica ca
 TTFT Serve adds (README, "Router overhead"; scripts/bench_router.py). Direct ingress, also part of the
 preset, stays off: it binds replicas on every interface. Logs still go to stderr, where `serve run`
 shows them. Serve reads these when a process imports it, so they must be in the environment of Ray's
-processes: build_app sets them in the Router's and every LLMServer's runtime_env; `raystack start` and
-`make run` export them before Ray starts, so the HTTP proxy runs with them too. Not in a driver that
+processes: build_router and build_backend set them in the Router's and every LLMServer's runtime_env;
+`raystack start` and `make run` export them before Ray starts, so the HTTP proxy runs with them too. Not in a driver that
 calls handles synchronously: the preset moves the handle's router onto the caller's event loop.
 
 CPU priority. Ray starts its workers at nice 15 (`RAY_worker_niceness`) so its control plane wins CPU

@@ -1,25 +1,34 @@
-"""A Ray Serve YAML file whose applications use `raystack.app:build_app`: read, validated against Serve's
-schema and raystack's, and checked against Serve's own options where they meet raystack's.
+"""A Ray Serve YAML file of raystack applications: read, validated against Serve's schema and raystack's,
+and checked where its applications meet each other and Serve's own options.
+
+A router application (`raystack.app:build_router`) and the backend applications that name it
+(`raystack.app:build_backend`, `router:` its name) make one service, assembled here as a RaystackConfig
+so that everything checked across backends is checked before anything deploys: names, a model's backends
+agreeing on it, the key variable withheld from every backend, a backend not exposed over HTTP (its route
+prefix must be null: the router is the only way in, with its keys and limits).
 
 Serve's proxy ends a request at `http_options.request_timeout_s` silently: a stream just stops, with no
 error event and no `data: [DONE]`. The router's own bound (`router.request_timeout_s`) ends it with an
-error event, so the proxy's must not be shorter; config check refuses such a file, and build_app refuses
-to deploy under such a proxy.
+error event, so the proxy's must not be shorter; config check refuses such a file, and build_router refuses
+to deploy under such a proxy. A backend's drain bound must not be shorter either, or a redeploy cuts
+answers the router would still relay.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from raystack.config import ConfigError, RaystackConfig, parse_config
+from raystack.config import BackendApp, ConfigError, RaystackConfig, RouterConfig, parse_args
 
-BUILD_APP_IMPORT_PATH = "raystack.app:build_app"
+BUILD_ROUTER = "raystack.app:build_router"
+BUILD_BACKEND = "raystack.app:build_backend"
 
 
-def proxy_timeout_problem(proxy_timeout_s: float | None, config: RaystackConfig) -> str | None:
-    router = config.router.request_timeout_s
+def proxy_timeout_problem(proxy_timeout_s: float | None, settings: RouterConfig) -> str | None:
+    router = settings.request_timeout_s
     if proxy_timeout_s is None or proxy_timeout_s >= router:
         return None
     return (f"http_options.request_timeout_s ({proxy_timeout_s:g} s) is shorter than router.request_timeout_s "
@@ -28,7 +37,7 @@ def proxy_timeout_problem(proxy_timeout_s: float | None, config: RaystackConfig)
 
 
 def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
-    """Validate a Ray Serve YAML file; return (application name, config) for each raystack app."""
+    """Validate a Ray Serve YAML file; return (router application name, its service) for each router."""
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(path)
@@ -45,16 +54,54 @@ def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
     except Exception as err:  # Ray's pydantic (v1 or v2 API) error; its text names the field
         raise ConfigError(f"{path}: not a valid Ray Serve config:\n{err}") from None
 
-    apps = []
+    routers: dict[str, RouterConfig] = {}
+    backends: list[tuple[str, str, BackendApp]] = []  # (where, application name, args)
     for i, app in enumerate(raw.get("applications") or []):
-        if app.get("import_path") != BUILD_APP_IMPORT_PATH:
-            continue
-        name = app.get("name", "default")
-        config = parse_config(app.get("args"), where=f"applications[{i}].args")
-        problem = proxy_timeout_problem((raw.get("http_options") or {}).get("request_timeout_s"), config)
-        if problem:
-            raise ConfigError(f"{path}: {problem}")
-        apps.append((name, config))
-    if not apps:
-        raise ConfigError(f"{path}: no application has import_path: {BUILD_APP_IMPORT_PATH}")
-    return apps
+        name, where = app.get("name", "default"), f"applications[{i}]"
+        if app.get("import_path") == BUILD_ROUTER:
+            routers[name] = parse_args(RouterConfig, app.get("args"), f"{where}.args")
+            problem = proxy_timeout_problem((raw.get("http_options") or {}).get("request_timeout_s"), routers[name])
+            if problem:
+                raise ConfigError(f"{path}: {problem}")
+        elif app.get("import_path") == BUILD_BACKEND:
+            if app.get("route_prefix", "/") is not None:
+                raise ConfigError(f"{path}: {where} ({name}): set route_prefix: null. A backend answers through its "
+                                  f"router only (its keys and limits); Serve's default, /, would expose it over HTTP")
+            backends.append((where, name, parse_args(BackendApp, app.get("args"), f"{where}.args")))
+    if not routers:
+        raise ConfigError(f"{path}: no application has import_path: {BUILD_ROUTER}")
+    for where, name, backend in backends:
+        if backend.router not in routers:
+            raise ConfigError(f"{path}: {where} ({name}): router: {backend.router} is not an application of this "
+                              f"file; the routers here: {', '.join(routers)}")
+    return [(name, _service(path, name, settings, [b for b in backends if b[2].router == name]))
+            for name, settings in routers.items()]
+
+
+def _service(path: Path, name: str, router: RouterConfig,
+             backends: list[tuple[str, str, BackendApp]]) -> RaystackConfig:
+    """The service router application `name` and its backend applications make, or why it cannot work."""
+    if not backends:
+        raise ConfigError(f"{path}: no backend application names the router {name} (router: {name}, import_path: "
+                          f"{BUILD_BACKEND})")
+    for where, app_name, backend in backends:
+        problems = _backend_problems(router, backend.backend, backend.withheld_env)
+        if problems:
+            raise ConfigError(f"{path}: {where} ({app_name}): " + "; ".join(problems))
+    try:
+        return RaystackConfig.assemble(router, [backend for _, _, backend in backends])
+    except ValueError as err:
+        raise ConfigError(f"{path}: router {name} and its backends: {err}") from None
+
+
+def _backend_problems(router: RouterConfig, backend: Any, withheld_env: list[str]) -> list[str]:
+    problems = []
+    keys = router.api_keys
+    if keys and keys.env and keys.env not in withheld_env:
+        problems.append(f"withheld_env must name {keys.env}, the variable the router reads its API keys from, or "
+                        f"the backend's replicas and engines would hold the keys")
+    if backend.graceful_shutdown_timeout_s < router.request_timeout_s:
+        problems.append(f"backend.graceful_shutdown_timeout_s ({backend.graceful_shutdown_timeout_s:g} s) is shorter "
+                        f"than router.request_timeout_s ({router.request_timeout_s:g} s): a redeploy would cut answers "
+                        f"still running. Raise it to at least {router.request_timeout_s:g}")
+    return problems

@@ -3,7 +3,7 @@
     direct       the engine behind a bare FastAPI/uvicorn server, no Ray (the floor)
     passthrough  a plain Ray Serve ingress deployment streaming from the engine's deployment
                  (what Serve itself costs: proxy, handle, replica)
-    raystack     raystack's Router in front of the same engine deployment (build_app, synthetic backend)
+    raystack     raystack's Router in front of the same engine deployment (run_stack, synthetic backend)
 
 Two measurements, each in alternating rounds so the machine's drift hits every target alike:
   - latency: one request at a time with a 0 ms engine TTFT, so TTFT is all overhead; p50/p99, and the
@@ -180,14 +180,14 @@ def main() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     for key in process.SERVE_FAST_PATH_ENV:  # whatever the calling shell exported: this run decides
         os.environ.pop(key, None)
-    if args.serve_defaults:  # build_app sets the fast path in its replicas' runtime_env: empty it
+    if args.serve_defaults:  # build_router and build_backend set the fast path in its replicas' runtime_env: empty it
         process.SERVE_FAST_PATH_ENV.clear()
     os.environ.update(process.SERVE_FAST_PATH_ENV)  # the proxy's settings, as `raystack start` exports them
     # Serve reads its settings when imported: only now.
     import ray
     from ray import serve
 
-    from raystack.app import build_app
+    from raystack.app import run_stack
     from tests.serve_cluster import free_port
 
     serve_port, direct_ports = free_port(), {}
@@ -202,8 +202,8 @@ def main() -> None:
             port = direct_ports[phase] = free_port()
             procs.append(subprocess.Popen([sys.executable, __file__, "--serve-direct", str(port),
                                            "--ttft-ms", str(ttft_ms), "--tokens-per-s", str(pace)]))
-            serve.run(build_app({"models": [{"name": MODEL, "backends": [backend]}]}),
-                      name=f"raystack-{phase}", route_prefix=f"/raystack-{phase}")
+            run_stack({"models": [{"name": MODEL, "backends": [backend]}]}, name=f"raystack-{phase}",
+                      route_prefix=f"/raystack-{phase}")
             from raystack.config import Backend
             serve.run(passthrough_app(Backend.model_validate(backend).model_dump(), process.SERVE_FAST_PATH_ENV),
                       name=f"passthrough-{phase}", route_prefix=f"/passthrough-{phase}")

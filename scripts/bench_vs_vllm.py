@@ -80,7 +80,7 @@ def embedded_default() -> tuple[Path, dict]:
 
     model_path = resolve("smollm2-135m-instruct", progress=print)
     local = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
-    return model_path, local["applications"][0]["args"]["models"][0]["backends"][0]
+    return model_path, local["applications"][1]["args"]["backend"]
 
 
 def main() -> None:

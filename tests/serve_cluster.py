@@ -66,6 +66,25 @@ def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any
             cluster.shutdown()
 
 
+def serve_deploy(config: dict[str, Any], timeout_s: float = 120) -> None:
+    """Deploy a Serve config file's applications (a mapping as the file holds it, without http_options) as
+    `serve deploy` does: the dashboard's REST API hands it to the controller's apply_config, which versions
+    each application by its args. Returns once every application runs."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    names = {app["name"] for app in config["applications"]}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = {name: app.status for name, app in serve.status().applications.items() if name in names}
+        if len(statuses) == len(names) and all(s == "RUNNING" for s in statuses.values()):
+            return
+        if any(s == "DEPLOY_FAILED" for s in statuses.values()) or time.monotonic() > deadline:
+            raise RuntimeError(f"applications not running after {timeout_s:g} s: {statuses}")
+        time.sleep(0.5)
+
+
 def replica_actors(app: str, deployment: str) -> list[str]:
     """The Ray actor names of a deployment's replicas (namespace "serve"), to kill one as a crash would."""
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)

@@ -20,7 +20,7 @@ from raystack.cluster.chips import (
     parse_chip,
     tiers_at_least,
 )
-from raystack.config import Backend, RaystackConfig
+from raystack.config import Backend, Model
 from raystack.models import sources
 from raystack.engines.base import Placement
 
@@ -148,7 +148,7 @@ def bundles_demand(bundles: list[dict[str, float]], strategy: str = "PACK",
 HBMNeeds = dict[tuple[str, str], float]  # (model, backend) -> GiB of HBM each NPU of a replica needs
 
 
-def hbm_needs(config: RaystackConfig, cache_dir: Path, fetch: bool = True,
+def hbm_needs(models: list[Model], cache_dir: Path, fetch: bool = True,
               report: Callable[[str], None] = print) -> HBMNeeds:
     """The HBM each NPU of every NPU backend's replica needs, by `raystack estimate`'s rule for the backend's
     parallelism, context and engine memory share. A model whose config.json cannot be read (not fetched
@@ -156,7 +156,7 @@ def hbm_needs(config: RaystackConfig, cache_dir: Path, fetch: bool = True,
     from raystack.cluster.estimate import EstimateError, min_hbm_gib
 
     needs: HBMNeeds = {}
-    for model in config.models:
+    for model in models:
         npu = [b for b in model.backends if b.device == "npu" and b.loads_model]
         if not npu:
             continue

@@ -19,13 +19,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from raystack.config import Model, RouterConfig, deployment_name
+from raystack.config import Model, RouterConfig
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
 from raystack.serving import policies
+from raystack.serving.catalogue import Catalogue
 from raystack.serving.policies import BackendLoad, policy_for
 from raystack.serving.server import Opening
 
@@ -87,31 +89,45 @@ def _last_line(err: BaseException) -> str:
 
 
 class Forwarder:
-    def __init__(self, models: list[Model], backends: dict[str, dict[str, DeploymentHandle]],
-                 settings: RouterConfig, metrics: RouterMetrics):
+    def __init__(self, settings: RouterConfig, metrics: RouterMetrics):
         self.settings = settings
         self.metrics = metrics
-        self.streams = {
-            model: {name: handle.options(stream=True) for name, handle in handles.items()}
-            for model, handles in backends.items()
-        }
-        self.deployments = {m.name: {b.name: deployment_name(m.name, b.name) for b in m.backends} for m in models}
-        self.policies = {m.name: policy_for(m.routing.model_dump()) for m in models}
+        self.streams: dict[str, dict[str, DeploymentHandle]] = {}  # model -> backend -> streaming handle
+        self.deployments: dict[str, dict[str, str]] = {}  # model -> backend -> Serve deployment name
+        self.policies: dict[str, policies.LeastLoaded] = {}
         self.in_flight: Counter[tuple[str, str]] = Counter()  # (model, backend) -> requests not yet done
+        self.handles: dict[tuple[str, str], DeploymentHandle] = {}  # (application, deployment) -> its handle
+        self.routing: dict[str, Any] = {}  # model -> its config.Routing
+
+    def update(self, catalogue: Catalogue) -> None:
+        """Forward to the backends of `catalogue` from now on. A backend's handle (and the replica choice
+        state of its request router) and a model's routing policy are kept while they stay the same."""
+        handles, streams, deployments, routing = {}, {}, {}, {}
+        for (model, backend), ref in catalogue.refs.items():
+            where = (ref.app, ref.deployment)
+            handles[where] = self.handles.get(where) or serve.get_deployment_handle(
+                ref.deployment, ref.app, _check_exists=False).options(stream=True)
+            streams.setdefault(model, {})[backend] = handles[where]
+            deployments.setdefault(model, {})[backend] = ref.deployment
+            routing[model] = ref.spec.model.routing
+        self.policies = {model: self.policies[model] if self.routing.get(model) == routing[model]
+                         else policy_for(routing[model].model_dump()) for model in routing}
+        self.handles, self.streams, self.deployments, self.routing = handles, streams, deployments, routing
 
     def choose(self, model: Model, route: policies.Route, exclude: set[str]) -> str | None:
-        deployments = self.deployments[model.name]
+        deployments = self.deployments.get(model.name, {})  # a backend deleted since `model` was resolved: not it
         loads = [
             BackendLoad(b.name, deployments[b.name], b.weight, self.in_flight[model.name, b.name],
                         policies.RUNNING_REPLICAS.get(deployments[b.name]))
-            for b in model.backends if b.name not in exclude
+            for b in model.backends if b.name not in exclude and b.name in deployments
         ]
-        return self.policies[model.name].choose_backend(loads, route) if loads else None
+        policy = self.policies.get(model.name)
+        return policy.choose_backend(loads, route) if loads and policy else None
 
     async def send(self, model: Model, pinned: str | None, requested: str, kind: str,
                    body: dict[str, Any]) -> Delivery:
         """To a backend of `model` (`pinned`, or the policy's choice) until one opens its answer."""
-        route = self.policies[model.name].route(kind, body)
+        route = (self.policies.get(model.name) or policy_for(model.routing.model_dump())).route(kind, body)
         streaming = bool(body.get("stream"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
@@ -159,10 +175,14 @@ class Forwarder:
         """Send the request to `backend` (to none of the replicas in `avoid`) and wait for its opening (a
         stream's first chunk, or the whole JSON answer). The backend's in-flight count holds until the
         answer is fully relayed."""
+        handle = self.streams.get(model, {}).get(backend)
+        if handle is None:
+            raise OpenAIError(503, f"`{model}@{backend}` was just removed from this router's backends; retry.",
+                              headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
         key = (model, backend)
         self.in_flight[key] += 1
         attempt = uuid.uuid4().hex
-        stream: DeploymentResponseGenerator = self.streams[model][backend].generate.remote(
+        stream: DeploymentResponseGenerator = handle.generate.remote(
             kind, body, route=route, avoid=avoid, attempt=attempt)
         first = asyncio.ensure_future(stream.__anext__())
         answered = False
@@ -203,7 +223,8 @@ class Forwarder:
 
     def running_replicas(self, model: str, backend: str) -> int | None:
         """As this process's handle last heard from Serve; None until it has."""
-        return policies.RUNNING_REPLICAS.get(self.deployments[model][backend])
+        deployment = self.deployments.get(model, {}).get(backend)
+        return policies.RUNNING_REPLICAS.get(deployment) if deployment else None
 
     def _timed_out(self, model: str, backend: str, streaming: bool) -> OpenAIError:
         if self.running_replicas(model, backend) == 0:

@@ -1,13 +1,14 @@
 """The Router: raystack's ingress deployment, the OpenAI-compatible HTTP endpoint.
 
     POST /v1/chat/completions, /v1/completions   OpenAI API, streaming (SSE) or not
-    GET  /v1/models                              the configured models
+    GET  /v1/models                              the models of the backend applications that name it
     GET  /health                                 200 once every model can answer
     GET  /health/models                          each model's readiness and running replicas
 
 Here a request is authenticated (API keys), read within bounds (a body over `max_request_bytes` -> 413,
 one that stalls past `body_timeout_s` -> 408), parsed (400 with the offending `param`) and resolved to
-its model: `model`, or `model@backend` to pin a backend (benchmarks compare backends that way). Then
+its model: `model`, or `model@backend` to pin a backend (benchmarks compare backends that way), among the
+backends the router last found in Serve's state (catalogue.py). Then
 forwarding.py takes it to a backend. Each answer names who served it in the headers
 x-raystack-backend and x-raystack-replica, and the router replica that relayed it in x-raystack-router.
 """
@@ -24,14 +25,14 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raystack.config import Model, RaystackConfig
+from raystack.config import Model, RouterConfig
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
 from raystack.serving.auth import APIKeys
+from raystack.serving.catalogue import REFRESH_S, BackendRef, Catalogue, registered_backends, serve_details_async
 from raystack.serving.forwarding import Forwarder
 
 logger = logging.getLogger("ray.serve")
@@ -140,30 +141,64 @@ class Router:
     # Serve ships this class by value (cloudpickle), copying the module globals it uses: state shared with
     # the request routers is reached through the `policies` module (in forwarding), imported, not copied.
 
-    def __init__(self, config: dict[str, Any], backends: dict[str, dict[str, DeploymentHandle]],
-                 api_keys: APIKeys | None = None):
-        """`api_keys`: the keys' digests, as build_app read them (router.api_keys)."""
+    async def __init__(self, settings: dict[str, Any], api_keys: APIKeys | None = None):
+        """`settings`: config.RouterConfig; `api_keys`: the keys' digests, as build_router read them."""
         restore_normal_priority()
-        self.config = RaystackConfig.model_validate(config)
-        self.settings = self.config.router
-        self.models: dict[str, Model] = {m.name: m for m in self.config.models}
-        name_models_in_schema([name for m in self.config.models
-                               for name in (m.name, *(f"{m.name}@{b.name}" for b in m.backends))])
-        self.handles = backends
+        self.settings = RouterConfig.model_validate(settings)
         self.api_keys = api_keys
         self.metrics = RouterMetrics()
-        self.forwarder = Forwarder(self.config.models, backends, self.settings, self.metrics)
+        self.forwarder = Forwarder(self.settings, self.metrics)
+        self.catalogue = Catalogue(None, {})
+        self.seen: list[BackendRef] = []  # the backend applications of the last look
         self.created = int(time.time())
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.app_name = context.app_name  # backend applications name the router they belong to
+        self.replica = context.replica_id.unique_id
+        self.looked = -REFRESH_S  # loop time of the last look at Serve's state
+        await self.refresh()
+        self.refresher = asyncio.create_task(self._keep_refreshed())
 
-    def resolve(self, requested: str) -> tuple[Model, str | None]:
-        """`model` or `model@backend` -> (model, pinned backend or None)."""
+    @property
+    def models(self) -> dict[str, Model]:
+        return self.catalogue.models
+
+    async def refresh(self) -> None:
+        """Look at Serve's state for this router's backend applications; adopt what changed."""
+        self.looked = asyncio.get_running_loop().time()
+        refs = registered_backends(await serve_details_async(), self.app_name)
+        if refs == self.seen:
+            return
+        self.seen = refs
+        self.catalogue = Catalogue.of(self.settings, refs)
+        self.forwarder.update(self.catalogue)
+        name_models_in_schema([name for m in self.models.values()
+                               for name in (m.name, *(f"{m.name}@{b.name}" for b in m.backends))])
+        logger.info("router %s serves: %s", self.app_name,
+                    ", ".join(f"{m}@{b} ({ref.app})" for (m, b), ref in self.catalogue.refs.items()) or "nothing yet")
+
+    async def _keep_refreshed(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            await self.refresh_or_keep()
+
+    async def refresh_or_keep(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as err:  # the controller restarting, say: keep the catalogue, look again later
+            logger.warning("router %s could not read Serve's state: %r", self.app_name, err)
+
+    async def resolve(self, requested: str) -> tuple[Model, str | None]:
+        """`model` or `model@backend` -> (model, pinned backend or None). A name not known yet is looked up
+        again in Serve's state (at most once a second): its backend may have been deployed a moment ago."""
         name, _, pinned = requested.partition("@")
+        if name not in self.models and asyncio.get_running_loop().time() - self.looked > 1:
+            await self.refresh_or_keep()
         model = self.models.get(name)
         if model is None:
             raise OpenAIError(
                 404,
-                f"The model `{requested}` does not exist. Available models: {', '.join(sorted(self.models))}.",
+                f"The model `{requested}` does not exist. Available models: "
+                f"{', '.join(sorted(self.models)) or 'none yet (no backend application names this router)'}.",
                 param="model",
                 code="model_not_found",
             )
@@ -191,6 +226,13 @@ class Router:
         """200 once every model can answer: a backend has a running replica, or the model scales from zero.
         503 (and which) until then. From the router's own view, so it costs no engine a slot and stays
         200 at full load (a load balancer probing it must not pull the endpoint at peak)."""
+        if not self.models:
+            raise OpenAIError(
+                503,
+                f"No backend application names this router ({self.app_name}) yet; `serve status` shows which "
+                f"applications are deploying.",
+                headers={"Retry-After": "5"},
+            )
         waiting = [m.name for m in self.models.values() if not self.readiness(m)["ready"]]
         if waiting:
             raise OpenAIError(
@@ -251,7 +293,7 @@ class Router:
         raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
         body = parse_request(kind, raw)
         requested = body["model"]
-        model, pinned = self.resolve(requested)
+        model, pinned = await self.resolve(requested)
         request.state.model = model.name  # the errors metric's label from here on
         if key is not None:
             self.api_keys.require(key, model.name)

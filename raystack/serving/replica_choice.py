@@ -33,7 +33,7 @@ def _kwarg(pending_request: PendingRequest | None, name: str, default: Any) -> A
 
 class BackendRequestRouter(RequestRouter):
     def initialize_state(self, **routing: Any) -> None:
-        """`routing`: the model's routing settings (config.Routing), as build_app passes them."""
+        """`routing`: the model's routing settings (config.Routing), as build_backend passes them."""
         self.policy = policies.policy_for(routing)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:

@@ -109,6 +109,10 @@ class LLMServer:
         logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine,
                     model_path or "no model files")
 
+    def reconfigure(self, registration: dict[str, Any]) -> None:
+        """Serve hands over the deployment's user_config: the backend as its router reads it from Serve's
+        state (serving/catalogue.py). The replica was built from the same settings: nothing to change."""
+
     async def generate(self, kind: RequestKind, body: dict[str, Any], route: tuple[int, ...] = (),
                        avoid: tuple[str, ...] = (), attempt: str = "") -> AsyncIterator[Any]:
         """Streams the answer: an Opening, then (for a stream) further SSE strings. `route` (the prompt's

@@ -47,7 +47,8 @@ def processes() -> dict[int, tuple[int, str]]:
 def replica_and_engine() -> tuple[int, int]:
     """The LLMServer replica's pid and its vLLM EngineCore's."""
     table = processes()
-    [replica] = [pid for pid, (_, command) in table.items() if command.startswith("ray::ServeReplica:raystack:LLMServer")]
+    [replica] = [pid for pid, (_, command) in table.items()
+                 if command.startswith("ray::ServeReplica:smollm2.vllm:LLMServer")]
     [engine] = [pid for pid, (parent, command) in table.items() if parent == replica and "EngineCore" in command]
     return replica, engine
 

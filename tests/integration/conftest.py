@@ -1,5 +1,6 @@
 """Shared by the integration tests that deploy raystack apps: a fresh local Ray with Serve per test module
-(tests/serve_cluster.py), synthetic backends, and a helper that deploys one app under its own route prefix."""
+(tests/serve_cluster.py), synthetic backends, and a helper that deploys one raystack service (its router
+under its own route prefix, each backend an application of its own) with Serve's Python API."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import contextlib
 from typing import Any
 
 import pytest
-from ray import serve
 
-from raystack.app import build_app
+from raystack.app import delete_stack, run_stack
 from tests.serve_cluster import serve_cluster
 
 
@@ -28,9 +28,9 @@ def synthetic(name: str, replicas: int = 1, **settings: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def deployed(server: str, app: str, models: list[dict[str, Any]], router: dict[str, Any] | None = None):
-    """Yields the app's OpenAI base URL."""
-    serve.run(build_app({"models": models, "router": router or {}}), name=app, route_prefix=f"/{app}")
+    """Yields the service's OpenAI base URL."""
+    run_stack({"models": models, "router": router or {}}, name=app, route_prefix=f"/{app}")
     try:
         yield f"{server}/{app}/v1"
     finally:
-        serve.delete(app)
+        delete_stack(app)

@@ -65,7 +65,7 @@ def test_the_key_works_and_only_the_router_ever_held_it(app):
 
     daemon = "mindie_standin_daemon"  # what the installed mindieservice_daemon execs
     ours = {pid: (command, env) for pid, (command, env) in processes().items()
-            if command.startswith("ray::ServeReplica:secret:") or daemon in command}
+            if command.startswith("ray::ServeReplica:secret") or daemon in command}
     kinds = {next(k for k in ("Router", "LLMServer-synthetic", "LLMServer-mindie", daemon) if k in command)
              for command, _ in ours.values()}
     assert kinds == {"Router", "LLMServer-synthetic", "LLMServer-mindie", daemon}

@@ -11,14 +11,15 @@ from urllib.parse import urlsplit
 import httpx
 from ray import serve
 
-from raystack.config import deployment_name
+from raystack.config import backend_app_name, deployment_name
 from tests.integration.conftest import deployed, synthetic
 
 STREAMS = 4
 
 
 def engine_stats(app: str) -> dict[str, int]:
-    handle = serve.get_deployment_handle(deployment_name("slow", "synthetic"), app_name=app)
+    handle = serve.get_deployment_handle(deployment_name("slow", "synthetic"),
+                                         app_name=backend_app_name(app, "slow", "synthetic"))
     return handle.stats.remote().result(timeout_s=10)
 
 

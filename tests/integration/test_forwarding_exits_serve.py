@@ -12,9 +12,10 @@ import time
 import pytest
 from ray import serve
 
-from raystack.app import build_app
-from raystack.config import parse_config
+from raystack.app import delete_stack, run_stack
+from raystack.config import backend_app_name, parse_config
 from raystack.observability.metrics import RouterMetrics
+from raystack.serving.catalogue import Catalogue, registered_backends, serve_details
 from raystack.serving.forwarding import Forwarder
 from tests.integration.conftest import synthetic
 
@@ -25,9 +26,9 @@ KEY = ("m", "s")
 @pytest.fixture(scope="module")
 def handle(server):
     args = {"models": [{"name": "m", "backends": [synthetic("s", ttft_ms=300, tokens_per_s=20, output_tokens=200)]}]}
-    serve.run(build_app(args), name="exits", route_prefix="/exits")
-    yield parse_config(args), serve.get_deployment_handle("LLMServer-m-s", app_name="exits")
-    serve.delete("exits")
+    run_stack(args, name="exits", route_prefix="/exits")
+    yield parse_config(args), serve.get_deployment_handle("LLMServer-m-s", app_name=backend_app_name("exits", "m", "s"))
+    delete_stack("exits")
 
 
 async def settled(forwarder: Forwarder, handle, timeout_s: float = 10) -> tuple[int, int]:
@@ -45,7 +46,8 @@ def scenario(handle, leave) -> tuple[int, int]:
     config, backend = handle
 
     async def run():
-        forwarder = Forwarder(config.models, {"m": {"s": backend}}, config.router, RouterMetrics())
+        forwarder = Forwarder(config.router, RouterMetrics())
+        forwarder.update(Catalogue.of(config.router, registered_backends(serve_details(), "exits")))
         await leave(forwarder, config.models[0])
         return await settled(forwarder, backend)
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from ray import serve
 
-from raystack.config import deployment_name
+from raystack.config import backend_app_name, deployment_name
 from raystack.protocol import REQUEST_MODELS
 from tests.integration.conftest import deployed, synthetic
 
@@ -47,7 +47,8 @@ def base(server):
 
 
 def completed(app: str = "fuzz") -> int:
-    engine = serve.get_deployment_handle(deployment_name(MODEL, "synthetic"), app_name=app)
+    engine = serve.get_deployment_handle(deployment_name(MODEL, "synthetic"),
+                                         app_name=backend_app_name(app, MODEL, "synthetic"))
     return engine.stats.remote().result(timeout_s=30)["completed"]
 
 

@@ -10,6 +10,7 @@ import time
 import httpx
 import ray
 
+from raystack.config import backend_app_name
 from tests.integration.conftest import deployed, synthetic
 from tests.serve_cluster import replica_actors
 
@@ -83,7 +84,7 @@ def test_health_follows_a_replica_that_dies_and_is_replaced(server):
             {"id": "idle", "ready": True, "backends": [{"name": "s", "replicas": 0}]},  # starts on demand
         ]
 
-        [replica] = replica_actors("follow", "LLMServer-fragile-s")
+        [replica] = replica_actors(backend_app_name("follow", "fragile", "s"), "LLMServer-fragile-s")
         ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
         wait_for(lambda: httpx.get(f"{base}/health").status_code == 503, 30, "health turns 503")
         down = httpx.get(f"{base}/health")
@@ -93,4 +94,4 @@ def test_health_follows_a_replica_that_dies_and_is_replaced(server):
         assert fragile == {"id": "fragile", "ready": False, "backends": [{"name": "s", "replicas": 0}]}
 
         wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, 60, "health is 200 again")
-        assert replica_actors("follow", "LLMServer-fragile-s") != [replica]
+        assert replica_actors(backend_app_name("follow", "fragile", "s"), "LLMServer-fragile-s") != [replica]

@@ -17,6 +17,7 @@ import openai
 import pytest
 import ray
 
+from raystack.config import backend_app_name
 from tests.integration.conftest import deployed
 from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
 from tests.serve_cluster import replica_actors, serve_cluster
@@ -185,7 +186,7 @@ def test_a_replica_killed_either_way_leaves_nothing_and_its_replacement_waits_fo
         first_gone, second = starts(control)
         assert not alive(first["pid"]) and alive(second["pid"])
 
-        [replica] = replica_actors("mindie-replace", "LLMServer-qwen3-mindie")
+        [replica] = replica_actors(backend_app_name("mindie-replace", "qwen3", "mindie"), "LLMServer-qwen3-mindie")
         ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
         assert served_soon(c, within_s=90)
         assert len(starts(control)) == 3 and not (control / "npu_conflicts").exists()

@@ -5,7 +5,7 @@ whole list in every worker).
 
 Node A has 5 Ascend910B3 chips (64 GB) of which chip 2 reports Critical, so it registers 4 NPUs with
 device ids 0,1,3,4; node B has 4 Ascend910B4 chips (32 GB); the head is CPU-only. Backends are deployed
-with Ray Serve using exactly the options build_app gives them. One-NPU replicas are real LLMServers (the
+with Ray Serve using exactly the options build_backend gives them. One-NPU replicas are real LLMServers (the
 toy engine reports what its process sees); a multi-NPU replica stands in for vLLM's Ray executor (which
 the CPU platform refuses to run), doing with its placement group what vLLM 0.23's RayExecutorV2 does.
 """
@@ -22,7 +22,7 @@ import ray
 from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raystack.app import build_app, deployment_options
+from raystack.app import delete_stack, deployment_options, run_stack
 from raystack.cluster.chips import parse_chip
 from raystack.cluster.node import plan_start
 from raystack.cluster.npu import NodeNPUs
@@ -163,7 +163,7 @@ def test_every_replica_opens_exactly_the_npus_ray_granted_it(cluster, tmp_path):
         {"name": "one", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B3"},
          "toy": {"prefix": "visible={visible} granted={granted}"},
          "autoscaling": {"min_replicas": 2, "max_replicas": 2}}]}]}
-    serve.run(build_app(args), name="where", route_prefix="/where")
+    run_stack(args, name="where", route_prefix="/where")
     tp2 = deploy(npu_backend(2, chip="Ascend910B3"), "tp2")
     try:
         seen = []
@@ -178,7 +178,7 @@ def test_every_replica_opens_exactly_the_npus_ray_granted_it(cluster, tmp_path):
         assert len(seen) == len(set(seen)) == 4 and set(seen) == set(NODE_A_DEVICES)
     finally:
         serve.delete("tp2")
-        serve.delete("where")
+        delete_stack("where")
 
 
 def test_replicas_land_only_where_the_chip_and_its_hbm_qualify(cluster):
@@ -213,7 +213,7 @@ def test_serve_run_refuses_a_model_no_nodes_npus_can_hold(cluster, tmp_path):
         {"name": "vllm", "device": "npu", "accelerator": {"type": "Ascend910B4"}, "max_model_len": 32768}]}]}
     with pytest.raises(ConfigError, match=r"needs 1 Ascend910B4 NPUs with at least 48 GiB HBM each per replica "
                                           r".*but the cluster has 0 Ascend910B4 NPUs with at least 48 GiB"):
-        build_app(args)
+        run_stack(args, name="never")
 
 
 def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_path):
@@ -221,8 +221,8 @@ def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_pat
     args = {"models": [{"name": "qwen3", "source": str(tmp_path), "backends": [
         {"name": "vllm", "device": "npu", "accelerator": {"type": "Ascend910B"},
          "parallelism": {"tensor": 16}}]}]}
-    with pytest.raises(ConfigError, match=r"models\[0\]\.backends\[0\]: backend qwen3@vllm needs 16 Ascend910B NPUs"):
-        build_app(args)
+    with pytest.raises(ConfigError, match=r"cannot deploy this config:\n  backend qwen3@vllm needs 16 Ascend910B NPUs"):
+        run_stack(args, name="never")
 
 
 def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_path):
@@ -239,7 +239,7 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_pa
          # Serve stops a replica that was never placed only after its drain bound (its graceful-shutdown
          # call waits for an actor that never starts): short here, so the app deletes in seconds.
          "graceful_shutdown_timeout_s": 5}]}]}
-    serve._run(build_app(waiting), name="waiting", route_prefix="/waiting", _blocking=False)
+    run_stack(waiting, name="waiting", route_prefix="/waiting", wait=False)
     deadline = time.monotonic() + 60
     while True:
         result = status.gather()
@@ -252,11 +252,11 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_pa
     assert all(sum(h["npus"] for h in n["held_by"]) == 4 for n in npu_nodes)
     assert [n for n in result["nodes"] if not n["npus"]]  # the CPU-only node is listed too
     [problem] = result["problems"]
-    assert problem.startswith("backend waiting/LLMServer-waiting-toy/")  # app/deployment/replica
+    assert problem.startswith("backend waiting.waiting.toy/LLMServer-waiting-toy/")  # app/deployment/replica
     assert problem.endswith("needs 4 Ascend910B NPUs per replica in the cluster; only 0 are free now, "
                             "so a new replica waits until other replicas release theirs")
     text = status.render(result)
     assert "CANNOT PLACE" in text and "Ascend910B3" in text
     assert {a["name"] for a in result["applications"]} >= {"big", "waiting"}
-    serve.delete("waiting")
+    delete_stack("waiting")
     serve.delete("big")

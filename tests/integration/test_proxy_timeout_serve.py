@@ -12,7 +12,7 @@ import httpx
 import pytest
 from ray import serve
 
-from raystack.app import build_app
+from raystack.app import build_router, delete_stack, run_stack
 from raystack.config import ConfigError
 from tests.integration.conftest import synthetic
 from tests.serve_cluster import serve_cluster
@@ -33,12 +33,12 @@ def slow_model() -> list[dict]:  # 200 words at 10 a second: 20 s, past both bou
 def test_a_router_bound_longer_than_the_proxys_is_refused(server):
     with pytest.raises(ConfigError, match=r"http_options.request_timeout_s \(8 s\) is shorter than "
                                           r"router.request_timeout_s \(3600 s\)"):
-        build_app({"models": slow_model()})
+        build_router({})
 
 
 def test_the_client_meets_the_routers_bound_with_an_error_event(server):
     router = {"request_timeout_s": 3, "first_token_timeout_s": 3}
-    serve.run(build_app({"models": slow_model(), "router": router}), name="bounded", route_prefix="/bounded")
+    run_stack({"models": slow_model(), "router": router}, name="bounded", route_prefix="/bounded")
     try:
         started = time.monotonic()
         events = []
@@ -52,4 +52,4 @@ def test_the_client_meets_the_routers_bound_with_an_error_event(server):
         assert error["code"] == 504 and "router.request_timeout_s" in error["message"]
         assert 3 <= elapsed < PROXY_TIMEOUT_S  # the router's bound, before the proxy's silent cut
     finally:
-        serve.delete("bounded")
+        delete_stack("bounded")

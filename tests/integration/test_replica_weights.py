@@ -23,7 +23,8 @@ import ray
 from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raystack.app import build_app
+from raystack.app import delete_stack, run_stack
+from raystack.config import backend_app_name
 from tests.hub_standin import HubStandIn
 from tests.serve_cluster import serve_cluster
 
@@ -67,7 +68,7 @@ def cluster(hub, tmp_path_factory):
                     assert time.monotonic() < deadline and nodes[-1].poll() is None, (
                         f"node {ip} did not join:\n{(logs / f'{ip}.log').read_text()[-3000:]}")
                     time.sleep(1)
-            os.environ["HF_ENDPOINT"] = hub.url  # build_app reads the model's config.json from the hub too
+            os.environ["HF_ENDPOINT"] = hub.url  # build_backend reads the model's config.json from the hub too
             yield running.url, cache
         finally:
             os.environ.pop("HF_ENDPOINT", None)
@@ -104,7 +105,7 @@ def test_every_node_of_a_replica_gets_the_checkpoint_once_at_one_path(cluster, h
     url, cache = cluster
     args = {"cache_dir": str(cache), "models": [{"name": "tiny", "source": f"hf://{REPO}",
                                                  "backends": [spread_backend("a"), spread_backend("b")]}]}
-    serve.run(build_app(args), name="weights", route_prefix="/weights")
+    run_stack(args, name="weights", route_prefix="/weights")
     try:
         expected = str(cache / "hf" / REPO)
         for backend in ("a", "b"):
@@ -118,18 +119,18 @@ def test_every_node_of_a_replica_gets_the_checkpoint_once_at_one_path(cluster, h
         # Two replicas spanned each node, yet each node downloaded the weights once.
         assert hub.downloads(REPO, "model.safetensors") == len(NODE_IPS)
     finally:
-        serve.delete("weights")
+        delete_stack("weights")
 
 
 def test_a_cache_declared_shared_that_a_node_does_not_see_fails_the_replica_plainly(cluster, hub):
     url, cache = cluster
     args = {"cache_dir": str(cache / "shared"), "cache_shared": True,
             "models": [{"name": "tiny", "source": f"hf://{REPO}", "backends": [spread_backend("a")]}]}
-    serve._run(build_app(args), name="shared", route_prefix="/shared", _blocking=False)
+    run_stack(args, name="shared", route_prefix="/shared", wait=False)
     try:
         deadline = time.monotonic() + 180
         while True:
-            status = serve.status().applications.get("shared")
+            status = serve.status().applications.get(backend_app_name("shared", "tiny", "a"))
             message = status.deployments["LLMServer-tiny-a"].message if status and status.deployments else ""
             if "does not see" in message or time.monotonic() > deadline:
                 break
@@ -137,4 +138,4 @@ def test_a_cache_declared_shared_that_a_node_does_not_see_fails_the_replica_plai
         assert "does not see hf://Org/Tiny complete in the shared cache" in message, message
         assert "Mount the shared storage there" in message
     finally:
-        serve.delete("shared")
+        delete_stack("shared")

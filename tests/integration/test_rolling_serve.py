@@ -1,6 +1,6 @@
-"""Updates and router failures under long streams, on synthetic backends: a redeploy (which replaces the
-router and the backend's replicas) finishes every stream it found, and a router replica killed under
-load cuts only the streams it was relaying.
+"""Updates and router failures under long streams, on synthetic backends, deployed as `serve deploy` applies
+a config file: a changed backend is redeployed alone (not the router, not the other backends) and finishes
+every stream it found, and a router replica killed under load cuts only the streams it was relaying.
 
 The streams last longer than Serve's default drain (20 s) and the one raystack used to set (30 s)."""
 
@@ -11,11 +11,9 @@ from typing import Any
 
 import httpx
 import ray
-from ray import serve
 
-from raystack.app import build_app
 from tests.integration.conftest import synthetic
-from tests.serve_cluster import replica_actors
+from tests.serve_cluster import replica_actors, serve_deploy
 
 STREAMS = 16
 TOKENS = 70  # at 2 tokens/s: 35 s a stream
@@ -29,9 +27,9 @@ class Ending:
         self.error: str | None = None
 
 
-async def long_stream(client: httpx.AsyncClient, started: asyncio.Queue, i: int) -> Ending:
+async def long_stream(client: httpx.AsyncClient, started: asyncio.Queue, i: int, model: str) -> Ending:
     ending = Ending()
-    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": f"q{i}"}]}
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": f"q{i}"}]}
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             ending.router = response.headers.get("x-raystack-router")
@@ -48,46 +46,56 @@ async def long_stream(client: httpx.AsyncClient, started: asyncio.Queue, i: int)
     return ending
 
 
-async def streams_through(base: str, during) -> list[Ending]:
-    """STREAMS long streams; once all have started, `during()` runs (in a thread); then every ending."""
+async def streams_through(base: str, during, models: tuple[str, ...] = ("m",)) -> list[Ending]:
+    """STREAMS long streams to each of `models`; once all have started, `during()` runs (in a thread);
+    then every ending."""
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         started: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(long_stream(client, started, i)) for i in range(STREAMS)]
-        for _ in range(STREAMS):
+        tasks = [asyncio.create_task(long_stream(client, started, i, model))
+                 for model in models for i in range(STREAMS)]
+        for _ in tasks:
             await asyncio.wait_for(started.get(), 60)
         await asyncio.to_thread(during)
         return await asyncio.gather(*tasks)
 
 
-def app(ttft_ms: float, router: dict[str, Any] | None = None) -> dict[str, Any]:
-    backend = synthetic("s", 2, ttft_ms=ttft_ms, tokens_per_s=2, output_tokens=TOKENS)
-    return {"models": [{"name": "m", "backends": [backend]}], "router": router or {}}
+def service(router: dict[str, Any], backends: dict[str, float]) -> dict[str, Any]:
+    """A config file's applications: a router `rolling` under /rolling and, for each backend name -> first
+    token delay, a model of that name with one synthetic backend, an application of its own."""
+    return {"applications": [
+        {"name": "rolling", "route_prefix": "/rolling", "import_path": "raystack.app:build_router", "args": router},
+        *({"name": f"{name}.s", "route_prefix": None, "import_path": "raystack.app:build_backend",
+           "args": {"router": "rolling", "model": {"name": name},
+                    "backend": synthetic("s", 2, ttft_ms=ttft_ms, tokens_per_s=2, output_tokens=TOKENS)}}
+          for name, ttft_ms in backends.items()),
+    ]}
 
 
-def test_a_redeploy_under_long_streams_cuts_none(server):
-    serve.run(build_app(app(ttft_ms=10)), name="rolling", route_prefix="/rolling")
-    try:
-        before = set(replica_actors("rolling", "LLMServer-m-s")) | set(replica_actors("rolling", "Router"))
-        # A changed backend setting: Serve replaces the backend's replicas and (its args changed) the router's.
-        endings = asyncio.run(streams_through(
-            f"{server}/rolling", lambda: serve.run(build_app(app(ttft_ms=20)), name="rolling", route_prefix="/rolling")))
-        after = set(replica_actors("rolling", "LLMServer-m-s")) | set(replica_actors("rolling", "Router"))
-    finally:
-        serve.delete("rolling")
-    assert not before & after, "the redeploy replaced the replicas"
-    assert [(e.done, e.words, e.error) for e in endings] == [(True, TOKENS, None)] * STREAMS
+def replicas() -> dict[str, set[str]]:
+    return {"router": set(replica_actors("rolling", "Router")), "m": set(replica_actors("m.s", "LLMServer-m-s")),
+            "other": set(replica_actors("other.s", "LLMServer-other-s"))}
+
+
+def test_a_changed_backend_is_redeployed_alone_and_cuts_no_stream(server):
+    serve_deploy(service({}, {"m": 10, "other": 10}))
+    before = replicas()
+    # serve deploy of the same file with one backend setting changed: Serve replaces that backend's
+    # replicas, each once its streams are done; the router and the other backend keep theirs.
+    endings = asyncio.run(streams_through(
+        f"{server}/rolling", lambda: serve_deploy(service({}, {"m": 20, "other": 10})), models=("m", "other")))
+    after = replicas()
+    assert not before["m"] & after["m"] and len(after["m"]) == 2, "the changed backend's replicas were replaced"
+    assert (after["router"], after["other"]) == (before["router"], before["other"]), "only the changed backend"
+    assert [(e.done, e.words, e.error) for e in endings] == [(True, TOKENS, None)] * (2 * STREAMS)
 
 
 def test_a_router_replica_killed_under_load_cuts_only_its_own_streams(server):
-    serve.run(build_app(app(ttft_ms=10, router={"num_replicas": 2})), name="two-routers", route_prefix="/two")
-    try:
-        routers = replica_actors("two-routers", "Router")
-        assert len(routers) == 2
-        victim = routers[0]
-        endings = asyncio.run(streams_through(
-            f"{server}/two", lambda: ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)))
-    finally:
-        serve.delete("two-routers")
+    serve_deploy(service({"num_replicas": 2}, {"m": 10}))
+    routers = replica_actors("rolling", "Router")
+    assert len(routers) == 2
+    victim = routers[0]
+    endings = asyncio.run(streams_through(
+        f"{server}/rolling", lambda: ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)))
     killed = victim.rsplit("#", 1)[1]
     cut = [e for e in endings if not e.done]
     assert cut and len(cut) < STREAMS, "both routers carried streams"

@@ -1,7 +1,7 @@
 """The router on a real local Ray cluster with synthetic backends: load spread, prefix affinity, a replica
 killed under load, backpressure, timeouts, scale from zero, and autoscaling up and back down.
 
-Each test deploys its own raystack app (build_app on a config written here) under its own route prefix,
+Each test deploys its own raystack service (run_stack on a config written here) under its own route prefix,
 drives it with the openai client, and deletes it. Which replica answered comes from the router's
 x-raystack-backend / x-raystack-replica headers.
 """
@@ -19,6 +19,7 @@ import pytest
 import ray
 from ray import serve
 
+from raystack.config import backend_app_name
 from tests.integration.conftest import deployed, synthetic
 
 
@@ -118,7 +119,7 @@ def test_prefix_affinity_sends_a_shared_prefix_to_the_same_replica(server, polic
 
 def replica_actor(app: str, unique_id: str):
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith(f"SERVE_REPLICA::{app}#") and actor["name"].endswith(f"#{unique_id}"):
+        if actor["name"].startswith(f"SERVE_REPLICA::{app}") and actor["name"].endswith(f"#{unique_id}"):
             return ray.get_actor(actor["name"], namespace=actor["namespace"])
     raise LookupError(f"no replica {unique_id} in {app}")
 
@@ -129,7 +130,7 @@ async def kill_a_replica_during(url: str, app: str, kill_after_s: float) -> tupl
     async def assassin() -> str:
         await asyncio.sleep(kill_after_s)
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith(f"SERVE_REPLICA::{app}#LLMServer")]
+                 if a["name"].startswith(f"SERVE_REPLICA::{app}.") and "#LLMServer" in a["name"]]
         victim = sorted(names)[0].rsplit("#", 1)[1]
         ray.kill(replica_actor(app, victim), no_restart=True)
         return victim
@@ -219,7 +220,7 @@ def test_scale_from_zero_serves_the_first_request_and_health_is_ok_at_zero(serve
 
 
 def running_replicas(app: str, deployment: str) -> int:
-    status = serve.status().applications[app].deployments[deployment]
+    status = serve.status().applications[app].deployments[deployment]  # app: the backend's application
     return status.replica_states.get("RUNNING", 0)
 
 
@@ -230,7 +231,7 @@ def test_a_backend_scales_up_under_load_and_back_down_after(server):
         "s", ttft_ms=100, tokens_per_s=10, output_tokens=20, autoscaling=autoscaling)]}]
     deployment = "LLMServer-m-s"
     with deployed(server, "scale", models) as url:
-        assert running_replicas("scale", deployment) == 1
+        assert running_replicas(backend_app_name("scale", "m", "s"), deployment) == 1
         peak = 0
 
         async def load_and_watch() -> list[Outcome]:
@@ -242,7 +243,7 @@ def test_a_backend_scales_up_under_load_and_back_down_after(server):
             while len({o.served_by for o in outcomes}) < 2 and time.monotonic() < deadline:
                 wave = asyncio.ensure_future(stream_chats(url, [("m", ask(f"q{i}")) for i in range(12)], 12))
                 while not wave.done():
-                    peak = max(peak, running_replicas("scale", deployment))
+                    peak = max(peak, running_replicas(backend_app_name("scale", "m", "s"), deployment))
                     await asyncio.sleep(0.5)
                 outcomes += await wave
             return outcomes
@@ -252,6 +253,6 @@ def test_a_backend_scales_up_under_load_and_back_down_after(server):
         assert peak >= 2, "12 streams against a target of 2 per replica must add replicas"
         assert len({o.served_by for o in outcomes}) >= 2, "the new replicas took requests"
         deadline = time.monotonic() + 60
-        while running_replicas("scale", deployment) > 1 and time.monotonic() < deadline:
+        while running_replicas(backend_app_name("scale", "m", "s"), deployment) > 1 and time.monotonic() < deadline:
             time.sleep(1)
-        assert running_replicas("scale", deployment) == 1
+        assert running_replicas(backend_app_name("scale", "m", "s"), deployment) == 1

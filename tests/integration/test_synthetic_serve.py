@@ -1,5 +1,6 @@
-"""The real stack with engine: synthetic: build_app on deploy_configs/synthetic.yaml (router + a
-synthetic backend of 2 replicas), Ray Serve on a fresh local Ray, driven with the official openai client.
+"""The real stack with engine: synthetic: deploy_configs/synthetic.yaml as `serve deploy` applies it (the
+router, and a synthetic backend of 2 replicas as an application of its own), Ray Serve on a fresh local Ray,
+driven with the official openai client.
 No model and no vLLM: the whole serving path in seconds."""
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import httpx
 import openai
 import pytest
 import yaml
-from ray import serve
 
-from raystack.app import build_app
-from tests.serve_cluster import serve_cluster
+from tests.serve_cluster import serve_cluster, serve_deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "synthetic"
@@ -23,9 +22,9 @@ PROMPT_WORDS = 2 + 3
 
 @pytest.fixture(scope="module")
 def base_url():
-    args = yaml.safe_load((ROOT / "deploy_configs/synthetic.yaml").read_text())["applications"][0]["args"]
+    config = yaml.safe_load((ROOT / "deploy_configs/synthetic.yaml").read_text())
     with serve_cluster() as running:
-        serve.run(build_app(args), name="raystack", route_prefix="/")
+        serve_deploy({"applications": config["applications"]})  # the test's own HTTP port, not the file's
         yield running.url
 
 

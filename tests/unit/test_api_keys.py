@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raystack.app import build_app
+from raystack.app import build_router
 from raystack.config import ConfigError
 from raystack.serving.auth import APIKeyError, APIKeys
 from raystack.protocol import OpenAIError
@@ -39,9 +39,7 @@ def test_a_source_without_keys_stops_the_deploy_with_the_fix(monkeypatch, tmp_pa
     (tmp_path / "empty").write_text("# nobody yet\n")
     with pytest.raises(APIKeyError, match="holds no API key"):
         APIKeys.load(file=str(tmp_path / "empty"))
-    args = {"models": [{"name": "m", "backends": [{"name": "s", "engine": "synthetic"}]}],
-            "router": {"api_keys": {"file": str(tmp_path / "missing")}}}
     with pytest.raises(ConfigError, match="cannot read .*missing"):
-        build_app(args)
+        build_router({"api_keys": {"file": str(tmp_path / "missing")}})
     with pytest.raises(ConfigError, match="exactly one of env"):
-        build_app({**args, "router": {"api_keys": {}}})
+        build_router({"api_keys": {}})

@@ -87,9 +87,9 @@ def test_parallelism_auto_is_resolved_by_the_estimate(tmp_path):
     model.mkdir()
     shutil.copy(MODEL_CONFIGS / "qwen3-32b.json", model / "config.json")
     config = yaml.safe_load((ROOT / "deploy_configs/qwen3.yaml").read_text())
-    args = config["applications"][0]["args"]
-    args["models"][0]["source"] = str(model)
-    args["models"][0]["backends"][0]["parallelism"] = "auto"
+    args = config["applications"][1]["args"]
+    args["model"]["source"] = str(model)
+    args["backend"]["parallelism"] = "auto"
     path = tmp_path / "auto.yaml"
     path.write_text(yaml.safe_dump(config))
     out = raystack("config", "check", str(path))

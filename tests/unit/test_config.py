@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raystack.app import build_app, deployment_options
+from raystack.app import build_backend, deployment_options
 from raystack.config import Backend, ConfigError, parse_config
 from raystack.serve_file import load_serve_config
 
@@ -16,7 +16,14 @@ CONFIGS = sorted((ROOT / "deploy_configs").glob("*.yaml"))
 
 
 def shipped_args(name: str = "local.yaml") -> dict:
-    return yaml.safe_load((ROOT / "deploy_configs" / name).read_text())["applications"][0]["args"]
+    """The whole service a shipped file declares (its router and models), as config check assembles it."""
+    [(_, config)] = load_serve_config(ROOT / "deploy_configs" / name)
+    return config.model_dump(mode="json")
+
+
+def backend_args(name: str = "local.yaml") -> dict:
+    """The args of a shipped file's first backend application."""
+    return yaml.safe_load((ROOT / "deploy_configs" / name).read_text())["applications"][1]["args"]
 
 
 def local_args() -> dict:
@@ -74,28 +81,28 @@ def test_mindie_settings_belong_to_engine_mindie_on_npus():
 
 def test_unknown_key_is_named_by_its_path(tmp_path):
     raw = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
-    raw["applications"][0]["args"]["models"][0]["backends"][0]["max_model_lenght"] = 10
+    raw["applications"][1]["args"]["backend"]["max_model_lenght"] = 10
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
     result = subprocess.run(
         [sys.executable, "-m", "raystack.cli", "config", "check", str(bad)], capture_output=True, text=True
     )
     assert result.returncode == 1
-    assert "applications[0].args.models[0].backends[0].max_model_lenght: unknown key" in result.stderr
+    assert "applications[1].args.backend.max_model_lenght: unknown key" in result.stderr
 
 
 def test_misspelt_engine_arg_suggests_the_right_one():
-    args = local_args()
-    args["models"][0]["backends"][0]["engine_args"] = {"enforce_eagr": True}
+    args = backend_args()
+    args["backend"]["engine_args"] = {"enforce_eagr": True}
     with pytest.raises(ConfigError, match=r"engine_args\.enforce_eagr: not a vLLM engine argument \(did you mean 'enforce_eager'\?\)"):
-        build_app(args)
+        build_backend(args)
 
 
 def test_missing_local_model_fails_before_deploying(tmp_path):
-    args = local_args()
-    args["models"][0]["source"] = str(tmp_path / "no-such-model")
-    with pytest.raises(ConfigError, match=r"models\[0\]\.source: .*no-such-model is not a directory"):
-        build_app(args)
+    args = backend_args()
+    args["model"]["source"] = str(tmp_path / "no-such-model")
+    with pytest.raises(ConfigError, match=r"model smollm2: source: .*no-such-model is not a directory"):
+        build_backend(args)
 
 
 @pytest.mark.parametrize(
@@ -196,8 +203,8 @@ def test_synthetic_backend_has_no_source_defaults_to_cpu_and_a_tenth_of_a_core()
     assert "resources" not in options["ray_actor_options"]
 
 
-def test_build_app_resolves_no_source_for_a_synthetic_model():
-    assert build_app(shipped_args("synthetic.yaml")) is not None
+def test_build_backend_resolves_no_source_for_a_synthetic_model():
+    assert build_backend(backend_args("synthetic.yaml")) is not None
 
 
 def test_a_model_may_mix_a_synthetic_backend_with_a_real_one():
@@ -221,6 +228,44 @@ def test_a_proxy_timeout_shorter_than_the_routers_is_refused(tmp_path):
     (tmp_path / "short.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"request_timeout_s \(600 s\) is shorter than router.request_timeout_s"):
         load_serve_config(tmp_path / "short.yaml")
-    raw["applications"][0]["args"]["router"]["request_timeout_s"] = 600
+    raw["applications"][0]["args"]["request_timeout_s"] = 600
     (tmp_path / "aligned.yaml").write_text(yaml.safe_dump(raw))
     assert load_serve_config(tmp_path / "aligned.yaml")
+
+
+def qwen3_file() -> dict:
+    return yaml.safe_load((ROOT / "deploy_configs/qwen3.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f["applications"][1].update(route_prefix="/vllm"), "set route_prefix: null. A backend answers through its router"),
+        (lambda f: f["applications"][2]["args"].update(withheld_env=[]), "withheld_env must name RAYSTACK_API_KEYS"),
+        (lambda f: f["applications"][2]["args"].update(model={"name": "qwen3-32b", "source": "modelscope://Qwen/Qwen3-14B"}),
+         "the backends of model qwen3-32b disagree on what it is"),
+        (lambda f: f["applications"][2]["args"]["backend"].update(name="vllm"), "backend names within a model must be unique"),
+        (lambda f: f["applications"][2]["args"].update(router="other"), "router: other is not an application of this file"),
+        (lambda f: f["applications"][1]["args"]["backend"].update(graceful_shutdown_timeout_s=60),
+         "backend.graceful_shutdown_timeout_s (60 s) is shorter than router.request_timeout_s (3600 s)"),
+        (lambda f: f["applications"].pop(0), "no application has import_path: raystack.app:build_router"),
+        (lambda f: f["applications"].append({"name": "lonely", "route_prefix": "/lonely",
+                                             "import_path": "raystack.app:build_router"}),
+         "no backend application names the router lonely"),
+    ],
+)
+def test_a_file_whose_applications_do_not_fit_together_is_refused(tmp_path, change, message):
+    raw = qwen3_file()
+    change(raw)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_serve_config(tmp_path / "bad.yaml")
+    assert message in str(err.value)
+
+
+def test_a_whole_config_splits_into_the_applications_a_file_would_hold():
+    config = parse_config(shipped_args("qwen3.yaml"))
+    apps = config.backend_apps("raystack")
+    assert list(apps) == ["raystack.qwen3-32b.vllm", "raystack.qwen3-32b.mindie"]
+    assert all(app.withheld_env == ["RAYSTACK_API_KEYS"] and app.router == "raystack" for app in apps.values())
+    assert parse_config(config.assemble(config.router, list(apps.values())).model_dump()) == config

@@ -28,7 +28,7 @@ def engine_arg_names() -> set[str]:
 
 
 def check_engine_args(engine_args: dict[str, Any], where: str = "engine_args") -> None:
-    """Fail fast on a misspelt vLLM argument (used by `config check` and build_app)."""
+    """Fail fast on a misspelt vLLM argument (used by `config check` and build_backend)."""
     known = engine_arg_names()
     unknown = sorted(set(engine_args) - known)
     if unknown:
