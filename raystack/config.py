@@ -128,6 +128,10 @@ class _BackendFields(_Strict):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="passed to the engine as-is (vLLM: AsyncEngineArgs fields)"
     )
+    serving_args: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the engine's OpenAI serving layer as-is (vLLM: the options "
+        "`vllm serve` takes beside engine arguments, its BaseFrontendArgs: tool_call_parser, chat_template, ...)"
+    )
     env: dict[str, str] = Field(default_factory=dict, description="environment of the replica")
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
@@ -196,10 +200,11 @@ class _BackendFields(_Strict):
         spec.validate(self)  # the engine's own rules (and messages) first
         if self.device not in spec.devices:
             raise ValueError(f"engine: {self.engine} runs on device: {' or '.join(spec.devices)} only")
-        if self.engine_args and not spec.takes_engine_args:
-            takers = [e.name for e in registry().values() if e.takes_engine_args]
-            raise ValueError(f"engine_args apply to engine: {' or '.join(takers)} only; engine: {self.engine} is "
-                             f"set up by its {self.engine}: block")
+        for field in ("engine_args", "serving_args"):
+            if getattr(self, field) and not spec.takes_engine_args:
+                takers = [e.name for e in registry().values() if e.takes_engine_args]
+                raise ValueError(f"{field} apply to engine: {' or '.join(takers)} only; engine: {self.engine} is "
+                                 f"set up by its {self.engine}: block")
         return self
 
 

@@ -98,6 +98,45 @@ def test_misspelt_engine_arg_suggests_the_right_one():
         build_backend(args)
 
 
+@pytest.mark.parametrize("serving_args, message", [
+    ({"tool_call_parsr": "hermes"}, "serving_args.tool_call_parsr: not a vLLM serving option (vLLM's BaseFrontendArgs; "
+                                    "the HTTP server's own options are the router's) (did you mean 'tool_call_parser'?)"),
+    ({"port": 9000}, "serving_args.port: not a vLLM serving option"),  # the HTTP server's: the router's
+    ({"tool_call_parser": "hermez"}, "serving_args.tool_call_parser: hermez: not a tool call parser vLLM ships "
+                                     "(did you mean 'hermes'?)"),
+    ({"enable_auto_tool_choice": True}, "serving_args.enable_auto_tool_choice: needs tool_call_parser too"),
+])
+def test_a_wrong_vllm_serving_option_is_refused_with_the_fix(serving_args, message):
+    args = backend_args()
+    args["backend"]["serving_args"] = serving_args
+    with pytest.raises(ConfigError) as err:
+        build_backend(args)
+    assert message in str(err.value)
+
+
+def test_a_misspelt_reasoning_parser_is_refused_with_the_closest_name():
+    args = backend_args()
+    args["backend"]["engine_args"]["reasoning_parser"] = "deepseek-r1"
+    with pytest.raises(ConfigError, match=r"engine_args.reasoning_parser: deepseek-r1: not a reasoning parser vLLM "
+                                          r"ships \(did you mean 'deepseek_r1'\?\)"):
+        build_backend(args)
+
+
+def test_qwen3_configs_parse_tools_and_reasoning_and_r1_configs_reasoning():
+    for path in CONFIGS:
+        for _, config in load_serve_config(path):
+            for model in config.models:
+                for backend in (b for b in model.backends if b.engine == "vllm" and b.device == "npu"):
+                    where = f"{path.name}: {model.name}@{backend.name}"
+                    if model.name.startswith("qwen3"):
+                        assert backend.engine_args["reasoning_parser"] == "qwen3", where
+                        assert backend.serving_args == {"enable_auto_tool_choice": True,
+                                                        "tool_call_parser": "hermes"}, where
+                    else:
+                        assert model.name.startswith("deepseek-r1-distill"), where
+                        assert backend.engine_args["reasoning_parser"] == "deepseek_r1", where
+
+
 def test_missing_local_model_fails_before_deploying(tmp_path):
     args = backend_args()
     args["model"]["source"] = str(tmp_path / "no-such-model")
@@ -122,6 +161,8 @@ def test_missing_local_model_fails_before_deploying(tmp_path):
         (lambda a: a["models"][0]["backends"][0].update(engine="synthetic"), "engine_args apply to engine: vllm only"),
         (lambda a: a["models"][0]["backends"][0].update(engine="synthetic", engine_args={}, device="npu"),
          "engine: synthetic runs no model and needs no NPU"),
+        (lambda a: a["models"][0]["backends"][0].update(engine="synthetic", engine_args={}, serving_args={"x": 1}),
+         "serving_args apply to engine: vllm only"),
         (lambda a: a["models"][0]["backends"][0].update(engine="synthetic", engine_args={}, synthetic={"ttft": 1}),
          "models[0].backends[0].synthetic.ttft: unknown key"),
         # What MindIE would refuse at start, refused by config check instead.

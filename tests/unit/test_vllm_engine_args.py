@@ -36,3 +36,18 @@ def test_cpu_backend_gets_a_fixed_kv_cache_instead_of_a_ram_fraction():
     # an explicit setting in the deploy config wins over the default
     explicit = Backend(name="v", device="cpu", engine_args={"gpu_memory_utilization": 0.3})
     assert "kv_cache_memory_bytes" not in build_engine_args("m", resolve("smollm2-135m-instruct"), explicit)
+
+
+def test_serving_options_reach_vllms_serving_layer_as_vllm_serve_would_set_them():
+    from raystack.engines.vllm.compat import vllm_api
+    from raystack.engines.vllm.engine import serve_namespace
+
+    backend = Backend(name="v", device="cpu", engine_args={"reasoning_parser": "qwen3"},
+                      serving_args={"enable_auto_tool_choice": True, "tool_call_parser": "hermes",
+                                    "response_role": "model"})
+    args = serve_namespace(vllm_api(), build_engine_args("m", resolve("smollm2-135m-instruct"), backend),
+                           backend.serving_args)
+    # What init_app_state reads to build vLLM's chat serving: the parsers, the role; defaults stay vLLM's.
+    assert (args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser, args.response_role) == (
+        True, "hermes", "qwen3", "model")
+    assert args.chat_template is None and args.served_model_name == ["m"]

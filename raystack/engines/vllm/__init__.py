@@ -30,7 +30,7 @@ def _validate(backend: Backend) -> None:
 def _check_deployable(backend: Backend, where: str) -> list[str]:
     """The vLLM installed where the config is checked: a version raystack runs on, and engine arguments it
     knows. Where no vLLM is installed (a router-only head), the replica checks both when it starts."""
-    from raystack.engines.vllm.args import EngineArgsError, check_engine_args
+    from raystack.engines.vllm.args import EngineArgsError, check_engine_args, check_serving_args
     from raystack.engines.vllm.compat import UnsupportedVLLM, installed_version, require_supported
 
     found = installed_version()
@@ -39,6 +39,7 @@ def _check_deployable(backend: Backend, where: str) -> list[str]:
     try:
         require_supported(found)
         check_engine_args(backend.engine_args, f"{where}.engine_args")
+        check_serving_args(backend.serving_args, f"{where}.serving_args")
     except UnsupportedVLLM as err:
         return [f"  {where}: {err}"]
     except EngineArgsError as err:
@@ -53,7 +54,8 @@ def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[Plann
     ranks = ("one process in the replica (uniproc executor), on the replica's NPU" if backend.parallel.world_size == 1
              else "Ray workers, one per NPU bundle; vLLM sets each worker's ASCEND_RT_VISIBLE_DEVICES to the "
                   "bundle NPUs Ray granted on its node (RayExecutorV2)")
-    return {"engine_args": build_engine_args(model_name, model_path, backend), "ranks": ranks,
+    return {"engine_args": build_engine_args(model_name, model_path, backend),
+            "serving_args": backend.serving_args, "ranks": ranks,
             "vllm_versions": ", ".join(f"{s}.x" for s in SUPPORTED)}
 
 

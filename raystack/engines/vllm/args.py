@@ -1,4 +1,12 @@
-"""The vLLM engine arguments a backend stands for, and their check against the installed vLLM."""
+"""The vLLM engine arguments and serving options a backend stands for, and their check against the
+installed vLLM.
+
+`vllm serve` takes two kinds of options: engine arguments (AsyncEngineArgs: the model, parallelism,
+memory, `reasoning_parser`, ...) and its OpenAI layer's (the frontend's): tool parsing, chat template,
+response role, LoRA modules, ... vLLM keeps the latter in BaseFrontendArgs, apart from FrontendArgs' HTTP
+server options (host, port, TLS, CORS, api_key), which raystack's router owns. A backend sets the first in
+`engine_args`, the second in `serving_args`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import dataclasses
 import difflib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from raystack.config import Backend
@@ -27,16 +35,49 @@ def engine_arg_names() -> set[str]:
     return {f.name for f in dataclasses.fields(vllm_api().AsyncEngineArgs)}
 
 
-def check_engine_args(engine_args: dict[str, Any], where: str = "engine_args") -> None:
-    """Fail fast on a misspelt vLLM argument (used by `config check` and build_backend)."""
-    known = engine_arg_names()
-    unknown = sorted(set(engine_args) - known)
+def serving_arg_names() -> set[str]:
+    from raystack.engines.vllm.compat import vllm_api
+
+    return {f.name for f in dataclasses.fields(vllm_api().BaseFrontendArgs)}
+
+
+def _check_names(given: Iterable[str], known: Iterable[str], what: str, where: str) -> None:
+    """Each of `given` must be one of `known`: else each one's error, with the closest known name."""
+    known = set(known)
+    unknown = sorted(set(given) - known)
     if unknown:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"  {where}.{key}: not a vLLM engine argument" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints.append(f"  {where}{key}: not {what}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise EngineArgsError("\n".join(hints))
+
+
+def _check_parser(args: dict[str, Any], option: str, plugin_option: str, registry: str, where: str) -> None:
+    """`option` names one of the parsers vLLM ships, unless `plugin_option` loads one of the user's."""
+    from raystack.engines.vllm.compat import vllm_api
+
+    if args.get(option) and not args.get(plugin_option):
+        _check_names([args[option]], getattr(vllm_api(), registry), f"a {option.replace('_', ' ')} vLLM ships",
+                     f"{where}.{option}: ")
+
+
+def check_engine_args(engine_args: dict[str, Any], where: str = "engine_args") -> None:
+    """Fail fast on a misspelt vLLM argument (used by `config check` and build_backend)."""
+    _check_names(engine_args, engine_arg_names(), "a vLLM engine argument", f"{where}.")
+    _check_parser(engine_args, "reasoning_parser", "reasoning_parser_plugin", "_REASONING_PARSERS_TO_REGISTER", where)
+
+
+def check_serving_args(serving_args: dict[str, Any], where: str = "serving_args") -> None:
+    """Fail fast on a misspelt vLLM serving option, or one of the HTTP server's, and on a combination vLLM's
+    server refuses at start (validate_parsed_serve_args in its cli_args.py: auto tool choice without a
+    tool parser)."""
+    _check_names(serving_args, serving_arg_names(), "a vLLM serving option (vLLM's BaseFrontendArgs; the HTTP "
+                 "server's own options are the router's)", f"{where}.")
+    _check_parser(serving_args, "tool_call_parser", "tool_parser_plugin", "_TOOL_PARSERS_TO_REGISTER", where)
+    if serving_args.get("enable_auto_tool_choice") and not serving_args.get("tool_call_parser"):
+        raise EngineArgsError(f"  {where}.enable_auto_tool_choice: needs tool_call_parser too (the parser of the "
+                              f"model's tool-call format, e.g. hermes for Qwen models)")
 
 
 def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> dict[str, Any]:

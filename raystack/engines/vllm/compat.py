@@ -29,6 +29,9 @@ _COMMON = {
     "ChatCompletionRequest": "vllm.entrypoints.openai.chat_completion.protocol",
     "CompletionRequest": "vllm.entrypoints.openai.completion.protocol",
     "StatLoggerBase": "vllm.v1.metrics.loggers",
+    # The parsers vLLM ships, by the name `tool_call_parser` / `reasoning_parser` take (registered lazily).
+    "_TOOL_PARSERS_TO_REGISTER": "vllm.tool_parsers",
+    "_REASONING_PARSERS_TO_REGISTER": "vllm.reasoning",
 }
 
 # vLLM series ("major.minor") -> name -> module that defines it.
@@ -36,12 +39,14 @@ SUPPORTED: dict[str, dict[str, str]] = {
     "0.23": _COMMON | {
         "init_app_state": "vllm.entrypoints.openai.api_server",
         "make_arg_parser": "vllm.entrypoints.openai.cli_args",
+        "BaseFrontendArgs": "vllm.entrypoints.openai.cli_args",
         "ErrorResponse": "vllm.entrypoints.openai.engine.protocol",
         "create_error_response": "vllm.entrypoints.serve.utils.error_response",
     },
     "0.32": _COMMON | {
         "init_app_state": "vllm.entrypoints.launchers.api_server.app_state",
         "make_arg_parser": "vllm.entrypoints.launchers.cli_args",
+        "BaseFrontendArgs": "vllm.entrypoints.launchers.cli_args",
         "ErrorResponse": "vllm.entrypoints.serve.engine.protocol",
         "create_error_response": "vllm.entrypoints.serve.exception_handling.error_response",
     },
@@ -107,7 +112,7 @@ class VLLMAPI:
         self._where = SUPPORTED[vllm_series]
 
     def __getattr__(self, name: str) -> Any:  # only for names not resolved yet
-        if name.startswith("_") or name not in self._where:
+        if name.startswith("__") or name not in self._where:
             raise AttributeError(name)
         value = getattr(importlib.import_module(self._where[name]), name)
         setattr(self, name, value)

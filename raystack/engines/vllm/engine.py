@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from raystack.engines.base import Answer, RequestKind
-from raystack.engines.vllm.args import build_engine_args, check_engine_args
+from raystack.engines.vllm.args import build_engine_args, check_engine_args, check_serving_args
 from raystack.engines.vllm.compat import VLLMAPI, vllm_api
 from raystack.engines.vllm.cpu_cores import move_off_engine_cores
 
@@ -51,12 +51,22 @@ def stats_bridge(vllm: VLLMAPI, latest: dict[int, tuple[int, int]], metrics: Rep
     return StatsBridge
 
 
+def serve_namespace(vllm: VLLMAPI, engine_args: dict[str, Any], serving_args: dict[str, Any]) -> Any:
+    """The options `vllm serve` would hold for these engine arguments and serving options: vLLM's serving
+    layer (init_app_state) reads them from its CLI namespace, so start from its parser's defaults."""
+    args = vllm.make_arg_parser(vllm.FlexibleArgumentParser()).parse_args(["--model", engine_args["model"]])
+    for key, value in {**engine_args, **serving_args}.items():
+        setattr(args, key, value)
+    return args
+
+
 class VLLMEngine:
     def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None):
         self.model_name = model_name
         self.metrics = metrics
         self.on_cpu = backend.device == "cpu"
         self.engine_args = build_engine_args(model_name, model_path, backend)
+        self.serving_args = dict(backend.serving_args)
         self.vllm = vllm_api()  # the installed vLLM's names; an unsupported vLLM stops the replica here
         self.client = None
         self.state = None
@@ -67,10 +77,8 @@ class VLLMEngine:
 
         vllm = self.vllm
         check_engine_args(self.engine_args)
-        # vLLM's serving layer reads its options from the CLI namespace: start from its defaults.
-        args = vllm.make_arg_parser(vllm.FlexibleArgumentParser()).parse_args(["--model", self.engine_args["model"]])
-        for key, value in self.engine_args.items():
-            setattr(args, key, value)
+        check_serving_args(self.serving_args)
+        args = serve_namespace(vllm, self.engine_args, self.serving_args)
         engine_args = vllm.AsyncEngineArgs.from_cli_args(args)
         usage = vllm.UsageContext.OPENAI_API_SERVER
         vllm_config = engine_args.create_engine_config(usage_context=usage)
