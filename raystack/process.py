@@ -8,8 +8,8 @@ TTFT Serve adds (README, "Router overhead"; scripts/bench_router.py). Direct ing
 preset, stays off: it binds replicas on every interface. Logs still go to stderr, where `serve run`
 shows them. Serve reads these when a process imports it, so they must be in the environment of Ray's
 processes: build_router and build_backend set them in the Router's and every LLMServer's runtime_env;
-`raystack start` and `make run` export them before Ray starts, so the HTTP proxy runs with them too. Not in a driver that
-calls handles synchronously: the preset moves the handle's router onto the caller's event loop.
+`raystack start` and `make run` export them before Ray starts, so the HTTP proxy runs with them too. Not in a
+driver that calls handles synchronously: the preset moves the handle's router onto the caller's event loop.
 
 CPU priority. Ray starts its workers at nice 15 (`RAY_worker_niceness`) so its control plane wins CPU
 contention. For an inference replica that is the wrong trade: the engine, and every hop a token
@@ -37,6 +37,13 @@ SERVE_FAST_PATH_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
     "RAY_SERVE_LOG_TO_STDERR": "1",
+    # The preset sends requests between deployments over gRPC, to node_ip:port channels Serve opens
+    # without disabling gRPC's proxy support (request_router/replica_wrapper.py, init_grpc_channel). On a
+    # node that exports http_proxy / https_proxy, as clusters behind a corporate proxy do, every request
+    # would go to the proxy and fail ("replica temporarily unavailable", forever). gRPC skips the proxy for
+    # targets in no_grpc_proxy (CIDR blocks since gRPC 1.51: its doc/core/default_http_proxy_mapper.md):
+    # every IP. HTTP clients (model downloads) still use the proxy.
+    "no_grpc_proxy": "0.0.0.0/0,::/0",
 }
 
 NICENESS_ENV = "RAY_worker_niceness"

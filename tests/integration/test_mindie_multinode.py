@@ -30,8 +30,9 @@ def server(tmp_path_factory):
     # A proxy in the nodes' environment, as many clusters have: the daemons must not inherit it.
     proxies = {k: "http://proxy.invalid:3128" for k in ("http_proxy", "https_proxy")}
     try:
+        # No CPU on the head: the router runs on a node with the proxy too, and must reach the replicas past it.
         with serve_cluster([{"num_cpus": 2, "resources": {"NPU": 2}, "node_ip_address": ip, "env_vars": proxies}
-                            for ip in NODE_IPS]) as running:
+                            for ip in NODE_IPS], head={"num_cpus": 0}) as running:
             yield running.url
     finally:
         os.environ["PATH"] = path
