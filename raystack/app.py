@@ -233,6 +233,7 @@ def run_stack(args: dict[str, Any], name: str = "raystack", route_prefix: str | 
     config.backend_app_name), then the router as `name` under `route_prefix`; backend applications of
     this router that the config no longer has are deleted, as `serve deploy` would. `wait`: until all run."""
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     config = parse_config(args)
     apps = config.backend_apps(name)
@@ -241,15 +242,15 @@ def run_stack(args: dict[str, Any], name: str = "raystack", route_prefix: str | 
     targets.append(serve.RunTarget(build_router(config.router.model_dump(mode="json")), name=name,
                                    route_prefix=route_prefix))
     serve.run_many(targets, wait_for_ingress_deployment_creation=wait, wait_for_applications_running=wait)
-    for backend in registered_backends(serve_details(), name):
-        if backend.app not in apps:
-            serve.delete(backend.app)
+    gone = [backend.app for backend in registered_backends(serve_details(), name) if backend.app not in apps]
+    if gone:
+        _get_global_client().delete_apps(gone, blocking=True)
 
 
 def delete_stack(name: str = "raystack") -> None:
-    """Delete the router application `name` and every backend application that names it."""
-    from ray import serve
+    """Delete the router application `name` and every backend application that names it, all at once
+    (each waits out its replicas' graceful shutdown; one after the other, the waits would add up)."""
+    from ray.serve.context import _get_global_client
 
-    for backend in registered_backends(serve_details(), name):
-        serve.delete(backend.app)
-    serve.delete(name)
+    backends = [backend.app for backend in registered_backends(serve_details(), name)]
+    _get_global_client().delete_apps([name, *backends], blocking=True)
