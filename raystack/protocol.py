@@ -225,10 +225,49 @@ def parse_request(kind: str, raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
     try:
-        REQUEST_MODELS[kind].model_validate(body)
+        request = REQUEST_MODELS[kind].model_validate(body)
     except ValidationError as err:
         raise _invalid(err.errors()[0]) from None
+    check_schemas(request)
     return body
+
+
+def check_schemas(request: _SamplingFields) -> None:
+    """What the shapes alone do not say about tools and structured output, checked here for every engine
+    (an engine would fail later, or differently): a tool_choice needs tools and, naming a function, one of
+    them; every tool's `parameters` and a json_schema response's `schema` must be JSON Schema."""
+    tools = getattr(request, "tools", None) or []
+    for i, tool in enumerate(tools):
+        _check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
+    choice = getattr(request, "tool_choice", None)
+    if choice not in (None, "none") and not tools:
+        raise OpenAIError(400, "tool_choice is set but no tools are given. Send `tools`, or leave tool_choice out.",
+                          param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+        raise OpenAIError(400, f"tool_choice names the function `{choice.function.name}`, which is not in `tools` "
+                               f"({', '.join(t.function.name for t in tools)}).", param="tool_choice")
+    response_format = request.response_format
+    if response_format is not None and response_format.type == "json_schema":
+        schema = (response_format.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise OpenAIError(400, "response_format json_schema needs `json_schema.schema`, a JSON Schema object.",
+                              param="response_format.json_schema.schema")
+        _check_json_schema(schema, "response_format.json_schema.schema")
+
+
+def _check_json_schema(schema: Any, param: str) -> None:
+    if schema is None:
+        return
+    import jsonschema  # Ray's own dependency
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as err:
+        where = "/".join(map(str, err.absolute_path))
+        raise OpenAIError(400, f"{param} is not a valid JSON Schema: {err.message}"
+                               + (f" (at {where})" if where else "") + ".", param=param) from None
+    except RecursionError:
+        raise OpenAIError(400, f"{param} nests too deeply to check.", param=param) from None
 
 
 # Fields that take one of several shapes: pydantic reports every shape that failed, we name the shapes.

@@ -93,3 +93,38 @@ def test_error_body_is_openai_shaped():
         "error": {"message": "no such model", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
     }
     assert error_body(503, "later")["error"]["type"] == "service_unavailable"
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize(
+    "changes, param, says",
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_stock"}}},
+         "tool_choice", "names the function `get_stock`, which is not in `tools` (get_weather)"),
+        ({"tool_choice": "required"}, "tool_choice", "no tools are given"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}]},
+         "tools.0.function.parameters", "is not a valid JSON Schema"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"required": "city"}}}]},
+         "tools.0.function.parameters", "is not a valid JSON Schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": 7}}}},
+         "response_format.json_schema.schema", "is not a valid JSON Schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "w"}}},
+         "response_format.json_schema.schema", "needs `json_schema.schema`"),
+    ],
+)
+def test_a_tool_or_schema_no_engine_could_use_is_a_400_naming_it(changes, param, says):
+    with pytest.raises(OpenAIError) as err:
+        parse_request("chat", body(**changes))
+    assert (err.value.status, err.value.param) == (400, param)
+    assert says in err.value.message
+
+
+def test_tools_and_schemas_that_work_pass_untouched():
+    changes = {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+               "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER[
+                   "function"]["parameters"]}}}
+    assert parse_request("chat", body(**changes)) == {**CHAT, **changes}
+    assert parse_request("chat", body(tools=[WEATHER], tool_choice="none"))["tool_choice"] == "none"
