@@ -39,7 +39,7 @@ from raystack.config import (
 )
 from raystack.models import embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
-from raystack.serve_file import proxy_timeout_problem
+from raystack.serve_file import SPLIT_FORMAT, proxy_timeout_problem
 from raystack.serving.auth import APIKeyError, APIKeys
 from raystack.serving.catalogue import REGISTRATION, registered_backends, serve_details
 from raystack.serving.forwarding import BUSY_RETRY_AFTER_S
@@ -204,6 +204,11 @@ def build_backend(args: dict[str, Any]) -> Application:
                                  tuple(app.withheld_env), registration=app)
     deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
     return deployment.bind(model.name, model.source, backend.model_dump(), str(cache_dir), app.cache_shared)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The former import_path: a file written for it fails `serve run` with what to write instead."""
+    raise ConfigError(SPLIT_FORMAT)
 
 
 def build_router(args: dict[str, Any]) -> Application:

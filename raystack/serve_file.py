@@ -25,6 +25,11 @@ from raystack.config import BackendApp, ConfigError, RaystackConfig, RouterConfi
 
 BUILD_ROUTER = "raystack.app:build_router"
 BUILD_BACKEND = "raystack.app:build_backend"
+FORMER_BUILD_APP = "raystack.app:build_app"  # one application held the router and every backend
+SPLIT_FORMAT = (f"{FORMER_BUILD_APP} (one application for the router and all backends) is replaced by a router "
+                f"application ({BUILD_ROUTER}, args: the former router: block) and one application per backend "
+                f"({BUILD_BACKEND}, args: model, backend), so that changing a backend redeploys it alone. See the "
+                f"README's \"Deploy config\" and the files in deploy_configs/")
 
 
 def proxy_timeout_problem(proxy_timeout_s: float | None, settings: RouterConfig) -> str | None:
@@ -63,6 +68,8 @@ def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
             problem = proxy_timeout_problem((raw.get("http_options") or {}).get("request_timeout_s"), routers[name])
             if problem:
                 raise ConfigError(f"{path}: {problem}")
+        elif app.get("import_path") == FORMER_BUILD_APP:
+            raise ConfigError(f"{path}: {where} ({name}): {SPLIT_FORMAT}")
         elif app.get("import_path") == BUILD_BACKEND:
             if app.get("route_prefix", "/") is not None:
                 raise ConfigError(f"{path}: {where} ({name}): set route_prefix: null. A backend answers through its "

@@ -310,3 +310,16 @@ def test_a_whole_config_splits_into_the_applications_a_file_would_hold():
     assert list(apps) == ["raystack.qwen3-32b.vllm", "raystack.qwen3-32b.mindie"]
     assert all(app.withheld_env == ["RAYSTACK_API_KEYS"] and app.router == "raystack" for app in apps.values())
     assert parse_config(config.assemble(config.router, list(apps.values())).model_dump()) == config
+
+
+def test_a_file_of_the_former_single_application_format_says_what_replaced_it(tmp_path):
+    raw = {"applications": [{"name": "raystack", "route_prefix": "/", "import_path": "raystack.app:build_app",
+                             "args": {"models": [{"name": "m", "backends": [{"name": "s", "engine": "synthetic"}]}]}}]}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"raystack.app:build_app \(one application for the router and all "
+                                          r"backends\) is replaced by a router application"):
+        load_serve_config(tmp_path / "old.yaml")
+    from raystack.app import build_app  # what `serve run` of such a file calls
+
+    with pytest.raises(ConfigError, match="one application per backend"):
+        build_app(raw["applications"][0]["args"])
