@@ -30,7 +30,6 @@ from raystack.config import (
     ConfigError,
     Model,
     Parallelism,
-    RaystackConfig,
     RouterConfig,
     Routing,
     deployment_name,

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-from ray import serve
 
 from raystack.app import build_router, delete_stack, run_stack
 from raystack.config import ConfigError
