@@ -40,7 +40,7 @@ from raystack.models import embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.serve_file import SPLIT_FORMAT, proxy_timeout_problem
 from raystack.serving.auth import APIKeyError, APIKeys
-from raystack.serving.catalogue import REGISTRATION, registered_backends, serve_details
+from raystack.serving.catalogue import REGISTRATION, registered_backends, serve_controller, serve_details
 from raystack.serving.forwarding import BUSY_RETRY_AFTER_S
 from raystack.serving.ingress import Router
 from raystack.serving.server import LLMServer
@@ -66,12 +66,11 @@ def check_proxy_timeout(router: RouterConfig) -> None:
     """Under a running Serve (as `serve run FILE` starts it), its proxy's timeout must not be shorter than the
     router's (serve_file.py says why)."""
     import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     if not ray.is_initialized():
         return
     try:
-        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        controller = serve_controller()
     except ValueError:  # Serve not started yet: it will start with its defaults (no proxy timeout)
         return
     problem = proxy_timeout_problem(ray.get(controller.get_http_config.remote(), timeout=60).request_timeout_s, router)

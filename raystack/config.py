@@ -419,18 +419,15 @@ class RaystackConfig(_CacheFields):
     def assemble(cls, router: RouterConfig, backends: list[BackendApp]) -> RaystackConfig:
         """The service a router and its backend applications make. A model's backends must agree on what
         the model is (its source and routing)."""
-        models: dict[str, Model] = {}
+        fields: dict[str, ModelFields] = {}
+        served_by: dict[str, list[Backend]] = {}
         for app in backends:
-            model = models.get(app.model.name)
-            if model is None:
-                models[app.model.name] = app.as_model()
-                continue
-            if model.fields != app.model:
+            known = fields.setdefault(app.model.name, app.model)
+            if known != app.model:
                 raise ValueError(f"the backends of model {app.model.name} disagree on what it is: "
-                                 f"{model.fields.model_dump()} vs {app.model.model_dump()}; give each the same "
-                                 f"model: block")
-            model.backends.append(app.backend)
-            Model.model_validate(model.model_dump())  # backend names unique within the model
+                                 f"{known.model_dump()} vs {app.model.model_dump()}; give each the same model: block")
+            served_by.setdefault(app.model.name, []).append(app.backend)
+        models = {name: Model(**fields[name].model_dump(), backends=served) for name, served in served_by.items()}
         cache = {(app.cache_dir, app.cache_shared) for app in backends}
         cache_dir, cache_shared = cache.pop() if len(cache) == 1 else (None, False)
         return cls(models=list(models.values()), router=router, cache_dir=cache_dir, cache_shared=cache_shared)

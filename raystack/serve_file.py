@@ -17,7 +17,6 @@ answers the router would still relay.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -92,7 +91,7 @@ def _service(path: Path, name: str, router: RouterConfig,
         raise ConfigError(f"{path}: no backend application names the router {name} (router: {name}, import_path: "
                           f"{BUILD_BACKEND})")
     for where, app_name, backend in backends:
-        problems = _backend_problems(router, backend.backend, backend.withheld_env)
+        problems = _backend_problems(router, backend)
         if problems:
             raise ConfigError(f"{path}: {where} ({app_name}): " + "; ".join(problems))
     try:
@@ -101,10 +100,10 @@ def _service(path: Path, name: str, router: RouterConfig,
         raise ConfigError(f"{path}: router {name} and its backends: {err}") from None
 
 
-def _backend_problems(router: RouterConfig, backend: Any, withheld_env: list[str]) -> list[str]:
+def _backend_problems(router: RouterConfig, app: BackendApp) -> list[str]:
     problems = []
-    keys = router.api_keys
-    if keys and keys.env and keys.env not in withheld_env:
+    keys, backend = router.api_keys, app.backend
+    if keys and keys.env and keys.env not in app.withheld_env:
         problems.append(f"withheld_env must name {keys.env}, the variable the router reads its API keys from, or "
                         f"the backend's replicas and engines would hold the keys")
     if backend.graceful_shutdown_timeout_s < router.request_timeout_s:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
@@ -59,7 +60,7 @@ class Catalogue:
     config: RaystackConfig | None
     refs: dict[tuple[str, str], BackendRef]
 
-    @property
+    @cached_property  # read by every request: built once per catalogue
     def models(self) -> dict[str, Model]:
         return {m.name: m for m in self.config.models} if self.config else {}
 
@@ -84,7 +85,8 @@ class Catalogue:
         return cls(config, {(r.spec.model.name, r.spec.backend.name): r for r in accepted})
 
 
-def _controller() -> Any:
+def serve_controller() -> Any:
+    """Serve's controller actor; ValueError while Serve has not started."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
@@ -93,10 +95,10 @@ def _controller() -> Any:
 
 async def serve_details_async() -> dict[str, Any]:
     """Serve's instance details (applications, deployments and their configs), from its controller."""
-    return await _controller().get_serve_instance_details.remote()
+    return await serve_controller().get_serve_instance_details.remote()
 
 
 def serve_details() -> dict[str, Any]:
     import ray
 
-    return ray.get(_controller().get_serve_instance_details.remote(), timeout=60)
+    return ray.get(serve_controller().get_serve_instance_details.remote(), timeout=60)
