@@ -299,6 +299,21 @@ def _invalid(error: dict[str, Any]) -> OpenAIError:
     return OpenAIError(400, f"Invalid value for '{param}': {error['msg']}.", param=param)
 
 
+def tool_choice_of(body: dict[str, Any]) -> str | None:
+    """How a parsed request asks for tools: None (it sends none), "none", "auto", "required" or "named"
+    (a function). OpenAI: with tools and no tool_choice, the model chooses ("auto")."""
+    if not body.get("tools"):
+        return None
+    choice = body.get("tool_choice") or "auto"
+    return "named" if isinstance(choice, dict) else choice
+
+
+def response_format_of(body: dict[str, Any]) -> str | None:
+    """The structured output a parsed request asks for: "json_object", "json_schema", or None (text)."""
+    kind = (body.get("response_format") or {}).get("type")
+    return None if kind in (None, "text") else kind
+
+
 def message_text(content: Any) -> str:
     """A chat message's content as text: a string, or the text parts of a content-part list."""
     if isinstance(content, list):

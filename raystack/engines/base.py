@@ -100,6 +100,19 @@ def rank_per_npu(backend: Backend) -> Placement:
     return Placement(bundles=tuple({"NPU": 1} for _ in range(npus)), strategy=RAY_STRATEGIES[backend.placement])
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a backend cannot take a request: the request field it cannot honour (OpenAI's `param`), and
+    what it lacks, said so that the user knows what to change."""
+
+    param: str
+    reason: str
+
+
+def _takes_everything(kind: RequestKind, body: dict[str, Any], backend: Backend) -> Refusal | None:
+    return None
+
+
 def _no_problems(backend: Backend, where: str) -> list[str]:
     return []
 
@@ -151,6 +164,10 @@ class EngineSpec:
     placement: Callable[[Backend], Placement] = rank_per_npu
     # The share of each NPU's HBM the engine takes (what `raystack estimate`'s rule sizes within).
     memory_fraction: Callable[[Backend], float] = _nine_tenths
+    # A request field the backend cannot honour (tools it has no parser for, say): the router sends such a
+    # request to the model's other backends, or answers 400 with the Refusal, instead of letting the
+    # engine drop the field silently. Given the request as parsed (protocol.parse_request).
+    refuses: Callable[[RequestKind, dict[str, Any], Backend], Refusal | None] = _takes_everything
     # What a replica will run, for `raystack plan` (engine arguments, config files, environment), from the
     # model's path on the nodes and the nodes a replica lands on.
     plan: Callable[[str, Path, Backend, list[PlannedNode]], dict[str, Any]] = _nothing_more

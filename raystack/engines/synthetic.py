@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from raystack.engines.base import Answer, EngineSpec, RequestKind
-from raystack.protocol import SSE_DONE, completion_prompts, error_body, message_text, sse_event
+from raystack.engines.base import Answer, EngineSpec, Refusal, RequestKind
+from raystack.protocol import (SSE_DONE, completion_prompts, error_body, message_text, response_format_of, sse_event,
+                               tool_choice_of)
 
 if TYPE_CHECKING:
     from raystack.config import Backend
@@ -58,6 +59,15 @@ def _validate(backend: Backend) -> None:
         raise ValueError("engine: synthetic runs no model and needs no NPU; use device: cpu")
 
 
+def _refuses(kind: RequestKind, body: dict[str, Any], backend: Backend) -> Refusal | None:
+    """Filler words can be neither a tool call nor JSON: say so rather than answer words."""
+    if tool_choice_of(body) not in (None, "none"):
+        return Refusal("tools", "the synthetic engine answers filler words and calls no tools")
+    if response_format_of(body):
+        return Refusal("response_format", "the synthetic engine answers filler words, not JSON")
+    return None
+
+
 ENGINE = EngineSpec(
     name="synthetic",
     engine_class="raystack.engines.synthetic:SyntheticEngine",
@@ -67,6 +77,7 @@ ENGINE = EngineSpec(
     default_max_model_len=SYNTHETIC_DEFAULT_CONTEXT,
     replica_cpus={"cpu": SYNTHETIC_REPLICA_CPUS},
     validate=_validate,
+    refuses=_refuses,
 )
 
 VOCABULARY = (

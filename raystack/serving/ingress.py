@@ -8,8 +8,8 @@
 Here a request is authenticated (API keys), read within bounds (a body over `max_request_bytes` -> 413,
 one that stalls past `body_timeout_s` -> 408), parsed (400 with the offending `param`) and resolved to
 its model: `model`, or `model@backend` to pin a backend (benchmarks compare backends that way), among the
-backends the router last found in Serve's state (catalogue.py). Then
-forwarding.py takes it to a backend. Each answer names who served it in the headers
+backends the router last found in Serve's state (catalogue.py); those that cannot honour it (tools on a
+backend without a tool parser, say) are left out. Then forwarding.py takes it to a backend. Each answer names who served it in the headers
 x-raystack-backend and x-raystack-replica, and the router replica that relayed it in x-raystack-router.
 """
 
@@ -133,6 +133,26 @@ def check_length_bounds(model: Model, body: dict[str, Any]) -> None:
                 f"{param} {requested} leaves it no room. Lower {param} below {limit}.",
                 param=param, code="context_length_exceeded",
             )
+
+
+def backends_unable(model: Model, pinned: str | None, kind: str, body: dict[str, Any]) -> frozenset[str]:
+    """The backends of `model` that cannot honour this request (tools without a parser, say: each engine's
+    `refuses`), which it must not go to. A 400 naming what and why when that leaves none for it."""
+    refusals = {b.name: refusal for b in model.backends if (refusal := b.spec.refuses(kind, body, b))}
+    if pinned in refusals:
+        able = [b.name for b in model.backends if b.name not in refusals]
+        raise OpenAIError(
+            400, f"Backend `{pinned}` of `{model.name}` cannot take this request: {refusals[pinned].reason}."
+            + (f" Its backends that can: {', '.join(able)}." if able else ""),
+            param=refusals[pinned].param, code="unsupported_by_backend",
+        )
+    if refusals and len(refusals) == len(model.backends):
+        raise OpenAIError(
+            400, f"No backend of `{model.name}` can take this request: "
+            + "; ".join(f"{name}: {refusal.reason}" for name, refusal in refusals.items()) + ".",
+            param=next(iter(refusals.values())).param, code="unsupported_by_backend",
+        )
+    return frozenset(refusals)
 
 
 @serve.deployment
@@ -298,8 +318,9 @@ class Router:
         if key is not None:
             self.api_keys.require(key, model.name)
         check_length_bounds(model, body)
+        unable = backends_unable(model, pinned, kind, body)
         body["model"] = model.name
-        delivery = await self.forwarder.send(model, pinned, requested, kind, body)
+        delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable)
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
                    "x-raystack-router": self.replica}
         if delivery.opening.chunk is None:

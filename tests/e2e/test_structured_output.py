@@ -1,5 +1,6 @@
-"""Structured output on the embedded default, through the router, with the openai client: what apps send.
-vLLM constrains the answer to the schema (its structured-output backend), so even a 135M model answers in
+"""Structured output and tool calls on the embedded default, through the router, with the openai client: what
+apps and agents send. vLLM constrains the answer to the schema (its structured-output backend; for tools, the
+hermes parser's structural tag at local.yaml's tool_strict_level: parameter), so even a 135M model answers in
 shape; streamed deltas must reassemble into the whole answer (greedy: the same tokens). Tools and schemas
 no engine could use are refused at the router."""
 
@@ -21,6 +22,8 @@ WEATHER_ARGS = {  # enums keep a tiny model's answer short and checkable
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                            "parameters": WEATHER_ARGS}}]
 GREEDY = {"temperature": 0, "max_tokens": 64}
+# A call is ~30 tokens, but the grammar lets a small model spend some on whitespace between JSON tokens.
+CALL_ROOM = {"temperature": 0, "max_tokens": 200}
 
 
 def test_a_json_schema_response_parses_and_validates_whole_and_streamed(client):
@@ -41,6 +44,51 @@ def test_a_json_object_response_is_a_json_object(client):
     )
     assert whole.choices[0].finish_reason == "stop", whole.choices[0].message.content
     assert isinstance(json.loads(whole.choices[0].message.content), dict)
+
+
+def streamed_tool_calls(client: openai.OpenAI, **request) -> tuple[dict[int, dict[str, str]], str | None]:
+    """A stream's tool calls, index -> {id, name, arguments} reassembled from its deltas, and its finish_reason."""
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **request):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for part in choice.delta.tool_calls or []:
+                call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += part.id or ""
+                call["name"] += part.function.name or "" if part.function else ""
+                call["arguments"] += part.function.arguments or "" if part.function else ""
+    return calls, finish
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"],
+                         ids=["named", "required"])
+@pytest.mark.parametrize("strict", [False, True], ids=["tool", "strict-tool"])
+def test_tool_choice_returns_a_call_whose_arguments_match_the_schema_whole_and_streamed(client, tool_choice, strict):
+    tools = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": strict}}]
+    request = {"messages": ASK, "tools": tools, "tool_choice": tool_choice, **CALL_ROOM}
+    whole = client.chat.completions.create(model=MODEL, **request)
+    [call] = whole.choices[0].message.tool_calls
+    assert (call.type, call.function.name) == ("function", "get_weather") and call.id
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER_ARGS)
+    calls, finish = streamed_tool_calls(client, **request)
+    [streamed] = calls.values()
+    assert streamed["name"] == "get_weather" and streamed["id"]
+    assert json.loads(streamed["arguments"]) == arguments
+    assert finish == whole.choices[0].finish_reason
+
+
+def test_an_agent_turn_sends_the_tool_result_back_and_gets_an_answer(client):
+    # tool_choice auto: the model sees the tools (the prepared template lists them) and decides
+    first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, **CALL_ROOM)
+    assert first.choices[0].message.content or first.choices[0].message.tool_calls
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}
+    turns = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 21})}]
+    answer = client.chat.completions.create(model=MODEL, messages=turns, tools=TOOLS, tool_choice="none", **GREEDY)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
 @pytest.mark.parametrize("request_fields, param", [

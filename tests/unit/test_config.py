@@ -167,7 +167,7 @@ def test_missing_local_model_fails_before_deploying(tmp_path):
          "models[0].backends[0].synthetic.ttft: unknown key"),
         # What MindIE would refuse at start, refused by config check instead.
         (lambda a: (a["models"][0].update(name="qwen3-"), a["models"][0]["backends"][0].update(
-            engine="mindie", device="npu", engine_args={})),
+            engine="mindie", device="npu", engine_args={}, serving_args={})),
          "engine: mindie serves the model as ModelConfig.modelName, and MindIE refuses 'qwen3-'"),
         (lambda a: a["models"][0]["backends"][0].update(engine="mindie", device="npu", engine_args={}, max_model_len=4096,
                                                         mindie={"max_prefill_tokens": 2048}),

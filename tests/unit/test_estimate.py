@@ -260,7 +260,7 @@ def test_prepared_embedded_model_is_read_without_preparing(tmp_path):
     out = embedded.prepared_dir(model, tmp_path)
     out.mkdir(parents=True)
     (out / "config.json").write_text((FIXTURES / "smollm2-135m-instruct.json").read_text())
-    marker = {"gguf_sha256": model.gguf_sha256, "files": {"config.json": "unchecked"}}
+    marker = {"gguf_sha256": model.gguf_sha256, "recipe": embedded.RECIPE, "files": {"config.json": "unchecked"}}
     (out / embedded.MARKER).write_text(json.dumps(marker))
     assert model_config("smollm2-135m-instruct", tmp_path)["num_attention_heads"] == 9
 

@@ -1,5 +1,6 @@
 """Model sources: parsing, preparing the embedded model, and failing offline with a fix."""
 
+import json
 import os
 
 import pytest
@@ -33,6 +34,18 @@ def test_embedded_model_is_prepared_once_and_checked(tmp_path):
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     assert (path / "tokenizer.json").is_file()
     assert any("converting" in m for m in messages)
+    # Its chat template shows the model a request's tools and renders a turn that only called them.
+    from transformers import AutoTokenizer
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    turns = [{"role": "user", "content": "Weather?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "-3 C"}]
+    prompt = AutoTokenizer.from_pretrained(path).apply_chat_template(turns, tools=tools, tokenize=False)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in prompt
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in prompt
+    assert "<tool_response>\n-3 C\n</tool_response>" in prompt
 
     messages.clear()
     assert sources.resolve("smollm2-135m-instruct", tmp_path, progress=messages.append) == path
@@ -44,6 +57,10 @@ def test_embedded_model_is_prepared_once_and_checked(tmp_path):
     assert not embedded.is_prepared(model, tmp_path)
     sources.resolve("smollm2-135m-instruct", tmp_path, progress=messages.append)
     assert embedded.is_prepared(model, tmp_path)
+    # So is one prepared to an older recipe (a cache from before the tools template).
+    marker = path / embedded.MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "recipe": embedded.RECIPE - 1}))
+    assert not embedded.is_prepared(model, tmp_path)
 
 
 @pytest.mark.parametrize(

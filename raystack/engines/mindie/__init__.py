@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raystack.engines.base import EngineSpec, Placement, PlannedNode
+from raystack.engines.base import EngineSpec, Placement, PlannedNode, Refusal, RequestKind
 from raystack.engines.mindie.settings import MINDIE_NODE_CPUS, MODEL_NAME_RULE, MindIESettings
+from raystack.protocol import tool_choice_of
 
 if TYPE_CHECKING:
     from raystack.config import Backend
@@ -103,6 +104,21 @@ def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[Plann
     return planned
 
 
+def _refuses(kind: RequestKind, body: dict[str, Any], backend: Backend) -> Refusal | None:
+    """What MindIE's OpenAI endpoint (openAiSupport: vllm) does not honour, from MindIE-LLM@8b4871ad
+    src/server/endpoint/single_req_infer_interface/single_req_vllm_openai_infer_interface.cpp: tools with
+    tool_choice auto or none go to the chat template and calls come back parsed (the model's tool-call
+    parser, docs/zh/user_guide/feature/function_call.md); but `required` is treated as auto and a named
+    function only narrows the tools the template shows (FilterToolChoice): no call is forced. response_format
+    json_object / json_schema are constrained with xgrammar (infer_param.cpp AssignResponseFormat), so they
+    pass."""
+    if tool_choice_of(body) in ("required", "named"):
+        return Refusal("tool_choice", "MindIE does not force a tool call (tool_choice `required` or a named "
+                                      "function only narrows the tools its chat template shows); send "
+                                      "tool_choice auto, or use a vLLM backend with a tool parser")
+    return None
+
+
 ENGINE = EngineSpec(
     name="mindie",
     engine_class="raystack.engines.mindie.engine:MindIEEngine",
@@ -110,6 +126,7 @@ ENGINE = EngineSpec(
     devices=("npu",),
     validate=_validate,
     check_model_name=_check_model_name,
+    refuses=_refuses,
     placement=_placement,
     memory_fraction=lambda backend: backend.mindie.npu_memory_fraction,
     plan=_plan,

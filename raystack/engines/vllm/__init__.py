@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raystack.engines.base import EngineSpec, PlannedNode
+from raystack.engines.base import EngineSpec, PlannedNode, Refusal, RequestKind
+from raystack.protocol import tool_choice_of
 
 if TYPE_CHECKING:
     from raystack.config import Backend
@@ -47,6 +48,17 @@ def _check_deployable(backend: Backend, where: str) -> list[str]:
     return []
 
 
+def _refuses(kind: RequestKind, body: dict[str, Any], backend: Backend) -> Refusal | None:
+    """vLLM answers tools through a tool parser only, and makes one only with enable_auto_tool_choice: for
+    `auto` (0.23 and 0.32), and in 0.32 for a named or `required` tool_choice too (its serving layer then
+    constrains the call with the parser's structural tag: tool_parsers/abstract_tool_parser.py,
+    parser/parser_manager.py get_tool_parser). Structured output needs nothing: every vLLM has a backend."""
+    if tool_choice_of(body) not in (None, "none") and not backend.serving_args.get("enable_auto_tool_choice"):
+        return Refusal("tools", "it has no tool parser; set its serving_args enable_auto_tool_choice: true and "
+                                "tool_call_parser (vLLM's parser for the model's tool-call format, hermes for Qwen)")
+    return None
+
+
 def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[PlannedNode]) -> dict[str, Any]:
     from raystack.engines.vllm.args import build_engine_args
     from raystack.engines.vllm.compat import SUPPORTED
@@ -66,6 +78,7 @@ ENGINE = EngineSpec(
     takes_engine_args=True,
     validate=_validate,
     check_deployable=_check_deployable,
+    refuses=_refuses,
     memory_fraction=lambda backend: float(backend.engine_args.get("gpu_memory_utilization", 0.9)),
     plan=_plan,
 )
