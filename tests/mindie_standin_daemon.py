@@ -3,7 +3,8 @@
 It reads the config.json MindIE would read ($MIES_CONFIG_JSON_PATH, else
 $MIES_INSTALL_PATH/conf/config.json) and refuses one MindIE could not run with, printing an error and
 exiting 1. It opens its ports only after a load delay, then serves the OpenAI endpoints
-(`openAiSupport: vllm`) with deterministic output, the management endpoints (health, info,
+(`openAiSupport: vllm`) with deterministic output (tools and response_format as MindIE-LLM@8b4871ad
+handles them: see offered_tools and json_answer), the management endpoints (health, info,
 stopService) and, with MIES_SERVICE_MONITOR_MODE=1, Prometheus /metrics. Like MindIE it runs a backend
 process per NPU in its process group.
 
@@ -37,6 +38,8 @@ WORDS = ["the", "river", "carries", "light", "across", "stone", "and", "every", 
          "song", "of", "rain", "for", "morning"]
 CONTROL = os.environ.get("STANDIN_CONTROL")
 TOKEN_S = float(os.environ.get("STANDIN_TOKEN_S", "0.01"))
+# MindIE-LLM single_req_vllm_openai_infer_interface.cpp CheckToolObject: a function name MindIE accepts.
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_\u4e00-\u9fa5-]{1,64}$")
 
 
 def log(level: str, message: str) -> None:
@@ -387,8 +390,22 @@ class Daemon:
             return self.error(422, f"the input leaves no room to generate within maxSeqLen {self.s['max_seq']}")
         if "stream_options" in body:  # MindIE parses no stream_options; an unknown field is refused here
             return self.error(422, "stream_options is not supported by this endpoint")
-        start = sum(prompt.encode()) % len(WORDS)
-        words = [WORDS[(start + i) % len(WORDS)] for i in range(max_tokens)]
+        tools, problem = offered_tools(body) if chat else ([], None)
+        structured, problem = (None, problem) if problem else json_answer(body)
+        if problem:
+            return self.error(422, problem)
+        if tools:  # the "model" calls the first tool it is shown, with arguments of its schema
+            function = tools[0]["function"]
+            call = {"type": "function", "id": f"call_{uuid.uuid4().hex[:8]}",
+                    "function": {"name": function["name"],
+                                 "arguments": json.dumps(instance_of(function.get("parameters") or {}))}}
+            return await self.call(request, body, call, prompt_tokens)
+        if structured is not None:
+            words = structured.split(" ")[:max_tokens]  # MindIE cuts at max_tokens, JSON or not
+        else:
+            start = sum(prompt.encode()) % len(WORDS)
+            words = [WORDS[(start + i) % len(WORDS)] for i in range(max_tokens)]
+        finish = "stop" if structured is not None and " ".join(words) == structured else "length"
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                  "total_tokens": prompt_tokens + len(words)}
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -398,22 +415,53 @@ class Daemon:
             if not body.get("stream"):
                 await asyncio.sleep(TOKEN_S * len(words))
                 text = " ".join(words)
-                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-                          if chat else {"index": 0, "text": text, "finish_reason": "length"})
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                          if chat else {"index": 0, "text": text, "finish_reason": finish})
                 self.count_success(usage)
                 return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
                                           "created": created, "model": self.s["model"], "choices": [choice],
                                           "usage": usage})
-            return await self.stream(request, body, chat, rid, created, words, usage)
+            return await self.stream(request, body, chat, rid, created, words, usage, finish)
         finally:
             self.running -= 1
+
+    async def call(self, request, body, call: dict, prompt_tokens: int) -> web.StreamResponse:
+        """A tool call, as MindIE answers it (atb_llm/models/base/tool_call_parser.py; the vLLM delta shape
+        when streamed): finish_reason tool_calls; streamed, the call's id and name first, then its arguments,
+        every chunk repeating the role, usage on the last."""
+        arguments = call["function"]["arguments"]
+        pieces = arguments.split(" ")
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces) + 3,
+                 "total_tokens": prompt_tokens + len(pieces) + 3}
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.s["model"]}
+        if not body.get("stream"):
+            self.count_success(usage)
+            message = {"role": "assistant", "content": "", "tool_calls": [call]}
+            return web.json_response({**head, "choices": [{"index": 0, "message": message,
+                                                           "finish_reason": "tool_calls"}], "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        parts = [{"index": 0, "type": "function", "id": call["id"], "function": {"name": call["function"]["name"]}}]
+        parts += [{"index": 0, "function": {"arguments": p if i == 0 else " " + p}} for i, p in enumerate(pieces)]
+        for i, part in enumerate(parts):
+            await asyncio.sleep(TOKEN_S)
+            last = i == len(parts) - 1
+            chunk = {**head, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": {"role": "assistant", "tool_calls": [part]},
+                 "finish_reason": "tool_calls" if last else None}], **({"usage": usage} if last else {})}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        self.count_success(usage)
+        await response.write_eof()
+        return response
 
     def count_success(self, usage: dict) -> None:
         self.counts["success"] += 1
         self.counts["prompt"] += usage["prompt_tokens"]
         self.counts["generated"] += usage["completion_tokens"]
 
-    async def stream(self, request, body, chat, rid, created, words, usage) -> web.StreamResponse:
+    async def stream(self, request, body, chat, rid, created, words, usage, finish_reason) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         crash = claim("crash_mid_stream")
@@ -436,7 +484,7 @@ class Daemon:
                 return response
             text = word if i == 0 else " " + word
             last = i == len(words) - 1
-            finish = "length" if last else None
+            finish = finish_reason if last else None
             extra = {"usage": usage} if last else None  # MindIE: usage rides on the finishing chunk
             if chat:
                 delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
@@ -447,6 +495,74 @@ class Daemon:
         self.count_success(usage)
         await response.write_eof()
         return response
+
+
+def _tool_problem(tool) -> str | None:
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        return "Parameter tools item must be an object with type function"
+    if not TOOL_NAME.match(str(tool["function"].get("name", ""))):
+        return "Parameter tools function name is invalid"
+    return None
+
+
+def offered_tools(body: dict) -> tuple[list[dict], str | None]:
+    """The tools MindIE puts in the chat template, or its 422 message (MindIE-LLM@8b4871ad
+    single_req_vllm_openai_infer_interface.cpp: GetToolChoiceAsString, CheckToolObject, FilterToolChoice):
+    none -> no tools; auto, required or unset -> all (required forces nothing); a named function -> that
+    one only, none when it is not among them. tool_choice without tools is ignored."""
+    tools = body.get("tools")
+    if tools is None:
+        return [], None
+    if not isinstance(tools, list):
+        return [], "Tools not array"
+    for tool in tools:
+        if problem := _tool_problem(tool):
+            return [], problem
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            return [], "Parameter tool_choice string not in [none, auto, required]"
+        return ([] if choice == "none" else tools), None
+    if not isinstance(choice, dict):
+        return [], "Parameter tool_choice not string or object"
+    if problem := _tool_problem(choice):
+        return [], problem
+    return [t for t in tools if t["function"]["name"] == choice["function"]["name"]], None
+
+
+def instance_of(schema: dict):
+    """A value of a JSON schema: what constrained decoding lets the stand-in's "model" say."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: instance_of(sub) for name, sub in properties.items()
+                if name in schema.get("required", properties)}
+    return {"array": lambda: [instance_of(schema.get("items", {}))], "string": lambda: WORDS[0],
+            "integer": lambda: 1, "number": lambda: 1.5, "boolean": lambda: True, "null": lambda: None}[kind]()
+
+
+def json_answer(body: dict) -> tuple[str | None, str | None]:
+    """The JSON text a response_format asks for (None: plain text), or MindIE's 422 message
+    (MindIE-LLM@8b4871ad src/server/endpoint/utils/infer_param.cpp AssignResponseFormat)."""
+    response_format = body.get("response_format")
+    if response_format is None:
+        return None, None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None, None
+    if kind == "json_object":
+        return json.dumps({"answer": " ".join(WORDS[:3])}), None
+    if kind != "json_schema":
+        return None, f"Parameter response_format.type must be 'json_object', 'json_schema' or 'text', got '{kind}'"
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not 1 <= len(str(spec.get("name") or "")) <= 64:
+        return None, "Parameter response_format.json_schema.name must be a string of 1 to 64 characters"
+    if not isinstance(spec.get("schema"), dict):
+        return None, "Parameter response_format.json_schema.schema must be an object"
+    return json.dumps(instance_of(spec["schema"])), None
 
 
 def routes(daemon: Daemon, planes: set[str]) -> web.Application:

@@ -7,6 +7,7 @@ replaced, a hung daemon replaced, and nothing left running once the app is gone.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ import pytest
 import ray
 
 from raystack.config import backend_app_name
-from tests.integration.conftest import deployed
+from tests.integration.conftest import deployed, synthetic
 from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
 from tests.serve_cluster import replica_actors, serve_cluster
 
@@ -301,3 +302,52 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation_in_mindie(server, 
         while running_in_daemon() and time.monotonic() - left < 3:
             time.sleep(0.1)
         assert running_in_daemon() == 0, "MindIE still generates for clients that left"
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+           "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+
+
+def test_tools_and_json_reach_only_the_backends_that_honour_them(server, mindie):
+    """MindIE answers tools (tool_choice auto) and response_format; it forces no call, so a named or required
+    tool_choice is refused by name; a synthetic backend answers neither. A model with both: each request goes
+    only where it can be answered, never silently stripped of the field."""
+    [model] = mindie_model(mindie)
+    model["backends"].append(synthetic("synthetic", ttft_ms=1, tokens_per_s=0))
+    with deployed(server, "mindie-features", [model]) as url:
+        c = client(url)
+        for _ in range(6):  # weight 1:1, yet every tools request goes to MindIE
+            raw = c.chat.completions.with_raw_response.create(model="qwen3", messages=ask("weather in Paris?"),
+                                                              tools=TOOLS)
+            assert raw.headers["x-raystack-backend"] == "mindie"
+            [call] = raw.parse().choices[0].message.tool_calls
+            assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        pieces = [ch.choices[0].delta.tool_calls or [] for ch in c.chat.completions.create(
+            model="qwen3", messages=ask("weather in Paris?"), tools=TOOLS, stream=True) if ch.choices]
+        assert "".join(p.function.arguments or "" for parts in pieces for p in parts) == call.function.arguments
+
+        schema = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
+        raw = c.chat.completions.with_raw_response.create(model="qwen3", messages=ask("json"), response_format=schema)
+        assert raw.headers["x-raystack-backend"] == "mindie"
+        assert json.loads(raw.parse().choices[0].message.content) == {"city": "Paris"}
+
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        with pytest.raises(openai.BadRequestError) as nobody:
+            c.chat.completions.create(model="qwen3", messages=ask("weather?"), tools=TOOLS, tool_choice=named)
+        assert nobody.value.body["param"] == "tool_choice" and nobody.value.code == "unsupported_by_backend"
+        assert "mindie: MindIE does not force a tool call" in nobody.value.message
+        assert "synthetic: the synthetic engine answers filler words" in nobody.value.message
+        with pytest.raises(openai.BadRequestError) as pinned:
+            c.chat.completions.create(model="qwen3@synthetic", messages=ask("json"), response_format=schema)
+        assert pinned.value.body["param"] == "response_format"
+        assert "Backend `synthetic` of `qwen3` cannot take this request" in pinned.value.message
+        assert "Its backends that can: mindie" in pinned.value.message
+        # MindIE's own rule on a function name (CheckToolObject) reaches the client as its 400.
+        dotted = [{"type": "function", "function": {"name": "weather.get", "parameters": WEATHER}}]
+        with pytest.raises(openai.BadRequestError, match="MindIE: Parameter tools function name is invalid"):
+            c.chat.completions.create(model="qwen3", messages=ask("weather?"), tools=dotted)
+        # Plain requests still go to both.
+        served = {c.chat.completions.with_raw_response.create(model="qwen3", messages=ask(f"hi {i}"), max_tokens=2)
+                  .headers["x-raystack-backend"] for i in range(12)}
+        assert served == {"mindie", "synthetic"}
