@@ -11,6 +11,11 @@ one endpoint):
 - ITL: the gaps between successive chunks carrying text.
 - TPOT: (latency - TTFT) / (output tokens - 1), the first token excluded.
 - Output tokens: the server's usage (stream_options.include_usage), else the text chunks counted.
+- Reasoning tokens (thinking models, with the backend's reasoning parser on): the server's
+  usage.completion_tokens_details.reasoning_tokens (MindIE, DeepSeek's API), else the chunks carrying
+  reasoning text (vLLM streams one token a chunk; its usage counts them only for some parsers). Part of
+  the output tokens.
+- Time to answer: request sent -> first chunk carrying answer text (content), after any thinking.
 - Per-request output tokens/s: output tokens / latency (the per-request figure GPUStack's comparison shows).
 """
 
@@ -37,6 +42,8 @@ class RequestResult:
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    reasoning_tokens: int = 0
+    time_to_answer: float | None = None  # to the first content, after the thinking
     input_tokens: int | None = None
     error: str | None = None
 
@@ -64,12 +71,13 @@ def request_body(api: API, model: str, prompt: Prompt, ignore_eos: bool) -> dict
     return body
 
 
-def _chunk_text(api: API, choice: dict[str, Any]) -> str:
+def _chunk_text(api: API, choice: dict[str, Any]) -> tuple[str, str]:
+    """(answer text, reasoning text) of one streamed choice."""
     if api == "completions":
-        return choice.get("text") or ""
+        return choice.get("text") or "", ""
     delta = choice.get("delta") or {}
     # Reasoning models (Qwen3, DeepSeek-R1) stream their thinking apart from the answer: both are tokens.
-    return (delta.get("content") or "") + (delta.get("reasoning_content") or delta.get("reasoning") or "")
+    return delta.get("content") or "", delta.get("reasoning_content") or delta.get("reasoning") or ""
 
 
 async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], api: API,
@@ -77,6 +85,8 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], a
     start = time.perf_counter()
     last = start
     result = RequestResult(ok=False)
+    reasoning_chunks = 0
+    reported_reasoning = 0
     try:
         async with session.post(url, json=body, headers=headers) as response:
             if response.status != 200:
@@ -98,8 +108,14 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], a
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"].get("completion_tokens") or 0
                     result.input_tokens = chunk["usage"].get("prompt_tokens")
-                if any(_chunk_text(api, c) for c in chunk.get("choices") or []):
+                    reported_reasoning = (chunk["usage"].get("completion_tokens_details") or {}).get(
+                        "reasoning_tokens") or 0
+                texts = [_chunk_text(api, c) for c in chunk.get("choices") or []]
+                if any(answer or reasoning for answer, reasoning in texts):
                     now = time.perf_counter()
+                    reasoning_chunks += any(reasoning for _, reasoning in texts)
+                    if result.time_to_answer is None and any(answer for answer, _ in texts):
+                        result.time_to_answer = now - start
                     if result.ttft is None:
                         result.ttft = now - start
                     else:
@@ -110,6 +126,7 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], a
     result.latency = time.perf_counter() - start
     if not result.output_tokens:  # no usage from the server: count the chunks that carried text
         result.output_tokens = len(result.itl) + (result.ttft is not None)
+    result.reasoning_tokens = reported_reasoning or reasoning_chunks
     if result.ttft is None and result.error is None:
         result.error = "the answer carried no text"
     result.ok = result.error is None

@@ -25,6 +25,8 @@ COLUMNS = [
     ("itl_median_ms", "ITL p50 ms"),
     ("e2el_median_ms", "E2E p50 ms"),
     ("per_request_tokens_per_s", "tok/s per request"),
+    ("reasoning_share", "reasoning share"),
+    ("time_to_answer_median_ms", "to answer p50 ms"),
 ]
 
 
@@ -56,6 +58,7 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], durat
         "duration_s": duration_s,
         "total_input_tokens": sum(r.input_tokens or 0 for r in ok),
         "total_output_tokens": sum(r.output_tokens for r in ok),
+        "total_reasoning_tokens": sum(r.reasoning_tokens for r in ok),
         "request_throughput": len(ok) / duration_s if duration_s else None,
         "output_throughput": sum(r.output_tokens for r in ok) / duration_s if duration_s else None,
     }
@@ -64,9 +67,12 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], durat
         ("tpot", [r.tpot for r in ok if r.tpot is not None]),
         ("itl", [gap for r in ok for gap in r.itl]),
         ("e2el", [r.latency for r in ok]),
+        ("time_to_answer", [r.time_to_answer for r in ok if r.time_to_answer is not None]),
     ):
         for stat, value in _ms(values).items():
             row[f"{name}_{stat}_ms"] = value
+    # of the output tokens, the thinking: what a reasoning model spends before its answer
+    row["reasoning_share"] = row["total_reasoning_tokens"] / row["total_output_tokens"] if row["total_output_tokens"] else None
     per_request = [r.tokens_per_s for r in ok if r.tokens_per_s is not None]
     row["per_request_tokens_per_s"] = statistics.fmean(per_request) if per_request else None
     row["errors"] = sorted({r.error for r in results if r.error})[:5]

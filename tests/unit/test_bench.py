@@ -1,11 +1,13 @@
 """raystack bench's arithmetic and datasets: the definitions vllm bench serve uses, on known numbers."""
 
+import asyncio
 import json
 
+import aiohttp
 import pytest
 
 from raystack.bench import datasets
-from raystack.bench.loadgen import RequestResult, request_body
+from raystack.bench.loadgen import RequestResult, request_body, send
 from raystack.bench.report import markdown, percentile, summarize
 
 
@@ -76,3 +78,43 @@ def test_jsonl_prompts_take_both_shapes_and_say_what_is_wrong(tmp_path):
         datasets.jsonl_prompts(bad, 1, None)
     with pytest.raises(datasets.DatasetError, match="no such file"):
         datasets.jsonl_prompts(tmp_path / "missing.jsonl", 1, None)
+
+
+def _thinking_server(usage_counts_reasoning: bool, field: str):
+    """A server streaming 3 chunks of thinking then 2 of answer, as vLLM (`reasoning`, no count in usage)
+    or MindIE (`reasoning_content`, counted in usage) do."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        deltas = [{field: w} for w in ("Two", " and", " two.")] + [{"content": w} for w in ("Four", ".")]
+        for delta in deltas:
+            await asyncio.sleep(0.01)
+            chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        usage = {"prompt_tokens": 4, "completion_tokens": 5,
+                 "completion_tokens_details": {"reasoning_tokens": 3 if usage_counts_reasoning else 0}}
+        await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@pytest.mark.parametrize("usage_counts_reasoning, field", [(False, "reasoning"), (True, "reasoning_content")])
+def test_thinking_is_counted_apart_and_the_answer_timed_after_it(usage_counts_reasoning, field):
+    from aiohttp.test_utils import TestServer
+
+    async def measure() -> RequestResult:
+        async with TestServer(_thinking_server(usage_counts_reasoning, field)) as server, \
+                aiohttp.ClientSession() as session:
+            body = request_body("chat", "m", datasets.Prompt([{"role": "user", "content": "2+2?"}], max_tokens=5), False)
+            return await send(session, str(server.make_url("/v1/chat/completions")), body, "chat", {})
+
+    result = asyncio.run(measure())
+    assert result.ok and (result.output_tokens, result.reasoning_tokens) == (5, 3)
+    assert result.time_to_answer > result.ttft + 0.02  # three chunks of thinking came first
+    row = summarize("m", 1, [result], duration_s=1.0)
+    assert row["total_reasoning_tokens"] == 3 and row["reasoning_share"] == pytest.approx(0.6)
