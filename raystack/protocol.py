@@ -9,7 +9,7 @@ Types are strict: `"max_tokens": "5"` is a 400, not a string an engine would cho
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -312,6 +312,37 @@ def response_format_of(body: dict[str, Any]) -> str | None:
     """The structured output a parsed request asks for: "json_object", "json_schema", or None (text)."""
     kind = (body.get("response_format") or {}).get("type")
     return None if kind in (None, "text") else kind
+
+
+# A thinking model's reasoning comes back as `reasoning` from vLLM (0.23 and 0.32: its DeltaMessage) and as
+# `reasoning_content` from MindIE (and DeepSeek's API); clients read one or the other. Every answer through
+# raystack carries both, so a client works whichever backend served it.
+REASONING_FIELDS = ("reasoning", "reasoning_content")
+
+
+def name_reasoning_both_ways(answer: dict[str, Any]) -> bool:
+    """Give each choice's message or delta the reasoning field it lacks; True if any changed."""
+    changed = False
+    for choice in answer.get("choices") or []:
+        message = choice.get("message") or choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        text = next((message[f] for f in REASONING_FIELDS if message.get(f) is not None), None)
+        for field in REASONING_FIELDS:
+            if text is not None and message.get(field) is None:
+                message[field] = text
+                changed = True
+    return changed
+
+
+async def stream_reasoning_both_ways(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An SSE stream whose chunks carry both reasoning fields (only chunks with reasoning are rewritten)."""
+    async for event in events:
+        if '"reasoning' in event and event.startswith("data: {"):
+            chunk = json.loads(event[6:])
+            if name_reasoning_both_ways(chunk):
+                event = sse_event(chunk)
+        yield event
 
 
 def message_text(content: Any) -> str:

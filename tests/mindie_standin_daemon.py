@@ -194,6 +194,10 @@ def check_config(config: dict) -> dict:
         model_config["torch_dtype"], model_config["vocab_size"]
     except (OSError, ValueError, KeyError) as err:
         fail(f"read {weights}/config.json failed (torch_dtype and vocab_size are required): {err!r}")
+    # MindIE-LLM router.py: the LLM options of the weights' model type (ModelConfig[0].models.<model_type>)
+    options = (model.get("models") or {}).get(model_config.get("model_type"), {})
+    if not isinstance(options.get("enable_reasoning", False), bool):
+        fail("config.json: models.*.enable_reasoning must be a bool")
     schedule = get(config, "BackendConfig.ScheduleConfig", dict)
     for key in ("maxBatchSize", "maxPrefillTokens", "cacheBlockSize"):
         if get(config, f"BackendConfig.ScheduleConfig.{key}", int) <= 0:
@@ -218,7 +222,7 @@ def check_config(config: dict) -> dict:
         fail(f"config.json: worldSize {world} != {len(local)} npuDeviceIds")
     return {"planes": planes(server, ports), "model": model["modelName"], "devices": local, "max_seq": max_seq,
             "max_input": max_input, "max_batch": schedule["maxBatchSize"], "world": world, "master": master,
-            "max_iter": max_iter}
+            "max_iter": max_iter, "reasoning": options.get("enable_reasoning", False)}
 
 
 def check_ranktable() -> tuple[list[int], bool]:
@@ -406,22 +410,31 @@ class Daemon:
             start = sum(prompt.encode()) % len(WORDS)
             words = [WORDS[(start + i) % len(WORDS)] for i in range(max_tokens)]
         finish = "stop" if structured is not None and " ".join(words) == structured else "length"
+        # enable_reasoning: the thinking parsed out into reasoning_content, unless the request turns it off
+        # (chat_template_kwargs.enable_thinking: MindIE's AssignThinkingConfig; docs .../enable_reasoning.md)
+        thinking = (chat and structured is None and self.s["reasoning"]
+                    and (body.get("chat_template_kwargs") or {}).get("enable_thinking", True) is not False)
+        reasoning_words = min(3, len(words) - 1) if thinking else 0
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                 "total_tokens": prompt_tokens + len(words)}
+                 "total_tokens": prompt_tokens + len(words),
+                 "completion_tokens_details": {"reasoning_tokens": reasoning_words}}
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         self.running += 1
         try:
             if not body.get("stream"):
                 await asyncio.sleep(TOKEN_S * len(words))
-                text = " ".join(words)
-                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                text = " ".join(words[reasoning_words:])
+                message = {"role": "assistant", "content": text}
+                if reasoning_words:
+                    message["reasoning_content"] = " ".join(words[:reasoning_words])
+                choice = ({"index": 0, "message": message, "finish_reason": finish}
                           if chat else {"index": 0, "text": text, "finish_reason": finish})
                 self.count_success(usage)
                 return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
                                           "created": created, "model": self.s["model"], "choices": [choice],
                                           "usage": usage})
-            return await self.stream(request, body, chat, rid, created, words, usage, finish)
+            return await self.stream(request, body, chat, rid, created, words, usage, finish, reasoning_words)
         finally:
             self.running -= 1
 
@@ -461,7 +474,8 @@ class Daemon:
         self.counts["prompt"] += usage["prompt_tokens"]
         self.counts["generated"] += usage["completion_tokens"]
 
-    async def stream(self, request, body, chat, rid, created, words, usage, finish_reason) -> web.StreamResponse:
+    async def stream(self, request, body, chat, rid, created, words, usage, finish_reason,
+                     reasoning_words: int = 0) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         crash = claim("crash_mid_stream")
@@ -482,12 +496,13 @@ class Daemon:
                 await response.write_eof()
                 self.counts["failed"] += 1
                 return response
-            text = word if i == 0 else " " + word
+            text = word if i in (0, reasoning_words) else " " + word
+            field = "reasoning_content" if i < reasoning_words else "content"
             last = i == len(words) - 1
             finish = finish_reason if last else None
             extra = {"usage": usage} if last else None  # MindIE: usage rides on the finishing chunk
             if chat:
-                delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
+                delta = {"role": "assistant", field: text} if i == 0 else {field: text}
                 await send({"index": 0, "delta": delta, "finish_reason": finish}, extra)
             else:
                 await send({"index": 0, "text": text, "finish_reason": finish}, extra)

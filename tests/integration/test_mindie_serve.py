@@ -309,14 +309,29 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": [
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
 
 
-def test_tools_and_json_reach_only_the_backends_that_honour_them(server, mindie):
+def test_tools_json_and_reasoning_reach_only_the_backends_that_honour_them(server, mindie):
     """MindIE answers tools (tool_choice auto) and response_format; it forces no call, so a named or required
     tool_choice is refused by name; a synthetic backend answers neither. A model with both: each request goes
-    only where it can be answered, never silently stripped of the field."""
+    only where it can be answered, never silently stripped of the field. With enable_reasoning, MindIE's
+    thinking comes back apart, under both names clients read."""
     [model] = mindie_model(mindie)
+    model["backends"][0]["mindie"]["model_options"] = {"qwen3": {"enable_reasoning": True}}
     model["backends"].append(synthetic("synthetic", ttft_ms=1, tokens_per_s=0))
     with deployed(server, "mindie-features", [model]) as url:
         c = client(url)
+        whole = c.chat.completions.create(model="qwen3@mindie", messages=ask("2 + 2?"), max_tokens=8).choices[0]
+        thinking = whole.message.model_extra["reasoning_content"]
+        assert thinking and whole.message.model_extra["reasoning"] == thinking and whole.message.content
+        assert len(thinking.split()) + len(whole.message.content.split()) == 8
+        deltas = [ch.choices[0].delta.model_extra for ch in c.chat.completions.create(
+            model="qwen3@mindie", messages=ask("2 + 2?"), max_tokens=8, stream=True) if ch.choices]
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == thinking
+        assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+        off = c.chat.completions.create(model="qwen3@mindie", messages=ask("2 + 2?"), max_tokens=8,
+                                        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert off.choices[0].message.model_extra.get("reasoning_content") is None
+        assert len(off.choices[0].message.content.split()) == 8
+
         for _ in range(6):  # weight 1:1, yet every tools request goes to MindIE
             raw = c.chat.completions.with_raw_response.create(model="qwen3", messages=ask("weather in Paris?"),
                                                               tools=TOOLS)

@@ -169,6 +169,10 @@ def test_missing_local_model_fails_before_deploying(tmp_path):
         (lambda a: (a["models"][0].update(name="qwen3-"), a["models"][0]["backends"][0].update(
             engine="mindie", device="npu", engine_args={}, serving_args={})),
          "engine: mindie serves the model as ModelConfig.modelName, and MindIE refuses 'qwen3-'"),
+        (lambda a: a["models"][0]["backends"][0].update(
+            engine="mindie", device="npu", engine_args={}, serving_args={},
+            mindie={"model_options": {"qwen3": {"enable_reasoning": "yes"}}}),
+         "model_options.qwen3.enable_reasoning must be true or false"),
         (lambda a: a["models"][0]["backends"][0].update(engine="mindie", device="npu", engine_args={}, max_model_len=4096,
                                                         mindie={"max_prefill_tokens": 2048}),
          "mindie.max_prefill_tokens (2048) is below max_input_token_len (max_model_len, 4096)"),

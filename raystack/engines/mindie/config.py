@@ -16,7 +16,8 @@ Keys raystack owns:
 - BackendConfig: `npuDeviceIds` (the NPUs Ray assigned to this replica on this node),
   `multiNodesInferEnabled`, ModelDeployConfig `maxSeqLen` / `maxInputTokenLen`, and the first
   ModelConfig's `modelName`, `modelWeightPath`, `worldSize` (this node's NPUs: MindIE's convention, and
-  what it derives from the rank table on a multi-node replica);
+  what it derives from the rank table on a multi-node replica), and its `models` from the backend's
+  `mindie.model_options` (per model type: enable_reasoning, tool_call_options, chat_template);
 - ScheduleConfig: `maxBatchSize`, `maxPrefillTokens`, `cacheBlockSize`, and `maxIterTimes`, the most tokens
   MindIE generates per request (output = min(maxIterTimes, max_tokens, maxSeqLen - prompt): MindIE-LLM
   docs/zh/user_guide/user_manual/service_parameter_configuration.md). The shipped 512 would cut every
@@ -92,7 +93,8 @@ def _section(config: dict[str, Any], *path: str) -> dict[str, Any]:
     return node
 
 
-def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str, Any] | None = None,
+                  model_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     config = copy.deepcopy(default)
     server = _section(config, "ServerConfig")
     server.update({
@@ -119,6 +121,8 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str
         "modelWeightPath": plan.weight_path,
         "worldSize": len(plan.npu_ids),
     })
+    if model_options:
+        models[0]["models"] = deep_merge(models[0].get("models") or {}, model_options)
     del models[1:]  # one model per replica
     schedule = _section(config, "BackendConfig", "ScheduleConfig")
     schedule.update({

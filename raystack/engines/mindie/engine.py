@@ -22,7 +22,7 @@ from raystack.engines.base import Answer, RequestKind
 from raystack.engines.mindie import ENGINE
 from raystack.engines.mindie.config import LOOPBACK, MindIEPlan
 from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
-from raystack.protocol import SSE_DONE, error_body, sse_event
+from raystack.protocol import SSE_DONE, error_body, name_reasoning_both_ways, sse_event
 
 if TYPE_CHECKING:
     from raystack.config import Backend
@@ -187,6 +187,8 @@ class MindIEEngine:
             if response.status != 200:
                 return Answer.whole(*openai_error(response.status, answer))
             self._finished(time.monotonic() - started, None, [], answer.get("usage") if isinstance(answer, dict) else None)
+            if isinstance(answer, dict):
+                name_reasoning_both_ways(answer)
             return Answer.whole(200, answer)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return Answer.streamed(self._relay(response, started, include_usage))
@@ -226,7 +228,7 @@ class MindIEEngine:
                         gaps.append(now - last_at)
                     last_at = now
                 last_chunk = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
-                yield f"data: {data.decode()}\n\n"
+                yield sse_event(chunk) if name_reasoning_both_ways(chunk) else f"data: {data.decode()}\n\n"
         except (aiohttp.ClientError, json.JSONDecodeError) as err:
             raise MindIEUnavailable(f"MindIE's stream broke: {err!r}; {self._gone()}") from None
         finally:

@@ -49,10 +49,31 @@ class MindIESettings(BaseModel):
     startup_timeout_s: float = Field(
         1800, gt=0, description="longest wait for the daemon to load the model and open its port"
     )
+    model_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per model type, what MindIE's LLM layer reads from "
+        "ModelConfig[0].models (MindIE-LLM router.py get_llm_config_validators): enable_reasoning (thinking parsed "
+        "into reasoning_content, docs/zh/user_guide/feature/enable_reasoning.md), tool_call_options.tool_call_parser, "
+        "chat_template; e.g. {qwen3: {enable_reasoning: true}}. The key is the weights' model_type (MindIE's name "
+        "for DeepSeek-R1 is deepseekv2)"
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="merged into config.json last, e.g. {BackendConfig: {ScheduleConfig: "
         "{maxIterTimes: 1024}}}"
     )
+
+    @model_validator(mode="after")
+    def _model_options_of_their_types(self) -> MindIESettings:
+        # MindIE-LLM router.py validates these three so at start; refused here instead of a daemon that exits
+        for model_type, options in self.model_options.items():
+            where = f"model_options.{model_type}"
+            if not isinstance(options.get("enable_reasoning", False), bool):
+                raise ValueError(f"{where}.enable_reasoning must be true or false")
+            parser = (options.get("tool_call_options") or {}).get("tool_call_parser")
+            if parser is not None and not isinstance(parser, str):
+                raise ValueError(f"{where}.tool_call_options.tool_call_parser must be a parser name")
+            if not isinstance(options.get("chat_template", ""), str):
+                raise ValueError(f"{where}.chat_template must be the path of a template file")
+        return self
 
     @model_validator(mode="after")
     def _prefill_holds_a_prompt(self) -> MindIESettings:

@@ -17,6 +17,7 @@ from raystack.engines.base import Answer, RequestKind
 from raystack.engines.vllm.args import build_engine_args, check_engine_args, check_serving_args
 from raystack.engines.vllm.compat import VLLMAPI, vllm_api
 from raystack.engines.vllm.cpu_cores import move_off_engine_cores
+from raystack.protocol import name_reasoning_both_ways, stream_reasoning_both_ways
 
 if TYPE_CHECKING:
     from raystack.config import Backend
@@ -67,6 +68,7 @@ class VLLMEngine:
         self.on_cpu = backend.device == "cpu"
         self.engine_args = build_engine_args(model_name, model_path, backend)
         self.serving_args = dict(backend.serving_args)
+        self.thinks = bool(backend.engine_args.get("reasoning_parser"))  # answers carry reasoning text
         self.vllm = vllm_api()  # the installed vLLM's names; an unsupported vLLM stops the replica here
         self.client = None
         self.state = None
@@ -120,8 +122,11 @@ class VLLMEngine:
         if isinstance(result, vllm.ErrorResponse):
             return Answer.whole(result.error.code, result.model_dump())
         if hasattr(result, "model_dump"):
-            return Answer.whole(200, result.model_dump())
-        return Answer.streamed(result)
+            answer = result.model_dump()
+            if self.thinks:
+                name_reasoning_both_ways(answer)
+            return Answer.whole(200, answer)
+        return Answer.streamed(stream_reasoning_both_ways(result) if self.thinks else result)
 
     def stats(self) -> dict[str, int]:
         counts = list(self.scheduler_counts.values())
