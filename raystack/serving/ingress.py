@@ -9,8 +9,9 @@ Here a request is authenticated (API keys), read within bounds (a body over `max
 one that stalls past `body_timeout_s` -> 408), parsed (400 with the offending `param`) and resolved to
 its model: `model`, or `model@backend` to pin a backend (benchmarks compare backends that way), among the
 backends the router last found in Serve's state (catalogue.py); those that cannot honour it (tools on a
-backend without a tool parser, say) are left out. Then forwarding.py takes it to a backend. Each answer names who served it in the headers
-x-raystack-backend and x-raystack-replica, and the router replica that relayed it in x-raystack-router.
+backend without a tool parser, say) are left out. Then forwarding.py takes it to a backend. Each answer
+names who served it in the headers x-raystack-backend and x-raystack-replica, and the router replica that
+relayed it in x-raystack-router.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Router-side request checks: malformed requests become 400s in OpenAI's error shape."""
 
+import asyncio
 import json
 
 import pytest
 
-from raystack.protocol import OpenAIError, error_body, parse_request
+from raystack.protocol import OpenAIError, error_body, parse_request, sse_event, stream_reasoning_both_ways
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -128,3 +129,21 @@ def test_tools_and_schemas_that_work_pass_untouched():
                    "function"]["parameters"]}}}
     assert parse_request("chat", body(**changes)) == {**CHAT, **changes}
     assert parse_request("chat", body(tools=[WEATHER], tool_choice="none"))["tool_choice"] == "none"
+
+
+def test_streamed_reasoning_carries_both_names_and_other_chunks_pass_untouched():
+    # vLLM streams `reasoning`; clients of MindIE and DeepSeek read `reasoning_content`
+    events = [sse_event({"choices": [{"index": 0, "delta": {"role": "assistant", "reasoning": "Two and two"}}]}),
+              sse_event({"choices": [{"index": 0, "delta": {"content": "Four", "reasoning": None}}]}),
+              "data: [DONE]\n\n"]
+
+    async def relay() -> list[str]:
+        async def upstream():
+            for event in events:
+                yield event
+        return [event async for event in stream_reasoning_both_ways(upstream())]
+
+    thinking, answer, done = asyncio.run(relay())
+    delta = json.loads(thinking[6:])["choices"][0]["delta"]
+    assert delta["reasoning"] == delta["reasoning_content"] == "Two and two"
+    assert (answer, done) == (events[1], events[2])
