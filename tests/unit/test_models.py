@@ -51,15 +51,16 @@ def test_embedded_model_is_prepared_once_and_checked(tmp_path):
     assert sources.resolve("smollm2-135m-instruct", tmp_path, progress=messages.append) == path
     assert messages == [f"smollm2-135m-instruct: ready at {path} (checksums verified)"]
 
-    # A damaged file is caught by its checksum and the checkpoint is rebuilt.
-    (path / "tokenizer.json").write_text("{}")
+    # A checkpoint prepared to an older recipe (a cache from before the tools template) is not ready: it is
+    # prepared again, as above.
     model = embedded.EMBEDDED_MODELS["smollm2-135m-instruct"]
-    assert not embedded.is_prepared(model, tmp_path)
-    sources.resolve("smollm2-135m-instruct", tmp_path, progress=messages.append)
-    assert embedded.is_prepared(model, tmp_path)
-    # So is one prepared to an older recipe (a cache from before the tools template).
     marker = path / embedded.MARKER
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "recipe": embedded.RECIPE - 1}))
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "recipe": embedded.RECIPE - 1}))
+    assert not embedded.is_prepared(model, tmp_path)
+    marker.write_text(json.dumps(record))
+    # Nor is a damaged one, caught by its checksum.
+    (path / "tokenizer.json").write_text("{}")
     assert not embedded.is_prepared(model, tmp_path)
 
 
