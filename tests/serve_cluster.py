@@ -15,16 +15,24 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
+import yaml
 
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
+
+from raystack.process import SERVE_FAST_PATH_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+# The embedded stack's first start prepares the model and loads vLLM: minutes on 2 cores.
+STARTUP_TIMEOUT_S = 900
 
 
 def free_port() -> int:
@@ -136,3 +144,27 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 90) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextlib.contextmanager
+def local_stack(workdir: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> Iterator[dict[str, Any]]:
+    """`serve run` on deploy_configs/local.yaml (changed by `edit`, if given), on a free port."""
+    config = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    if edit:
+        edit(config)
+    config_path = workdir / "local.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = workdir / "serve.log"
+    serve = Path(sys.executable).with_name("serve")
+    # Always a fresh local cluster, never one a developer has running.
+    # As `make run` starts it: Serve's fast path for the Ray that serve run starts (proxy included).
+    env = own_ray_env() | SERVE_FAST_PATH_ENV
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server([str(serve), "run", str(config_path)], log_path, env, f"{base}/health", STARTUP_TIMEOUT_S,
+                        cwd=ROOT)
+    try:
+        yield {"base_url": base, "log": log_path, "proc": proc}
+    finally:
+        stop_server(proc)

@@ -12,35 +12,16 @@ from pathlib import Path
 
 import openai
 import pytest
-import yaml
 
-from raystack.process import SERVE_FAST_PATH_ENV
-from tests.serve_cluster import free_port, own_ray_env, start_server, stop_server
+from tests.serve_cluster import local_stack
 
 ROOT = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("stack")
-    config = yaml.safe_load((ROOT / "deploy_configs/local.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    config_path = workdir / "local.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log_path = workdir / "serve.log"
-    serve = Path(sys.executable).with_name("serve")
-    # Always a fresh local cluster, never one a developer has running.
-    # As `make run` starts it: Serve's fast path for the Ray that serve run starts (proxy included).
-    env = own_ray_env() | SERVE_FAST_PATH_ENV
-    base = f"http://127.0.0.1:{port}"
-    proc = start_server([str(serve), "run", str(config_path)], log_path, env, f"{base}/health", STARTUP_TIMEOUT_S,
-                        cwd=ROOT)
-    try:
-        yield {"base_url": base, "log": log_path, "proc": proc}
-    finally:
-        stop_server(proc)
+    with local_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running
 
 
 @pytest.fixture(scope="package")

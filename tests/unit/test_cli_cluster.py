@@ -82,7 +82,7 @@ def test_estimate_prints_the_npus_a_replica_needs(tmp_path):
     assert missing.returncode == 1 and "error:" in missing.stderr
 
 
-def test_parallelism_auto_is_resolved_by_the_estimate(tmp_path):
+def test_parallelism_auto_is_resolved_by_the_estimate(tmp_path, capsys):
     model = tmp_path / "qwen3-32b"
     model.mkdir()
     shutil.copy(MODEL_CONFIGS / "qwen3-32b.json", model / "config.json")
@@ -92,6 +92,7 @@ def test_parallelism_auto_is_resolved_by_the_estimate(tmp_path):
     args["backend"]["parallelism"] = "auto"
     path = tmp_path / "auto.yaml"
     path.write_text(yaml.safe_dump(config))
-    out = raystack("config", "check", str(path))
-    assert out.returncode == 0, out.stderr
-    assert "qwen3-32b@vllm: parallelism auto -> tensor 2 x pipeline 1" in out.stdout
+    from raystack.cli import main  # in this process: vLLM, which config check imports, loads once
+
+    assert main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+    assert "qwen3-32b@vllm: parallelism auto -> tensor 2 x pipeline 1" in capsys.readouterr().out

@@ -51,3 +51,16 @@ def test_serving_options_reach_vllms_serving_layer_as_vllm_serve_would_set_them(
     assert (args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser, args.response_role) == (
         True, "hermes", "qwen3", "model")
     assert args.chat_template is None and args.served_model_name == ["m"]
+
+
+def test_a_mapping_engine_argument_becomes_vllms_config_object_as_vllm_serve_makes_it():
+    from raystack.engines.vllm.compat import vllm_api
+    from raystack.engines.vllm.engine import serve_namespace
+
+    vllm = vllm_api()
+    backend = Backend(name="v", device="cpu", engine_args={
+        "reasoning_parser": "olmo3", "structured_outputs_config": {"enable_in_reasoning": True}})
+    args = serve_namespace(vllm, build_engine_args("m", resolve("smollm2-135m-instruct"), backend), {})
+    engine_args = vllm.AsyncEngineArgs.from_cli_args(args)
+    # a dict here failed the replica at start ("'dict' object has no attribute 'reasoning_parser'")
+    assert engine_args.structured_outputs_config.enable_in_reasoning is True

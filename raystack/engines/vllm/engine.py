@@ -7,6 +7,7 @@ vLLM's server. On Ascend, vllm-ascend registers itself as a platform plugin; not
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,9 +56,15 @@ def stats_bridge(vllm: VLLMAPI, latest: dict[int, tuple[int, int]], metrics: Rep
 def serve_namespace(vllm: VLLMAPI, engine_args: dict[str, Any], serving_args: dict[str, Any]) -> Any:
     """The options `vllm serve` would hold for these engine arguments and serving options: vLLM's serving
     layer (init_app_state) reads them from its CLI namespace, so start from its parser's defaults."""
-    args = vllm.make_arg_parser(vllm.FlexibleArgumentParser()).parse_args(["--model", engine_args["model"]])
-    for key, value in {**engine_args, **serving_args}.items():
-        setattr(args, key, value)
+    given = {**engine_args, **serving_args}
+    # A mapping (structured_outputs_config, compilation_config, hf_overrides, ...) goes in as `vllm serve` takes
+    # it, JSON its parser turns into vLLM's config object: set as a dict, the engine fails on it at start.
+    mappings = [part for key, value in given.items() if isinstance(value, dict)
+                for part in (f"--{key.replace('_', '-')}", json.dumps(value))]
+    args = vllm.make_arg_parser(vllm.FlexibleArgumentParser()).parse_args(["--model", engine_args["model"], *mappings])
+    for key, value in given.items():
+        if not isinstance(value, dict):
+            setattr(args, key, value)
     return args
 
 
