@@ -1,7 +1,8 @@
 """The one way tests start Ray Serve: a fresh Ray cluster of their own (never one a developer or
 RAY_ADDRESS points at), Serve's HTTP on a free loopback port, and everything shut down afterwards. Also
 how tests and benchmarks run a server as a process (`serve run`, vLLM's own server): started in its own
-session, waited for until healthy, stopped with SIGINT as a user would, killed if it hangs.
+session, waited for until healthy, stopped with SIGINT as a user would, killed if it hangs; `local_stack`
+is `serve run deploy_configs/local.yaml`, the embedded stack the e2e tests drive.
 
 Without `nodes`, a local single-node Ray; with `nodes` (a list, maybe empty), a cluster simulated on this
 machine (ray.cluster_utils.Cluster): a head, then one node per entry of `nodes` (Cluster.add_node's
@@ -157,13 +158,13 @@ def local_stack(workdir: Path, edit: Callable[[dict[str, Any]], None] | None = N
     config_path = workdir / "local.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = workdir / "serve.log"
-    serve = Path(sys.executable).with_name("serve")
+    serve_cli = Path(sys.executable).with_name("serve")
     # Always a fresh local cluster, never one a developer has running.
     # As `make run` starts it: Serve's fast path for the Ray that serve run starts (proxy included).
     env = own_ray_env() | SERVE_FAST_PATH_ENV
     base = f"http://127.0.0.1:{port}"
-    proc = start_server([str(serve), "run", str(config_path)], log_path, env, f"{base}/health", STARTUP_TIMEOUT_S,
-                        cwd=ROOT)
+    proc = start_server([str(serve_cli), "run", str(config_path)], log_path, env, f"{base}/health",
+                        STARTUP_TIMEOUT_S, cwd=ROOT)
     try:
         yield {"base_url": base, "log": log_path, "proc": proc}
     finally:
