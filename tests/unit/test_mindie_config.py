@@ -7,6 +7,7 @@ import stat
 import pytest
 
 from raystack.engines.mindie.config import MindIEConfigError, MindIEPlan, deep_merge, render_config, write_config
+from raystack.engines.mindie.settings import MindIESettings
 from tests import FIXTURES
 
 DEFAULT = FIXTURES / "mindie" / "config.default.json"
@@ -54,7 +55,7 @@ def test_overrides_merge_last_object_by_object(default):
     overrides = {"ServerConfig": {"tokenTimeout": 1200},
                  "BackendConfig": {"ScheduleConfig": {"maxBatchSize": 8, "maxIterTimes": 2048}},
                  "LogConfig": {"dynamicLogLevel": "debug"}}
-    config = render_config(default, PLAN, overrides)
+    config = render_config(default, PLAN, MindIESettings(overrides=overrides))
     assert config["ServerConfig"]["tokenTimeout"] == 1200 and config["ServerConfig"]["port"] == 41234
     schedule = config["BackendConfig"]["ScheduleConfig"]
     assert (schedule["maxBatchSize"], schedule["maxIterTimes"], schedule["cacheBlockSize"]) == (8, 2048, 128)

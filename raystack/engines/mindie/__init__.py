@@ -88,7 +88,7 @@ def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[Plann
                                                          "ScheduleConfig": {}}}
         shipped = f"not found here ({install}): raystack's keys and overrides only"
     try:
-        config = render_config(default, daemon, settings.overrides, settings.model_options)
+        config = render_config(default, daemon, settings)
     except MindIEConfigError as err:
         config = {"error": str(err)}
     env = {**(multi_node_defaults(first.chip_family) if multi else {}), **backend.env,

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raystack.engines.mindie.settings import MindIESettings
+
 CONFIG_MODE = 0o640  # MindIE refuses a config.json others may write or read
 LOOPBACK = "127.0.0.1"
 
@@ -93,8 +95,9 @@ def _section(config: dict[str, Any], *path: str) -> dict[str, Any]:
     return node
 
 
-def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str, Any] | None = None,
-                  model_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def render_config(default: dict[str, Any], plan: MindIEPlan, settings: MindIESettings | None = None) -> dict[str, Any]:
+    """config.json for `plan`, with the backend's `mindie:` block's model_options and overrides."""
+    settings = settings or MindIESettings()
     config = copy.deepcopy(default)
     server = _section(config, "ServerConfig")
     server.update({
@@ -121,8 +124,8 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str
         "modelWeightPath": plan.weight_path,
         "worldSize": len(plan.npu_ids),
     })
-    if model_options:
-        models[0]["models"] = deep_merge(models[0].get("models") or {}, model_options)
+    if settings.model_options:
+        models[0]["models"] = deep_merge(models[0].get("models") or {}, settings.model_options)
     del models[1:]  # one model per replica
     schedule = _section(config, "BackendConfig", "ScheduleConfig")
     schedule.update({
@@ -131,7 +134,7 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, overrides: dict[str
         "maxIterTimes": plan.max_iter_times,
         "cacheBlockSize": plan.cache_block_size,
     })
-    return deep_merge(config, overrides or {})
+    return deep_merge(config, settings.overrides)
 
 
 def write_config(config: dict[str, Any], path: Path) -> None:

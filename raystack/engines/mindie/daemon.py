@@ -143,7 +143,7 @@ class MindIEDaemon:
     async def _start(self, session: aiohttp.ClientSession | None, kill_grace_s: float) -> None:
         default = load_default_config(self.install)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"raystack-mindie-{self.name}-"))
-        write_config(render_config(default, self.plan, self.settings.overrides, self.settings.model_options), self.config_path)
+        write_config(render_config(default, self.plan, self.settings), self.config_path)
         own = own_env(self.settings, self.install, self.config_path)
         multi_node = self._write_ranktable() if self.ranktable is not None else None
         try:
