@@ -25,6 +25,7 @@ from raystack.cluster.placement import (
     ray_placement,
 )
 from raystack.config import (
+    Adapter,
     Backend,
     BackendApp,
     ConfigError,
@@ -36,7 +37,7 @@ from raystack.config import (
     parse_args,
     parse_config,
 )
-from raystack.models import embedded, sources
+from raystack.models import adapters, embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.serve_file import SPLIT_FORMAT, proxy_timeout_problem
 from raystack.serving.auth import APIKeyError, APIKeys
@@ -55,6 +56,8 @@ def check_deployable(models: list[Model], cache_dir: Path, hbm: HBMNeeds | None 
     for model in models:
         if model.loads_model:  # all-synthetic models read no source
             problems += _check_source(model, f"model {model.name}: source")
+        problems += [problem for i, adapter in enumerate(model.adapters)
+                     for problem in _check_adapter(adapter, f"model {model.name}: adapters[{i}].source")]
         for backend in model.backends:
             problems += backend.spec.check_deployable(backend, f"{model.name}@{backend.name}")
     problems += _check_capacity(models, hbm or {})
@@ -98,6 +101,15 @@ def _check_source(model: Model, where: str) -> list[str]:
             embedded.gguf_path(embedded.EMBEDDED_MODELS[src.ref])
     except (sources.ModelSourceError, embedded.EmbeddedModelError) as err:
         return [f"  {where}: {err}"]
+    return []
+
+
+def _check_adapter(adapter: Adapter, where: str) -> list[str]:
+    """A local adapter is checked here, as a local model is; a hub one where a replica fetches it."""
+    src = sources.parse_source(adapter.source)
+    if src.kind == "local" and not (Path(src.ref) / adapters.CONFIG_FILE).is_file():
+        return [f"  {where}: {src.ref} has no {adapters.CONFIG_FILE}; point it at a PEFT LoRA adapter's directory "
+                f"(what PEFT's save_pretrained writes)"]
     return []
 
 
@@ -201,7 +213,8 @@ def build_backend(args: dict[str, Any]) -> Application:
     options = deployment_options(backend, model.routing, hbm.get((model.name, backend.name)),
                                  tuple(app.withheld_env), registration=app)
     deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
-    return deployment.bind(model.name, model.source, backend.model_dump(), str(cache_dir), app.cache_shared)
+    return deployment.bind(model.name, model.source, backend.model_dump(), str(cache_dir), app.cache_shared,
+                           [adapter.model_dump() for adapter in model.adapters])
 
 
 def build_app(args: dict[str, Any]) -> Application:

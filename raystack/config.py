@@ -143,6 +143,11 @@ class _BackendFields(_Strict):
         "max_ongoing_requests; beyond it clients get 429 with Retry-After"
     )
     weight: float = Field(1, ge=0, description="share of the model's requests under routing policy: weighted")
+    adapters_per_replica: int = Field(
+        4, ge=1, description="the model's LoRA adapters one replica holds loaded at once (Serve's model "
+        "multiplexing: requests go to replicas that hold their adapter; another one replaces the least "
+        "recently used); vLLM: also its max_loras, the adapters in one batch"
+    )
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float | None = Field(
@@ -231,9 +236,32 @@ class Routing(_Strict):
         2048, ge=64, description="prefix_affinity: how many leading characters of the prompt are matched"
     )
     affinity_slack: int = Field(
-        4, ge=0, description="prefix_affinity: in-flight requests the matched replica may carry beyond the "
-        "least-loaded one before a request goes elsewhere"
+        4, ge=0, description="in-flight requests a preferred replica may carry beyond the least-loaded one "
+        "before a request goes elsewhere: under prefix_affinity the replica that served the prefix; under "
+        "every policy one that holds the request's LoRA adapter"
     )
+
+
+class Adapter(_Strict):
+    """A LoRA adapter of the model (raystack.models.adapters): clients send its name as `model`."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="the `model` clients send to be answered through it")
+    source: str = Field(min_length=1, description="a PEFT LoRA directory (adapter_config.json and its weights): "
+                        "a local path, modelscope://Org/Name or hf://Org/Name")
+
+    @field_validator("source")
+    @classmethod
+    def _a_directory_or_hub(cls, source: str) -> str:
+        from raystack.models.sources import ModelSourceError, parse_source
+
+        try:
+            kind = parse_source(source).kind
+        except ModelSourceError as err:
+            raise ValueError(str(err)) from None
+        if kind == "embedded":
+            raise ValueError(f"{source!r} is an embedded model, not an adapter; give the adapter's directory or "
+                             f"hub repository")
+        return source
 
 
 class ModelFields(_Strict):
@@ -247,6 +275,18 @@ class ModelFields(_Strict):
         "may be left out when every backend is engine: synthetic",
     )
     routing: Routing = Routing()
+    adapters: list[Adapter] = Field(
+        default_factory=list, description="LoRA adapters of this model, served by its backends whose engine "
+        "takes adapters; each replica loads those asked of it, up to its backend's adapters_per_replica"
+    )
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> ModelFields:
+        names = [a.name for a in self.adapters]
+        _require_unique("adapter names", names)
+        if self.name in names:
+            raise ValueError(f"adapter {self.name!r} has the model's own name; clients could not ask for the model")
+        return self
 
 
 class Model(ModelFields):
@@ -278,6 +318,8 @@ class Model(ModelFields):
     def _names_the_engines_accept(self) -> Model:
         for backend in self.backends:
             backend.spec.check_model_name(self.name)
+            for adapter in self.adapters if backend.spec.serves_adapters else ():
+                backend.spec.check_adapter_name(adapter.name)
         return self
 
     @model_validator(mode="after")
@@ -388,6 +430,28 @@ class RaystackConfig(_CacheFields):
     def _unique_model_names(cls, models: list[Model]) -> list[Model]:
         _require_unique("model names", [m.name for m in models])
         return models
+
+    @model_validator(mode="after")
+    def _a_backend_for_adapters(self) -> RaystackConfig:
+        """Checked on the whole model, not per backend application: a model's synthetic backend may stand
+        beside the one that serves its adapters."""
+        for model in self.models:
+            if model.adapters and not any(b.spec.serves_adapters for b in model.backends):
+                takers = [e.name for e in registry().values() if e.serves_adapters]
+                raise ValueError(f"model {model.name}: no backend serves its LoRA adapters; give it a backend of "
+                                 f"engine: {' or '.join(takers)}, or remove adapters")
+        return self
+
+    @model_validator(mode="after")
+    def _one_meaning_per_name(self) -> RaystackConfig:
+        """Clients name a model or an adapter alike in `model`: each name must mean one thing."""
+        models = {m.name for m in self.models}
+        adapters = [a.name for m in self.models for a in m.adapters]
+        _require_unique("adapter names across models", adapters)
+        taken = sorted(models & set(adapters))
+        if taken:
+            raise ValueError(f"adapters named like a model: {taken}; give each adapter a name of its own")
+        return self
 
     @model_validator(mode="after")
     def _some_weight(self) -> RaystackConfig:

@@ -198,6 +198,7 @@ def check_config(config: dict) -> dict:
     options = (model.get("models") or {}).get(model_config.get("model_type"), {})
     if not isinstance(options.get("enable_reasoning", False), bool):
         fail("config.json: models.*.enable_reasoning must be a bool")
+    adapters = lora_modules(deploy, model["modelName"])
     schedule = get(config, "BackendConfig.ScheduleConfig", dict)
     for key in ("maxBatchSize", "maxPrefillTokens", "cacheBlockSize"):
         if get(config, f"BackendConfig.ScheduleConfig.{key}", int) <= 0:
@@ -222,7 +223,33 @@ def check_config(config: dict) -> dict:
         fail(f"config.json: worldSize {world} != {len(local)} npuDeviceIds")
     return {"planes": planes(server, ports), "model": model["modelName"], "devices": local, "max_seq": max_seq,
             "max_input": max_input, "max_batch": schedule["maxBatchSize"], "world": world, "master": master,
-            "max_iter": max_iter, "reasoning": options.get("enable_reasoning", False)}
+            "max_iter": max_iter, "reasoning": options.get("enable_reasoning", False), "adapters": adapters}
+
+
+def lora_modules(deploy: dict, model_name: str) -> dict[str, str]:
+    """The LoRA adapters MindIE loads at start, by name (MindIE-LLM@8b4871ad model_deploy_config.cpp, and
+    mindie_llm/runtime/lora/lora_manager.py for what an adapter directory must hold and its rank)."""
+    adapters: dict[str, str] = {}
+    max_loras, max_rank = deploy.get("maxLoras", 0), deploy.get("maxLoraRank", 0)
+    for module in deploy.get("LoraModules") or []:
+        if not all(isinstance(module.get(key), str) for key in ("name", "path", "baseModelName")):
+            fail("config.json: LoraModules entries need name, path and baseModelName strings")
+        if module["baseModelName"] != model_name:
+            log("WARN", f"baseModelName {module['baseModelName']} does not exist and corresponding lora adpater is "
+                        f"ignored")
+            continue
+        path = module["path"]
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not os.path.isfile(os.path.join(path, name)):
+                fail(f"LoRA {module['name']}: {path} has no {name}")
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            rank = json.load(f).get("r", 0)
+        if not 0 < rank <= 1024 or (max_rank and rank > max_rank):
+            fail("[INVALID LORA RANK], LoRA rank is greater than the max_lora_rank config.")
+        adapters.setdefault(module["name"], path)  # a repeated name keeps its first path
+    if max_loras and len(adapters) > max_loras:
+        fail("[LORA MEMORY ERROR], No empty LoRA slots.")
+    return adapters
 
 
 def check_ranktable() -> tuple[list[int], bool]:
@@ -338,8 +365,10 @@ class Daemon:
 
     # --- inference plane ---
     async def models(self, request: web.Request) -> web.Response:
+        card = {"object": "model", "created": int(time.time()), "owned_by": "MindIE Server"}
         return web.json_response({"object": "list", "data": [
-            {"id": self.s["model"], "object": "model", "created": int(time.time()), "owned_by": "MindIE Server"}]})
+            card | {"id": self.s["model"], "parent": "null"},  # as MindIE writes it: the string
+            *(card | {"id": name, "parent": self.s["model"]} for name in self.s["adapters"])]})
 
     def error(self, status: int, message: str, kind: str = "Input Validation Error") -> web.Response:
         """MindIE's error shape: flat, not OpenAI's; 422 for a request it cannot take."""
@@ -369,7 +398,8 @@ class Daemon:
             return self.error(422, "Failed to parse request context to json")
         if not isinstance(body, dict):
             return self.error(422, "Failed to parse request context to json")
-        if body.get("model") != self.s["model"]:
+        model = body.get("model")
+        if model != self.s["model"] and model not in self.s["adapters"]:
             return self.error(422, "Model not found")
         if chat:
             messages = body.get("messages")
@@ -407,7 +437,7 @@ class Daemon:
         if structured is not None:
             words = structured.split(" ")[:max_tokens]  # MindIE cuts at max_tokens, JSON or not
         else:
-            start = sum(prompt.encode()) % len(WORDS)
+            start = (sum(prompt.encode()) + (sum(model.encode()) if model != self.s["model"] else 0)) % len(WORDS)
             words = [WORDS[(start + i) % len(WORDS)] for i in range(max_tokens)]
         finish = "stop" if structured is not None and " ".join(words) == structured else "length"
         # enable_reasoning: the thinking parsed out into reasoning_content, unless the request turns it off
@@ -432,7 +462,7 @@ class Daemon:
                           if chat else {"index": 0, "text": text, "finish_reason": finish})
                 self.count_success(usage)
                 return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                          "created": created, "model": self.s["model"], "choices": [choice],
+                                          "created": created, "model": model, "choices": [choice],
                                           "usage": usage})
             return await self.stream(request, body, chat, rid, created, words, usage, finish, reasoning_words)
         finally:
@@ -447,7 +477,7 @@ class Daemon:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces) + 3,
                  "total_tokens": prompt_tokens + len(pieces) + 3}
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.s["model"]}
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": body["model"]}
         if not body.get("stream"):
             self.count_success(usage)
             message = {"role": "assistant", "content": "", "tool_calls": [call]}
@@ -483,7 +513,7 @@ class Daemon:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         async def send(choice: dict, extra: dict | None = None) -> None:
-            chunk = {"id": rid, "object": kind, "created": created, "model": self.s["model"],
+            chunk = {"id": rid, "object": kind, "created": created, "model": body["model"],
                      "choices": [choice], **(extra or {})}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
 

@@ -67,6 +67,10 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine cannot serve any more (Serve then replaces the replica)."""
 
+    # An engine whose spec says serves_adapters is built with `adapters=` (name -> directory) as well, and:
+    async def load_adapter(self, name: str) -> None:
+        """Make adapter `name` ready for requests (its name is then their `model`); raise AdapterLoadError."""
+
     async def shutdown(self) -> None:
         """Stop the engine and every process it started."""
 
@@ -152,12 +156,17 @@ class EngineSpec:
     loads_model: bool = True  # False: needs no `source` (engine: synthetic)
     devices: tuple[Device, ...] = ("npu",)  # where it runs; the first is the default
     takes_engine_args: bool = False  # whether `engine_args` are this engine's
+    # Whether it serves the model's LoRA adapters: its class then takes `adapters` (name -> directory, each
+    # checked to fit the model) and has load_adapter (Engine below).
+    serves_adapters: bool = False
     default_max_model_len: int | None = None  # when neither the config nor (later) the model says
     replica_cpus: dict[Device, float] = field(default_factory=lambda: {"cpu": 1.0, "npu": 2.0})
     # Rules on a backend beyond its fields' types (raise ValueError with the fix); may set defaults.
     validate: Callable[[Backend], None] = _no_rules
     # Rules on the name clients use for the model, which the engine serves it under (raise ValueError).
     check_model_name: Callable[[str], None] = _any_name
+    # Likewise for a LoRA adapter's name (an engine that serves_adapters).
+    check_adapter_name: Callable[[str], None] = _any_name
     # What this machine can tell before anything is scheduled: ["  where: problem", ...].
     check_deployable: Callable[[Backend, str], list[str]] = _no_problems
     # Where a `device: npu` replica runs; CPU replicas hold only their CPUs.
@@ -206,6 +215,13 @@ def engine_spec(name: str) -> EngineSpec:
     return registry()[name]
 
 
+class AdapterLoadError(RuntimeError):
+    """The engine could not load an adapter; the message is the engine's."""
+
+
 def create_engine(model_name: str, model_path: Path | None, backend: Backend,
-                  metrics: ReplicaMetrics | None = None) -> Engine:
-    return engine_spec(backend.engine).engine_type()(model_name, model_path, backend, metrics)
+                  metrics: ReplicaMetrics | None = None, adapters: dict[str, Path] | None = None) -> Engine:
+    engine_type = engine_spec(backend.engine).engine_type()
+    if backend.spec.serves_adapters:
+        return engine_type(model_name, model_path, backend, metrics, adapters=adapters or {})
+    return engine_type(model_name, model_path, backend, metrics)

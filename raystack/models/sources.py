@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 HUB_SCHEMES = {"modelscope://": "modelscope", "hf://": "hf"}
 HUB_NAMES = {"modelscope": "ModelScope", "hf": "Hugging Face"}
-# Files a checkpoint directory needs before an engine can load it.
-REQUIRED_FILES = ("config.json",)
+# A checkpoint directory holds one of these: a model's config, or a LoRA adapter's (models/adapters.py).
+CHECKPOINT_CONFIGS = ("config.json", "adapter_config.json")
 
 
 class ModelSourceError(RuntimeError):
@@ -80,10 +80,14 @@ def hub_dir(src: ModelSource, cache_dir: Path) -> Path:
 def check_local_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise ModelSourceError(f"model {what}: {path} is not a directory; point `source:` at a checkpoint directory")
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
-        raise ModelSourceError(f"model {what}: {path} has no {', '.join(missing)}; is it a model checkpoint?")
+    if not _has_config(path):
+        raise ModelSourceError(f"model {what}: {path} has no {' or '.join(CHECKPOINT_CONFIGS)}; is it a model "
+                               f"checkpoint or a LoRA adapter?")
     return path
+
+
+def _has_config(path: Path) -> bool:
+    return any((path / name).is_file() for name in CHECKPOINT_CONFIGS)
 
 
 def target_dir(source: str, cache_dir: Path) -> Path:
@@ -101,7 +105,7 @@ def locate(source: str, cache_dir: Path | None = None) -> Path | None:
     src = parse_source(source)
     cache_dir = cache_dir or cache_root()
     if src.kind == "local":
-        return Path(src.ref) if Path(src.ref, "config.json").is_file() else None
+        return Path(src.ref) if _has_config(Path(src.ref)) else None
     if src.kind == "embedded":
         model = embedded.EMBEDDED_MODELS[src.ref]
         ok = embedded.is_prepared(model, cache_dir, verify=False)

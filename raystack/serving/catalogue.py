@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from raystack.config import BackendApp, Model, RaystackConfig, RouterConfig
+from raystack.config import Adapter, BackendApp, Model, RaystackConfig, RouterConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,6 +63,11 @@ class Catalogue:
     @cached_property  # read by every request: built once per catalogue
     def models(self) -> dict[str, Model]:
         return {m.name: m for m in self.config.models} if self.config else {}
+
+    @cached_property
+    def adapters(self) -> dict[str, tuple[Model, Adapter]]:
+        """Each LoRA adapter by its name, with the model it adapts."""
+        return {a.name: (m, a) for m in self.models.values() for a in m.adapters}
 
     @classmethod
     def of(cls, router: RouterConfig, refs: list[BackendRef]) -> Catalogue:

@@ -125,9 +125,10 @@ class Forwarder:
         return policy.choose_backend(loads, route) if loads and policy else None
 
     async def send(self, model: Model, pinned: str | None, requested: str, kind: str,
-                   body: dict[str, Any], unable: frozenset[str] = frozenset()) -> Delivery:
+                   body: dict[str, Any], unable: frozenset[str] = frozenset(), adapter: str | None = None) -> Delivery:
         """To a backend of `model` (`pinned`, or the policy's choice; never one `unable` to honour the
-        request) until one opens its answer."""
+        request) until one opens its answer. Through LoRA `adapter`, if given: Serve's request router then
+        prefers the replicas that hold it (its multiplexed model id)."""
         route = (self.policies.get(model.name) or policy_for(model.routing.model_dump())).route(kind, body)
         streaming = bool(body.get("stream"))
         loop = asyncio.get_running_loop()
@@ -147,7 +148,7 @@ class Forwarder:
                 )
             try:
                 opening, stream = await self.open(model.name, backend, kind, body, route, streaming, deadline,
-                                                  tuple(failed))
+                                                  tuple(failed), adapter)
             except BackPressureError:
                 busy.add(backend)
                 continue
@@ -171,7 +172,7 @@ class Forwarder:
 
     async def open(
         self, model: str, backend: str, kind: str, body: dict[str, Any], route: policies.Route,
-        streaming: bool, deadline: float, avoid: tuple[str, ...] = (),
+        streaming: bool, deadline: float, avoid: tuple[str, ...] = (), adapter: str | None = None,
     ) -> tuple[Opening, DeploymentResponseGenerator]:
         """Send the request to `backend` (to none of the replicas in `avoid`) and wait for its opening (a
         stream's first chunk, or the whole JSON answer). The backend's in-flight count holds until the
@@ -183,6 +184,8 @@ class Forwarder:
         key = (model, backend)
         self.in_flight[key] += 1
         attempt = uuid.uuid4().hex
+        if adapter:
+            handle = handle.options(multiplexed_model_id=adapter)
         stream: DeploymentResponseGenerator = handle.generate.remote(
             kind, body, route=route, avoid=avoid, attempt=attempt)
         first = asyncio.ensure_future(stream.__anext__())

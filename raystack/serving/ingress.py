@@ -28,7 +28,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raystack.config import Model, RouterConfig
+from raystack.config import Backend, Model, RouterConfig
+from raystack.engines.base import Refusal
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
@@ -136,10 +137,18 @@ def check_length_bounds(model: Model, body: dict[str, Any]) -> None:
             )
 
 
-def backends_unable(model: Model, pinned: str | None, kind: str, body: dict[str, Any]) -> frozenset[str]:
+def _refusal(backend: Backend, kind: str, body: dict[str, Any], adapter: str | None) -> Refusal | None:
+    if adapter and not backend.spec.serves_adapters:
+        return Refusal("model", f"engine: {backend.engine} serves no LoRA adapter")
+    return backend.spec.refuses(kind, body, backend)
+
+
+def backends_unable(model: Model, pinned: str | None, kind: str, body: dict[str, Any],
+                    adapter: str | None = None) -> frozenset[str]:
     """The backends of `model` that cannot honour this request (tools without a parser, say: each engine's
-    `refuses`), which it must not go to. A 400 naming what and why when that leaves none for it."""
-    refusals = {b.name: refusal for b in model.backends if (refusal := b.spec.refuses(kind, body, b))}
+    `refuses`; an adapter on an engine without LoRA), which it must not go to. A 400 naming what and why
+    when that leaves none for it."""
+    refusals = {b.name: refusal for b in model.backends if (refusal := _refusal(b, kind, body, adapter))}
     if pinned in refusals:
         able = [b.name for b in model.backends if b.name not in refusals]
         raise OpenAIError(
@@ -192,8 +201,8 @@ class Router:
         self.seen = refs
         self.catalogue = Catalogue.of(self.settings, refs)
         self.forwarder.update(self.catalogue)
-        name_models_in_schema([name for m in self.models.values()
-                               for name in (m.name, *(f"{m.name}@{b.name}" for b in m.backends))])
+        name_models_in_schema([name for m in self.models.values() for base in (m.name, *(a.name for a in m.adapters))
+                               for name in (base, *(f"{base}@{b.name}" for b in m.backends))])
         logger.info("router %s serves: %s", self.app_name,
                     ", ".join(f"{m}@{b} ({ref.app})" for (m, b), ref in self.catalogue.refs.items()) or "nothing yet")
 
@@ -208,18 +217,22 @@ class Router:
         except Exception as err:  # the controller restarting, say: keep the catalogue, look again later
             logger.warning("router %s could not read Serve's state: %r", self.app_name, err)
 
-    async def resolve(self, requested: str) -> tuple[Model, str | None]:
-        """`model` or `model@backend` -> (model, pinned backend or None). A name not known yet is looked up
-        again in Serve's state (at most once a second): its backend may have been deployed a moment ago."""
+    async def resolve(self, requested: str) -> tuple[Model, str | None, str | None]:
+        """`model`, `adapter`, or either @backend -> (model, pinned backend or None, adapter or None). A name
+        not known yet is looked up again in Serve's state (at most once a second): its backend may have been
+        deployed a moment ago."""
         name, _, pinned = requested.partition("@")
-        if name not in self.models and asyncio.get_running_loop().time() - self.looked > 1:
+        known = name in self.models or name in self.catalogue.adapters
+        if not known and asyncio.get_running_loop().time() - self.looked > 1:
             await self.refresh_or_keep()
-        model = self.models.get(name)
+        model, adapter = self.catalogue.adapters.get(name, (self.models.get(name), None))
         if model is None:
+            adapters = ", ".join(f"{a} (of {m.name})" for a, (m, _) in sorted(self.catalogue.adapters.items()))
             raise OpenAIError(
                 404,
                 f"The model `{requested}` does not exist. Available models: "
-                f"{', '.join(sorted(self.models)) or 'none yet (no backend application names this router)'}.",
+                f"{', '.join(sorted(self.models)) or 'none yet (no backend application names this router)'}"
+                + (f"; LoRA adapters: {adapters}." if adapters else "."),
                 param="model",
                 code="model_not_found",
             )
@@ -227,11 +240,11 @@ class Router:
         if pinned and pinned not in backends:
             raise OpenAIError(
                 404,
-                f"Model `{name}` has no backend `{pinned}`. Its backends: {', '.join(backends)}.",
+                f"Model `{model.name}` has no backend `{pinned}`. Its backends: {', '.join(backends)}.",
                 param="model",
                 code="model_not_found",
             )
-        return model, pinned or None
+        return model, pinned or None, adapter and adapter.name
 
     def readiness(self, model: Model) -> dict[str, Any]:
         """`model` as this router sees it, asking no engine: each backend's running replicas (Serve counts a
@@ -277,22 +290,19 @@ class Router:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
+        """The models, and each LoRA adapter with its model as `parent` (as vLLM and MindIE list theirs)."""
         key = self.authenticate(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model.name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "raystack",
-                    "root": model.source,
-                    "backends": [b.name for b in model.backends],
-                }
-                for model in self.models.values()
-                if key is None or self.api_keys.may_use(key, model.name)
-            ],
-        }
+        listed = []
+        for model in self.models.values():
+            if key is not None and not self.api_keys.may_use(key, model.name):
+                continue
+            card = {"object": "model", "created": self.created, "owned_by": "raystack"}
+            listed.append(card | {"id": model.name, "root": model.source, "parent": None,
+                                  "backends": [b.name for b in model.backends]})
+            takers = [b.name for b in model.backends if b.spec.serves_adapters]
+            listed += [card | {"id": a.name, "root": a.source, "parent": model.name, "backends": takers}
+                       for a in model.adapters]
+        return {"object": "list", "data": listed}
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema("chat"))
     async def chat_completions(self, request: Request):
@@ -314,14 +324,14 @@ class Router:
         raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
         body = parse_request(kind, raw)
         requested = body["model"]
-        model, pinned = await self.resolve(requested)
+        model, pinned, adapter = await self.resolve(requested)
         request.state.model = model.name  # the errors metric's label from here on
         if key is not None:
             self.api_keys.require(key, model.name)
         check_length_bounds(model, body)
-        unable = backends_unable(model, pinned, kind, body)
-        body["model"] = model.name
-        delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable)
+        unable = backends_unable(model, pinned, kind, body, adapter)
+        body["model"] = adapter or model.name  # the engines serve an adapter under its own name
+        delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter)
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
                    "x-raystack-router": self.replica}
         if delivery.opening.chunk is None:

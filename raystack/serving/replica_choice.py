@@ -3,7 +3,8 @@
 It runs inside each process holding a handle to the backend (the Router's replicas) and asks the
 model's routing policy (policies.py) which replicas to try for each request, reading the request's
 `route` keyword (LLMServer.generate's), leaving out replicas that just failed (`avoid`, and
-policies.FAILING), and telling the Forwarder which replica took each `attempt`. Requests are matched to replicas exactly (no FIFO hand-over), so
+policies.FAILING), preferring replicas that hold a request's LoRA adapter, and telling the Forwarder which
+replica took each `attempt`. Requests are matched to replicas exactly (no FIFO hand-over), so
 an affinity choice is never given to another request. It also records how many replicas each backend
 runs, for the Router's choice of backend.
 
@@ -35,6 +36,7 @@ class BackendRequestRouter(RequestRouter):
     def initialize_state(self, **routing: Any) -> None:
         """`routing`: the model's routing settings (config.Routing), as build_backend passes them."""
         self.policy = policies.policy_for(routing)
+        self.affinity_slack = routing.get("affinity_slack", 0)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -49,8 +51,20 @@ class BackendRequestRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         # Not a replica that just failed: this request's earlier tries', or any request's lately.
         usable = policies.FAILING.usable(candidate_replicas, _kwarg(pending_request, "avoid", ()))
-        return self.policy.choose_replicas(self._deployment_id.name, usable, route_of(pending_request),
-                                           self.in_flight)
+        ranks = self.policy.choose_replicas(self._deployment_id.name, usable, route_of(pending_request),
+                                            self.in_flight)
+        adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if adapter:
+            ranks.insert(0, self.holding(adapter, usable))
+        return [rank for rank in ranks if rank]
+
+    def holding(self, adapter: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        """The replicas that hold LoRA `adapter` loaded (Serve's multiplexed model ids, which replicas report)
+        and carry at most affinity_slack requests more than the least loaded: an adapter's requests stay
+        where it is loaded without piling onto one replica."""
+        holders = [r for r in replicas if adapter in r.multiplexed_model_ids]
+        least = min(map(self.in_flight, replicas), default=0)
+        return [r for r in holders if self.in_flight(r) <= least + self.affinity_slack]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self.policy.routed(self._deployment_id.name, replica_id.unique_id, route_of(pending_request))

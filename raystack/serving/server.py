@@ -11,10 +11,12 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from raystack.config import Backend
-from raystack.engines.base import RequestKind, create_engine
+from raystack.engines.base import AdapterLoadError, RequestKind, create_engine
+from raystack.models.adapters import ReplicaAdapters, Unservable, prepare_adapters
 from raystack.models.replica_weights import prepare_on_every_node
 from raystack.observability.metrics import ReplicaMetrics
 from raystack.process import pin_granted_npus, restore_normal_priority
+from raystack.protocol import error_body
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,7 +95,8 @@ class LLMServer:
     """One replica = one engine on the CPUs/NPUs Ray granted this replica."""
 
     async def __init__(self, model_name: str, source: str | None, backend: dict[str, Any], cache_dir: str,
-                       cache_shared: bool = False):
+                       cache_shared: bool = False, adapters: list[dict[str, str]] | None = None):
+        """`adapters`: the model's LoRA adapters ({name, source}), served if the engine takes adapters."""
         restore_normal_priority()  # before the engine starts: its processes inherit it
         pin_granted_npus()  # likewise: the engine sees only this replica's NPUs
         self.backend = Backend.model_validate(backend)
@@ -102,9 +105,19 @@ class LLMServer:
         model_path = None
         if self.backend.loads_model:  # here, and on every other node this replica's ranks run on
             model_path = await asyncio.to_thread(prepare_on_every_node, source, cache_dir, cache_shared, logger.info)
+        self.adapters = ReplicaAdapters()
+        if adapters and self.backend.spec.serves_adapters:
+            self.adapters = await asyncio.to_thread(prepare_adapters, model_name, adapters, model_path, cache_dir,
+                                                    cache_shared, logger.info)
+        # Serve's model multiplexing: the adapters this replica holds are reported to every router, whose
+        # request router sends an adapter's requests to replicas that hold it (replica_choice.py).
+        async def hold(name: str) -> str:  # a function, not a bound method: Serve keeps its cache on it
+            return await self._load_adapter(name)
+
+        self.hold_adapter = serve.multiplexed(max_num_models_per_replica=self.backend.adapters_per_replica)(hold)
         self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
         self.engine_failed: str | None = None  # what the engine said when it last failed a request on its side
-        self.engine = create_engine(model_name, model_path, self.backend, self.metrics)
+        self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.paths)
         await self.engine.start()
         logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine,
                     model_path or "no model files")
@@ -113,11 +126,38 @@ class LLMServer:
         """Serve hands over the deployment's user_config: the backend as its router reads it from Serve's
         state (serving/catalogue.py). The replica was built from the same settings: nothing to change."""
 
+    async def _load_adapter(self, name: str) -> str:
+        """Serve's multiplexing calls this for an adapter the replica does not hold yet. Past
+        adapters_per_replica it forgets the least recently used: the engine keeps that one registered, in
+        memory bounded by its own cache (vLLM's max_cpu_loras), and routers stop preferring this replica
+        for it."""
+        await self.engine.load_adapter(name)
+        logger.info("adapter %s loaded", name)
+        return name
+
+    async def _adapter_refusal(self, name: str) -> Unservable | None:
+        """Why this replica cannot answer through adapter `name` (the router sent only adapters of this
+        model), else None once it holds it."""
+        if name in self.adapters.unservable:
+            return self.adapters.unservable[name]
+        try:
+            await self.hold_adapter(name)
+        except AdapterLoadError as err:
+            return Unservable(400, f"Adapter `{name}` cannot be loaded: {err}")
+        return None
+
     async def generate(self, kind: RequestKind, body: dict[str, Any], route: tuple[int, ...] = (),
                        avoid: tuple[str, ...] = (), attempt: str = "") -> AsyncIterator[Any]:
         """Streams the answer: an Opening, then (for a stream) further SSE strings. `route` (the prompt's
         prefix blocks), `avoid` (replicas that just failed this request) and `attempt` (names this try)
-        are read by the request router that chose this replica (replica_choice.py)."""
+        are read by the request router that chose this replica (replica_choice.py). A request through an
+        adapter names it as Serve's multiplexed model id, and in its body's `model`."""
+        adapter = serve.get_multiplexed_model_id()
+        refusal = await self._adapter_refusal(adapter) if adapter else None
+        if refusal is not None:
+            yield Opening(self.replica, status=refusal.status,
+                          body=error_body(refusal.status, refusal.message, param="model", code="adapter_unservable"))
+            return
         try:
             answer = await self.engine.generate(kind, body)
         except Exception as err:

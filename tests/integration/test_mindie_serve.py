@@ -366,3 +366,65 @@ def test_tools_json_and_reasoning_reach_only_the_backends_that_honour_them(serve
         served = {c.chat.completions.with_raw_response.create(model="qwen3", messages=ask(f"hi {i}"), max_tokens=2)
                   .headers["x-raystack-backend"] for i in range(12)}
         assert served == {"mindie", "synthetic"}
+
+
+def save_lora(folder: Path, in_width: int, out_width: int, rank: int = 4) -> Path:
+    """A PEFT LoRA directory adapting q_proj of layer 0, as MindIE's lora_manager reads one."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 8,
+                                                            "target_modules": ["q_proj"]}))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": np.zeros((rank, in_width), np.float16),
+               f"{prefix}.lora_B.weight": np.zeros((out_width, rank), np.float16)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_lora_adapters_are_served_by_mindie_where_they_are_held_and_refused_where_they_do_not_fit(
+        server, mindie, tmp_path):
+    """MindIE loads the model's adapters at start (LoraModules) and answers through one when `model` names it;
+    the router sends an adapter's requests only to backends that serve adapters, and to the replica that
+    holds it; an adapter made for another model is a 400 and never reaches MindIE's config."""
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    save_file({"model.layers.0.self_attn.q_proj.weight": np.zeros((32, 16), np.float16)},
+              str(mindie[2] / "model.safetensors"))
+    [model] = mindie_model(mindie, replicas=2)
+    model["adapters"] = [{"name": "qwen3-sql", "source": str(save_lora(tmp_path / "sql", 16, 32))},
+                         {"name": "other-model-lora", "source": str(save_lora(tmp_path / "other", 8, 32))}]
+    model["backends"][0]["adapters_per_replica"] = 2
+    model["backends"].append(synthetic("synthetic", ttft_ms=1, tokens_per_s=0))
+    with deployed(server, "mindie-lora", [model]) as url:
+        c = client(url)
+        listed = {m.id: m.model_extra for m in c.models.list().data}
+        assert listed["qwen3-sql"]["parent"] == "qwen3" and listed["qwen3-sql"]["backends"] == ["mindie"]
+
+        def answer(name: str) -> tuple[str, str, str]:
+            raw = c.completions.with_raw_response.create(model=name, prompt="select", max_tokens=4)
+            return raw.parse().choices[0].text, raw.headers["x-raystack-backend"], raw.headers["x-raystack-replica"]
+
+        adapted, backend, holder = answer("qwen3-sql")
+        assert backend == "mindie" and adapted != answer("qwen3@mindie")[0]
+        time.sleep(3)  # the replica reports what it holds to Serve's controller, which tells the router
+        assert {answer("qwen3-sql") for _ in range(8)} == {(adapted, "mindie", holder)}
+        assert len({answer("qwen3@mindie")[2] for _ in range(12)}) == 2  # the model itself: both replicas
+
+        with pytest.raises(openai.BadRequestError) as pinned:
+            c.completions.create(model="qwen3-sql@synthetic", prompt="select", max_tokens=4)
+        assert pinned.value.code == "unsupported_by_backend" and "serves no LoRA adapter" in pinned.value.message
+        with pytest.raises(openai.BadRequestError) as foreign:
+            c.completions.create(model="other-model-lora", prompt="select", max_tokens=4)
+        assert "was not made for model `qwen3`" in foreign.value.message and foreign.value.body["param"] == "model"
+        assert "takes inputs 8 wide; the model's takes 16" in foreign.value.message
+        with pytest.raises(openai.NotFoundError, match=r"LoRA adapters: other-model-lora \(of qwen3\), qwen3-sql"):
+            c.completions.create(model="qwen3-sq1", prompt="select", max_tokens=4)
+
+    for seen in starts(mindie[1]):
+        deploy = seen["config"]["BackendConfig"]["ModelDeployConfig"]
+        assert deploy["LoraModules"] == [{"name": "qwen3-sql", "path": str(tmp_path / "sql"), "baseModelName": "qwen3"}]
+        assert deploy["maxLoras"] == 1 and deploy["maxLoraRank"] == 4
+    assert_nothing_left(mindie[1])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raystack.engines.base import EngineSpec, Placement, PlannedNode, Refusal, RequestKind
-from raystack.engines.mindie.settings import MINDIE_NODE_CPUS, MODEL_NAME_RULE, MindIESettings
+from raystack.engines.mindie.settings import ADAPTER_NAME_RULE, MINDIE_NODE_CPUS, MODEL_NAME_RULE, MindIESettings
 from raystack.protocol import tool_choice_of
 
 if TYPE_CHECKING:
@@ -42,6 +42,12 @@ def _check_model_name(name: str) -> None:
     if not MODEL_NAME_RULE.fullmatch(name):
         raise ValueError(f"engine: mindie serves the model as ModelConfig.modelName, and MindIE refuses {name!r}: "
                          f"1 to 256 of A-Z a-z 0-9 _ . -, beginning and ending with a letter or digit")
+
+
+def _check_adapter_name(name: str) -> None:
+    if not ADAPTER_NAME_RULE.fullmatch(name):
+        raise ValueError(f"engine: mindie serves adapter {name!r} as a LoraModules name, and MindIE takes 1 to 256 "
+                         f"of A-Z a-z 0-9 _ - only; rename it")
 
 
 def _placement(backend: Backend) -> Placement:
@@ -123,6 +129,8 @@ ENGINE = EngineSpec(
     name="mindie",
     engine_class="raystack.engines.mindie.engine:MindIEEngine",
     settings=MindIESettings,
+    serves_adapters=True,
+    check_adapter_name=_check_adapter_name,
     devices=("npu",),
     validate=_validate,
     check_model_name=_check_model_name,

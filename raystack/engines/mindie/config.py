@@ -66,6 +66,7 @@ class MindIEPlan:
     ip: str = LOOPBACK  # the inference plane's: the node's IP on a multi-node replica
     master_port: int = 0  # multi-node: the master's port for the ranks' rendezvous (MASTER_PORT)
     management_port: int = 0  # management and metrics, on loopback; 0: the inference port (one listener)
+    adapters: tuple[tuple[str, str, int], ...] = ()  # LoRA adapters: (name, directory, rank)
 
     @property
     def management_url(self) -> str:
@@ -126,6 +127,14 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, settings: MindIESet
     })
     if settings.model_options:
         models[0]["models"] = deep_merge(models[0].get("models") or {}, settings.model_options)
+    if plan.adapters:
+        # MindIE-LLM docs/zh/user_guide/feature/multi_loRA.md and model_deploy_config.cpp: LoraModules beside
+        # ModelConfig, each adapter's baseModelName a ModelConfig modelName (else MindIE ignores it with a
+        # warning); maxLoras and maxLoraRank sized for them (GPUStack's MindIE backend writes the same keys).
+        deploy["LoraModules"] = [{"name": name, "path": path, "baseModelName": plan.model_name}
+                                 for name, path, _ in plan.adapters]
+        deploy["maxLoras"] = len(plan.adapters)
+        deploy["maxLoraRank"] = max(rank for _, _, rank in plan.adapters)
     del models[1:]  # one model per replica
     schedule = _section(config, "BackendConfig", "ScheduleConfig")
     schedule.update({

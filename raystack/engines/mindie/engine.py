@@ -64,9 +64,12 @@ def context_length(backend: Backend, model_path: Path) -> int:
 
 
 def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[int],
-             ip: str = LOOPBACK, ports: tuple[int, int, int, int] | None = None) -> MindIEPlan:
+             ip: str = LOOPBACK, ports: tuple[int, int, int, int] | None = None,
+             adapters: dict[str, Path] | None = None) -> MindIEPlan:
     """What one replica runs: on `ip` (the node's IP on a replica over several nodes), its inference,
-    multi-node, master and (multi-node) management `ports`, free ones unless given."""
+    multi-node, master and (multi-node) management `ports`, free ones unless given; its LoRA `adapters`."""
+    from raystack.models.adapters import rank
+
     settings = backend.mindie
     seq_len = context_length(backend, model_path)
     max_input = settings.max_input_token_len or seq_len
@@ -80,6 +83,7 @@ def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[
         multi_nodes_infer_port=infer_port, cache_block_size=settings.cache_block_size, ip=ip,
         multi_node=multi_node, master_port=master_port if multi_node else 0,
         management_port=management_port if multi_node else 0,  # config.py: why only there
+        adapters=tuple((name, str(path), rank(path)) for name, path in (adapters or {}).items()),
     )
 
 
@@ -114,8 +118,11 @@ def scrape(text: str) -> dict[str, float]:
 
 
 class MindIEEngine:
-    def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None):
+    def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None,
+                 adapters: dict[str, Path] | None = None):
+        """`adapters`: LoRA adapters, each in the daemon's config (LoraModules) from its start."""
         self.model_name = model_name
+        self.adapters = adapters or {}
         self.model_path = model_path
         self.backend = backend
         self.metrics = metrics
@@ -132,7 +139,8 @@ class MindIEEngine:
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         try:
             if self.backend.parallel.pipeline == 1:
-                plan = plan_for(self.model_name, self.model_path, self.backend, replica_npu_ids())
+                plan = plan_for(self.model_name, self.model_path, self.backend, replica_npu_ids(),
+                                adapters=self.adapters)
                 self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon", self.backend.env)
                 await self.daemon.start(self.session, KILL_GRACE_S)
             else:
@@ -162,17 +170,23 @@ class MindIEEngine:
         me = await asyncio.to_thread(this_node)
         others = await asyncio.gather(*(node.where.remote() for node in self.nodes))
         table = render_ranktable([me, *others])
-        plan = plan_for(self.model_name, self.model_path, self.backend, [i for i, _ in me.devices], ip=me.ip)
+        plan = plan_for(self.model_name, self.model_path, self.backend, [i for i, _ in me.devices], ip=me.ip,
+                        adapters=self.adapters)
         self.daemon = MindIEDaemon(plan, self.backend.mindie, "mindieservice_daemon (node 0, master)",
                                    self.backend.env, ranktable=table)
         logger.info("MindIE over %d nodes, rank table: %s", len(table["server_list"]), table)
         await asyncio.gather(self.daemon.start(self.session, KILL_GRACE_S),
                              *(node.start.remote(plan, table, KILL_GRACE_S) for node in self.nodes))
 
+    async def load_adapter(self, name: str) -> None:
+        """Nothing to do: the daemon loaded every adapter at its start (LoraModules)."""
+
     async def generate(self, kind: RequestKind, body: dict[str, Any]) -> Answer:
-        # MindIE serves the model under this name. It reads no stream_options: it always sends usage,
-        # on the finishing chunk; include_usage is honoured here (_relay).
-        payload = {k: v for k, v in body.items() if k != "stream_options"} | {"model": self.model_name}
+        # MindIE serves the model under this name, and an adapter under its own (AssignLoraId in MindIE-LLM's
+        # infer_param.cpp: `model` other than the base's selects that LoRA). It reads no stream_options: it
+        # always sends usage, on the finishing chunk; include_usage is honoured here (_relay).
+        model = body.get("model") if body.get("model") in self.adapters else self.model_name
+        payload = {k: v for k, v in body.items() if k != "stream_options"} | {"model": model}
         started = time.monotonic()
         try:
             response = await self.session.post(self.daemon.url + PATHS[kind], json=payload)

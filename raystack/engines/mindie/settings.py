@@ -14,6 +14,9 @@ MINDIE_NODE_CPUS = 1
 # MindIE's rule for ModelConfig.modelName (MindIE-LLM src/config_manager/model_deploy_config.cpp: 1-256 of
 # [a-zA-Z0-9_.-], first and last a letter or digit); the daemon refuses any other name at start.
 MODEL_NAME_RULE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,254}[A-Za-z0-9])?")
+# Its rule for a LoRA adapter's name (docs/zh/user_guide/feature/multi_loRA.md; the load endpoint's
+# ^[a-zA-Z0-9_-]{1,256}$ in http_handler.cpp): no dot, unlike a model's.
+ADAPTER_NAME_RULE = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 class MindIESettings(BaseModel):

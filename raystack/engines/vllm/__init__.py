@@ -76,6 +76,7 @@ ENGINE = EngineSpec(
     engine_class="raystack.engines.vllm.engine:VLLMEngine",
     devices=("npu", "cpu"),
     takes_engine_args=True,
+    serves_adapters=True,
     validate=_validate,
     check_deployable=_check_deployable,
     refuses=_refuses,

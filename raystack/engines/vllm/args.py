@@ -80,8 +80,24 @@ def check_serving_args(serving_args: dict[str, Any], where: str = "serving_args"
                               f"model's tool-call format, e.g. hermes for Qwen models)")
 
 
-def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> dict[str, Any]:
-    """The vLLM engine arguments a backend stands for: explicit config wins over our defaults."""
+# The max_lora_rank values vLLM takes (MaxLoRARanks in vllm/config/lora.py, 0.23 and 0.32 alike).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_args(adapter_ranks: list[int], backend: Backend) -> dict[str, Any]:
+    """LoRA on, sized for the adapters a replica serves: the smallest max_lora_rank vLLM takes that holds
+    the largest rank, and as many adapters per batch and in CPU memory as the replica holds loaded."""
+    if not adapter_ranks:
+        return {}
+    largest = max(adapter_ranks)
+    return {"enable_lora": True, "max_lora_rank": next((r for r in LORA_RANKS if r >= largest), largest),
+            "max_loras": backend.adapters_per_replica, "max_cpu_loras": backend.adapters_per_replica}
+
+
+def build_engine_args(model_name: str, model_path: Path, backend: Backend,
+                      adapter_ranks: list[int] | None = None) -> dict[str, Any]:
+    """The vLLM engine arguments a backend stands for (with LoRA sized for adapters of `adapter_ranks`):
+    explicit config wins over our defaults."""
     args: dict[str, Any] = {
         "model": str(model_path),
         "served_model_name": [model_name],
@@ -98,5 +114,6 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend) -> di
             args["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
     elif backend.parallel.world_size > 1:
         args["distributed_executor_backend"] = "ray"
+    args.update(lora_args(adapter_ranks or [], backend))
     args.update(backend.engine_args)
     return args

@@ -29,6 +29,7 @@ _COMMON = {
     "ChatCompletionRequest": "vllm.entrypoints.openai.chat_completion.protocol",
     "CompletionRequest": "vllm.entrypoints.openai.completion.protocol",
     "StatLoggerBase": "vllm.v1.metrics.loggers",
+    "LoadLoRAAdapterRequest": "vllm.entrypoints.serve.lora.protocol",
     # The parsers vLLM ships, by the name `tool_call_parser` / `reasoning_parser` take (registered lazily).
     "_TOOL_PARSERS_TO_REGISTER": "vllm.tool_parsers",
     "_REASONING_PARSERS_TO_REGISTER": "vllm.reasoning",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from raystack.engines.base import Answer, RequestKind
+from raystack.engines.base import AdapterLoadError, Answer, RequestKind
 from raystack.engines.vllm.args import build_engine_args, check_engine_args, check_serving_args
 from raystack.engines.vllm.compat import VLLMAPI, vllm_api
 from raystack.engines.vllm.cpu_cores import move_off_engine_cores
@@ -69,11 +69,16 @@ def serve_namespace(vllm: VLLMAPI, engine_args: dict[str, Any], serving_args: di
 
 
 class VLLMEngine:
-    def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None):
+    def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None,
+                 adapters: dict[str, Path] | None = None):
+        from raystack.models.adapters import rank
+
         self.model_name = model_name
         self.metrics = metrics
         self.on_cpu = backend.device == "cpu"
-        self.engine_args = build_engine_args(model_name, model_path, backend)
+        self.adapters = adapters or {}  # loaded into the engine when a replica first holds one (load_adapter)
+        self.engine_args = build_engine_args(model_name, model_path, backend,
+                                             [rank(path) for path in self.adapters.values()])
         self.serving_args = dict(backend.serving_args)
         self.thinks = bool(backend.engine_args.get("reasoning_parser"))  # answers carry reasoning text
         self.vllm = vllm_api()  # the installed vLLM's names; an unsupported vLLM stops the replica here
@@ -134,6 +139,18 @@ class VLLMEngine:
                 name_reasoning_both_ways(answer)
             return Answer.whole(200, answer)
         return Answer.streamed(stream_reasoning_both_ways(result) if self.thinks else result)
+
+    async def load_adapter(self, name: str) -> None:
+        """As vLLM's /v1/load_lora_adapter does: the adapter checked and loaded into the engine, and served
+        under `name` from then on. Loaded before (and since forgotten by Serve's multiplexing), it still is:
+        vLLM's serving layer refuses to load a name twice (models/serving.py, 0.23 and 0.32)."""
+        models = self.state.openai_serving_models
+        if name in models.lora_requests:
+            return
+        request = self.vllm.LoadLoRAAdapterRequest(lora_name=name, lora_path=str(self.adapters[name]))
+        result = await models.load_lora_adapter(request)
+        if isinstance(result, self.vllm.ErrorResponse):
+            raise AdapterLoadError(result.error.message)
 
     def stats(self) -> dict[str, int]:
         counts = list(self.scheduler_counts.values())

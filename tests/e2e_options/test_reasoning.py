@@ -1,5 +1,5 @@
-"""Reasoning on the real vLLM engine, through the router: the embedded stack with a reasoning parser on, in a
-stack of its own (started after the e2e package's stack has stopped: one engine at a time on 2 cores).
+"""Reasoning on the real vLLM engine, through the router: the embedded stack with a reasoning parser on
+(conftest.py: the second stack).
 
 SmolLM2 does not think on its own and has no <think> tokens, so vLLM's qwen3 and deepseek_r1 parsers cannot
 load on it; the olmo3 parser reads the tags as text. The requests make SmolLM2 think in that shape with a
@@ -18,30 +18,17 @@ import pytest
 
 from raystack.bench.datasets import Prompt
 from raystack.bench.loadgen import request_body, send
-from tests.serve_cluster import local_stack
+from tests.e2e_options.conftest import MODEL
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "smollm2"
 THINK_FIRST = [{"role": "user", "content": "What is 3 + 5? Think first, then answer."}]
 SHAPED = {"temperature": 0, "max_tokens": 60,
           "structured_outputs": {"regex": r"<think>[A-Za-z0-9 ,+=]{8,60}\.</think>[A-Za-z0-9 ,+=]{4,40}\."}}
 
 
-def with_reasoning_parser(config: dict) -> None:
-    [backend] = [app for app in config["applications"] if app["import_path"].endswith(":build_backend")]
-    backend["args"]["backend"]["engine_args"].update(
-        reasoning_parser="olmo3", structured_outputs_config={"enable_in_reasoning": True})
-
-
-@pytest.fixture(scope="module")
-def thinking(tmp_path_factory):
-    with local_stack(tmp_path_factory.mktemp("thinking"), with_reasoning_parser) as running:
-        yield running["base_url"]
-
-
-def test_the_thinking_comes_back_apart_whole_and_streamed_under_both_names(thinking):
-    client = openai.OpenAI(base_url=f"{thinking}/v1", api_key="unused", max_retries=0, timeout=300)
+def test_the_thinking_comes_back_apart_whole_and_streamed_under_both_names(options_stack):
+    client = openai.OpenAI(base_url=f"{options_stack}/v1", api_key="unused", max_retries=0, timeout=300)
     whole = client.chat.completions.create(model=MODEL, messages=THINK_FIRST, extra_body=SHAPED)
     message = whole.choices[0].message
     reasoning = message.model_extra["reasoning"]  # vLLM's name
@@ -53,11 +40,11 @@ def test_the_thinking_comes_back_apart_whole_and_streamed_under_both_names(think
     assert "".join(d.content or "" for d in deltas) == message.content
 
 
-def test_bench_counts_the_thinking_apart_and_times_the_answer_after_it(thinking):
+def test_bench_counts_the_thinking_apart_and_times_the_answer_after_it(options_stack):
     async def one():
         async with aiohttp.ClientSession() as session:
             body = request_body("chat", MODEL, Prompt(THINK_FIRST, SHAPED["max_tokens"]), ignore_eos=False) | SHAPED
-            return await send(session, f"{thinking}/v1/chat/completions", body, "chat", {})
+            return await send(session, f"{options_stack}/v1/chat/completions", body, "chat", {})
 
     result = asyncio.run(one())
     assert result.ok, result.error
