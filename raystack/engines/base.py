@@ -67,7 +67,7 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine cannot serve any more (Serve then replaces the replica)."""
 
-    # An engine whose spec says serves_adapters is built with `adapters=` (name -> directory) as well, and:
+    # An engine whose spec says serves_adapters is built with `adapters=` (name -> AdapterFiles) as well, and:
     async def load_adapter(self, name: str) -> None:
         """Make adapter `name` ready for requests (its name is then their `model`); raise AdapterLoadError."""
 
@@ -156,8 +156,8 @@ class EngineSpec:
     loads_model: bool = True  # False: needs no `source` (engine: synthetic)
     devices: tuple[Device, ...] = ("npu",)  # where it runs; the first is the default
     takes_engine_args: bool = False  # whether `engine_args` are this engine's
-    # Whether it serves the model's LoRA adapters: its class then takes `adapters` (name -> directory, each
-    # checked to fit the model) and has load_adapter (Engine below).
+    # Whether it serves the model's LoRA adapters: its class then takes `adapters` (name -> AdapterFiles,
+    # each checked to fit the model) and has load_adapter (Engine below).
     serves_adapters: bool = False
     default_max_model_len: int | None = None  # when neither the config nor (later) the model says
     replica_cpus: dict[Device, float] = field(default_factory=lambda: {"cpu": 1.0, "npu": 2.0})
@@ -215,12 +215,20 @@ def engine_spec(name: str) -> EngineSpec:
     return registry()[name]
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A LoRA adapter a replica serves: its directory, checked to fit the model, and its LoRA rank."""
+
+    path: Path
+    rank: int
+
+
 class AdapterLoadError(RuntimeError):
     """The engine could not load an adapter; the message is the engine's."""
 
 
 def create_engine(model_name: str, model_path: Path | None, backend: Backend,
-                  metrics: ReplicaMetrics | None = None, adapters: dict[str, Path] | None = None) -> Engine:
+                  metrics: ReplicaMetrics | None = None, adapters: dict[str, AdapterFiles] | None = None) -> Engine:
     engine_type = engine_spec(backend.engine).engine_type()
     if backend.spec.serves_adapters:
         return engine_type(model_name, model_path, backend, metrics, adapters=adapters or {})

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from raystack.engines.base import AdapterFiles
 from raystack.models import sources
 from raystack.models.replica_weights import prepare_on_every_node
 
@@ -97,9 +98,9 @@ class Unservable:
 
 @dataclass
 class ReplicaAdapters:
-    """A replica's adapters: the path of each it can serve, and why it cannot serve the others."""
+    """A replica's adapters: the files of each it can serve, and why it cannot serve the others."""
 
-    paths: dict[str, Path] = field(default_factory=dict)
+    served: dict[str, AdapterFiles] = field(default_factory=dict)
     unservable: dict[str, Unservable] = field(default_factory=dict)
 
 
@@ -122,7 +123,7 @@ def prepare_adapters(model_name: str, adapters: list[dict[str, str]], model_dir:
                                                      f"`{model_name}`: {err}. Train it on `{model_name}`'s "
                                                      f"checkpoint, or list it under the model it was made for.")
         else:
-            ready.paths[name] = path
+            ready.served[name] = AdapterFiles(path, rank(path))
     for name, why in ready.unservable.items():
         progress(f"adapter {name} is not served here: {why.message}")
     return ready

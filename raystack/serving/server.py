@@ -117,7 +117,7 @@ class LLMServer:
         self.hold_adapter = serve.multiplexed(max_num_models_per_replica=self.backend.adapters_per_replica)(hold)
         self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
         self.engine_failed: str | None = None  # what the engine said when it last failed a request on its side
-        self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.paths)
+        self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.served)
         await self.engine.start()
         logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine,
                     model_path or "no model files")

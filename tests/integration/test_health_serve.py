@@ -47,10 +47,10 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 
 def test_health_stays_200_while_every_backend_slot_is_taken(server):
-    busy = synthetic("s", ttft_ms=0, tokens_per_s=10, output_tokens=120, max_ongoing_requests=CAPACITY,
+    busy = synthetic("s", ttft_ms=0, tokens_per_s=10, output_tokens=60, max_ongoing_requests=CAPACITY,
                      max_queued_requests=64)
     with deployed(server, "peak", [{"name": "busy", "backends": [busy]}]) as url:
-        streams = [Stream(url, "busy") for _ in range(3 * CAPACITY)]  # as many again wait in the queue
+        streams = [Stream(url, "busy") for _ in range(2 * CAPACITY)]  # as many again wait in the queue
         for stream in streams:
             stream.start()
         wait_for(lambda: sum(s.streaming.is_set() for s in streams) == CAPACITY, 20, "the streams fill the backend")

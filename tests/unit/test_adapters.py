@@ -17,6 +17,7 @@ from raystack.engines.mindie.config import MindIEPlan, render_config
 from raystack.engines.vllm.args import build_engine_args
 from raystack.models.adapters import AdapterMismatch, check_fits, prepare_adapters, rank
 from tests import FIXTURES
+from tests.hub_standin import HubStandIn
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
@@ -66,16 +67,22 @@ def test_the_rank_is_the_largest_of_the_adapter(tmp_path):
     assert rank(lora_dir(tmp_path / "b", r=8, rank_pattern={"v_proj": 32})) == 32
 
 
-def test_a_replica_serves_the_adapters_that_fit_and_says_why_not_for_the_others(tmp_path):
+def test_a_replica_serves_the_adapters_that_fit_and_says_why_not_for_the_others(tmp_path, monkeypatch):
     model = model_dir(tmp_path / "model")
     adapters = [{"name": "fits", "source": str(lora_dir(tmp_path / "fits"))},
                 {"name": "foreign", "source": str(lora_dir(tmp_path / "foreign", in_width=8))},
-                {"name": "gone", "source": str(tmp_path / "nowhere")}]
-    try:  # on this node only: the Ray it starts to find the replica's other nodes has none
-        ready = prepare_adapters("m", adapters, model, str(tmp_path / "cache"), False, progress=lambda _: None)
-    finally:
-        ray.shutdown()
-    assert ready.paths == {"fits": tmp_path / "fits"}
+                {"name": "gone", "source": str(tmp_path / "nowhere")},
+                {"name": "hub", "source": "hf://team/sql-lora"}]
+    cache = tmp_path / "cache"
+    with HubStandIn({"team/sql-lora": lora_dir(tmp_path / "published")}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        try:  # on this node only: the Ray it starts to find the replica's other nodes has none
+            ready = prepare_adapters("m", adapters, model, str(cache), False, progress=lambda _: None)
+        finally:
+            ray.shutdown()
+    assert {name: a.path for name, a in ready.served.items()} == {"fits": tmp_path / "fits",
+                                                                 "hub": cache / "hf" / "team" / "sql-lora"}
+    assert (ready.served["hub"].path / "adapter_model.safetensors").is_file() and ready.served["hub"].rank == 4
     assert ready.unservable["foreign"].status == 400
     assert "`foreign`" in ready.unservable["foreign"].message and "was not made for model `m`" in \
         ready.unservable["foreign"].message

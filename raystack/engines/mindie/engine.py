@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
-from raystack.engines.base import Answer, RequestKind
+from raystack.engines.base import AdapterFiles, Answer, RequestKind
 from raystack.engines.mindie import ENGINE
 from raystack.engines.mindie.config import LOOPBACK, MindIEPlan
 from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
@@ -65,11 +65,9 @@ def context_length(backend: Backend, model_path: Path) -> int:
 
 def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[int],
              ip: str = LOOPBACK, ports: tuple[int, int, int, int] | None = None,
-             adapters: dict[str, Path] | None = None) -> MindIEPlan:
+             adapters: dict[str, AdapterFiles] | None = None) -> MindIEPlan:
     """What one replica runs: on `ip` (the node's IP on a replica over several nodes), its inference,
     multi-node, master and (multi-node) management `ports`, free ones unless given; its LoRA `adapters`."""
-    from raystack.models.adapters import rank
-
     settings = backend.mindie
     seq_len = context_length(backend, model_path)
     max_input = settings.max_input_token_len or seq_len
@@ -83,7 +81,7 @@ def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[
         multi_nodes_infer_port=infer_port, cache_block_size=settings.cache_block_size, ip=ip,
         multi_node=multi_node, master_port=master_port if multi_node else 0,
         management_port=management_port if multi_node else 0,  # config.py: why only there
-        adapters=tuple((name, str(path), rank(path)) for name, path in (adapters or {}).items()),
+        adapters=tuple((name, str(a.path), a.rank) for name, a in (adapters or {}).items()),
     )
 
 
@@ -119,7 +117,7 @@ def scrape(text: str) -> dict[str, float]:
 
 class MindIEEngine:
     def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None,
-                 adapters: dict[str, Path] | None = None):
+                 adapters: dict[str, AdapterFiles] | None = None):
         """`adapters`: LoRA adapters, each in the daemon's config (LoraModules) from its start."""
         self.model_name = model_name
         self.adapters = adapters or {}

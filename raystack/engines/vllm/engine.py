@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from raystack.engines.base import AdapterLoadError, Answer, RequestKind
+from raystack.engines.base import AdapterFiles, AdapterLoadError, Answer, RequestKind
 from raystack.engines.vllm.args import build_engine_args, check_engine_args, check_serving_args
 from raystack.engines.vllm.compat import VLLMAPI, vllm_api
 from raystack.engines.vllm.cpu_cores import move_off_engine_cores
@@ -70,15 +70,13 @@ def serve_namespace(vllm: VLLMAPI, engine_args: dict[str, Any], serving_args: di
 
 class VLLMEngine:
     def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None,
-                 adapters: dict[str, Path] | None = None):
-        from raystack.models.adapters import rank
-
+                 adapters: dict[str, AdapterFiles] | None = None):
         self.model_name = model_name
         self.metrics = metrics
         self.on_cpu = backend.device == "cpu"
         self.adapters = adapters or {}  # loaded into the engine when a replica first holds one (load_adapter)
         self.engine_args = build_engine_args(model_name, model_path, backend,
-                                             [rank(path) for path in self.adapters.values()])
+                                             [adapter.rank for adapter in self.adapters.values()])
         self.serving_args = dict(backend.serving_args)
         self.thinks = bool(backend.engine_args.get("reasoning_parser"))  # answers carry reasoning text
         self.vllm = vllm_api()  # the installed vLLM's names; an unsupported vLLM stops the replica here
@@ -147,7 +145,7 @@ class VLLMEngine:
         models = self.state.openai_serving_models
         if name in models.lora_requests:
             return
-        request = self.vllm.LoadLoRAAdapterRequest(lora_name=name, lora_path=str(self.adapters[name]))
+        request = self.vllm.LoadLoRAAdapterRequest(lora_name=name, lora_path=str(self.adapters[name].path))
         result = await models.load_lora_adapter(request)
         if isinstance(result, self.vllm.ErrorResponse):
             raise AdapterLoadError(result.error.message)
