@@ -140,6 +140,9 @@ class LLMServer:
         model), else None once it holds it."""
         if name in self.adapters.unservable:
             return self.adapters.unservable[name]
+        if name not in self.adapters.served:  # a router that read another config of this model: not an engine fault
+            return Unservable(404, f"Adapter `{name}` is not one of this replica's; it serves: "
+                                   f"{', '.join(self.adapters.served) or 'none'}.")
         try:
             await self.hold_adapter(name)
         except AdapterLoadError as err:
