@@ -10,6 +10,7 @@ run_stack deploys a whole RaystackConfig with Serve's Python API, as the YAML fi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from raystack.config import (
     ConfigError,
     Model,
     Parallelism,
+    RaystackConfig,
     RouterConfig,
     Routing,
     deployment_name,
@@ -90,6 +92,20 @@ def load_api_keys(router: RouterConfig) -> APIKeys | None:
         return APIKeys.load(router.api_keys.env, router.api_keys.file)
     except APIKeyError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_api_keys(config: RaystackConfig) -> None:
+    """The router's keys, where this machine has them (they live on the cluster's nodes): every entry
+    well-formed and every model a key names served. Elsewhere they are checked where the app is built."""
+    source = config.router.api_keys
+    if source is None or not (os.environ.get(source.env) if source.env else Path(source.file).expanduser().is_file()):
+        return
+    try:
+        problems = APIKeys.load(source.env, source.file).unknown_models(m.name for m in config.models)
+    except APIKeyError as err:
+        problems = [str(err)]
+    if problems:
+        raise ConfigError("router.api_keys: " + "; ".join(problems))
 
 
 def _check_source(model: Model, where: str) -> list[str]:

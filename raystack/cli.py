@@ -20,7 +20,7 @@ from raystack.serve_file import load_serve_config
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from raystack.app import check_deployable, resolve_parallelism
+    from raystack.app import check_api_keys, check_deployable, resolve_parallelism
     from raystack.cluster.placement import hbm_needs
     from raystack.models import sources
 
@@ -31,6 +31,7 @@ def _config_check(args: argparse.Namespace) -> int:
                 cache = sources.cache_root(config.cache_dir)
                 resolve_parallelism(config.models, cache)
                 check_deployable(config.models, cache, hbm_needs(config.models, cache, fetch=False))
+                check_api_keys(config)
                 summary = ", ".join(
                     f"{m.name} <- {'/'.join(b.name for b in m.backends)}" for m in config.models
                 )

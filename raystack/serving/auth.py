@@ -1,14 +1,21 @@
 """API keys: `Authorization: Bearer KEY` on the OpenAI endpoints (router.api_keys in the deploy config).
 
 The keys come from an environment variable or a file of the node that builds the app (Serve builds it on
-a node of the cluster), one entry per line (or separated by `;` in an environment variable):
+a node of the cluster). Named keys are a YAML document:
 
-    sk-team-a                      # may use every model
-    sk-team-b: qwen3-32b, qwen3-14b  # may use only these models
+    keys:
+      - name: team-a                 # not secret: what logs (and, later, metrics and usage reports) show
+        key: sk-team-a-7f3a...       # or sha256: <hex digest of the key>, so the file holds no secret
+        models: [qwen3-32b]          # default: every model (a model's LoRA adapters come with it)
 
-Only their SHA-256 digests are kept, and only they reach the router; a key is never logged or echoed,
-and the variable is blanked in every replica's environment (app.py). Missing or unknown key -> 401; a
-key not allowed for the requested model -> 403.
+The former format still reads, one entry per line (or separated by `;` in an environment variable):
+`KEY` (every model) or `KEY: model, model`; such a key is named after its line (`line-3`).
+
+Only digests are kept, and only they reach the router; a key is never logged or echoed, and the variable is
+blanked in every replica's environment (app.py). A file is re-read by the router when it changes
+(rotation without a restart); a file that does not parse, or names a model the router does not serve, keeps
+the last good keys and is logged with its line. Missing or unknown key -> 401; a key not allowed for the
+requested model -> 403.
 """
 
 from __future__ import annotations
@@ -17,40 +24,122 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raystack.protocol import OpenAIError
 
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a metric label's value, a table's column
+
 
 class APIKeyError(ValueError):
-    """The key source is missing, unreadable or empty; the message says which and what to do."""
+    """The key source is missing, unreadable, empty or malformed; the message says where and what to do."""
 
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class KeyEntry(BaseModel):
+    """One entry of a named-keys document."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=KEY_NAME_PATTERN)
+    key: str | None = Field(None, min_length=1, pattern=r"^\S+$")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    models: list[str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyEntry:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of key: (the key itself) or sha256: (its SHA-256, in hex)")
+        return self
+
+    @property
+    def digest(self) -> str:
+        return self.sha256 or _digest(self.key or "")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a key may do: its name, the models it may use (None: all), the line that says so."""
+
+    name: str
+    models: frozenset[str] | None
+    line: int
+
+
+def _line_entries(text: str) -> list[tuple[int, str, str, frozenset[str] | None]]:
+    """The former format: (line, key, name, models) per `KEY` or `KEY: model, model` entry."""
+    entries = []
+    for number, line in enumerate(text.replace(";", "\n").splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        key, _, models = entry.partition(":")
+        key = key.strip()
+        if not key or any(c.isspace() for c in key):
+            raise APIKeyError(f"line {number}: not `KEY` or `KEY: model, model` (keys have no spaces)")
+        names = frozenset(m.strip() for m in models.split(",") if m.strip())
+        entries.append((number, _digest(key), f"line-{number}", names or None))
+    return entries
+
+
+def _named_entries(document: yaml.Node) -> list[tuple[int, str, str, frozenset[str] | None]]:
+    """A named-keys document: (line, digest, name, models) per entry, or the first problem by its line."""
+    keys = next((value for key, value in document.value if key.value == "keys"), None)
+    if len(document.value) != 1 or not isinstance(keys, yaml.SequenceNode) or not keys.value:
+        raise APIKeyError(f"line {document.start_mark.line + 1}: a named-keys document is `keys:` and a list of "
+                          f"entries ({{name, key or sha256, models}})")
+    entries = []
+    for node in keys.value:
+        line = node.start_mark.line + 1
+        try:
+            entry = KeyEntry.model_validate(yaml.safe_load(yaml.serialize(node)))
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "entry"
+            message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+            raise APIKeyError(f"line {line}: {field}: {message}") from None
+        entries.append((line, entry.digest, entry.name, frozenset(entry.models) if entry.models else None))
+    return entries
+
+
 @dataclass(frozen=True)
 class APIKeys:
-    """digest of a key -> the models it may use (None: all)."""
+    """digest of a key -> its Grant; `where` the keys were read from."""
 
-    allowed: dict[str, frozenset[str] | None]
+    grants: dict[str, Grant]
+    where: str = "keys"
 
     @classmethod
     def parse(cls, text: str, where: str) -> APIKeys:
-        allowed: dict[str, frozenset[str] | None] = {}
-        for line in text.replace(";", "\n").splitlines():
-            entry = line.split("#", 1)[0].strip()
-            if not entry:
-                continue
-            key, _, models = entry.partition(":")
-            key = key.strip()
-            if not key or any(c.isspace() for c in key):
-                raise APIKeyError(f"{where}: an entry is not `KEY` or `KEY: model, model` (keys have no spaces)")
-            names = frozenset(m.strip() for m in models.split(",") if m.strip())
-            allowed[_digest(key)] = names or None
-        if not allowed:
-            raise APIKeyError(f"{where} holds no API key: add one per line, or remove router.api_keys")
-        return cls(allowed)
+        """Every entry of `text`, or APIKeyError naming the line of the first problem: nothing half-read."""
+        try:
+            document = yaml.compose(text) if text.lstrip().startswith("keys:") else None
+        except yaml.YAMLError as err:
+            raise APIKeyError(f"{where}: not valid YAML: {err}") from None
+        try:
+            entries = _named_entries(document) if isinstance(document, yaml.MappingNode) else _line_entries(text)
+        except APIKeyError as err:
+            raise APIKeyError(f"{where} {err}") from None
+        grants: dict[str, Grant] = {}
+        lines_of: dict[str, int] = {}
+        for line, digest, name, models in entries:
+            if name in lines_of:
+                raise APIKeyError(f"{where} line {line}: the name {name!r} is taken by line {lines_of[name]}; "
+                                  f"names must be unique")
+            if digest in grants:
+                raise APIKeyError(f"{where} line {line}: the same key as line {grants[digest].line}; give each "
+                                  f"name a key of its own")
+            lines_of[name] = line
+            grants[digest] = Grant(name, models, line)
+        if not grants:
+            raise APIKeyError(f"{where} holds no API key: add one, or remove router.api_keys")
+        return cls(grants, where)
 
     @classmethod
     def load(cls, env: str | None = None, file: str | None = None) -> APIKeys:
@@ -71,6 +160,14 @@ class APIKeys:
                 f"cluster (Serve builds the app on any of them)"
             ) from None
 
+    def unknown_models(self, served: Iterable[str]) -> list[str]:
+        """A line per key that names a model not in `served`: keys for a model that does not exist are a
+        typo more often than a plan."""
+        served = set(served)
+        return [f"{self.where} line {g.line}: key {g.name}: no model {m!r} is served (models: "
+                f"{', '.join(sorted(served))})" for g in sorted(self.grants.values(), key=lambda g: g.line)
+                for m in sorted(g.models or ()) if m not in served]
+
     def check(self, authorization: str | None) -> str:
         """The digest of the request's key; 401 when it is missing or unknown."""
         scheme, _, key = (authorization or "").partition(" ")
@@ -80,7 +177,7 @@ class APIKeys:
                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
             )
         digest = _digest(key.strip())
-        if digest not in self.allowed:
+        if digest not in self.grants:
             raise OpenAIError(
                 401, "Incorrect API key provided. Ask the operator of this endpoint for a valid key.",
                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
@@ -88,10 +185,30 @@ class APIKeys:
         return digest
 
     def may_use(self, digest: str, model: str) -> bool:
-        models = self.allowed[digest]
-        return models is None or model in models
+        grant = self.grants.get(digest)  # a key rotated out since the request was authenticated: nothing
+        return grant is not None and (grant.models is None or model in grant.models)
 
     def require(self, digest: str, model: str) -> None:
         if not self.may_use(digest, model):
             raise OpenAIError(403, f"This API key may not use the model `{model}`.", param="model",
                               code="model_not_allowed")
+
+
+@dataclass
+class KeyFileWatch:
+    """A key file the router re-reads when it changes: its last (mtime, size) seen."""
+
+    path: Path
+    seen: tuple[int, int] | None = None
+
+    def changed(self) -> bool:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return False  # gone for a moment (an editor's rename): the last good keys stay
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp == self.seen:
+            return False
+        self.seen = stamp
+        return True
+

@@ -20,6 +20,7 @@ import asyncio
 import copy
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,7 +34,7 @@ from raystack.engines.base import Refusal
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
-from raystack.serving.auth import APIKeys
+from raystack.serving.auth import APIKeyError, APIKeys, KeyFileWatch
 from raystack.serving.catalogue import REFRESH_S, BackendRef, Catalogue, registered_backends, serve_details_async
 from raystack.serving.forwarding import Forwarder
 
@@ -176,6 +177,8 @@ class Router:
         restore_normal_priority()
         self.settings = RouterConfig.model_validate(settings)
         self.api_keys = api_keys
+        source = self.settings.api_keys
+        self.key_file = KeyFileWatch(Path(source.file).expanduser()) if source and source.file else None
         self.metrics = RouterMetrics()
         self.forwarder = Forwarder(self.settings, self.metrics)
         self.catalogue = Catalogue(None, {})
@@ -186,6 +189,7 @@ class Router:
         self.replica = context.replica_id.unique_id
         self.looked = -REFRESH_S  # loop time of the last look at Serve's state
         await self.refresh()
+        self.reload_keys()  # the file as it is now, which may have changed since the app was built
         self.refresher = asyncio.create_task(self._keep_refreshed())
 
     @property
@@ -210,6 +214,25 @@ class Router:
         while True:
             await asyncio.sleep(REFRESH_S)
             await self.refresh_or_keep()
+            self.reload_keys()
+
+    def reload_keys(self) -> None:
+        """A key file that changed is read again and replaces the keys whole; one that does not parse, or
+        names a model this router does not serve, leaves the last good keys in place, said in the log."""
+        if self.key_file is None or not self.key_file.changed():
+            return
+        try:
+            keys = APIKeys.load(file=str(self.key_file.path))
+            unknown = keys.unknown_models(self.models) if self.models else []
+            if unknown:
+                raise APIKeyError("; ".join(unknown))
+        except APIKeyError as err:
+            logger.error("router %s keeps its API keys: %s", self.app_name, err)
+            return
+        if keys.grants != self.api_keys.grants:
+            logger.info("router %s: API keys read again from %s: %s", self.app_name, keys.where,
+                        ", ".join(sorted(g.name for g in keys.grants.values())))
+        self.api_keys = keys
 
     async def refresh_or_keep(self) -> None:
         try:

@@ -1,8 +1,11 @@
 """API keys on the real serving path: a raystack app with router.api_keys from a file, driven with the
 openai client. Missing or wrong key -> 401, a model the key may not use -> 403, /health stays open
-(/health/models, which names models, does not)."""
+(/health/models, which names models, does not); the file edited while serving takes effect, whole or not
+at all."""
 
 from __future__ import annotations
+
+import time
 
 import httpx
 import openai
@@ -15,10 +18,15 @@ ASK = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
-def url(server, tmp_path_factory):
+def key_file(tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "api_keys"
     keys.write_text("# team keys\nsk-admin\nsk-team: open\n")
-    with deployed(server, "keys", MODELS, router={"api_keys": {"file": str(keys)}}) as url:
+    return keys
+
+
+@pytest.fixture(scope="module")
+def url(server, key_file):
+    with deployed(server, "keys", MODELS, router={"api_keys": {"file": str(key_file)}}) as url:
         yield url
 
 
@@ -56,3 +64,34 @@ def test_health_needs_no_key_and_the_readiness_view_shows_only_what_the_key_may_
     assert httpx.get(f"{base}/health/models").status_code == 401
     readiness = httpx.get(f"{base}/health/models", headers={"Authorization": "Bearer sk-team"}).json()["data"]
     assert [(m["id"], m["ready"]) for m in readiness] == [("open", True)]
+
+
+def served(url: str, key: str, model: str = "open") -> bool:
+    try:
+        return bool(client(url, key).chat.completions.create(model=model, messages=ASK, max_tokens=2).choices)
+    except openai.AuthenticationError:
+        return False
+
+
+def eventually(condition, within_s: float = 15) -> bool:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def test_the_key_file_edited_while_serving_is_read_again_whole_or_not_at_all(url, key_file):
+    """Last in the module: it rotates the keys the tests above use."""
+    key_file.write_text("keys:\n  - name: team-b\n    key: sk-team-b\n    models: [private]\n"
+                        "  - name: admin\n    key: sk-admin\n")
+    assert eventually(lambda: served(url, "sk-team-b", "private")), "the new key works within the router's 5 s look"
+    assert not served(url, "sk-team")  # rotated out
+    with pytest.raises(openai.PermissionDeniedError):
+        served(url, "sk-team-b", "open")
+    for broken in ("keys:\n  - name: team-c\n    key: sk-team-c\n  - name: team-c\n    key: sk-x\n",  # name twice
+                   "keys:\n  - name: team-c\n    key: sk-team-c\n    models: [opne]\n"):  # no such model
+        key_file.write_text(broken)
+        time.sleep(7)  # past the router's next look
+        assert served(url, "sk-team-b", "private") and not served(url, "sk-team-c", "private"), broken

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from raystack.app import build_router
@@ -14,8 +16,9 @@ def test_entries_from_a_file_or_an_env_var_with_optional_model_lists():
     keys = APIKeys.parse("sk-a\n  # comment\nsk-b: m1, m2  # trailing comment\n", "keys")
     a, b = keys.check("Bearer sk-a"), keys.check("bearer  sk-b")
     assert keys.may_use(a, "anything") and keys.may_use(b, "m2") and not keys.may_use(b, "m3")
-    assert "sk-a" not in repr(keys.allowed)  # only digests are kept
-    assert len(APIKeys.parse("sk-1;sk-2: m", "env").allowed) == 2
+    assert "sk-a" not in repr(keys.grants)  # only digests are kept
+    assert len(APIKeys.parse("sk-1;sk-2: m", "env").grants) == 2
+    assert sorted(g.name for g in keys.grants.values()) == ["line-1", "line-3"]
 
 
 @pytest.mark.parametrize("header", [None, "", "sk-a", "Basic sk-a", "Bearer ", "Bearer sk-z"])
@@ -43,3 +46,57 @@ def test_a_source_without_keys_stops_the_deploy_with_the_fix(monkeypatch, tmp_pa
         build_router({"api_keys": {"file": str(tmp_path / "missing")}})
     with pytest.raises(ConfigError, match="exactly one of env"):
         build_router({"api_keys": {}})
+
+
+NAMED = """\
+keys:
+  - name: team-a
+    key: sk-team-a
+    models: [m1]
+  - name: ops   # the file holds only the digest of ops' key
+    sha256: %s
+""" % hashlib.sha256(b"sk-ops").hexdigest()
+
+
+def test_named_keys_by_key_or_digest_with_their_models():
+    keys = APIKeys.parse(NAMED, "keys.yaml")
+    team, ops = keys.check("Bearer sk-team-a"), keys.check("Bearer sk-ops")
+    assert keys.grants[team].name == "team-a" and keys.may_use(team, "m1") and not keys.may_use(team, "m2")
+    assert keys.grants[ops].name == "ops" and keys.may_use(ops, "anything")
+    assert keys.unknown_models(["m2"]) == ["keys.yaml line 2: key team-a: no model 'm1' is served (models: m2)"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("keys:\n  - name: a\n    key: sk-1\n  - name: a\n    key: sk-2\n",
+     "keys.yaml line 4: the name 'a' is taken by line 2"),
+    ("keys:\n  - name: a\n    key: sk-1\n  - name: b\n    key: sk-1\n", "keys.yaml line 4: the same key as line 2"),
+    ("keys:\n  - name: a\n    sha256: abc\n", "keys.yaml line 2: sha256: String should match"),
+    ("keys:\n  - name: a\n", "keys.yaml line 2: entry: Value error, give exactly one of key:"),
+    ("keys:\n  - name: a\n    key: sk-1\n    rpm: 5\n", "keys.yaml line 2: rpm: unknown field"),
+    ("keys:\n  - name: a b\n    key: sk-1\n", "keys.yaml line 2: name: String should match pattern"),
+    ("keys:\n  - name: a\n    key: sk-1\n    models: []\n", "keys.yaml line 2: models: List should have at least 1"),
+    ("keys: [\n", "keys.yaml: not valid YAML"),
+    ("keys: {}\n", "keys.yaml line 1: a named-keys document is `keys:` and a list"),
+    ("sk-a\nsk b\n", "keys.yaml line 2: not `KEY` or `KEY: model, model`"),
+])
+def test_a_bad_key_file_is_refused_whole_naming_the_line_and_why(text, problem):
+    with pytest.raises(APIKeyError) as err:
+        APIKeys.parse(text, "keys.yaml")
+    assert str(err.value).startswith(problem)
+
+
+def test_config_check_reads_the_keys_where_this_machine_has_them(tmp_path, monkeypatch):
+    from raystack.app import check_api_keys
+    from raystack.config import parse_config
+
+    models = [{"name": "m1", "backends": [{"name": "s", "engine": "synthetic"}]}]
+    (tmp_path / "keys.yaml").write_text(NAMED)
+    check_api_keys(parse_config({"models": models, "router": {"api_keys": {"file": str(tmp_path / "keys.yaml")}}}))
+    with pytest.raises(ConfigError, match="line 2: key team-a: no model 'm1' is served"):
+        check_api_keys(parse_config({"models": [models[0] | {"name": "m2"}],
+                                     "router": {"api_keys": {"file": str(tmp_path / "keys.yaml")}}}))
+    monkeypatch.setenv("RAYSTACK_TEST_KEYS", "sk-a;sk a")
+    with pytest.raises(ConfigError, match="environment variable RAYSTACK_TEST_KEYS line 2"):
+        check_api_keys(parse_config({"models": models, "router": {"api_keys": {"env": "RAYSTACK_TEST_KEYS"}}}))
+    # Not on this machine (they live on the cluster's nodes): checked where the app is built.
+    check_api_keys(parse_config({"models": models, "router": {"api_keys": {"file": str(tmp_path / "elsewhere")}}}))
