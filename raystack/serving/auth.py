@@ -7,6 +7,8 @@ a node of the cluster). Named keys are a YAML document:
       - name: team-a                 # not secret: what logs (and, later, metrics and usage reports) show
         key: sk-team-a-7f3a...       # or sha256: <hex digest of the key>, so the file holds no secret
         models: [qwen3-32b]          # default: every model (a model's LoRA adapters come with it)
+        requests_per_minute: 600     # optional limits, shared by the router's replicas (quotas.py):
+        concurrent_requests: 16      # over one, 429 naming it, with Retry-After
 
 The former format still reads, one entry per line (or separated by `;` in an environment variable):
 `KEY` (every model) or `KEY: model, model`; such a key is named after its line (`line-3`).
@@ -30,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raystack.protocol import OpenAIError
+from raystack.serving.quotas import KeyLimits
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a metric label's value, a table's column
 
@@ -51,6 +54,8 @@ class KeyEntry(BaseModel):
     key: str | None = Field(None, min_length=1, pattern=r"^\S+$")
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     models: list[str] | None = Field(None, min_length=1)
+    requests_per_minute: int | None = Field(None, ge=1)
+    concurrent_requests: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyEntry:
@@ -65,15 +70,19 @@ class KeyEntry(BaseModel):
 
 @dataclass(frozen=True)
 class Grant:
-    """What a key may do: its name, the models it may use (None: all), the line that says so."""
+    """What a key may do: its name, the models it may use (None: all), its limits, the line that says so."""
 
     name: str
     models: frozenset[str] | None
     line: int
+    limits: KeyLimits = KeyLimits()
 
 
-def _line_entries(text: str) -> list[tuple[int, str, str, frozenset[str] | None]]:
-    """The former format: (line, key, name, models) per `KEY` or `KEY: model, model` entry."""
+Entry = tuple[int, str, str, "frozenset[str] | None", KeyLimits]  # line, digest, name, models, limits
+
+
+def _line_entries(text: str) -> list[Entry]:
+    """The former format: an Entry per `KEY` or `KEY: model, model` line (no limits)."""
     entries = []
     for number, line in enumerate(text.replace(";", "\n").splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
@@ -84,12 +93,12 @@ def _line_entries(text: str) -> list[tuple[int, str, str, frozenset[str] | None]
         if not key or any(c.isspace() for c in key):
             raise APIKeyError(f"line {number}: not `KEY` or `KEY: model, model` (keys have no spaces)")
         names = frozenset(m.strip() for m in models.split(",") if m.strip())
-        entries.append((number, _digest(key), f"line-{number}", names or None))
+        entries.append((number, _digest(key), f"line-{number}", names or None, KeyLimits()))
     return entries
 
 
-def _named_entries(document: yaml.Node) -> list[tuple[int, str, str, frozenset[str] | None]]:
-    """A named-keys document: (line, digest, name, models) per entry, or the first problem by its line."""
+def _named_entries(document: yaml.Node) -> list[Entry]:
+    """A named-keys document: an Entry per entry, or the first problem by its line."""
     keys = next((value for key, value in document.value if key.value == "keys"), None)
     if len(document.value) != 1 or not isinstance(keys, yaml.SequenceNode) or not keys.value:
         raise APIKeyError(f"line {document.start_mark.line + 1}: a named-keys document is `keys:` and a list of "
@@ -104,7 +113,8 @@ def _named_entries(document: yaml.Node) -> list[tuple[int, str, str, frozenset[s
             field = ".".join(str(p) for p in first["loc"]) or "entry"
             message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
             raise APIKeyError(f"line {line}: {field}: {message}") from None
-        entries.append((line, entry.digest, entry.name, frozenset(entry.models) if entry.models else None))
+        entries.append((line, entry.digest, entry.name, frozenset(entry.models) if entry.models else None,
+                        KeyLimits(entry.requests_per_minute, entry.concurrent_requests)))
     return entries
 
 
@@ -128,7 +138,7 @@ class APIKeys:
             raise APIKeyError(f"{where} {err}") from None
         grants: dict[str, Grant] = {}
         lines_of: dict[str, int] = {}
-        for line, digest, name, models in entries:
+        for line, digest, name, models, limits in entries:
             if name in lines_of:
                 raise APIKeyError(f"{where} line {line}: the name {name!r} is taken by line {lines_of[name]}; "
                                   f"names must be unique")
@@ -136,7 +146,7 @@ class APIKeys:
                 raise APIKeyError(f"{where} line {line}: the same key as line {grants[digest].line}; give each "
                                   f"name a key of its own")
             lines_of[name] = line
-            grants[digest] = Grant(name, models, line)
+            grants[digest] = Grant(name, models, line, limits)
         if not grants:
             raise APIKeyError(f"{where} holds no API key: add one, or remove router.api_keys")
         return cls(grants, where)

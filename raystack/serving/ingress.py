@@ -37,6 +37,7 @@ from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_req
 from raystack.serving.auth import APIKeyError, APIKeys, KeyFileWatch
 from raystack.serving.catalogue import REFRESH_S, BackendRef, Catalogue, registered_backends, serve_details_async
 from raystack.serving.forwarding import Forwarder
+from raystack.serving.quotas import Quotas
 
 logger = logging.getLogger("ray.serve")
 
@@ -186,6 +187,7 @@ class Router:
         self.created = int(time.time())
         context = serve.get_replica_context()
         self.app_name = context.app_name  # backend applications name the router they belong to
+        self.quotas = Quotas(self.app_name, self.settings.request_timeout_s)  # keys' limits, shared by replicas
         self.replica = context.replica_id.unique_id
         self.looked = -REFRESH_S  # loop time of the last look at Serve's state
         await self.refresh()
@@ -340,6 +342,7 @@ class Router:
             return await self._forward(kind, request)
         except OpenAIError as err:
             self.metrics.error(getattr(request.state, "model", "-"), err.status)
+            err.headers = (err.headers or {}) | {"x-raystack-router": self.replica}  # errors name it too
             raise
 
     async def _forward(self, kind: str, request: Request):
@@ -354,7 +357,17 @@ class Router:
         check_length_bounds(model, body)
         unable = backends_unable(model, pinned, kind, body, adapter)
         body["model"] = adapter or model.name  # the engines serve an adapter under its own name
-        delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter)
+        grant = self.api_keys.grants.get(key) if key is not None else None
+        admitted = await self.quotas.admit(grant.name, grant.limits) if grant else None  # or 429
+        try:
+            delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter)
+        except BaseException:
+            if grant:
+                self.quotas.release(grant.name, admitted)
+            raise
+        if grant and admitted:  # the key's slot goes back with the backend's, however the answer ends
+            give_back = delivery.release
+            delivery.release = lambda: (give_back(), self.quotas.release(grant.name, admitted))
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
                    "x-raystack-router": self.replica}
         if delivery.opening.chunk is None:

@@ -9,6 +9,7 @@ import pytest
 from raystack.app import build_router
 from raystack.config import ConfigError
 from raystack.serving.auth import APIKeyError, APIKeys
+from raystack.serving.quotas import KeyLimits, QuotaLedger
 from raystack.protocol import OpenAIError
 
 
@@ -100,3 +101,28 @@ def test_config_check_reads_the_keys_where_this_machine_has_them(tmp_path, monke
         check_api_keys(parse_config({"models": models, "router": {"api_keys": {"env": "RAYSTACK_TEST_KEYS"}}}))
     # Not on this machine (they live on the cluster's nodes): checked where the app is built.
     check_api_keys(parse_config({"models": models, "router": {"api_keys": {"file": str(tmp_path / "elsewhere")}}}))
+
+
+def test_limits_are_read_with_the_key_and_a_bad_one_is_refused_by_line():
+    keys = APIKeys.parse("keys:\n  - name: a\n    key: sk-a\n    requests_per_minute: 5\n    concurrent_requests: 2\n",
+                         "keys.yaml")
+    assert keys.grants[keys.check("Bearer sk-a")].limits == KeyLimits(requests_per_minute=5, concurrent_requests=2)
+    with pytest.raises(APIKeyError, match="keys.yaml line 2: requests_per_minute: Input should be greater than"):
+        APIKeys.parse("keys:\n  - name: a\n    key: sk-a\n    requests_per_minute: -1\n", "keys.yaml")
+
+
+def test_the_ledger_counts_a_minute_of_requests_and_the_requests_in_flight():
+    ledger = QuotaLedger(hold_s=600)
+    per_minute = KeyLimits(requests_per_minute=3)
+    assert [ledger.admit("a", per_minute, f"r{t}", now=t) for t in (0, 10, 20)] == [None] * 3
+    assert ledger.admit("a", per_minute, "r30", now=30) == ("requests_per_minute", 30)  # r0 leaves the window at 60
+    assert ledger.admit("b", per_minute, "other key", now=30) is None  # each key its own
+    assert ledger.admit("a", per_minute, "r60", now=60.5) is None
+
+    at_once = KeyLimits(concurrent_requests=2)
+    assert ledger.admit("c", at_once, "c1", now=0) is None and ledger.admit("c", at_once, "c2", now=0) is None
+    assert ledger.admit("c", at_once, "c3", now=1)[0] == "concurrent_requests"
+    ledger.release("c", "c1")
+    assert ledger.admit("c", at_once, "c3", now=2) is None
+    assert ledger.admit("c", at_once, "c4", now=599)[0] == "concurrent_requests"
+    assert ledger.admit("c", at_once, "c4", now=601) is None  # c2, never released, lapsed after hold_s
