@@ -101,18 +101,16 @@ def check_api_keys(config: RaystackConfig) -> None:
     if source is None or not (os.environ.get(source.env) if source.env else Path(source.file).expanduser().is_file()):
         return
     try:
-        problems = APIKeys.load(source.env, source.file).unknown_models(m.name for m in config.models)
+        APIKeys.load_for([m.name for m in config.models], source.env, source.file)
     except APIKeyError as err:
-        problems = [str(err)]
-    if problems:
-        raise ConfigError("router.api_keys: " + "; ".join(problems))
+        raise ConfigError(f"router.api_keys: {err}") from None
 
 
 def _check_source(model: Model, where: str) -> list[str]:
     try:
         src = sources.parse_source(model.source)
         if src.kind == "local":
-            sources.check_local_dir(Path(src.ref), model.name)
+            sources.check_local_dir(Path(src.ref), model.name, ("config.json",))  # not an adapter's directory
         elif src.kind == "embedded":
             embedded.gguf_path(embedded.EMBEDDED_MODELS[src.ref])
     except (sources.ModelSourceError, embedded.EmbeddedModelError) as err:

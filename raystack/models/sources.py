@@ -77,17 +77,18 @@ def hub_dir(src: ModelSource, cache_dir: Path) -> Path:
     return cache_dir / src.kind / src.ref
 
 
-def check_local_dir(path: Path, what: str) -> Path:
+def check_local_dir(path: Path, what: str, configs: tuple[str, ...] = CHECKPOINT_CONFIGS) -> Path:
+    """`path` if it is a directory holding one of `configs` (a model's own source: config.json only)."""
     if not path.is_dir():
         raise ModelSourceError(f"model {what}: {path} is not a directory; point `source:` at a checkpoint directory")
-    if not _has_config(path):
-        raise ModelSourceError(f"model {what}: {path} has no {' or '.join(CHECKPOINT_CONFIGS)}; is it a model "
-                               f"checkpoint or a LoRA adapter?")
+    if not _has_config(path, configs):
+        raise ModelSourceError(f"model {what}: {path} has no {' or '.join(configs)}; is it a "
+                               + ("model checkpoint or a LoRA adapter?" if len(configs) > 1 else "model checkpoint?"))
     return path
 
 
-def _has_config(path: Path) -> bool:
-    return any((path / name).is_file() for name in CHECKPOINT_CONFIGS)
+def _has_config(path: Path, configs: tuple[str, ...] = CHECKPOINT_CONFIGS) -> bool:
+    return any((path / name).is_file() for name in configs)
 
 
 def target_dir(source: str, cache_dir: Path) -> Path:

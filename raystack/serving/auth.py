@@ -78,11 +78,8 @@ class Grant:
     limits: KeyLimits = KeyLimits()
 
 
-Entry = tuple[int, str, str, "frozenset[str] | None", KeyLimits]  # line, digest, name, models, limits
-
-
-def _line_entries(text: str) -> list[Entry]:
-    """The former format: an Entry per `KEY` or `KEY: model, model` line (no limits)."""
+def _line_entries(text: str) -> list[tuple[str, Grant]]:
+    """The former format: (digest, Grant) per `KEY` or `KEY: model, model` line (no limits)."""
     entries = []
     for number, line in enumerate(text.replace(";", "\n").splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
@@ -93,12 +90,12 @@ def _line_entries(text: str) -> list[Entry]:
         if not key or any(c.isspace() for c in key):
             raise APIKeyError(f"line {number}: not `KEY` or `KEY: model, model` (keys have no spaces)")
         names = frozenset(m.strip() for m in models.split(",") if m.strip())
-        entries.append((number, _digest(key), f"line-{number}", names or None, KeyLimits()))
+        entries.append((_digest(key), Grant(f"line-{number}", names or None, number)))
     return entries
 
 
-def _named_entries(document: yaml.Node) -> list[Entry]:
-    """A named-keys document: an Entry per entry, or the first problem by its line."""
+def _named_entries(document: yaml.Node) -> list[tuple[str, Grant]]:
+    """A named-keys document: (digest, Grant) per entry, or the first problem by its line."""
     keys = next((value for key, value in document.value if key.value == "keys"), None)
     if len(document.value) != 1 or not isinstance(keys, yaml.SequenceNode) or not keys.value:
         raise APIKeyError(f"line {document.start_mark.line + 1}: a named-keys document is `keys:` and a list of "
@@ -113,8 +110,8 @@ def _named_entries(document: yaml.Node) -> list[Entry]:
             field = ".".join(str(p) for p in first["loc"]) or "entry"
             message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
             raise APIKeyError(f"line {line}: {field}: {message}") from None
-        entries.append((line, entry.digest, entry.name, frozenset(entry.models) if entry.models else None,
-                        KeyLimits(entry.requests_per_minute, entry.concurrent_requests)))
+        entries.append((entry.digest, Grant(entry.name, frozenset(entry.models) if entry.models else None, line,
+                                            KeyLimits(entry.requests_per_minute, entry.concurrent_requests))))
     return entries
 
 
@@ -138,15 +135,15 @@ class APIKeys:
             raise APIKeyError(f"{where} {err}") from None
         grants: dict[str, Grant] = {}
         lines_of: dict[str, int] = {}
-        for line, digest, name, models, limits in entries:
-            if name in lines_of:
-                raise APIKeyError(f"{where} line {line}: the name {name!r} is taken by line {lines_of[name]}; "
-                                  f"names must be unique")
+        for digest, grant in entries:
+            if grant.name in lines_of:
+                raise APIKeyError(f"{where} line {grant.line}: the name {grant.name!r} is taken by line "
+                                  f"{lines_of[grant.name]}; names must be unique")
             if digest in grants:
-                raise APIKeyError(f"{where} line {line}: the same key as line {grants[digest].line}; give each "
-                                  f"name a key of its own")
-            lines_of[name] = line
-            grants[digest] = Grant(name, models, line, limits)
+                raise APIKeyError(f"{where} line {grant.line}: the same key as line {grants[digest].line}; give "
+                                  f"each name a key of its own")
+            lines_of[grant.name] = grant.line
+            grants[digest] = grant
         if not grants:
             raise APIKeyError(f"{where} holds no API key: add one, or remove router.api_keys")
         return cls(grants, where)
@@ -170,13 +167,17 @@ class APIKeys:
                 f"cluster (Serve builds the app on any of them)"
             ) from None
 
-    def unknown_models(self, served: Iterable[str]) -> list[str]:
-        """A line per key that names a model not in `served`: keys for a model that does not exist are a
-        typo more often than a plan."""
-        served = set(served)
-        return [f"{self.where} line {g.line}: key {g.name}: no model {m!r} is served (models: "
-                f"{', '.join(sorted(served))})" for g in sorted(self.grants.values(), key=lambda g: g.line)
-                for m in sorted(g.models or ()) if m not in served]
+    @classmethod
+    def load_for(cls, served: Iterable[str], env: str | None = None, file: str | None = None) -> APIKeys:
+        """As load, and every model a key names is one of `served` (a key for a model that does not exist is
+        a typo more often than a plan); else APIKeyError with a line per such key."""
+        keys, served = cls.load(env, file), set(served)
+        unknown = [f"{keys.where} line {g.line}: key {g.name}: no model {m!r} is served (models: "
+                   f"{', '.join(sorted(served))})" for g in sorted(keys.grants.values(), key=lambda g: g.line)
+                   for m in sorted(g.models or ()) if m not in served]
+        if unknown:
+            raise APIKeyError("; ".join(unknown))
+        return keys
 
     def check(self, authorization: str | None) -> str:
         """The digest of the request's key; 401 when it is missing or unknown."""

@@ -223,11 +223,9 @@ class Router:
         names a model this router does not serve, leaves the last good keys in place, said in the log."""
         if self.key_file is None or not self.key_file.changed():
             return
-        try:
-            keys = APIKeys.load(file=str(self.key_file.path))
-            unknown = keys.unknown_models(self.models) if self.models else []
-            if unknown:
-                raise APIKeyError("; ".join(unknown))
+        try:  # a router that serves nothing yet cannot tell an unknown model from one still deploying
+            keys = (APIKeys.load_for(self.models, file=str(self.key_file.path)) if self.models
+                    else APIKeys.load(file=str(self.key_file.path)))
         except APIKeyError as err:
             logger.error("router %s keeps its API keys: %s", self.app_name, err)
             return

@@ -124,6 +124,10 @@ def test_config_check_finds_a_local_adapter_that_is_not_one(tmp_path):
     model.source = str(model_dir(tmp_path / "model"))
     with pytest.raises(ConfigError, match=r"adapters\[0\].source: .* has no adapter_config.json"):
         check_deployable([model], tmp_path)
+    model.adapters = []
+    model.source = str(lora_dir(tmp_path / "an-adapter"))  # an adapter given as the model: refused, not served
+    with pytest.raises(ConfigError, match=r"source: .*an-adapter has no config.json; is it a model checkpoint\?"):
+        check_deployable([model], tmp_path)
 
 
 def test_vllm_gets_lora_sized_for_the_adapters_unless_the_config_says(tmp_path):

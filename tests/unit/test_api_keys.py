@@ -59,12 +59,16 @@ keys:
 """ % hashlib.sha256(b"sk-ops").hexdigest()
 
 
-def test_named_keys_by_key_or_digest_with_their_models():
+def test_named_keys_by_key_or_digest_with_their_models(monkeypatch):
+    monkeypatch.setenv("RAYSTACK_TEST_NAMED_KEYS", NAMED)
     keys = APIKeys.parse(NAMED, "keys.yaml")
     team, ops = keys.check("Bearer sk-team-a"), keys.check("Bearer sk-ops")
     assert keys.grants[team].name == "team-a" and keys.may_use(team, "m1") and not keys.may_use(team, "m2")
     assert keys.grants[ops].name == "ops" and keys.may_use(ops, "anything")
-    assert keys.unknown_models(["m2"]) == ["keys.yaml line 2: key team-a: no model 'm1' is served (models: m2)"]
+    with pytest.raises(APIKeyError) as unknown:
+        APIKeys.load_for(["m2"], env="RAYSTACK_TEST_NAMED_KEYS")
+    assert str(unknown.value) == ("environment variable RAYSTACK_TEST_NAMED_KEYS line 2: key team-a: no model 'm1' "
+                                  "is served (models: m2)")
 
 
 @pytest.mark.parametrize("text, problem", [
