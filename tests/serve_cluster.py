@@ -94,6 +94,18 @@ def serve_deploy(config: dict[str, Any], timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
+@ray.remote(num_cpus=0)
+def _engine_stats(app: str, deployment: str, timeout_s: float) -> dict[str, int]:
+    return serve.get_deployment_handle(deployment, app_name=app).stats.remote().result(timeout_s=timeout_s)
+
+
+def engine_stats(app: str, deployment: str, timeout_s: float = 30) -> dict[str, int]:
+    """An LLMServer's engine load (LLMServer.stats), asked from a Ray worker of the cluster. Not from the
+    test process: Serve's handle machinery there (its router thread, long-poll clients) outlives the cluster
+    it first served, and a later module's requests through it could wait without end (seen in CI)."""
+    return ray.get(_engine_stats.remote(app, deployment, timeout_s), timeout=timeout_s + 10)
+
+
 def replica_actors(app: str, deployment: str) -> list[str]:
     """The Ray actor names of a deployment's replicas (namespace "serve"), to kill one as a crash would."""
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)

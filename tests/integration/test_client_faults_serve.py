@@ -9,18 +9,16 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
-from ray import serve
 
 from raystack.config import backend_app_name, deployment_name
+from tests import serve_cluster
 from tests.integration.conftest import deployed, synthetic
 
 STREAMS = 4
 
 
 def engine_stats(app: str) -> dict[str, int]:
-    handle = serve.get_deployment_handle(deployment_name("slow", "synthetic"),
-                                         app_name=backend_app_name(app, "slow", "synthetic"))
-    return handle.stats.remote().result(timeout_s=10)
+    return serve_cluster.engine_stats(backend_app_name(app, "slow", "synthetic"), deployment_name("slow", "synthetic"))
 
 
 def wait_for(app: str, condition, timeout_s: float = 15) -> dict[str, int]:

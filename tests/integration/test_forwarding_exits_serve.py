@@ -1,7 +1,11 @@
 """Every way a request can end gives its backend's in-flight slot back and stops the generation upstream:
 the router's Forwarder, driven here with real Serve handles to a real LLMServer (synthetic engine), left
 at each point a client can leave. Leaks here skew least_loaded routing for good and keep engines
-generating for nobody."""
+generating for nobody.
+
+Each scenario runs in a Ray worker, as the Router's Forwarder does, not in this test process: a driver
+that has held Serve handles to an earlier module's cluster keeps Serve's handle machinery (its router
+thread and long-poll clients) from then on, and its requests to this cluster could wait without end."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import gc
 import time
 
 import pytest
+import ray
 from ray import serve
 
 from raystack.app import delete_stack, run_stack
@@ -36,22 +41,26 @@ async def settled(forwarder: Forwarder, handle, timeout_s: float = 10) -> tuple[
     deadline = time.monotonic() + timeout_s
     while True:
         gc.collect()
-        running = (await handle.stats.remote())["running"]
+        running = (await asyncio.wait_for(handle.stats.remote(), 10))["running"]
         if (forwarder.in_flight[KEY] == 0 and running == 0) or time.monotonic() > deadline:
             return forwarder.in_flight[KEY], running
         await asyncio.sleep(0.2)
 
 
-def scenario(handle, leave) -> tuple[int, int]:
-    config, backend = handle
-
+@ray.remote(num_cpus=0)
+def _play(config, backend, leave) -> tuple[int, int]:
     async def run():
         forwarder = Forwarder(config.router, RouterMetrics())
         forwarder.update(Catalogue.of(config.router, registered_backends(serve_details(), "exits")))
-        await leave(forwarder, config.models[0])
+        await asyncio.wait_for(leave(forwarder, config.models[0]), 60)
         return await settled(forwarder, backend)
 
     return asyncio.run(run())
+
+
+def scenario(handle, leave) -> tuple[int, int]:
+    config, backend = handle
+    return ray.get(_play.remote(config, backend, leave), timeout=120)
 
 
 def test_a_stream_left_before_it_was_iterated(handle):

@@ -19,11 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
-from ray import serve
 
 from raystack.config import backend_app_name, deployment_name
 from raystack.protocol import REQUEST_MODELS
 from tests.integration.conftest import deployed, synthetic
+from tests.serve_cluster import engine_stats
 
 MODEL = "fuzz"
 EXAMPLES_PER_OPERATION = 45  # the odd-field test above covers every field; this explores shapes
@@ -47,9 +47,7 @@ def base(server):
 
 
 def completed(app: str = "fuzz") -> int:
-    engine = serve.get_deployment_handle(deployment_name(MODEL, "synthetic"),
-                                         app_name=backend_app_name(app, MODEL, "synthetic"))
-    return engine.stats.remote().result(timeout_s=30)["completed"]
+    return engine_stats(backend_app_name(app, MODEL, "synthetic"), deployment_name(MODEL, "synthetic"))["completed"]
 
 
 def odd_cases() -> list[tuple[str, dict[str, Any], tuple[str, ...]]]:
