@@ -7,6 +7,7 @@
     raystack models list                 embedded models and what the cache holds
     raystack models prepare SOURCE...    prepare an embedded model or download a hub model into the cache
     raystack bench --target M[@B]...     load-test an OpenAI endpoint: TTFT, TPOT, ITL, tokens/s per target
+    raystack usage [--since 1d] [--json] requests and tokens per API key and model, as the routers booked them
 """
 
 from __future__ import annotations
@@ -142,6 +143,30 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import ray
+
+    from raystack.serving import usage
+
+    try:
+        since = time.time() - usage.since_seconds(args.since)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as err:
+        print(f"error: no Ray cluster at {args.address}: {err}. Start one with `raystack start --head`.",
+              file=sys.stderr)
+        return 1
+    rows = usage.report(usage.GCSStore(), since, args.app)
+    print(json.dumps(rows, indent=2) if args.json else usage.render(rows, args.since))
+    return 0
+
+
 def _estimate(args: argparse.Namespace) -> int:
     import json
 
@@ -267,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("sources", nargs="+")
     prepare.add_argument("--cache-dir", help="default: $RAYSTACK_CACHE_DIR or ~/.cache/raystack")
     prepare.set_defaults(func=_models_prepare)
+
+    usage = sub.add_parser("usage", help="requests and tokens per API key and model (routers with api_keys)")
+    usage.add_argument("--since", default="1d", help="how far back: 30m, 12h, 7d (default 1d; hourly totals)")
+    usage.add_argument("--app", help="only this router application (default: every one)")
+    usage.add_argument("--address", default="auto", help="Ray cluster address (default: the running one)")
+    usage.add_argument("--json", action="store_true", help="machine-readable output")
+    usage.set_defaults(func=_usage)
 
     bench = sub.add_parser("bench", help="load-test an OpenAI endpoint: several targets, interleaved")
     bench.add_argument("--base-url", default="http://127.0.0.1:8000", help="the endpoint, without /v1")

@@ -186,9 +186,10 @@ class OpenAIError(Exception):
 
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, type: str | None = None,
     ):
         super().__init__(message)
+        self.type = type  # OpenAI's error type, when not the status's (insufficient_quota)
         self.status = status
         self.message = message
         self.param = param
@@ -196,7 +197,7 @@ class OpenAIError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, self.param, self.code)
+        return error_body(self.status, self.message, self.param, self.code, self.type)
 
 
 def error_type(status: int) -> str:
@@ -204,8 +205,9 @@ def error_type(status: int) -> str:
     return OpenAIError.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type(status), "param": param,
+def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None,
+               type: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type or error_type(status), "param": param,
                       "code": code if code is not None else status}}
 
 

@@ -10,6 +10,9 @@ Per model, backend and replica (engines report them; vLLM's come from its own en
     raystack_requests_running, raystack_requests_waiting                gauges (the engine's own counts)
 Per model and error type, at the router:
     raystack_request_errors_total             counter (type: OpenAI's error type, status: HTTP status)
+Per API key name (never the key) and model, at the router, when router.api_keys is on:
+    raystack_key_requests_total, raystack_key_errors_total                        counters
+    raystack_key_prompt_tokens_total, raystack_key_completion_tokens_total        counters (engines' usage)
 """
 
 from __future__ import annotations
@@ -99,6 +102,25 @@ class RouterMetrics:
         self.replica_failures = metrics.Counter(
             "raystack_replica_failures_total", tag_keys=("model", "backend"),
             description="Tries that failed on the replica's side before the first token (the request was resent).")
+
+        def per_key(name: str, description: str) -> metrics.Counter:
+            return metrics.Counter(name, description=description, tag_keys=("key", "model"))
+
+        self.key_requests = per_key("raystack_key_requests_total", "Requests per API key name and model.")
+        self.key_errors = per_key("raystack_key_errors_total", "Requests of the key answered with an error.")
+        self.key_prompt_tokens = per_key("raystack_key_prompt_tokens_total", "Prompt tokens, as engines counted them.")
+        self.key_completion_tokens = per_key("raystack_key_completion_tokens_total",
+                                             "Completion tokens, as engines counted them.")
+
+    def key_usage(self, key: str, model: str, prompt_tokens: int, completion_tokens: int, error: bool) -> None:
+        tags = {"key": key, "model": model}
+        self.key_requests.inc(1, tags=tags)
+        if error:
+            self.key_errors.inc(1, tags=tags)
+        if prompt_tokens:
+            self.key_prompt_tokens.inc(prompt_tokens, tags=tags)
+        if completion_tokens:
+            self.key_completion_tokens.inc(completion_tokens, tags=tags)
 
     def error(self, model: str, status: int) -> None:
         self.errors.inc(1, tags={"model": model or "-", "type": error_type(status), "status": str(status)})

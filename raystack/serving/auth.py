@@ -4,11 +4,14 @@ The keys come from an environment variable or a file of the node that builds the
 a node of the cluster). Named keys are a YAML document:
 
     keys:
-      - name: team-a                 # not secret: what logs (and, later, metrics and usage reports) show
+      - name: team-a                 # not secret: what logs, metrics and `raystack usage` show
         key: sk-team-a-7f3a...       # or sha256: <hex digest of the key>, so the file holds no secret
         models: [qwen3-32b]          # default: every model (a model's LoRA adapters come with it)
         requests_per_minute: 600     # optional limits, shared by the router's replicas (quotas.py):
         concurrent_requests: 16      # over one, 429 naming it, with Retry-After
+        tokens_per_minute: 200000    # prompt + completion tokens
+        tokens_per_day: 5000000      # budgets (UTC day, month): over one, 429 insufficient_quota
+        tokens_per_month: 100000000
 
 The former format still reads, one entry per line (or separated by `;` in an environment variable):
 `KEY` (every model) or `KEY: model, model`; such a key is named after its line (`line-3`).
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -56,6 +59,9 @@ class KeyEntry(BaseModel):
     models: list[str] | None = Field(None, min_length=1)
     requests_per_minute: int | None = Field(None, ge=1)
     concurrent_requests: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    tokens_per_day: int | None = Field(None, ge=1)
+    tokens_per_month: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyEntry:
@@ -110,8 +116,9 @@ def _named_entries(document: yaml.Node) -> list[tuple[str, Grant]]:
             field = ".".join(str(p) for p in first["loc"]) or "entry"
             message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
             raise APIKeyError(f"line {line}: {field}: {message}") from None
+        limits = KeyLimits(**{f.name: getattr(entry, f.name) for f in fields(KeyLimits)})
         entries.append((entry.digest, Grant(entry.name, frozenset(entry.models) if entry.models else None, line,
-                                            KeyLimits(entry.requests_per_minute, entry.concurrent_requests))))
+                                            limits)))
     return entries
 
 

@@ -38,6 +38,7 @@ from raystack.serving.auth import APIKeyError, APIKeys, KeyFileWatch
 from raystack.serving.catalogue import REFRESH_S, BackendRef, Catalogue, registered_backends, serve_details_async
 from raystack.serving.forwarding import Forwarder
 from raystack.serving.quotas import Quotas
+from raystack.serving.usage import Cost, Meter, ask_for_usage, estimate_prompt_tokens
 
 logger = logging.getLogger("ray.serve")
 
@@ -217,6 +218,7 @@ class Router:
             await asyncio.sleep(REFRESH_S)
             await self.refresh_or_keep()
             self.reload_keys()
+            await self.quotas.flush()  # the usage book to GCS, within REFRESH_S of the last answer
 
     def reload_keys(self) -> None:
         """A key file that changed is read again and replaces the keys whole; one that does not parse, or
@@ -338,13 +340,26 @@ class Router:
     async def forward(self, kind: str, request: Request):
         try:
             return await self._forward(kind, request)
-        except OpenAIError as err:
-            self.metrics.error(getattr(request.state, "model", "-"), err.status)
-            err.headers = (err.headers or {}) | {"x-raystack-router": self.replica}  # errors name it too
+        except BaseException as err:
+            model = getattr(request.state, "model", "-")
+            if isinstance(err, OpenAIError):
+                self.metrics.error(model, err.status)
+                err.headers = (err.headers or {}) | {"x-raystack-router": self.replica}  # errors name it too
+            key_name = getattr(request.state, "key_name", None)
+            if key_name:  # a key's request that ended before any engine answered it: booked, its slot back
+                self.charge(key_name, model, getattr(request.state, "admitted", None),
+                            Cost(0, error=isinstance(err, OpenAIError)))
             raise
+
+    def charge(self, key_name: str, model: str, admitted: str | None, cost: Cost) -> None:
+        """A key's answer is over: its usage counted (metrics, the ledger's book), its limits' slot back."""
+        self.metrics.key_usage(key_name, model, cost.prompt_tokens, cost.completion_tokens, cost.error)
+        self.quotas.settle(key_name, model, admitted, cost)
 
     async def _forward(self, kind: str, request: Request):
         key = self.authenticate(request)  # before anything else: no hints to a caller without a key
+        grant = self.api_keys.grants.get(key) if key is not None else None
+        request.state.key_name = grant and grant.name  # its usage is counted from here on, errors included
         raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
         body = parse_request(kind, raw)
         requested = body["model"]
@@ -355,20 +370,22 @@ class Router:
         check_length_bounds(model, body)
         unable = backends_unable(model, pinned, kind, body, adapter)
         body["model"] = adapter or model.name  # the engines serve an adapter under its own name
-        grant = self.api_keys.grants.get(key) if key is not None else None
-        admitted = await self.quotas.admit(grant.name, grant.limits) if grant else None  # or 429
-        try:
-            delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter)
-        except BaseException:
-            if grant:
-                self.quotas.release(grant.name, admitted)
-            raise
-        if grant and admitted:  # the key's slot goes back with the backend's, however the answer ends
-            give_back = delivery.release
-            delivery.release = lambda: (give_back(), self.quotas.release(grant.name, admitted))
+        meter = None
+        if grant:
+            meter = Meter(Cost(estimate_prompt_tokens(body)), client_wants_usage=ask_for_usage(body))
+            request.state.admitted = await self.quotas.admit(grant.name, grant.limits, meter.cost.prompt_tokens)
+        delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter)
+        if grant:  # from here the delivery charges the key, with the backend's slot, however the answer ends
+            request.state.key_name = None
+            give_back, admitted = delivery.release, request.state.admitted
+            delivery.release = lambda: (give_back(), self.charge(grant.name, model.name, admitted, meter.cost))
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
                    "x-raystack-router": self.replica}
         if delivery.opening.chunk is None:
+            if meter:
+                meter.whole(delivery.opening.status, delivery.opening.body)
             delivery.finish(upstream_done=True)
             return JSONResponse(delivery.opening.body, status_code=delivery.opening.status, headers=headers)
-        return StreamingResponse(self.forwarder.relay(delivery), media_type="text/event-stream", headers=headers)
+        chunks = self.forwarder.relay(delivery)
+        return StreamingResponse(meter.watch(chunks) if meter else chunks, media_type="text/event-stream",
+                                 headers=headers)

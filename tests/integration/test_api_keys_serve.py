@@ -1,18 +1,27 @@
 """API keys on the real serving path: a raystack app with two router replicas and router.api_keys from a
 file, driven with the openai client. Missing or wrong key -> 401, a model the key may not use -> 403,
 /health stays open (/health/models, which names models, does not); a key's limits hold for both router
-replicas together; the file edited while serving takes effect, whole or not at all."""
+replicas together, token limits and budgets settle from the usage engines report; usage per key and model
+is counted as clients received it, in Prometheus and in `raystack usage`, and outlives the ledger; the file
+edited while serving takes effect, whole or not at all."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import ray
 
 from tests.integration.conftest import deployed, synthetic
+from tests.integration.test_metrics_serve import scrape
+from tests.prometheus import total
 
 MODELS = [{"name": "open", "backends": [synthetic("s")]}, {"name": "private", "backends": [synthetic("s")]}]
 ASK = [{"role": "user", "content": "hello"}]
@@ -29,6 +38,17 @@ keys:
   - name: agent
     key: sk-agent
     concurrent_requests: 2
+  - name: tokens
+    key: sk-tokens
+    tokens_per_minute: 100
+  - name: streamer
+    key: sk-streamer
+    tokens_per_minute: 60
+  - name: budget
+    key: sk-budget
+    tokens_per_day: 60
+  - name: metered
+    key: sk-metered
 """
 
 
@@ -121,6 +141,76 @@ def test_concurrent_requests_trips_while_two_answers_stream_and_recovers_when_th
         thread.join()
     assert streams == [200, 200]
     assert ask(url, "sk-agent").status_code == 200  # the slots came back when the streams ended
+
+
+def test_tokens_per_minute_trips_once_the_usage_clients_received_reaches_it(url):
+    totals = []
+    while len(totals) < 10:
+        answer = ask(url, "sk-tokens", max_tokens=20)
+        if answer.status_code != 200:
+            break
+        totals.append(answer.json()["usage"]["total_tokens"])
+    assert answer.status_code == 429 and answer.json()["error"]["param"] == "tokens_per_minute"
+    # The prompt counts at admission, the completion when it settles: refused within one answer of the limit.
+    assert 100 - max(totals) < sum(totals) < 100 + max(totals), totals
+    assert 1 <= int(answer.headers["Retry-After"]) <= 60
+
+
+def test_a_stream_is_settled_from_the_usage_the_router_asked_for_and_took_out(url):
+    with httpx.stream("POST", f"{url}/chat/completions", headers={"Authorization": "Bearer sk-streamer"}, timeout=30,
+                      json={"model": "open", "messages": ASK, "max_tokens": 50, "stream": True}) as streamed:
+        events = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert len(events) >= 50 and not any('"usage"' in e for e in events)  # the client did not ask for usage
+    # 1 + 50 tokens of the 60 are spent, though the client never saw the count: the next prompt does not fit.
+    over = ask(url, "sk-streamer", max_tokens=2)
+    assert over.status_code == 429 and over.json()["error"]["param"] == "tokens_per_minute"
+
+
+def usage_rows(server_gcs: str, key: str) -> list[dict]:
+    """`raystack usage --json` for this module's router, as an operator runs it."""
+    out = subprocess.run([str(Path(sys.executable).with_name("raystack")), "usage", "--json", "--app", "keys",
+                          "--address", server_gcs, "--since", "1h"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [row for row in json.loads(out.stdout) if row["key"] == key]
+
+
+def test_usage_per_key_and_model_is_what_clients_received_and_outlives_the_ledger(url):
+    gcs = ray.get_runtime_context().gcs_address
+    metered = client(url, "sk-metered")
+    whole = [metered.chat.completions.create(model="open", messages=ASK, max_tokens=n).usage for n in (3, 5, 7)]
+    stream = list(metered.chat.completions.create(model="open", messages=ASK, max_tokens=9, stream=True,
+                                                  stream_options={"include_usage": True}))
+    usages = whole + [stream[-1].usage]
+    with pytest.raises(openai.NotFoundError):
+        metered.chat.completions.create(model="nope", messages=ASK)
+    expected = {"model": "open", "requests": 4, "errors": 0,
+                "prompt_tokens": sum(u.prompt_tokens for u in usages),
+                "completion_tokens": sum(u.completion_tokens for u in usages)}
+    assert eventually(lambda: [r for r in usage_rows(gcs, "metered") if r["model"] == "open"] == [
+        {"app": "keys", "key": "metered", **expected}], within_s=20)
+    assert [r["errors"] for r in usage_rows(gcs, "metered") if r["model"] == "-"] == [1]  # the unknown model
+
+    def exported(name: str) -> float:
+        return total(scrape(), f"ray_raystack_key_{name}_total", key="metered", model="open")
+
+    assert eventually(lambda: exported("requests") == 4, within_s=60)  # Ray's agent exports every few seconds
+    assert exported("prompt_tokens") == expected["prompt_tokens"]
+    assert exported("completion_tokens") == expected["completion_tokens"]
+
+    # A daily budget: spent, then refused with insufficient_quota, still after its ledger is gone.
+    budget_used = 0
+    while (spent := ask(url, "sk-budget", max_tokens=20)).status_code == 200:
+        budget_used += spent.json()["usage"]["total_tokens"]
+    error = spent.json()["error"]
+    assert (spent.status_code, error["type"], error["code"], error["param"]) == (
+        429, "insufficient_quota", "insufficient_quota", "tokens_per_day")
+    assert eventually(lambda: sum(r["prompt_tokens"] + r["completion_tokens"] for r in usage_rows(gcs, "budget"))
+                      == budget_used, within_s=20)  # written to GCS
+    [ledger] = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "raystack-quotas-keys"]
+    ray.kill(ray.get_actor(ledger["name"], namespace=ledger["namespace"]))
+    assert eventually(lambda: ask(url, "sk-budget", max_tokens=2).status_code == 429, within_s=20)
+    assert ask(url, "sk-budget", max_tokens=2).json()["error"]["code"] == "insufficient_quota"
+    assert [r["requests"] for r in usage_rows(gcs, "metered") if r["model"] == "open"] == [4]  # read back whole
 
 
 def served(url: str, key: str, model: str = "open") -> bool:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 
 import pytest
 
 from raystack.app import build_router
 from raystack.config import ConfigError
 from raystack.serving.auth import APIKeyError, APIKeys
-from raystack.serving.quotas import KeyLimits, QuotaLedger
+from raystack.serving.quotas import KeyLimits, QuotaLedger, Refusal, _refusal_error
+from raystack.serving.usage import Cost, day_start, stored_days, totals
 from raystack.protocol import OpenAIError
 
 
@@ -116,17 +118,88 @@ def test_limits_are_read_with_the_key_and_a_bad_one_is_refused_by_line():
 
 
 def test_the_ledger_counts_a_minute_of_requests_and_the_requests_in_flight():
-    ledger = QuotaLedger(hold_s=600)
+    ledger = QuotaLedger("app", hold_s=600, store=None)
     per_minute = KeyLimits(requests_per_minute=3)
     assert [ledger.admit("a", per_minute, f"r{t}", now=t) for t in (0, 10, 20)] == [None] * 3
-    assert ledger.admit("a", per_minute, "r30", now=30) == ("requests_per_minute", 30)  # r0 leaves the window at 60
+    assert ledger.admit("a", per_minute, "r30", now=30) == Refusal("requests_per_minute", 30)  # r0 leaves at 60
     assert ledger.admit("b", per_minute, "other key", now=30) is None  # each key its own
     assert ledger.admit("a", per_minute, "r60", now=60.5) is None
 
     at_once = KeyLimits(concurrent_requests=2)
     assert ledger.admit("c", at_once, "c1", now=0) is None and ledger.admit("c", at_once, "c2", now=0) is None
-    assert ledger.admit("c", at_once, "c3", now=1)[0] == "concurrent_requests"
-    ledger.release("c", "c1")
+    assert ledger.admit("c", at_once, "c3", now=1).limit == "concurrent_requests"
+    ledger.settle("c", "m", "c1", Cost(10, 5), now=1)
     assert ledger.admit("c", at_once, "c3", now=2) is None
-    assert ledger.admit("c", at_once, "c4", now=599)[0] == "concurrent_requests"
-    assert ledger.admit("c", at_once, "c4", now=601) is None  # c2, never released, lapsed after hold_s
+    assert ledger.admit("c", at_once, "c4", now=599).limit == "concurrent_requests"
+    assert ledger.admit("c", at_once, "c4", now=601) is None  # c2, never settled, lapsed after hold_s
+
+
+def test_tokens_per_minute_counts_the_prompt_at_admission_and_the_answer_when_it_settles():
+    ledger = QuotaLedger("app", hold_s=600, store=None)
+    limits = KeyLimits(tokens_per_minute=100)
+    assert ledger.admit("a", limits, "r1", estimate=30, now=0) is None
+    assert ledger.admit("a", limits, "r2", estimate=30, now=1) is None
+    assert ledger.admit("a", limits, "r3", estimate=50, now=2).limit == "tokens_per_minute"  # 60 + 50 > 100
+    ledger.settle("a", "m", "r1", Cost(20, 5), now=3)  # the engine's count: 25, not the estimated 30
+    assert ledger.admit("a", limits, "r3", estimate=45, now=4) is None  # 25 + 30 + 45
+    ledger.settle("a", "m", "r2", Cost(28, 60), now=5)
+    refusal = ledger.admit("a", limits, "r4", estimate=10, now=6)  # 25 + 88 + 45 (r3 running) + 10
+    assert refusal.limit == "tokens_per_minute" and refusal.retry_after_s == pytest.approx(59)  # r2 leaves at 65
+    assert ledger.admit("a", limits, "r4", estimate=10, now=64).limit == "tokens_per_minute"
+    assert ledger.admit("a", limits, "r4", estimate=10, now=65.5) is None
+    assert ledger.admit("a", limits, "huge", estimate=101, now=64).too_large == 101
+
+
+def test_budgets_count_a_utc_day_or_month_and_refuse_with_insufficient_quota():
+    day = datetime(2026, 11, 30, 12, tzinfo=timezone.utc).timestamp()
+    ledger = QuotaLedger("app", hold_s=600, store=None)
+    daily = KeyLimits(tokens_per_day=1000)
+    assert ledger.admit("a", daily, "r1", estimate=100, now=0, wall=day) is None
+    ledger.settle("a", "m1", "r1", Cost(400, 500), now=1, wall=day)
+    assert ledger.admit("a", daily, "r2", estimate=60, now=2, wall=day) is None  # 900 used, 60 more
+    refusal = ledger.admit("a", daily, "r3", estimate=50, now=3, wall=day + 60)  # 900 + 60 (running) + 50
+    assert refusal == Refusal("tokens_per_day", 12 * 3600 - 60, budget=True)
+    assert ledger.admit("a", daily, "r3", estimate=50, now=4, wall=day + 12 * 3600) is None  # a new UTC day
+    monthly = KeyLimits(tokens_per_month=1000)
+    assert ledger.admit("a", monthly, "r4", now=5, wall=day + 6 * 3600).limit == "tokens_per_month"  # 900 + 110
+    assert ledger.admit("a", monthly, "r4", now=6, wall=day + 13 * 3600) is None  # December
+
+    err = _refusal_error("a", daily, refusal)
+    assert (err.status, err.body()["error"]["type"], err.code, err.param) == (
+        429, "insufficient_quota", "insufficient_quota", "tokens_per_day")
+    assert err.headers["Retry-After"] == str(12 * 3600 - 60) and "renews in 11 h 59 min" in err.message
+
+
+class DictStore:
+    """Ray's GCS key-value store as the book uses it."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def get(self, key):
+        return self.kv.get(key)
+
+    def put(self, key, value):
+        self.kv[key] = value
+
+    def keys(self, prefix):
+        return [k for k in self.kv if k.startswith(prefix)]
+
+
+def test_the_book_outlives_its_ledger_and_reads_back_by_key_and_model():
+    store = DictStore()
+    noon = datetime(2026, 11, 30, 12, tzinfo=timezone.utc).timestamp()
+    ledger = QuotaLedger("app", hold_s=600, store=store)
+    ledger.settle("a", "m1", None, Cost(10, 20), now=0, wall=noon - 86400)
+    ledger.settle("a", "m1", None, Cost(1, 2), now=0.5, wall=noon)
+    ledger.settle("b", "m2", None, Cost(0, error=True), now=1, wall=noon)  # flushed: a second since the last
+    ledger.settle("a", "m1", None, Cost(3, 4), now=1.5, wall=noon + 3600)  # not yet
+    assert len(store.kv) == 2  # a day each
+    ledger.flush()
+
+    again = QuotaLedger("app", hold_s=600, store=store)  # its router replica replaced
+    assert again.book.tokens_since("a", day_start(noon), noon + 3600) == 10
+    stored = stored_days(store, noon - 86400)
+    assert totals(stored, noon - 86400) == {("app", "a", "m1"): [3, 14, 26, 0], ("app", "b", "m2"): [1, 0, 0, 1]}
+    assert totals(stored, noon + 3600 + 1800) == {("app", "a", "m1"): [1, 3, 4, 0]}  # from the hour of `since` on
+    assert stored_days(store, noon, app="other") == []

@@ -19,4 +19,5 @@ def test_every_query_names_a_metric_raystack_exports():
                 queried.add(re.sub(r"_(bucket|count|sum)$", "", name))
     assert queried and queried <= exported, queried - exported
     assert {"raystack_time_to_first_token_seconds", "raystack_time_per_output_token_seconds",
-            "raystack_requests_running", "raystack_request_errors_total"} <= queried
+            "raystack_requests_running", "raystack_request_errors_total", "raystack_key_prompt_tokens_total",
+            "raystack_key_completion_tokens_total", "raystack_key_requests_total"} <= queried

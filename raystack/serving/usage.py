@@ -1,0 +1,274 @@
+"""Usage accounting per API key and model: what each answer cost, and the book that keeps it.
+
+What an answer cost comes from the engine's own `usage`: a whole answer's body, or a stream's last chunk.
+Every engine sends that chunk when asked (`stream_options.include_usage`: vLLM, the synthetic engine, and
+raystack's MindIE relay), so the router asks for it on every metered stream and takes it out again for a
+client that did not ask (`Meter`). A stream the client left before its end has no usage chunk: its
+completion is counted as the content events relayed (one token each as engines stream them), its prompt as
+the router's estimate at admission.
+
+The UsageBook holds hourly totals (requests, prompt tokens, completion tokens, errors) per key name and
+model, and is written to Ray's GCS key-value store, one entry per router application and UTC day, so the
+totals outlive the router replicas (and the ledger, quotas.py, that keeps the book). The daily and monthly
+token budgets are read from it; `raystack usage` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Iterable
+
+KV_NAMESPACE = "raystack"
+KV_PREFIX = "usage:"  # usage:{router application}:{YYYY-MM-DD}
+FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors")
+CHARS_PER_TOKEN = 4  # the prompt's estimate at admission, until the engine's usage settles it
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """The prompt's tokens, roughly (the router holds no tokenizer): its text's characters / 4."""
+    prompt = body.get("messages") if body.get("messages") is not None else body.get("prompt")
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt or "", ensure_ascii=False)
+    return len(text) // CHARS_PER_TOKEN + 1
+
+
+@dataclass
+class Cost:
+    """What one answer cost, as far as the router knows."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    error: bool = False
+    settled: bool = False  # from the engine's usage (else the prompt is the estimate)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _usage_of(event: dict[str, Any]) -> tuple[int, int] | None:
+    usage = event.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        return usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
+    return None
+
+
+@dataclass
+class Meter:
+    """The cost of one answer, read as it goes out. `client_wants_usage`: the client asked for the usage
+    chunk itself (else the router asked for it, and it is taken out of the stream)."""
+
+    cost: Cost
+    client_wants_usage: bool = True
+
+    def whole(self, status: int | None, body: Any) -> None:
+        self.cost.error = (status or 200) >= 400
+        usage = _usage_of(body) if isinstance(body, dict) else None
+        if self.cost.error and not usage:  # refused by the engine: it read the prompt, generated nothing
+            self.cost.prompt_tokens = 0
+        if usage:
+            self.cost.prompt_tokens, self.cost.completion_tokens = usage
+            self.cost.settled = True
+
+    async def watch(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        """`chunks`, counted; the usage chunk taken out when only the router asked for it."""
+        async for chunk in chunks:
+            if '"usage"' in chunk or '"error"' in chunk:
+                chunk = self._read(chunk)
+                if not chunk:
+                    continue
+            elif not self.cost.settled:
+                self.cost.completion_tokens += chunk.count("data: {")
+            yield chunk
+
+    def _read(self, chunk: str) -> str:
+        kept = []
+        for event in chunk.split("\n\n"):
+            if not event.startswith("data: {"):
+                kept.append(event)
+                continue
+            try:
+                data = json.loads(event[len("data: "):])
+            except ValueError:
+                kept.append(event)
+                continue
+            usage = _usage_of(data)
+            if "error" in data:
+                self.cost.error = True
+            elif usage:
+                self.cost.prompt_tokens, self.cost.completion_tokens = usage
+                self.cost.settled = True
+                if not self.client_wants_usage and not data.get("choices"):
+                    continue  # the router's own request for usage: not the client's to see
+            elif not self.cost.settled:
+                self.cost.completion_tokens += 1
+            kept.append(event)
+        return "\n\n".join(kept)
+
+
+def ask_for_usage(body: dict[str, Any]) -> bool:
+    """Ask the engine for a stream's usage chunk; whether the client had asked for it itself."""
+    options = body.get("stream_options") or {}
+    wanted = bool(options.get("include_usage"))
+    if body.get("stream") and not wanted:
+        body["stream_options"] = {**options, "include_usage": True}
+    return wanted
+
+
+def _day(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d")
+
+
+def day_start(t: float) -> float:
+    """The UTC midnight that began `t`'s day."""
+    now = datetime.fromtimestamp(t, timezone.utc)
+    return datetime(now.year, now.month, now.day, tzinfo=timezone.utc).timestamp()
+
+
+def next_day(t: float) -> float:
+    return day_start(t) + 86400
+
+
+def month_start(t: float) -> float:
+    """The UTC midnight that began `t`'s month."""
+    now = datetime.fromtimestamp(t, timezone.utc)
+    return datetime(now.year, now.month, 1, tzinfo=timezone.utc).timestamp()
+
+
+def next_month(t: float) -> float:
+    now = datetime.fromtimestamp(t, timezone.utc)
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    return datetime(year, month, 1, tzinfo=timezone.utc).timestamp()
+
+
+# day -> hour -> key -> model -> [requests, prompt_tokens, completion_tokens, errors]
+Days = dict[str, dict[str, dict[str, dict[str, list[int]]]]]
+
+
+@dataclass
+class UsageBook:
+    """Hourly usage per key and model of one router application, kept in memory and written to Ray's GCS
+    key-value store (`flush`). `store`: None in unit tests (nothing is written)."""
+
+    app: str
+    store: Any = None  # get(key) -> bytes | None, put(key, bytes), keys(prefix) -> list[str]
+    days: Days = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, app: str, store: Any, now: float | None = None) -> UsageBook:
+        """The book as stored, from the first day of this month on (what the budgets need)."""
+        now = time.time() if now is None else now
+        book = cls(app, store)
+        day = month_start(now)
+        while day <= now:
+            stored = store.get(book._kv_key(_day(day)))
+            if stored:
+                book.days[_day(day)] = json.loads(stored)
+            day += 86400
+        return book
+
+    def _kv_key(self, day: str) -> str:
+        return f"{KV_PREFIX}{self.app}:{day}"
+
+    def add(self, key: str, model: str, cost: Cost, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        day = _day(now)
+        hour = datetime.fromtimestamp(now, timezone.utc).strftime("%H")
+        row = self.days.setdefault(day, {}).setdefault(hour, {}).setdefault(key, {}).setdefault(model, [0, 0, 0, 0])
+        for i, value in enumerate((1, cost.prompt_tokens, cost.completion_tokens, int(cost.error))):
+            row[i] += value
+        self.dirty.add(day)
+
+    def tokens_since(self, key: str, start: float, now: float | None = None) -> int:
+        """`key`'s prompt and completion tokens from `start` (a UTC midnight) on."""
+        now = time.time() if now is None else now
+        total, day = 0, start
+        while day <= now:
+            for hour in self.days.get(_day(day), {}).values():
+                total += sum(row[1] + row[2] for row in hour.get(key, {}).values())
+            day += 86400
+        return total
+
+    def flush(self) -> None:
+        """Write the days that changed."""
+        if self.store is not None:
+            for day in sorted(self.dirty):
+                self.store.put(self._kv_key(day), json.dumps(self.days[day]).encode())
+        self.dirty.clear()
+
+
+def totals(days: Iterable[tuple[str, Days]], since: float) -> dict[tuple[str, str, str], list[int]]:
+    """(application, key, model) -> [requests, prompt_tokens, completion_tokens, errors] over the hours
+    from `since` on, from (application, stored days) pairs."""
+    start_hour = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%d %H")
+    out: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for app, stored in days:
+        for day, hours in stored.items():
+            for hour, keys in hours.items():
+                if f"{day} {hour}" < start_hour:
+                    continue
+                for key, models in keys.items():
+                    for model, row in models.items():
+                        for i, value in enumerate(row):
+                            out[app, key, model][i] += value
+    return dict(out)
+
+
+class GCSStore:
+    """Ray's GCS key-value store (raystack's namespace): what the book is written to. Needs ray.init."""
+
+    def get(self, key: str) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+
+    def put(self, key: str, value: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+
+    def keys(self, prefix: str) -> list[str]:
+        from ray.experimental import internal_kv
+
+        return [k.decode() if isinstance(k, bytes) else k
+                for k in internal_kv._internal_kv_list(prefix, namespace=KV_NAMESPACE)]
+
+
+def stored_days(store: Any, since: float, app: str | None = None) -> list[tuple[str, Days]]:
+    """(application, that day's hours) for each stored day from `since`'s on, of `app` or every router."""
+    first = _day(since)
+    out = []
+    for kv_key in sorted(store.keys(KV_PREFIX + (f"{app}:" if app else ""))):
+        name, _, day = kv_key[len(KV_PREFIX):].rpartition(":")
+        if day >= first:
+            out.append((name, {day: json.loads(store.get(kv_key) or b"{}")}))
+    return out
+
+
+def since_seconds(text: str) -> float:
+    """`30m`, `12h`, `7d` -> seconds; ValueError otherwise."""
+    units = {"m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit() or int(number) < 1:
+        raise ValueError(f"--since takes a count and a unit (m, h or d), e.g. 1d or 12h, not {text!r}")
+    return int(number) * units[unit]
+
+
+def report(store: Any, since: float, app: str | None = None) -> list[dict[str, Any]]:
+    """A row per router application, key name and model, with its totals from `since` on (hourly)."""
+    return [{"app": a, "key": k, "model": m, **dict(zip(FIELDS, row))}
+            for (a, k, m), row in sorted(totals(stored_days(store, since, app), since).items())]
+
+
+def render(rows: list[dict[str, Any]], since_text: str) -> str:
+    if not rows:
+        return f"No usage recorded in the last {since_text} (usage is counted for routers with api_keys)."
+    header = ["APP", "KEY", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "ERRORS"]
+    lines = [header] + [[r["app"], r["key"], r["model"], *(str(r[f]) for f in FIELDS)] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(line, widths))).rstrip() for line in lines)
