@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """What a key's limits cost per request: one router replica in front of a synthetic backend (0 ms TTFT), two
 keys, one without limits and one with limits it never reaches (so every request asks the shared ledger,
-serving/quotas.py, and gives its slot back). Alternating rounds of sequential requests, one key at a time;
+serving/quotas.py, and gives its slot back). Both keys' usage is booked (usage.py): the difference is what
+the limits add. Alternating rounds of sequential requests, one key at a time;
 the table gives each key's latency and the difference per round.
 
     .venv/bin/python scripts/bench_key_limits.py --rounds 3 --requests 300
@@ -29,6 +30,8 @@ KEY_FILE = f"""keys:
     key: {KEYS['limited']}
     requests_per_minute: 1000000000
     concurrent_requests: 1000000
+    tokens_per_minute: 1000000000000
+    tokens_per_day: 1000000000000000
 """
 
 

@@ -12,6 +12,7 @@ a node of the cluster). Named keys are a YAML document:
         tokens_per_minute: 200000    # prompt + completion tokens
         tokens_per_day: 5000000      # budgets (UTC day, month): over one, 429 insufficient_quota
         tokens_per_month: 100000000
+        weight: 2                    # its share of a full backend, against other keys' (default 1)
 
 The former format still reads, one entry per line (or separated by `;` in an environment variable):
 `KEY` (every model) or `KEY: model, model`; such a key is named after its line (`line-3`).
@@ -62,6 +63,7 @@ class KeyEntry(BaseModel):
     tokens_per_minute: int | None = Field(None, ge=1)
     tokens_per_day: int | None = Field(None, ge=1)
     tokens_per_month: int | None = Field(None, ge=1)
+    weight: float = Field(1, gt=0)
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyEntry:
@@ -76,12 +78,14 @@ class KeyEntry(BaseModel):
 
 @dataclass(frozen=True)
 class Grant:
-    """What a key may do: its name, the models it may use (None: all), its limits, the line that says so."""
+    """What a key may do: its name, the models it may use (None: all), its limits, the line that says so,
+    and its weight: its share of a full backend against other keys' waiting requests (fair_share.py)."""
 
     name: str
     models: frozenset[str] | None
     line: int
     limits: KeyLimits = KeyLimits()
+    weight: float = 1.0
 
 
 def _line_entries(text: str) -> list[tuple[str, Grant]]:
@@ -118,7 +122,7 @@ def _named_entries(document: yaml.Node) -> list[tuple[str, Grant]]:
             raise APIKeyError(f"line {line}: {field}: {message}") from None
         limits = KeyLimits(**{f.name: getattr(entry, f.name) for f in fields(KeyLimits)})
         entries.append((entry.digest, Grant(entry.name, frozenset(entry.models) if entry.models else None, line,
-                                            limits)))
+                                            limits, entry.weight)))
     return entries
 
 

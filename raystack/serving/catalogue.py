@@ -52,6 +52,13 @@ def registered_backends(details: dict[str, Any], router: str) -> list[BackendRef
     return found
 
 
+def target_replicas(details: dict[str, Any], app: str, deployment: str) -> int:
+    """How many replicas of `deployment` in application `app` Serve aims to run (those starting included),
+    from Serve's instance details; 0 if it is not there."""
+    found = ((details.get("applications") or {}).get(app) or {}).get("deployments", {}).get(deployment) or {}
+    return int(found.get("target_num_replicas") or 0)
+
+
 @dataclass(frozen=True)
 class Catalogue:
     """What a router serves: its settings and models (a RaystackConfig, None while it has no backend), and

@@ -4,7 +4,8 @@ The ingress (ingress.py) has already authenticated, parsed and resolved the requ
 routing policy (policies.py) picks the backend; the request goes to it through its Serve handle (Serve's
 request router, replica_choice.py, picks the replica); the opening (a whole JSON answer, or a stream's
 first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or
-`request_timeout_s` passes. A replica that fails before its opening, its process or its engine (a 5xx
+`request_timeout_s` passes. While a backend is full, requests wait for its slots by API key in weighted
+fair order (fair_share.py), within `first_token_timeout_s`. A replica that fails before its opening, its process or its engine (a 5xx
 answer or error event of its own) -> another replica, never the one that failed, which new requests
 also avoid for a while (policies.FAILING); after `router.retries` such tries, 503. A backend whose
 replicas and queue are full -> the model's other backends, then 429.
@@ -17,6 +18,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterator, Callable
 
 from ray import serve
@@ -28,6 +30,7 @@ from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
 from raystack.serving import policies
 from raystack.serving.catalogue import Catalogue
+from raystack.serving.fair_share import FairGate, GateFull
 from raystack.serving.policies import BackendLoad, policy_for
 from raystack.serving.server import Opening
 
@@ -98,11 +101,19 @@ class Forwarder:
         self.in_flight: Counter[tuple[str, str]] = Counter()  # (model, backend) -> requests not yet done
         self.handles: dict[tuple[str, str], DeploymentHandle] = {}  # (application, deployment) -> its handle
         self.routing: dict[str, Any] = {}  # model -> its config.Routing
+        self.gates: dict[tuple[str, str], FairGate] = {}  # (model, backend) -> its slots, shared fairly by keys
+        self.router_replicas = 1  # of this router (the Router counts them): each takes its part of a backend
+
+    def capacity(self, model: str, backend: str, max_ongoing: int) -> int | None:
+        """The requests this router replica may have in flight at `backend`: its part of the running
+        replicas' max_ongoing_requests; None while none runs (Serve's queue holds them, for its autoscaler)."""
+        running = self.running_replicas(model, backend)
+        return -(-running * max_ongoing // self.router_replicas) if running else None
 
     def update(self, catalogue: Catalogue) -> None:
         """Forward to the backends of `catalogue` from now on. A backend's handle (and the replica choice
         state of its request router) and a model's routing policy are kept while they stay the same."""
-        handles, streams, deployments, routing = {}, {}, {}, {}
+        handles, streams, deployments, routing, gates = {}, {}, {}, {}, {}
         for (model, backend), ref in catalogue.refs.items():
             where = (ref.app, ref.deployment)
             handles[where] = self.handles.get(where) or serve.get_deployment_handle(
@@ -110,9 +121,13 @@ class Forwarder:
             streams.setdefault(model, {})[backend] = handles[where]
             deployments.setdefault(model, {})[backend] = ref.deployment
             routing[model] = ref.spec.model.routing
+            gate = gates[model, backend] = self.gates.get((model, backend)) or FairGate()  # its slots in use stay
+            gate.capacity = partial(self.capacity, model, backend, ref.spec.backend.max_ongoing_requests)
+            gate.max_waiting = ref.spec.backend.max_queued_requests
         self.policies = {model: self.policies[model] if self.routing.get(model) == routing[model]
                          else policy_for(routing[model].model_dump()) for model in routing}
-        self.handles, self.streams, self.deployments, self.routing = handles, streams, deployments, routing
+        self.handles, self.streams, self.deployments, self.routing, self.gates = (
+            handles, streams, deployments, routing, gates)
 
     def choose(self, model: Model, route: policies.Route, exclude: set[str]) -> str | None:
         deployments = self.deployments.get(model.name, {})  # a backend deleted since `model` was resolved: not it
@@ -125,10 +140,12 @@ class Forwarder:
         return policy.choose_backend(loads, route) if loads and policy else None
 
     async def send(self, model: Model, pinned: str | None, requested: str, kind: str,
-                   body: dict[str, Any], unable: frozenset[str] = frozenset(), adapter: str | None = None) -> Delivery:
+                   body: dict[str, Any], unable: frozenset[str] = frozenset(), adapter: str | None = None,
+                   share: tuple[str, float] = ("", 1.0)) -> Delivery:
         """To a backend of `model` (`pinned`, or the policy's choice; never one `unable` to honour the
         request) until one opens its answer. Through LoRA `adapter`, if given: Serve's request router then
-        prefers the replicas that hold it (its multiplexed model id)."""
+        prefers the replicas that hold it (its multiplexed model id). `share`: the API key's name and
+        weight, whose turn it waits for at a full backend."""
         route = (self.policies.get(model.name) or policy_for(model.routing.model_dump())).route(kind, body)
         streaming = bool(body.get("stream"))
         loop = asyncio.get_running_loop()
@@ -148,8 +165,8 @@ class Forwarder:
                 )
             try:
                 opening, stream = await self.open(model.name, backend, kind, body, route, streaming, deadline,
-                                                  tuple(failed), adapter)
-            except BackPressureError:
+                                                  tuple(failed), adapter, share)
+            except (BackPressureError, GateFull):
                 busy.add(backend)
                 continue
             except ReplicaFailed as err:
@@ -173,6 +190,7 @@ class Forwarder:
     async def open(
         self, model: str, backend: str, kind: str, body: dict[str, Any], route: policies.Route,
         streaming: bool, deadline: float, avoid: tuple[str, ...] = (), adapter: str | None = None,
+        share: tuple[str, float] = ("", 1.0),
     ) -> tuple[Opening, DeploymentResponseGenerator]:
         """Send the request to `backend` (to none of the replicas in `avoid`) and wait for its opening (a
         stream's first chunk, or the whole JSON answer). The backend's in-flight count holds until the
@@ -182,6 +200,13 @@ class Forwarder:
             raise OpenAIError(503, f"`{model}@{backend}` was just removed from this router's backends; retry.",
                               headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
         key = (model, backend)
+        loop = asyncio.get_running_loop()
+        wait_s = deadline - loop.time()  # a whole answer may wait for a slot until its deadline, a stream not
+        try:  # a slot of the backend, in the key's turn when it is full
+            await self.gates[key].acquire(*share, timeout_s=min(self.settings.first_token_timeout_s, wait_s)
+                                          if streaming else wait_s)
+        except TimeoutError:
+            raise self._timed_out(model, backend, streaming) from None
         self.in_flight[key] += 1
         attempt = uuid.uuid4().hex
         if adapter:
@@ -190,7 +215,6 @@ class Forwarder:
             kind, body, route=route, avoid=avoid, attempt=attempt)
         first = asyncio.ensure_future(stream.__anext__())
         answered = False
-        loop = asyncio.get_running_loop()
         try:
             # A stream's first token is bounded by first_token_timeout_s; a whole answer by the request's
             # deadline, except that no request waits longer than first_token_timeout_s for a replica.
@@ -224,6 +248,9 @@ class Forwarder:
 
     def done(self, key: tuple[str, str]) -> None:
         self.in_flight[key] -= 1
+        gate = self.gates.get(key)
+        if gate is not None:
+            gate.release()
 
     def running_replicas(self, model: str, backend: str) -> int | None:
         """As this process's handle last heard from Serve; None until it has."""

@@ -35,7 +35,8 @@ from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
 from raystack.serving.auth import APIKeyError, APIKeys, KeyFileWatch
-from raystack.serving.catalogue import REFRESH_S, BackendRef, Catalogue, registered_backends, serve_details_async
+from raystack.serving.catalogue import (REFRESH_S, BackendRef, Catalogue, registered_backends, target_replicas,
+                                        serve_details_async)
 from raystack.serving.forwarding import Forwarder
 from raystack.serving.quotas import Quotas
 from raystack.serving.usage import Cost, Meter, ask_for_usage, estimate_prompt_tokens
@@ -188,6 +189,7 @@ class Router:
         self.created = int(time.time())
         context = serve.get_replica_context()
         self.app_name = context.app_name  # backend applications name the router they belong to
+        self.deployment = context.deployment
         self.quotas = Quotas(self.app_name, self.settings.request_timeout_s)  # keys' limits, shared by replicas
         self.replica = context.replica_id.unique_id
         self.looked = -REFRESH_S  # loop time of the last look at Serve's state
@@ -202,7 +204,10 @@ class Router:
     async def refresh(self) -> None:
         """Look at Serve's state for this router's backend applications; adopt what changed."""
         self.looked = asyncio.get_running_loop().time()
-        refs = registered_backends(await serve_details_async(), self.app_name)
+        details = await serve_details_async()
+        # Each router replica fills its part of a backend's slots (fair_share.py).
+        self.forwarder.router_replicas = max(1, target_replicas(details, self.app_name, self.deployment))
+        refs = registered_backends(details, self.app_name)
         if refs == self.seen:
             return
         self.seen = refs
@@ -374,7 +379,8 @@ class Router:
         if grant:
             meter = Meter(Cost(estimate_prompt_tokens(body)), client_wants_usage=ask_for_usage(body))
             request.state.admitted = await self.quotas.admit(grant.name, grant.limits, meter.cost.prompt_tokens)
-        delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter)
+        share = (grant.name, grant.weight) if grant else ("", 1.0)  # its turn at a full backend, by key
+        delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter, share)
         if grant:  # from here the delivery charges the key, with the backend's slot, however the answer ends
             request.state.key_name = None
             give_back, admitted = delivery.release, request.state.admitted

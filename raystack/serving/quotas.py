@@ -16,6 +16,7 @@ mid-answer) holds its concurrent slot at most until router.request_timeout_s, th
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import deque
@@ -24,6 +25,8 @@ from typing import Any
 
 from raystack.protocol import OpenAIError
 from raystack.serving.usage import Cost, GCSStore, UsageBook, day_start, month_start, next_day, next_month
+
+logger = logging.getLogger("ray.serve")
 
 WINDOW_S = 60.0  # the per-minute limits' window
 FLUSH_S = 1.0  # the book is written at most this often: a ledger that dies loses at most this much
@@ -189,6 +192,8 @@ class Quotas:
                 await self.ledger.flush.remote()
             except ray.exceptions.RayActorError:
                 self.ledger = None
+            except Exception as err:  # GCS unreachable for a moment, say: the book is written next time
+                logger.warning("usage book not written: %r", err)
 
 
 def _refusal_error(key: str, limits: KeyLimits, refused: Refusal) -> OpenAIError:
