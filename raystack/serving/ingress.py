@@ -190,8 +190,8 @@ class Router:
         context = serve.get_replica_context()
         self.app_name = context.app_name  # backend applications name the router they belong to
         self.deployment = context.deployment
-        self.quotas = Quotas(self.app_name, self.settings.request_timeout_s)  # keys' limits, shared by replicas
         self.replica = context.replica_id.unique_id
+        self.quotas = Quotas(self.app_name, self.settings.request_timeout_s, self.replica)  # keys' limits, shared
         self.looked = -REFRESH_S  # loop time of the last look at Serve's state
         await self.refresh()
         self.reload_keys()  # the file as it is now, which may have changed since the app was built
@@ -205,8 +205,10 @@ class Router:
         """Look at Serve's state for this router's backend applications; adopt what changed."""
         self.looked = asyncio.get_running_loop().time()
         details = await serve_details_async()
-        # Each router replica fills its part of a backend's slots (fair_share.py).
-        self.forwarder.router_replicas = max(1, target_replicas(details, self.app_name, self.deployment))
+        # Each router replica fills its part of a backend's slots (fair_share.py) and takes its part of a
+        # key's lease (quotas.py).
+        self.forwarder.router_replicas = self.quotas.replicas = max(
+            1, target_replicas(details, self.app_name, self.deployment))
         refs = registered_backends(details, self.app_name)
         if refs == self.seen:
             return

@@ -3,8 +3,11 @@ tokens per minute, and token budgets per UTC day and month.
 
 One small Ray actor per router application, the QuotaLedger, keeps them. A router replica asks it before
 it forwards a request of a key that has limits (keys without limits never wait for it), and tells it
-what every keyed answer cost once it is over (not awaited). Two router replicas therefore admit no more
-than a limit together. Token limits count the prompt's estimate when a request is admitted, and the
+what every keyed answer cost once it is over (batched every BATCH_S, not awaited). Two router replicas therefore admit no more
+than a limit together. A key far from its limits (at least half of each left) is lent a share of what is
+left, for LEASE_S: the router replica admits from that lease without asking, and tells the ledger after
+(not awaited). What is lent counts as used for every other replica, so the limits still hold together;
+near a limit nothing is lent and every request asks. Token limits count the prompt's estimate when a request is admitted, and the
 engine's usage (usage.py) when its answer ends: streamed, whole, or cut by the client leaving.
 
 The ledger keeps the usage book (usage.py) and writes it to Ray's GCS every FLUSH_S: budgets and
@@ -30,6 +33,8 @@ logger = logging.getLogger("ray.serve")
 
 WINDOW_S = 60.0  # the per-minute limits' window
 FLUSH_S = 1.0  # the book is written at most this often: a ledger that dies loses at most this much
+LEASE_S = 1.0  # how long a lease lasts; the router replica stops using it a little earlier
+BATCH_S = 0.05  # a router replica tells the ledger what it admitted and settled in one call this often
 BUDGETS = {"tokens_per_day": (day_start, next_day), "tokens_per_month": (month_start, next_month)}  # UTC
 
 
@@ -70,6 +75,7 @@ class QuotaLedger:
         self.admitted: dict[str, deque[float]] = {}  # key name -> admission times within the window
         self.in_flight: dict[str, dict[str, _Held]] = {}  # key name -> request id -> its hold
         self.tokens: dict[str, list[list[float]]] = {}  # key name -> [time, tokens] within the window
+        self.leases: dict[tuple[str, str], tuple[float, dict[str, float]]] = {}  # (replica, key) -> (until, left)
         self.book = UsageBook.load(app, GCSStore() if store == "gcs" else store) if store else UsageBook(app)
         self.flushed = float("-inf")  # the first answer's usage is written at once
 
@@ -85,41 +91,88 @@ class QuotaLedger:
         return recent, held, tokens
 
     def admit(self, key: str, limits: KeyLimits, request: str, estimate: int = 0, now: float | None = None,
-              wall: float | None = None) -> Refusal | None:
-        """None, with the request counted (its prompt's `estimate` among the key's tokens) and holding a
-        slot; or the Refusal: which limit, and when to retry."""
+              wall: float | None = None, replica: str = "", replicas: int = 1) -> Refusal | dict[str, float]:
+        """The request counted (its prompt's `estimate` among the key's tokens, a slot held), and the lease
+        `replica` (one of `replicas` router replicas) may admit from for LEASE_S: what it may still take of
+        each limit, empty near one; or the Refusal: which limit, and when to retry."""
         now = time.monotonic() if now is None else now
         wall = time.time() if wall is None else wall
+        self.leases.pop((replica, key), None)  # this replica's last lease: replaced by this answer
         recent, held, tokens = self._window(key, now)
-        if limits.concurrent_requests is not None and len(held) >= limits.concurrent_requests:
-            return Refusal("concurrent_requests", 1.0)
-        if limits.requests_per_minute is not None and len(recent) >= limits.requests_per_minute:
-            return Refusal("requests_per_minute", recent[len(recent) - limits.requests_per_minute] + WINDOW_S - now)
-        if limits.tokens_per_minute is not None:
-            if estimate > limits.tokens_per_minute:
-                return Refusal("tokens_per_minute", 0, too_large=estimate)
-            used = sum(t[1] for t in tokens)
-            if used + estimate > limits.tokens_per_minute:
-                running = [h.tokens for h in held.values()]
-                return Refusal("tokens_per_minute", _tokens_free_in(
-                    [t for t in tokens if not any(t is r for r in running)], used + estimate - limits.tokens_per_minute,
-                    now))
+        if limits.tokens_per_minute is not None and estimate > limits.tokens_per_minute:
+            return Refusal("tokens_per_minute", 0, too_large=estimate)
+        lent = self._lent(key, now)
         pending = sum(h.estimate for h in held.values())
-        for limit, (starts, renews) in BUDGETS.items():
-            budget = getattr(limits, limit)
-            if budget is not None and self.book.tokens_since(key, starts(wall), wall) + pending + estimate > budget:
-                return Refusal(limit, renews(wall) - wall, budget=True)
+        used = {"concurrent_requests": len(held), "requests_per_minute": len(recent),
+                "tokens_per_minute": sum(t[1] for t in tokens),
+                **{limit: self.book.tokens_since(key, starts(wall), wall) + pending
+                   for limit, (starts, _) in BUDGETS.items()}}
+        left = {}
+        for limit, in_use in used.items():  # in this order: the first limit broken is the one named
+            value = getattr(limits, limit)
+            if value is None:
+                continue
+            left[limit] = value - in_use - lent.get(limit, 0) - _cost(limit, estimate)
+            if left[limit] < 0:
+                return self._refusal(limit, recent, held, tokens, value, in_use + lent.get(limit, 0) + estimate,
+                                     now, wall)
+        self.record(key, request, estimate, now)
+        # Far from every limit, a share of what is left (with every other replica's, half of it at most),
+        # worth two requests like this one at least: near a limit every request asks, and is exact.
+        lease = {limit: amount / (2 * replicas) if limit.startswith("tokens_") else amount // (2 * replicas)
+                 for limit, amount in left.items()}
+        if all(left[limit] >= getattr(limits, limit) / 2 and lease[limit] >= 2 * _cost(limit, estimate)
+               for limit in left):
+            self.leases[replica, key] = (now + LEASE_S, lease)
+            return lease
+        return {}
+
+    def _lent(self, key: str, now: float) -> dict[str, float]:
+        """What the key's live leases may still take, per limit."""
+        lent: dict[str, float] = {}
+        for (replica, leased), (until, left) in list(self.leases.items()):
+            if until <= now:
+                del self.leases[replica, leased]
+            elif leased == key:
+                for limit, amount in left.items():
+                    lent[limit] = lent.get(limit, 0) + amount
+        return lent
+
+    def _refusal(self, limit: str, recent: deque[float], held: dict[str, _Held], tokens: list[list[float]],
+                 value: int, wanted: float, now: float, wall: float) -> Refusal:
+        if limit == "requests_per_minute":
+            return Refusal(limit, recent[len(recent) - value] + WINDOW_S - now if len(recent) >= value else 1.0)
+        if limit == "tokens_per_minute":
+            running = [h.tokens for h in held.values()]
+            return Refusal(limit, _tokens_free_in([t for t in tokens if not any(t is r for r in running)],
+                                                  wanted - value, now))
+        if limit in BUDGETS:
+            return Refusal(limit, BUDGETS[limit][1](wall) - wall, budget=True)
+        return Refusal(limit, 1.0)
+
+    def record(self, key: str, request: str, estimate: int = 0, now: float | None = None, replica: str = "") -> None:
+        """Count an admitted request; one `replica` admitted from its lease is taken out of the lease."""
+        now = time.monotonic() if now is None else now
+        recent, held, tokens = self._window(key, now)
         recent.append(now)
         entry = [now, float(estimate)]
         tokens.append(entry)
         held[request] = _Held(key, now + self.hold_s, entry, estimate)
-        return None
+        self._spend(replica, key, lambda limit: _cost(limit, estimate))
+
+    def _spend(self, replica: str, key: str, cost) -> None:
+        lease = self.leases.get((replica, key))
+        if lease is not None:
+            for limit in lease[1]:
+                lease[1][limit] = max(0.0, lease[1][limit] - cost(limit))
 
     def settle(self, key: str, model: str, request: str | None, cost: Cost, now: float | None = None,
-               wall: float | None = None) -> None:
-        """An answer is over: its slot back, its tokens counted as the engine reported them, its usage
-        booked. `request`: its admission, None for a key without limits (only booked)."""
+               wall: float | None = None, replica: str = "") -> None:
+        """An answer is over: its slot back, its tokens counted as the engine reported them (and taken out
+        of the token limits `replica`'s lease may still take), its usage booked. `request`: its admission,
+        None for a key without limits (only booked)."""
         now = time.monotonic() if now is None else now
+        self._spend(replica, key, lambda limit: cost.completion_tokens if limit.startswith("tokens_") else 0)
         hold = self.in_flight.get(key, {}).pop(request, None) if request else None
         if hold is not None:
             hold.tokens[0], hold.tokens[1] = now, float(cost.tokens)
@@ -127,9 +180,20 @@ class QuotaLedger:
         if now - self.flushed >= FLUSH_S:
             self.flush(now)
 
+    def apply(self, told: list[tuple[str, tuple, dict]]) -> None:
+        """A router replica's batch of `record` and `settle` calls, in its order."""
+        for method, args, kwargs in told:
+            if method in ("record", "settle"):
+                getattr(self, method)(*args, **kwargs)
+
     def flush(self, now: float | None = None) -> None:
         self.flushed = time.monotonic() if now is None else now
         self.book.flush()
+
+
+def _cost(limit: str, estimate: int) -> float:
+    """What one request takes of `limit`: itself, or its prompt's tokens."""
+    return estimate if limit.startswith("tokens_") else 1
 
 
 def _tokens_free_in(settled: list[list[float]], excess: float, now: float) -> float:
@@ -142,14 +206,38 @@ def _tokens_free_in(settled: list[list[float]], excess: float, now: float) -> fl
     return WINDOW_S
 
 
-class Quotas:
-    """A router replica's side of the ledger: admit or 429, settle once."""
+@dataclass
+class Lease:
+    """What this router replica may admit of a key without asking the ledger, until `until` (its loop time)."""
 
-    def __init__(self, app_name: str, hold_s: float):
+    limits: KeyLimits
+    until: float
+    left: dict[str, float]
+
+    def take(self, limits: KeyLimits, estimate: int, now: float) -> bool:
+        if limits != self.limits or now >= self.until or not self.left:
+            return False
+        if any(amount < _cost(limit, estimate) for limit, amount in self.left.items()):
+            return False
+        for limit in self.left:
+            self.left[limit] -= _cost(limit, estimate)
+        return True
+
+
+class Quotas:
+    """A router replica's side of the ledger: admit (from a lease, or asking) or 429, settle once."""
+
+    def __init__(self, app_name: str, hold_s: float, replica: str = ""):
         self.app = app_name
         self.name = f"raystack-quotas-{app_name}"
         self.hold_s = hold_s
+        self.replica = replica
+        self.replicas = 1  # of the router, sharing the ledger (the Router counts them)
         self.ledger: Any = None
+        self.leases: dict[str, Lease] = {}  # key name -> its lease
+        # What to tell the ledger (admissions from leases, settlements): one call every BATCH_S, since even
+        # an actor call not awaited costs its caller about a millisecond.
+        self.outbox: list[tuple[str, tuple, dict]] = []
 
     def _ledger(self) -> Any:
         import ray
@@ -166,21 +254,56 @@ class Quotas:
         for a budget)."""
         if not limits:
             return None
+        import asyncio
+
         import ray
 
         request = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        lease = self.leases.get(key)
+        if lease is not None and lease.take(limits, estimate, loop.time()):
+            self._tell("record", key, request, estimate, replica=self.replica)
+            return request
+        asked = loop.time()
+        args = dict(replica=self.replica, replicas=self.replicas)
         try:
-            refused = await self._ledger().admit.remote(key, limits, request, estimate)
+            answer = await self._ledger().admit.remote(key, limits, request, estimate, **args)
         except ray.exceptions.RayActorError:  # its router replica went: a new ledger, counts start over
             self.ledger = None
-            refused = await self._ledger().admit.remote(key, limits, request, estimate)
-        if refused is not None:
-            raise _refusal_error(key, limits, refused)
+            answer = await self._ledger().admit.remote(key, limits, request, estimate, **args)
+        if isinstance(answer, Refusal):
+            self.leases.pop(key, None)
+            raise _refusal_error(key, limits, answer)
+        # Used until a little before the ledger's own end of it (counted from when it was asked).
+        self.leases[key] = Lease(limits, asked + 0.8 * LEASE_S, answer)
         return request
 
     def settle(self, key: str, model: str, request: str | None, cost: Cost) -> None:
-        """Not awaited: nothing waits on it. A ledger that died meanwhile is noticed by `flush`."""
-        self._ledger().settle.remote(key, model, request, cost)
+        """Not awaited: nothing waits on it. A ledger that died meanwhile is noticed by `flush`. The tokens
+        the answer generated come off this replica's lease."""
+        lease = self.leases.get(key)
+        if lease is not None:
+            for limit in lease.left:
+                if limit.startswith("tokens_"):
+                    lease.left[limit] -= cost.completion_tokens
+        self._tell("settle", key, model, request, cost, replica=self.replica)
+
+    def _tell(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Queued for the ledger; sent with whatever else comes within BATCH_S. (What an admission from a
+        lease adds, the lease has already lent: the ledger's counts never fall short meanwhile.)"""
+        import asyncio
+
+        self.outbox.append((method, args, kwargs))
+        if len(self.outbox) == 1:
+            try:
+                asyncio.get_running_loop().call_later(BATCH_S, self._send)
+            except RuntimeError:  # called outside the router's loop (a collected answer): at once
+                self._send()
+
+    def _send(self) -> None:
+        told, self.outbox = self.outbox, []
+        if told:
+            self._ledger().apply.remote(told)
 
     async def flush(self) -> None:
         """Have the ledger write its book (the router calls this every few seconds); a ledger that died is

@@ -10,7 +10,7 @@ import pytest
 from raystack.app import build_router
 from raystack.config import ConfigError
 from raystack.serving.auth import APIKeyError, APIKeys
-from raystack.serving.quotas import KeyLimits, QuotaLedger, Refusal, _refusal_error
+from raystack.serving.quotas import LEASE_S, KeyLimits, QuotaLedger, Refusal, _refusal_error
 from raystack.serving.usage import Cost, day_start, stored_days, totals
 from raystack.protocol import OpenAIError
 
@@ -117,36 +117,59 @@ def test_limits_are_read_with_the_key_and_a_bad_one_is_refused_by_line():
         APIKeys.parse("keys:\n  - name: a\n    key: sk-a\n    requests_per_minute: -1\n", "keys.yaml")
 
 
+def ok(admission) -> bool:
+    """Admitted: the ledger answers with a lease (maybe empty), not a Refusal."""
+    return isinstance(admission, dict)
+
+
 def test_the_ledger_counts_a_minute_of_requests_and_the_requests_in_flight():
     ledger = QuotaLedger("app", hold_s=600, store=None)
     per_minute = KeyLimits(requests_per_minute=3)
-    assert [ledger.admit("a", per_minute, f"r{t}", now=t) for t in (0, 10, 20)] == [None] * 3
+    assert all(ok(ledger.admit("a", per_minute, f"r{t}", now=t)) for t in (0, 10, 20))
     assert ledger.admit("a", per_minute, "r30", now=30) == Refusal("requests_per_minute", 30)  # r0 leaves at 60
-    assert ledger.admit("b", per_minute, "other key", now=30) is None  # each key its own
-    assert ledger.admit("a", per_minute, "r60", now=60.5) is None
+    assert ok(ledger.admit("b", per_minute, "other key", now=30))  # each key its own
+    assert ok(ledger.admit("a", per_minute, "r60", now=60.5))
 
     at_once = KeyLimits(concurrent_requests=2)
-    assert ledger.admit("c", at_once, "c1", now=0) is None and ledger.admit("c", at_once, "c2", now=0) is None
+    assert ok(ledger.admit("c", at_once, "c1", now=0)) and ok(ledger.admit("c", at_once, "c2", now=0))
     assert ledger.admit("c", at_once, "c3", now=1).limit == "concurrent_requests"
     ledger.settle("c", "m", "c1", Cost(10, 5), now=1)
-    assert ledger.admit("c", at_once, "c3", now=2) is None
+    assert ok(ledger.admit("c", at_once, "c3", now=2))
     assert ledger.admit("c", at_once, "c4", now=599).limit == "concurrent_requests"
-    assert ledger.admit("c", at_once, "c4", now=601) is None  # c2, never settled, lapsed after hold_s
+    assert ok(ledger.admit("c", at_once, "c4", now=601))  # c2, never settled, lapsed after hold_s
+
+
+def test_leases_far_from_a_limit_and_the_limit_still_holds_for_the_replicas_together():
+    ledger = QuotaLedger("app", hold_s=600, store=None)
+    limits = KeyLimits(requests_per_minute=100)
+    assert ledger.admit("k", limits, "a0", now=0, replica="a", replicas=2) == {"requests_per_minute": 24}  # 99 // 4
+    # b sees a's lease as used: (100 - 1 - 24 - 1) // 4
+    assert ledger.admit("k", limits, "b0", now=0, replica="b", replicas=2) == {"requests_per_minute": 18}
+    for i in range(10):
+        ledger.record("k", f"a{i + 1}", now=0.1, replica="a")  # admitted from a's lease, told after
+    admitted = 2 + 10
+    while ok(ledger.admit("k", limits, f"b{admitted}", now=0.2, replica="b", replicas=2)):  # b asks: its lease ends
+        admitted += 1
+    assert admitted == 100 - 14  # a's lease may still take 14: lent, counted as used
+    while ok(ledger.admit("k", limits, f"b{admitted}", now=0.2 + LEASE_S, replica="b", replicas=2)):
+        admitted += 1
+    assert admitted == 100  # never more, leases or not
+    assert ledger.admit("k", KeyLimits(requests_per_minute=8), "n", now=70, replica="a", replicas=2) == {}  # near: none
 
 
 def test_tokens_per_minute_counts_the_prompt_at_admission_and_the_answer_when_it_settles():
     ledger = QuotaLedger("app", hold_s=600, store=None)
     limits = KeyLimits(tokens_per_minute=100)
-    assert ledger.admit("a", limits, "r1", estimate=30, now=0) is None
-    assert ledger.admit("a", limits, "r2", estimate=30, now=1) is None
+    assert ok(ledger.admit("a", limits, "r1", estimate=30, now=0))
+    assert ok(ledger.admit("a", limits, "r2", estimate=30, now=1))
     assert ledger.admit("a", limits, "r3", estimate=50, now=2).limit == "tokens_per_minute"  # 60 + 50 > 100
     ledger.settle("a", "m", "r1", Cost(20, 5), now=3)  # the engine's count: 25, not the estimated 30
-    assert ledger.admit("a", limits, "r3", estimate=45, now=4) is None  # 25 + 30 + 45
+    assert ok(ledger.admit("a", limits, "r3", estimate=45, now=4))  # 25 + 30 + 45
     ledger.settle("a", "m", "r2", Cost(28, 60), now=5)
     refusal = ledger.admit("a", limits, "r4", estimate=10, now=6)  # 25 + 88 + 45 (r3 running) + 10
     assert refusal.limit == "tokens_per_minute" and refusal.retry_after_s == pytest.approx(59)  # r2 leaves at 65
     assert ledger.admit("a", limits, "r4", estimate=10, now=64).limit == "tokens_per_minute"
-    assert ledger.admit("a", limits, "r4", estimate=10, now=65.5) is None
+    assert ok(ledger.admit("a", limits, "r4", estimate=10, now=65.5))
     assert ledger.admit("a", limits, "huge", estimate=101, now=64).too_large == 101
 
 
@@ -154,15 +177,15 @@ def test_budgets_count_a_utc_day_or_month_and_refuse_with_insufficient_quota():
     day = datetime(2026, 11, 30, 12, tzinfo=timezone.utc).timestamp()
     ledger = QuotaLedger("app", hold_s=600, store=None)
     daily = KeyLimits(tokens_per_day=1000)
-    assert ledger.admit("a", daily, "r1", estimate=100, now=0, wall=day) is None
+    assert ok(ledger.admit("a", daily, "r1", estimate=100, now=0, wall=day))
     ledger.settle("a", "m1", "r1", Cost(400, 500), now=1, wall=day)
-    assert ledger.admit("a", daily, "r2", estimate=60, now=2, wall=day) is None  # 900 used, 60 more
+    assert ok(ledger.admit("a", daily, "r2", estimate=60, now=2, wall=day))  # 900 used, 60 more
     refusal = ledger.admit("a", daily, "r3", estimate=50, now=3, wall=day + 60)  # 900 + 60 (running) + 50
     assert refusal == Refusal("tokens_per_day", 12 * 3600 - 60, budget=True)
-    assert ledger.admit("a", daily, "r3", estimate=50, now=4, wall=day + 12 * 3600) is None  # a new UTC day
+    assert ok(ledger.admit("a", daily, "r3", estimate=50, now=4, wall=day + 12 * 3600))  # a new UTC day
     monthly = KeyLimits(tokens_per_month=1000)
     assert ledger.admit("a", monthly, "r4", now=5, wall=day + 6 * 3600).limit == "tokens_per_month"  # 900 + 110
-    assert ledger.admit("a", monthly, "r4", now=6, wall=day + 13 * 3600) is None  # December
+    assert ok(ledger.admit("a", monthly, "r4", now=6, wall=day + 13 * 3600))  # December
 
     err = _refusal_error("a", daily, refusal)
     assert (err.status, err.body()["error"]["type"], err.code, err.param) == (
