@@ -36,6 +36,7 @@ FLUSH_S = 1.0  # the book is written at most this often: a ledger that dies lose
 LEASE_S = 1.0  # how long a lease lasts; the router replica stops using it a little earlier
 BATCH_S = 0.05  # a router replica tells the ledger what it admitted and settled in one call this often
 BUDGETS = {"tokens_per_day": (day_start, next_day), "tokens_per_month": (month_start, next_month)}  # UTC
+LIMIT_ORDER = ("concurrent_requests", "requests_per_minute", "tokens_per_minute", *BUDGETS)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,6 @@ class Refusal:
 
 @dataclass
 class _Held:
-    key: str
     until: float  # when the slot lapses if nobody releases it
     tokens: list[float]  # its entry in the key's token window: [time, tokens]
     estimate: int
@@ -87,7 +87,8 @@ class QuotaLedger:
         for lapsed in [r for r, h in held.items() if h.until <= now]:
             del held[lapsed]
         tokens = self.tokens.setdefault(key, [])
-        tokens[:] = [t for t in tokens if t[0] > now - WINDOW_S or any(h.tokens is t for h in held.values())]
+        running = _running(held)
+        tokens[:] = [t for t in tokens if t[0] > now - WINDOW_S or id(t) in running]
         return recent, held, tokens
 
     def admit(self, key: str, limits: KeyLimits, request: str, estimate: int = 0, now: float | None = None,
@@ -102,19 +103,25 @@ class QuotaLedger:
         if limits.tokens_per_minute is not None and estimate > limits.tokens_per_minute:
             return Refusal("tokens_per_minute", 0, too_large=estimate)
         lent = self._lent(key, now)
-        pending = sum(h.estimate for h in held.values())
-        used = {"concurrent_requests": len(held), "requests_per_minute": len(recent),
-                "tokens_per_minute": sum(t[1] for t in tokens),
-                **{limit: self.book.tokens_since(key, starts(wall), wall) + pending
-                   for limit, (starts, _) in BUDGETS.items()}}
+
+        def in_use(limit: str) -> float:  # what the key holds of `limit` now (a budget: the book read only then)
+            if limit == "concurrent_requests":
+                return len(held)
+            if limit == "requests_per_minute":
+                return len(recent)
+            if limit == "tokens_per_minute":
+                return sum(t[1] for t in tokens)
+            return self.book.tokens_since(key, BUDGETS[limit][0](wall), wall) + sum(h.estimate for h in held.values())
+
         left = {}
-        for limit, in_use in used.items():  # in this order: the first limit broken is the one named
+        for limit in LIMIT_ORDER:  # the first limit broken is the one named
             value = getattr(limits, limit)
             if value is None:
                 continue
-            left[limit] = value - in_use - lent.get(limit, 0) - _cost(limit, estimate)
+            used = in_use(limit)
+            left[limit] = value - used - lent.get(limit, 0) - _cost(limit, estimate)
             if left[limit] < 0:
-                return self._refusal(limit, recent, held, tokens, value, in_use + lent.get(limit, 0) + estimate,
+                return self._refusal(limit, recent, held, tokens, value, used + lent.get(limit, 0) + estimate,
                                      now, wall)
         self.record(key, request, estimate, now)
         # Far from every limit, a share of what is left (with every other replica's, half of it at most),
@@ -143,9 +150,8 @@ class QuotaLedger:
         if limit == "requests_per_minute":
             return Refusal(limit, recent[len(recent) - value] + WINDOW_S - now if len(recent) >= value else 1.0)
         if limit == "tokens_per_minute":
-            running = [h.tokens for h in held.values()]
-            return Refusal(limit, _tokens_free_in([t for t in tokens if not any(t is r for r in running)],
-                                                  wanted - value, now))
+            running = _running(held)
+            return Refusal(limit, _tokens_free_in([t for t in tokens if id(t) not in running], wanted - value, now))
         if limit in BUDGETS:
             return Refusal(limit, BUDGETS[limit][1](wall) - wall, budget=True)
         return Refusal(limit, 1.0)
@@ -157,7 +163,7 @@ class QuotaLedger:
         recent.append(now)
         entry = [now, float(estimate)]
         tokens.append(entry)
-        held[request] = _Held(key, now + self.hold_s, entry, estimate)
+        held[request] = _Held(now + self.hold_s, entry, estimate)
         self._spend(replica, key, lambda limit: _cost(limit, estimate))
 
     def _spend(self, replica: str, key: str, cost) -> None:
@@ -189,6 +195,11 @@ class QuotaLedger:
     def flush(self, now: float | None = None) -> None:
         self.flushed = time.monotonic() if now is None else now
         self.book.flush()
+
+
+def _running(held: dict[str, _Held]) -> set[int]:
+    """The token-window entries of answers still running (by identity): they stay until they settle."""
+    return {id(h.tokens) for h in held.values()}
 
 
 def _cost(limit: str, estimate: int) -> float:
