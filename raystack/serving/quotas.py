@@ -76,7 +76,7 @@ class QuotaLedger:
         self.in_flight: dict[str, dict[str, _Held]] = {}  # key name -> request id -> its hold
         self.tokens: dict[str, list[list[float]]] = {}  # key name -> [time, tokens] within the window
         self.leases: dict[tuple[str, str], tuple[float, dict[str, float]]] = {}  # (replica, key) -> (until, left)
-        self.book = UsageBook.load(app, GCSStore() if store == "gcs" else store) if store else UsageBook(app)
+        self.book = UsageBook(app, GCSStore() if store == "gcs" else store)
         self.flushed = float("-inf")  # the first answer's usage is written at once
 
     def _window(self, key: str, now: float) -> tuple[deque[float], dict[str, _Held], list[list[float]]]:

@@ -151,34 +151,29 @@ Days = dict[str, dict[str, dict[str, dict[str, list[int]]]]]
 @dataclass
 class UsageBook:
     """Hourly usage per key and model of one router application, kept in memory and written to Ray's GCS
-    key-value store (`flush`). `store`: None in unit tests (nothing is written)."""
+    key-value store (`flush`). A day is read back from the store the first time it is needed, so a new
+    book (its ledger replaced) goes on from what was written. `store`: None in unit tests of the ledger."""
 
     app: str
     store: Any = None  # get(key) -> bytes | None, put(key, bytes), keys(prefix) -> list[str]
     days: Days = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
 
-    @classmethod
-    def load(cls, app: str, store: Any, now: float | None = None) -> UsageBook:
-        """The book as stored, from the first day of this month on (what the budgets need)."""
-        now = time.time() if now is None else now
-        book = cls(app, store)
-        day = month_start(now)
-        while day <= now:
-            stored = store.get(book._kv_key(_day(day)))
-            if stored:
-                book.days[_day(day)] = json.loads(stored)
-            day += 86400
-        return book
-
     def _kv_key(self, day: str) -> str:
         return f"{KV_PREFIX}{self.app}:{day}"
+
+    def _hours(self, day: str) -> dict[str, dict[str, dict[str, list[int]]]]:
+        """One day's hours, read from the store once (before anything is added to it: nothing is lost)."""
+        if day not in self.days:
+            stored = self.store.get(self._kv_key(day)) if self.store is not None else None
+            self.days[day] = json.loads(stored) if stored else {}
+        return self.days[day]
 
     def add(self, key: str, model: str, cost: Cost, now: float | None = None) -> None:
         now = time.time() if now is None else now
         day = _day(now)
         hour = datetime.fromtimestamp(now, timezone.utc).strftime("%H")
-        row = self.days.setdefault(day, {}).setdefault(hour, {}).setdefault(key, {}).setdefault(model, [0, 0, 0, 0])
+        row = self._hours(day).setdefault(hour, {}).setdefault(key, {}).setdefault(model, [0, 0, 0, 0])
         for i, value in enumerate((1, cost.prompt_tokens, cost.completion_tokens, int(cost.error))):
             row[i] += value
         self.dirty.add(day)
@@ -188,7 +183,7 @@ class UsageBook:
         now = time.time() if now is None else now
         total, day = 0, start
         while day <= now:
-            for hour in self.days.get(_day(day), {}).values():
+            for hour in self._hours(_day(day)).values():
                 total += sum(row[1] + row[2] for row in hour.get(key, {}).values())
             day += 86400
         return total
