@@ -165,6 +165,8 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(None, ge=1, le=128)
 
 
+CHAT_ONLY_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+
 REQUEST_MODELS: dict[str, type[_SamplingFields]] = {
     "chat": ChatCompletionRequest,
     "completion": CompletionRequest,
@@ -226,6 +228,11 @@ def parse_request(kind: str, raw: bytes) -> dict[str, Any]:
         raise OpenAIError(400, "The request body nests JSON too deeply to read.") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
+    if kind == "completion":
+        for field in CHAT_ONLY_FIELDS:
+            if body.get(field) is not None:  # OpenAI refuses them here too; vLLM would drop them without a word
+                raise OpenAIError(400, f"`{field}` is a chat completions field: /v1/completions calls no tools. "
+                                       f"Send `messages` with `{field}` to /v1/chat/completions.", param=field)
     try:
         request = REQUEST_MODELS[kind].model_validate(body)
     except ValidationError as err:
