@@ -23,6 +23,15 @@ def test_health_and_models(stack, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+@pytest.mark.parametrize("question, fact", [("What is the capital of France?", "Paris"),
+                                            ("What is the capital of Germany?", "Berlin")])
+def test_the_embedded_default_answers_a_known_fact_at_temperature_0(client, question, fact):
+    # In bfloat16, vLLM CPU answered France with "L'Étoile, la Marseillaise, ..." on an AMX CPU.
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                           max_tokens=16, temperature=0)
+    assert fact in reply.choices[0].message.content, reply.choices[0].message.content
+
+
 def test_chat_usage_agrees_with_the_tokenizer(client, tokenizer):
     reply = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
