@@ -1,10 +1,16 @@
-"""A server process an engine starts and owns: its own process group, its output in our log, and no orphans.
+"""Processes an engine starts and owns, and no orphans: a supervised server, or an engine's own children.
 
-The child runs in a new session, so one signal reaches it and every process it spawns (MindIE's daemon
-starts a backend process per NPU). A guard process holds the read end of a pipe whose write end only
+A SupervisedProcess runs in a new session, so one signal reaches it and every process it spawns (MindIE's
+daemon starts a backend process per NPU). A guard process holds the read end of a pipe whose write end only
 the owner has: when the owner exits for any reason, even SIGKILL or a crash that skips every `finally`,
 the pipe closes and the guard terminates the whole group. Stopping it ourselves first makes the guard
 find nothing left to kill.
+
+`guard_children` puts the same guard over the processes an engine library spawned itself (vLLM's
+EngineCore and its workers, in the replica's own process group): Ray kills that group when a worker dies
+while its node lives, but when the node goes first (`ray stop --force`, a raylet crash) nobody does, and
+an EngineCore that outlives its replica holds the model's memory (on an NPU, the chip). Those are named by
+pid and start time, so a pid reused since is never signalled.
 
 The guard detaches from the owner (it forks and its parent exits): Ray kills a worker's direct children
 when it stops the worker (ray.kill, which Serve uses on replicas; RAY_kill_child_processes_on_worker_exit,
@@ -21,31 +27,84 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Mapping
 
 TAIL_LINES = 40  # output lines kept to explain a failure
 
-# Runs as `python -c GUARD pgid grace_s`; blocks until its stdin reaches end of file.
+# Runs as `python -c GUARD grace_s target...`; blocks until its stdin reaches end of file. A target is
+# `group:PGID` or `pid:PID:START` (START: field 22 of /proc/PID/stat, the process's start time).
 GUARD = r"""
 import os, signal, sys, time
 if os.fork():
     os._exit(0)  # detached: no longer a child of the owner
-pgid, grace = int(sys.argv[1]), float(sys.argv[2])
+grace, targets = float(sys.argv[1]), sys.argv[2:]
 sys.stdin.buffer.read()
-def alive():
+def same(pid, start):
     try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return False
-if alive():
-    os.killpg(pgid, signal.SIGTERM)
+    return fields[19] == start and fields[0] != "Z"
+def signal_all(sig):  # whether any target was there to signal
+    found = False
+    for target in targets:
+        kind, _, rest = target.partition(":")
+        try:
+            if kind == "group":
+                os.killpg(int(rest), sig)
+            else:
+                pid, start = rest.split(":")
+                if not same(pid, start):
+                    continue
+                os.kill(int(pid), sig)
+            found = True
+        except (ProcessLookupError, PermissionError):
+            pass
+    return found
+if signal_all(0):
+    signal_all(signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while alive() and time.monotonic() < deadline:
+    while signal_all(0) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if alive():
-        os.killpg(pgid, signal.SIGKILL)
+    signal_all(signal.SIGKILL)
 """
+
+
+def start_guard(targets: list[str], grace_s: float) -> subprocess.Popen:
+    """A detached guard over `targets`: they get SIGTERM, then SIGKILL after `grace_s`, once the returned
+    Popen's stdin is closed, by us or by this process's end. Keep the Popen: collecting it closes stdin."""
+    guard = subprocess.Popen(
+        [sys.executable, "-I", "-c", GUARD, str(grace_s), *targets],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    guard.wait()  # the parent that forked it, gone at once; the guard runs on
+    return guard
+
+
+def _children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of `pid`'s descendants, from /proc."""
+    table: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found, parents = [], [pid]
+    while parents:
+        for child in table.get(parents.pop(), []):
+            found.append(child)
+            parents.append(child[0])
+    return found
+
+
+def guard_children(grace_s: float = 10.0) -> subprocess.Popen | None:
+    """A guard over the processes this one has spawned so far (and theirs): they go when it goes."""
+    children = _children_of(os.getpid())
+    return start_guard([f"pid:{pid}:{start}" for pid, start in children], grace_s) if children else None
 
 
 class SupervisedProcess:
@@ -85,11 +144,7 @@ class SupervisedProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=self.pass_fds,
         )
         # The new session's id is the child's pid: the group to signal.
-        self.guard = subprocess.Popen(
-            [sys.executable, "-I", "-c", GUARD, str(self.process.pid), str(self.kill_grace_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        await asyncio.to_thread(self.guard.wait)  # the parent that forked it, gone at once; the guard runs on
+        self.guard = await asyncio.to_thread(start_guard, [f"group:{self.process.pid}"], self.kill_grace_s)
         self._reader = asyncio.create_task(self._stream_output())
 
     async def _stream_output(self) -> None:

@@ -18,30 +18,17 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.serve_cluster import alive, processes
 
 pytestmark = pytest.mark.e2e
 
 STREAMS = 8
 STREAM_END_BOUND_S = 60  # after the kill, the longest any request may take to end
 ENGINE_RECOVERY_S = 240  # kill to the next answer: Serve sees the replica fail, starts one, vLLM loads
-
-
-def processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), command)
-    return found
 
 
 def replica_and_engine() -> tuple[int, int]:
@@ -51,13 +38,6 @@ def replica_and_engine() -> tuple[int, int]:
                  if command.startswith("ray::ServeReplica:smollm2.vllm:LLMServer")]
     [engine] = [pid for pid, (parent, command) in table.items() if parent == replica and "EngineCore" in command]
     return replica, engine
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 async def stream_until_it_ends(client: httpx.AsyncClient, started: asyncio.Event, i: int) -> str:

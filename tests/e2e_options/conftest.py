@@ -1,6 +1,6 @@
 """The second real stack, started after the e2e package's stack has stopped (one engine at a time on 2
 cores): deploy_configs/local.yaml with the options the first does not turn on, a reasoning parser and LoRA
-adapters, each tested by its own module here."""
+adapters, each tested by its own module here. The last module takes the stack's Ray node down."""
 
 from __future__ import annotations
 
@@ -44,7 +44,12 @@ def with_options(adapters: dict[str, Path]):
 
 
 @pytest.fixture(scope="package")
-def options_stack(tmp_path_factory):
+def options_server(tmp_path_factory):
     adapters = make_adapters(tmp_path_factory.mktemp("adapters"))
     with local_stack(tmp_path_factory.mktemp("options"), with_options(adapters)) as running:
-        yield running["base_url"]
+        yield running
+
+
+@pytest.fixture(scope="package")
+def options_stack(options_server) -> str:
+    return options_server["base_url"]

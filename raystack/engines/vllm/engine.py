@@ -7,6 +7,7 @@ vLLM's server. On Ascend, vllm-ascend registers itself as a platform plugin; not
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from raystack.engines.base import AdapterFiles, AdapterLoadError, Answer, RequestKind
+from raystack.engines.supervised import guard_children
 from raystack.engines.vllm.args import build_engine_args, check_engine_args, check_serving_args
 from raystack.engines.vllm.compat import VLLMAPI, vllm_api
 from raystack.engines.vllm.cpu_cores import move_off_engine_cores
@@ -81,6 +83,7 @@ class VLLMEngine:
         self.thinks = bool(backend.engine_args.get("reasoning_parser"))  # answers carry reasoning text
         self.vllm = vllm_api()  # the installed vLLM's names; an unsupported vLLM stops the replica here
         self.client = None
+        self.guard = None  # over EngineCore and its workers: engines/supervised.py
         self.state = None
         self.scheduler_counts: dict[int, tuple[int, int]] = {}  # engine core -> (running, waiting)
 
@@ -108,6 +111,8 @@ class VLLMEngine:
             disable_log_stats=engine_args.disable_log_stats,
             stat_loggers=[stats_bridge(vllm, self.scheduler_counts, self.metrics)],
         )
+        # EngineCore (and its workers) must not outlive this replica, even when the Ray node goes first.
+        self.guard = await asyncio.to_thread(guard_children)
         self.state = State()
         await vllm.init_app_state(self.client, self.state, args, await self.client.get_supported_tasks())
         if self.on_cpu:
@@ -163,3 +168,6 @@ class VLLMEngine:
         if self.client is not None:
             self.client.shutdown()
             self.client = None
+        if self.guard is not None:
+            self.guard.stdin.close()  # the guard wakes and stops whatever of the engine is still there
+            self.guard = None
