@@ -20,6 +20,7 @@ import asyncio
 import copy
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -354,14 +355,17 @@ class Router:
                 err.headers = (err.headers or {}) | {"x-raystack-router": self.replica}  # errors name it too
             key_name = getattr(request.state, "key_name", None)
             if key_name:  # a key's request that ended before any engine answered it: booked, its slot back
-                self.charge(key_name, model, getattr(request.state, "admitted", None),
-                            Cost(0, error=isinstance(err, OpenAIError)))
+                settlement = self.charge(key_name, model, getattr(request.state, "admitted", None),
+                                         Cost(0, error=isinstance(err, OpenAIError)))
+                if isinstance(err, OpenAIError):
+                    await self.quotas.settled(settlement)
             raise
 
-    def charge(self, key_name: str, model: str, admitted: str | None, cost: Cost) -> None:
-        """A key's answer is over: its usage counted (metrics, the ledger's book), its limits' slot back."""
+    def charge(self, key_name: str, model: str, admitted: str | None, cost: Cost) -> Any:
+        """A key's answer is over: its usage counted (metrics, the ledger's book), its limits' slot back.
+        What to await (Quotas.settled) before the answer's end reaches the client."""
         self.metrics.key_usage(key_name, model, cost.prompt_tokens, cost.completion_tokens, cost.error)
-        self.quotas.settle(key_name, model, admitted, cost)
+        return self.quotas.settle(key_name, model, admitted, cost)
 
     async def _forward(self, kind: str, request: Request):
         key = self.authenticate(request)  # before anything else: no hints to a caller without a key
@@ -383,17 +387,29 @@ class Router:
             request.state.admitted = await self.quotas.admit(grant.name, grant.limits, meter.cost.prompt_tokens)
         share = (grant.name, grant.weight) if grant else ("", 1.0)  # its turn at a full backend, by key
         delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter, share)
+        settlement: list[Any] = []  # the key's, once charged: awaited before the answer's end goes out
         if grant:  # from here the delivery charges the key, with the backend's slot, however the answer ends
             request.state.key_name = None
             give_back, admitted = delivery.release, request.state.admitted
-            delivery.release = lambda: (give_back(), self.charge(grant.name, model.name, admitted, meter.cost))
+            delivery.release = lambda: (
+                give_back(), settlement.append(self.charge(grant.name, model.name, admitted, meter.cost)))
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
                    "x-raystack-router": self.replica}
         if delivery.opening.chunk is None:
             if meter:
                 meter.whole(delivery.opening.status, delivery.opening.body)
             delivery.finish(upstream_done=True)
+            if settlement:
+                await self.quotas.settled(settlement[0])
             return JSONResponse(delivery.opening.body, status_code=delivery.opening.status, headers=headers)
         chunks = self.forwarder.relay(delivery)
-        return StreamingResponse(meter.watch(chunks) if meter else chunks, media_type="text/event-stream",
-                                 headers=headers)
+        if meter:
+            chunks = self._settled_at_end(meter.watch(chunks), settlement)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+
+    async def _settled_at_end(self, chunks: AsyncIterator[str], settlement: list[Any]) -> AsyncIterator[str]:
+        """A key's stream, which ends (for its client) once the ledger has its settlement."""
+        async for chunk in chunks:
+            yield chunk
+        if settlement:
+            await self.quotas.settled(settlement[0])

@@ -3,12 +3,16 @@ tokens per minute, and token budgets per UTC day and month.
 
 One small Ray actor per router application, the QuotaLedger, keeps them. A router replica asks it before
 it forwards a request of a key that has limits (keys without limits never wait for it), and tells it
-what every keyed answer cost once it is over (batched every BATCH_S, not awaited). Two router replicas therefore admit no more
-than a limit together. A key far from its limits (at least half of each left) is lent a share of what is
-left, for LEASE_S: the router replica admits from that lease without asking, and tells the ledger after
-(not awaited). What is lent counts as used for every other replica, so the limits still hold together;
-near a limit nothing is lent and every request asks. Token limits count the prompt's estimate when a request is admitted, and the
-engine's usage (usage.py) when its answer ends: streamed, whole, or cut by the client leaving.
+what every keyed answer cost once it is over. Two router replicas therefore admit no more than a limit
+together. An answer the ledger admitted is settled before its end reaches the client: the key's next
+request finds its slot free and its tokens counted, whichever router replica it reaches.
+
+A key far from its limits (at least half of each left) is lent a share of what is left, for LEASE_S: the
+router replica admits from that lease without asking, and tells the ledger after, batched every BATCH_S
+with the settlements of such answers. What is lent counts as used for every other replica, so the limits
+still hold together; near a limit nothing is lent and every request asks. Token limits count the
+prompt's estimate when a request is admitted, and the engine's usage (usage.py) when its answer ends:
+streamed, whole, or cut by the client leaving.
 
 The ledger keeps the usage book (usage.py) and writes it to Ray's GCS every FLUSH_S: budgets and
 `raystack usage` outlive it. The ledger belongs to the router replica that created it; if that replica
@@ -35,6 +39,7 @@ WINDOW_S = 60.0  # the per-minute limits' window
 FLUSH_S = 1.0  # the book is written at most this often: a ledger that dies loses at most this much
 LEASE_S = 1.0  # how long a lease lasts; the router replica stops using it a little earlier
 BATCH_S = 0.05  # a router replica tells the ledger what it admitted and settled in one call this often
+SETTLE_WAIT_S = 2.0  # the longest an answer's end waits for the ledger to confirm its settlement
 BUDGETS = {"tokens_per_day": (day_start, next_day), "tokens_per_month": (month_start, next_month)}  # UTC
 LIMIT_ORDER = ("concurrent_requests", "requests_per_minute", "tokens_per_minute", *BUDGETS)
 
@@ -249,6 +254,7 @@ class Quotas:
         # What to tell the ledger (admissions from leases, settlements): one call every BATCH_S, since even
         # an actor call not awaited costs its caller about a millisecond.
         self.outbox: list[tuple[str, tuple, dict]] = []
+        self.leased: set[str] = set()  # requests admitted from a lease, not yet settled
 
     def _ledger(self) -> Any:
         import ray
@@ -273,8 +279,10 @@ class Quotas:
         loop = asyncio.get_running_loop()
         lease = self.leases.get(key)
         if lease is not None and lease.take(limits, estimate, loop.time()):
+            self.leased.add(request)
             self._tell("record", key, request, estimate, replica=self.replica)
             return request
+        self._send()  # what this replica told so far reaches the ledger first (one caller's calls keep their order)
         asked = loop.time()
         args = dict(replica=self.replica, replicas=self.replicas)
         try:
@@ -289,15 +297,32 @@ class Quotas:
         self.leases[key] = Lease(limits, asked + 0.8 * LEASE_S, answer)
         return request
 
-    def settle(self, key: str, model: str, request: str | None, cost: Cost) -> None:
-        """Not awaited: nothing waits on it. A ledger that died meanwhile is noticed by `flush`. The tokens
-        the answer generated come off this replica's lease."""
+    def settle(self, key: str, model: str, request: str | None, cost: Cost) -> Any:
+        """The answer's slot back and its tokens counted. An answer the ledger admitted (near a limit) is
+        settled at once: the ObjectRef to await before the answer's end reaches its client, whose next
+        request must find its slot free and its tokens spent. One admitted from a lease (far from every
+        limit) is batched, and None returned. The tokens it generated come off this replica's lease."""
         lease = self.leases.get(key)
         if lease is not None:
             for limit in lease.left:
                 if limit.startswith("tokens_"):
                     lease.left[limit] -= cost.completion_tokens
         self._tell("settle", key, model, request, cost, replica=self.replica)
+        if request is None or request in self.leased:
+            self.leased.discard(request)
+            return None
+        return self._send()
+
+    async def settled(self, told: Any) -> None:
+        """Wait, a bounded while, until the ledger has applied a settlement `settle` sent at once."""
+        import asyncio
+
+        if told is None:
+            return
+        try:
+            await asyncio.wait_for(told, SETTLE_WAIT_S)
+        except Exception as err:  # the ledger gone or slow: the answer is not held back for it
+            logger.warning("settlement not confirmed by the quota ledger: %r", err)
 
     def _tell(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Queued for the ledger; sent with whatever else comes within BATCH_S. (What an admission from a
@@ -311,10 +336,9 @@ class Quotas:
             except RuntimeError:  # called outside the router's loop (a collected answer): at once
                 self._send()
 
-    def _send(self) -> None:
+    def _send(self) -> Any:
         told, self.outbox = self.outbox, []
-        if told:
-            self._ledger().apply.remote(told)
+        return self._ledger().apply.remote(told) if told else None
 
     async def flush(self) -> None:
         """Have the ledger write its book (the router calls this every few seconds); a ledger that died is

@@ -40,6 +40,9 @@ keys:
   - name: agent
     key: sk-agent
     concurrent_requests: 2
+  - name: serial
+    key: sk-serial
+    concurrent_requests: 1
   - name: tokens
     key: sk-tokens
     tokens_per_minute: 100
@@ -147,6 +150,21 @@ def test_concurrent_requests_trips_while_two_answers_stream_and_recovers_when_th
         thread.join()
     assert streams == [200, 200]
     assert ask(url, "sk-agent").status_code == 200  # the slots came back when the streams ended
+
+
+def test_a_client_that_waits_for_each_answer_is_never_refused_a_slot(url):
+    # Its slot is back before the answer's end reaches it, whichever router replica its next request meets.
+    statuses = []
+    for i in range(20):
+        if i % 2:
+            with httpx.stream("POST", f"{url}/chat/completions", headers={"Authorization": "Bearer sk-serial"},
+                              json={"model": "open", "messages": ASK, "max_tokens": 3, "stream": True},
+                              timeout=30) as streamed:
+                lines = list(streamed.iter_lines())
+                statuses.append(streamed.status_code if "data: [DONE]" in lines else lines)
+        else:
+            statuses.append(ask(url, "sk-serial").status_code)
+    assert statuses == [200] * 20, statuses
 
 
 def test_tokens_per_minute_trips_once_the_usage_clients_received_reaches_it(url):
