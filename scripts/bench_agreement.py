@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_vs_vllm import MODEL, embedded_default, start, stop  # noqa: E402  (that benchmark's stack start-up)
+from bench_vs_vllm import MODEL, dtype_of, embedded_default, start, stop  # noqa: E402  (that benchmark's stack start-up)
 
 
 def vllm_bench(base: str, tokenizer: Path, args, concurrency: int, seed: int, run_dir: Path) -> dict:
@@ -84,7 +84,7 @@ def main() -> None:
         return statistics.mean(r[key] for r in runs[name])
 
     lines = [
-        f"Same endpoint (raystack, {MODEL}: SmolLM2-135M bf16 on the vLLM CPU engine), random {args.input_len} in / "
+        f"Same endpoint (raystack, {MODEL}: SmolLM2-135M {dtype_of(backend)} on the vLLM CPU engine), random {args.input_len} in / "
         f"{args.output_len} out, --ignore-eos, {args.num_prompts} prompts at concurrency {args.concurrency}, "
         f"{args.rounds} alternating rounds; means over rounds.",
         "",

@@ -83,6 +83,11 @@ def embedded_default() -> tuple[Path, dict]:
     return model_path, local["applications"][1]["args"]["backend"]
 
 
+def dtype_of(backend: dict) -> str:
+    """The dtype local.yaml serves the model in, as the report states it."""
+    return (backend.get("engine_args") or {}).get("dtype", "auto")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -119,7 +124,7 @@ def main() -> None:
         return statistics.mean(r[key] for r in results[(name, c)])
 
     lines = [
-        f"raystack vs vLLM OpenAI server, {MODEL} (SmolLM2-135M bf16, vLLM CPU, eager), "
+        f"raystack vs vLLM OpenAI server, {MODEL} (SmolLM2-135M {dtype_of(backend)}, vLLM CPU, eager), "
         f"random {args.input_len} in / {args.output_len} out, --ignore-eos, {args.rounds} alternating rounds; "
         f"means over rounds.",
         "",
