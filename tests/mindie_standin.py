@@ -75,16 +75,6 @@ def starts(control: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 def port_free(port: int, ip: str = "127.0.0.1") -> bool:
     """Nobody listens on it (connections the daemon closed may linger in TIME_WAIT, as servers allow)."""

@@ -22,7 +22,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve_cluster import alive, processes
+from tests.processes import alive, processes
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.serve_cluster import alive, descendants, processes
+from tests.processes import alive, descendants, processes
 
 pytestmark = pytest.mark.e2e
 

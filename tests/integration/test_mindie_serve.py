@@ -20,7 +20,8 @@ import ray
 
 from raystack.config import backend_app_name
 from tests.integration.conftest import deployed, synthetic
-from tests.mindie_standin import alive, install_mindie, model_weights, pids_started, port_free, starts
+from tests.mindie_standin import install_mindie, model_weights, pids_started, port_free, starts
+from tests.processes import alive
 from tests.serve_cluster import replica_actors, serve_cluster
 
 
