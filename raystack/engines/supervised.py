@@ -9,7 +9,10 @@ find nothing left to kill.
 `guard_children` puts the same guard over the processes an engine library spawned itself (vLLM's
 EngineCore and its workers, in the replica's own process group): Ray kills that group when a worker dies
 while its node lives, but when the node goes first (`ray stop --force`, a raylet crash) nobody does, and
-an EngineCore that outlives its replica holds the model's memory (on an NPU, the chip). Those are named by
+an EngineCore that outlives its replica holds the model's memory (on an NPU, the chip). vLLM's EngineCore
+has no parent-death check of its own (its workers watch EngineCore, EngineCore watches nobody): still open
+upstream as vllm-project/vllm#55510 (2026-09, on 0.28), so in the 0.23.0 the `ascend` extra pins and the
+0.32.0 CPU build alike; seen here on 0.32.0. Those are named by
 pid and start time, so a pid reused since is never signalled.
 
 The guard detaches from the owner (it forks and its parent exits): Ray kills a worker's direct children
