@@ -1,5 +1,6 @@
 # The two commands: `make run` sets up and serves the embedded default; `make test` sets up and tests.
 VENV ?= .venv
+PYTHON ?= python3
 # No usage reports or telemetry from the libraries underneath (air-gapped clusters; CI).
 export HF_HUB_DISABLE_TELEMETRY = 1
 export VLLM_NO_USAGE_STATS = 1
@@ -15,7 +16,7 @@ SERVE_FAST_PATH = $(VENV)/bin/python -c 'from raystack.process import SERVE_FAST
 	print(" ".join(f"{k}={v}" for k, v in env.items()))'
 CONFIG ?= deploy_configs/local.yaml
 
-.PHONY: setup setup-test run test test-unit check-configs clean
+.PHONY: setup setup-test run test test-unit check-configs check-ascend clean
 
 setup:
 	scripts/setup.sh
@@ -31,6 +32,10 @@ test: setup-test
 
 test-unit: setup-test
 	$(VENV)/bin/python -m pytest -v tests/unit
+
+# What each Ascend node kind installs (install/) resolves for linux x86_64 and aarch64: pip's resolver, dry run.
+check-ascend:
+	$(PYTHON) scripts/check_ascend_install.py
 
 check-configs:
 	@for f in deploy_configs/*.yaml; do $(VENV)/bin/raystack config check $$f || exit 1; done

