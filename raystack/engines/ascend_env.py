@@ -74,8 +74,8 @@ def cann_environment_advice(missing: list[str], home: str | Path = DEFAULT_ASCEN
         source = (f"CANN's {TOOLKIT_SCRIPTS[0]} ({TOOLKIT_SCRIPTS[1]} from CANN 8.5) then {NNAL_ATB_SCRIPT} from where "
                   f"CANN and NNAL are installed (not found under {home}; install them as the README's \"On an "
                   f"Ascend NPU cluster\" says)")
-    return (f"the environment raystack runs in on this node lacks CANN's, which vLLM Ascend (torch_npu) needs: {'; '.join(missing)}. "
-            f"Source {source} before `raystack start` on this node (Ray's workers inherit the environment it "
+    return (f"the environment raystack runs in on this node lacks CANN's, which vLLM Ascend (torch_npu) needs: "
+            f"{'; '.join(missing)}. Source {source} before `raystack start` on this node (Ray's workers inherit the environment it "
             f"runs in): `ray stop`, source them, then `raystack start` again")
 
 
