@@ -1,6 +1,7 @@
 """A stand-in `mindieservice_daemon`: MindIE Service as its operator and its HTTP clients see it.
 
-It reads the config.json MindIE would read ($MIES_CONFIG_JSON_PATH, else
+It refuses to start without the Ascend scripts' environment (check_env) or with another Python's
+(check_python: a virtualenv's bin, packages or libraries, PYTHONHOME). It reads the config.json MindIE would read ($MIES_CONFIG_JSON_PATH, else
 $MIES_INSTALL_PATH/conf/config.json) and refuses one MindIE could not run with, printing an error and
 exiting 1. It opens its ports only after a load delay, then serves the OpenAI endpoints
 (`openAiSupport: vllm`) with deterministic output (tools and response_format as MindIE-LLM@8b4871ad
@@ -93,6 +94,37 @@ def check_env() -> None:
     for key, script in REQUIRED_ENV.items():
         if not os.environ.get(key):
             fail(f"{key} is not set: error while loading shared libraries (source {script} first)")
+
+
+def virtualenv_of(entry: str) -> str | None:
+    """The virtualenv `entry` lies in (the directory holding pyvenv.cfg, PEP 405), if any."""
+    path = os.path.realpath(entry or ".")
+    while True:
+        if os.path.isfile(os.path.join(path, "pyvenv.cfg")):
+            return path
+        if os.path.dirname(path) == path:
+            return None
+        path = os.path.dirname(path)
+
+
+def check_python() -> None:
+    """As MindIE breaks when another Python's environment reaches it: it runs on its own Python (3.10 or 3.11,
+    MindIE-LLM scripts/install.sh) installed outside any virtualenv, embeds it (llm_daemon.cpp: Py_Initialize),
+    and starts `mindie_llm_backend`, that Python's console script, through PATH (src/executor/executor.cpp)."""
+    if os.environ.get("PYTHONHOME"):
+        fail(f"Fatal Python error: init_fs_encoding: failed to get the Python codec of the filesystem encoding "
+             f"(PYTHONHOME={os.environ['PYTHONHOME']}: another Python's home)")
+    if os.environ.get("VIRTUAL_ENV"):
+        fail(f"ModuleNotFoundError: No module named 'mindie_llm' (VIRTUAL_ENV={os.environ['VIRTUAL_ENV']}: "
+             f"another Python's virtualenv is active)")
+    problems = {"PATH": "execvp mindie_llm_backend failed: ModuleNotFoundError: No module named 'mindie_llm'",
+                "PYTHONPATH": "ImportError: the embedded Python imports another Python's packages",
+                "LD_LIBRARY_PATH": "error while loading shared libraries: libtorch_python.so: undefined symbol"}
+    for key, problem in problems.items():
+        for entry in filter(None, os.environ.get(key, "").split(os.pathsep)):
+            venv = virtualenv_of(entry)
+            if venv:
+                fail(f"{problem} ({key} holds {entry}, in the virtualenv {venv})")
 
 
 def load_config() -> tuple[str, dict]:
@@ -665,7 +697,8 @@ RECORDED_ENV = ("MIES_INSTALL_PATH", "MIES_CONFIG_JSON_PATH", "MIES_SERVICE_MONI
                 "OMP_NUM_THREADS", "MINDIE_LOG_TO_STDOUT", "ASCEND_RT_VISIBLE_DEVICES", "RANK_TABLE_FILE",
                 "WORLD_SIZE", "MIES_CONTAINER_IP", "MASTER_IP", "MASTER_PORT", "HCCL_CONNECT_TIMEOUT",
                 "HCCL_OP_EXPANSION_MODE", "ATB_LLM_HCCL_ENABLE", "http_proxy", "https_proxy", *REQUIRED_ENV,
-                "ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE", "TASK_QUEUE_ENABLE")
+                "ATB_WORKSPACE_MEM_ALLOC_ALG_TYPE", "TASK_QUEUE_ENABLE", "PATH", "PYTHONPATH", "PYTHONHOME",
+                "VIRTUAL_ENV", "LD_LIBRARY_PATH", "PYTORCH_INSTALL_PATH")
 
 
 def record_start(path: str, config: dict) -> None:
@@ -688,6 +721,7 @@ def main() -> None:
         pass  # already a session leader (started that way), hence its group's leader
     record_pid(os.getpid(), "daemon")
     check_env()
+    check_python()
     path, config = load_config()
     log("INFO", f"read config {path}")
     record_start(path, config)

@@ -6,20 +6,24 @@ names it from acl). raystack adds two labels that replicas are placed by (placem
 `raystack.io/npu-family` (Ascend910B for every A2 part, 910B4-1 and 910B2C included), and the HBM per NPU
 in GiB, `raystack.io/npu-hbm-gib` (rounded up to chips.HBM_TIERS_GIB, so "at least N" is a label
 selector). The environment vllm-ascend needs across nodes is exported before `ray start`, so every Ray
-worker on this node (and so every engine worker) inherits it.
+worker on this node (and so every engine worker) inherits it; so does CANN's, which `raystack start` does not
+set but warns about when vllm-ascend is installed and the CANN scripts were not sourced.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL, hbm_tier
 from raystack.cluster.npu import NodeNPUs
+from raystack.engines.ascend_env import cann_environment_advice, missing_cann_environment
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.process import NICENESS_ENV, VISIBLE_NPUS_ENV
 
@@ -74,6 +78,15 @@ def interface_ipv4(ifname: str) -> str | None:
     return None
 
 
+def cann_environment_warning(environ: Mapping[str, str]) -> list[str]:
+    """A warning when vLLM Ascend is installed here but this shell lacks CANN's environment: every Ray worker of
+    the node, so every vLLM replica, inherits the environment `ray start` runs in (engines/ascend_env.py)."""
+    if importlib.util.find_spec("vllm_ascend") is None:  # found without importing it (that loads torch)
+        return []
+    missing = missing_cann_environment(environ)
+    return [f"warning: vllm-ascend is installed, but {cann_environment_advice(missing)}"] if missing else []
+
+
 def plan_start(
     npus: NodeNPUs,
     head: bool,
@@ -110,6 +123,7 @@ def plan_start(
             f"{npus.count} x {npus.chip_type or npus.family or 'NPU'} registered (devices {npus.visible_devices()}, "
             f"{npus.hbm_gib_per_npu or '?'} GiB HBM each; found via {npus.source})"
         )
+        plan.notices += cann_environment_warning(os.environ)
     else:
         # Say so: a node without NPUs still runs routers and CPU work, never an NPU engine.
         resources["NPU"] = 0

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -140,6 +142,36 @@ def test_a_missing_script_is_named_and_without_the_environment_mindie_does_not_s
     daemon = MindIEDaemon(plan(weights, free_port()), only_toolkit, "mindieservice_daemon", {})
     with pytest.raises(MindIEStartError, match="ATB_HOME_PATH is not set"):
         asyncio.run(run(daemon))
+
+
+def test_the_daemon_runs_on_mindies_python_not_the_replicas_virtualenv(mindie, monkeypatch):
+    """raystack runs in a virtualenv (this test's Python is one), activated as the README says before `raystack
+    start`, whose workers inherit it; MindIE runs on its own Python. None of the venv's Python reaches the
+    scripts or the daemon (the stand-in refuses, as MindIE fails, if it does), and the rest of PATH and
+    LD_LIBRARY_PATH does."""
+    assert sys.prefix != sys.base_prefix, "the tests run in a virtualenv (make test's .venv)"
+    home, control, weights = mindie
+    venv_bin = str(Path(sys.prefix) / "bin")
+    venv_packages = sysconfig.get_paths()["purelib"]
+    monkeypatch.setenv("VIRTUAL_ENV", sys.prefix)  # what `. .venv/bin/activate` exports
+    monkeypatch.setenv("PATH", f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [venv_packages, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONHOME", sys.base_prefix)
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"{venv_packages}/torch/lib{os.pathsep}/opt/site/lib")
+    daemon = MindIEDaemon(plan(weights, free_port()), MindIESettings(ascend_home=str(home)), "mindieservice_daemon", {})
+    asyncio.run(run(daemon))
+    [seen] = starts(control)
+    env = seen["env"]
+    assert env["VIRTUAL_ENV"] is None and env["PYTHONHOME"] is None
+    # Only what the scripts put on PYTHONPATH: the toolkit's, atb-models' and mindie-llm's packages.
+    assert all(Path(entry).is_relative_to(home) for entry in env["PYTHONPATH"].split(os.pathsep) if entry)
+    assert venv_bin not in env["PATH"].split(os.pathsep) and "/usr/bin" in env["PATH"].split(os.pathsep)
+    python3 = shutil.which("python3", path=env["PATH"])
+    assert python3 and not Path(os.path.realpath(python3)).is_relative_to(os.path.realpath(sys.prefix))
+    # mindie-llm's script found torch through that python3, not the venv's.
+    assert not Path(env["PYTORCH_INSTALL_PATH"]).is_relative_to(sys.prefix)
+    libraries = env["LD_LIBRARY_PATH"].split(os.pathsep)
+    assert "/opt/site/lib" in libraries and not [e for e in libraries if e.startswith(sys.prefix)]
 
 
 OWNER = textwrap.dedent("""

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import yaml
 
+from raystack.engines.ascend_env import cann_scripts
+from raystack.engines.mindie.environment import sourced_environment
+from tests.mindie_standin import install_cann
 from tests.npu_smi_standin import StandIn, fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIGS = ROOT / "tests/fixtures/model_configs"
 
 
-def raystack(*args: str, path_dir: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def raystack(*args: str, path_dir: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ if env is None else env)
     # Only the stand-in (if any) and the interpreter's own directory: no real npu-smi can sneak in.
     env["PATH"] = os.pathsep.join(filter(None, [str(path_dir) if path_dir else None, str(Path(sys.executable).parent), "/usr/bin", "/bin"]))
     return subprocess.run([sys.executable, "-m", "raystack.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -96,3 +99,24 @@ def test_parallelism_auto_is_resolved_by_the_estimate(tmp_path, capsys):
 
     assert main(["config", "check", str(path)]) == 0, capsys.readouterr().err
     assert "qwen3-32b@vllm: parallelism auto -> tensor 2 x pipeline 1" in capsys.readouterr().out
+
+
+def test_start_warns_when_vllm_ascend_is_installed_but_cann_environment_is_not_sourced(tmp_path):
+    """vLLM Ascend's replicas inherit the environment `raystack start` runs in: it says so before they fail."""
+    StandIn(tmp_path / "bin", {"info": fixture("info_910b3_8card.txt"), "info -m": fixture("info_m_910b_8card.docsample.txt")})
+    plugin = tmp_path / "site" / "vllm_ascend"  # vllm-ascend as Python finds it installed (never imported)
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("raise SystemExit('raystack start must not import vllm_ascend')\n")
+    home = install_cann(tmp_path)
+    cann = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH", "ASCEND_OPP_PATH", "ATB_HOME_PATH", "LD_LIBRARY_PATH")
+    plain = {k: v for k, v in os.environ.items() if k not in cann}
+    plain["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path / "site")])
+    out = raystack("start", "--head", "--ifname", "lo", "--dry-run", path_dir=tmp_path / "bin", env=plain)
+    assert out.returncode == 0, out.stderr
+    assert "raystack: warning: vllm-ascend is installed, but the environment raystack runs in on this node lacks " \
+           "CANN's" in out.stdout
+    assert "ATB_HOME_PATH is not set" in out.stdout and "before `raystack start` on this node" in out.stdout
+    sourced = sourced_environment([str(s) for s in cann_scripts(home)], plain)
+    out = raystack("start", "--head", "--ifname", "lo", "--dry-run", path_dir=tmp_path / "bin", env=sourced)
+    assert out.returncode == 0, out.stderr
+    assert "vllm-ascend" not in out.stdout and "8 x Ascend910B3 registered" in out.stdout

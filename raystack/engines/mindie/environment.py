@@ -21,6 +21,16 @@
    https_proxy" or the nodes cannot talk: their link is gRPC, which honours those) and what GPUStack's
    multi-node MindIE sets (ATB_LLM_HCCL_ENABLE, ATB_LLM_COMM_BACKEND, HCCL_CONNECT_TIMEOUT=7200,
    HCCL_RDMA_PCIE_DIRECT_POST_NOSTRICT, HCCL_EXEC_TIMEOUT=0, HCCL_OP_EXPANSION_MODE=AIV except on 310P).
+
+Before all of it, the replica's own Python is taken out of the environment the scripts and the daemon
+inherit (without_replica_python). raystack runs in its virtualenv (the cluster's Python, 3.12 with vLLM
+Ascend's stack); MindIE keeps its own Python (3.10/3.11 only: MindIE-LLM scripts/install.sh) and packages.
+The daemon embeds that Python (llm_daemon.cpp: Py_Initialize) and execvp()s `mindie_llm_backend` through
+PATH (src/executor/executor.cpp), a pip console script of MindIE's Python (setup.py); mindie-llm's
+set_env.sh asks the first `python3` on PATH where torch is and puts that torch's libraries on
+LD_LIBRARY_PATH (scripts/set_env.sh), and the scripts append to the PYTHONPATH they inherit (atb-models'
+scripts/set_env.sh). So the venv's bin on PATH would hand them the venv's python3 and torch, and its
+PYTHONPATH/PYTHONHOME would load the wrong Python's packages into the daemon.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +60,13 @@ _SHELL_VARIABLES = {"_", "SHLVL", "PWD", "OLDPWD"}
 INHERITED_NOT_PASSED = ("NPU_VISIBLE_DEVICES", "NPU_DEVICE_IDS", "ASCEND_LAUNCH_BLOCKING", VISIBLE_NPUS_ENV,
                         "MIES_CONTAINER_MANAGEMENT_IP", "WORLD_SIZE", "RANKTABLEFILE", "RANK_TABLE_FILE",
                         "MIES_CONTAINER_IP", "HOST_IP", "MASTER_IP", "MASTER_PORT")
+# The replica's Python, never MindIE's: VIRTUAL_ENV (what `activate` exports), PYTHONHOME, and PYTHONPATH,
+# which on a Ray worker also holds what Ray puts there (a runtime_env's working_dir and py_modules: Ray's
+# runtime_env/working_dir.py), all of it for raystack's Python. MindIE's scripts set the PYTHONPATH MindIE needs.
+REPLICA_PYTHON_VARIABLES = ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")
+# Search paths that keep only their entries outside the replica's virtualenv: its bin (python3, pip3) and its
+# packages' native libraries (torch's lib, exported for vLLM) would shadow MindIE's.
+REPLICA_PYTHON_SEARCH_PATHS = ("PATH", "LD_LIBRARY_PATH")
 PROXIES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "all_proxy", "ALL_PROXY")
 
 
@@ -79,6 +98,30 @@ def sourced_environment(scripts: list[str], base: dict[str, str]) -> dict[str, s
     return {k: v for k, v in env.items() if k not in _SHELL_VARIABLES}
 
 
+def replica_virtualenvs(environ: Mapping[str, str]) -> list[Path]:
+    """The virtualenvs this replica's Python lives in: its own (sys.prefix differs from sys.base_prefix in a
+    venv, PEP 405) and the one `activate` named in VIRTUAL_ENV."""
+    found = [sys.prefix] if sys.prefix != sys.base_prefix else []
+    found += [environ["VIRTUAL_ENV"]] if environ.get("VIRTUAL_ENV") else []
+    return [Path(os.path.realpath(p)) for p in dict.fromkeys(found)]
+
+
+def without_replica_python(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without the replica's Python: its variables dropped, its virtualenvs' directories taken out of
+    the search paths (module docstring: why MindIE must find its own)."""
+    venvs = replica_virtualenvs(environ)
+
+    def inside_a_venv(entry: str) -> bool:
+        where = Path(os.path.realpath(entry or "."))
+        return any(where == venv or venv in where.parents for venv in venvs)
+
+    env = {k: v for k, v in environ.items() if k not in REPLICA_PYTHON_VARIABLES}
+    for key in REPLICA_PYTHON_SEARCH_PATHS:
+        if key in env:
+            env[key] = os.pathsep.join(e for e in env[key].split(os.pathsep) if e and not inside_a_venv(e))
+    return env
+
+
 def own_env(settings: MindIESettings, install: Path, config_path: Path) -> dict[str, str]:
     """The keys raystack sets for every daemon."""
     return {
@@ -108,9 +151,10 @@ def multi_node_defaults(chip_family: str | None) -> dict[str, str]:
 
 def daemon_env(settings: MindIESettings, backend_env: dict[str, str], own: dict[str, str],
                multi_node: dict[str, str] | None = None, chip_family: str | None = None) -> dict[str, str]:
-    """The daemon's environment: this process's, the Ascend scripts', then the backend's `env`, then `own`
-    (raystack's keys), and on a replica over several nodes `multi_node` (rank table, master, ports)."""
-    env = sourced_environment(settings.scripts(), dict(os.environ))
+    """The daemon's environment: this process's without its Python, the Ascend scripts', then the backend's
+    `env`, then `own` (raystack's keys), and on a replica over several nodes `multi_node` (rank table, master,
+    ports)."""
+    env = sourced_environment(settings.scripts(), without_replica_python(os.environ))
     for key in INHERITED_NOT_PASSED:
         env.pop(key, None)
     if multi_node is not None:  # defaults first: the backend's env may tune them

@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_ASCEND_HOME = "/usr/local/Ascend"  # where Huawei's installers put CANN, NNAL, atb-models and MindIE
+from raystack.engines.ascend_env import DEFAULT_ASCEND_HOME, NNAL_ATB_SCRIPT, toolkit_script
+
 # A MindIE replica on several nodes runs a MindIENode actor (one process, mostly waiting) on each further node.
 MINDIE_NODE_CPUS = 1
 # MindIE's rule for ModelConfig.modelName (MindIE-LLM src/config_manager/model_deploy_config.cpp: 1-256 of
@@ -91,10 +92,8 @@ class MindIESettings(BaseModel):
         if self.set_env_scripts is not None:
             return list(self.set_env_scripts)
         home = Path(self.ascend_home)
-        toolkit = next((home / p for p in ("ascend-toolkit/set_env.sh", "cann/set_env.sh") if (home / p).is_file()),
-                       home / "ascend-toolkit/set_env.sh")
-        return [str(toolkit)] + [str(home / p) for p in ("nnal/atb/set_env.sh", "atb-models/set_env.sh",
-                                                          "mindie/set_env.sh")]
+        return [str(toolkit_script(home))] + [str(home / p) for p in (NNAL_ATB_SCRIPT, "atb-models/set_env.sh",
+                                                                       "mindie/set_env.sh")]
 
     def install(self, environ: dict[str, str]) -> Path:
         return Path(self.install_path or environ.get("MIES_INSTALL_PATH")

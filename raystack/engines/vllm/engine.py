@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from raystack.engines.ascend_env import require_cann_environment
 from raystack.engines.base import AdapterFiles, AdapterLoadError, Answer, RequestKind
 from raystack.engines.supervised import guard_children
 from raystack.engines.vllm.args import build_engine_args, check_engine_args, check_serving_args
@@ -76,6 +77,7 @@ class VLLMEngine:
         self.model_name = model_name
         self.metrics = metrics
         self.on_cpu = backend.device == "cpu"
+        self.on_npu = backend.device == "npu"
         self.adapters = adapters or {}  # loaded into the engine when a replica first holds one (load_adapter)
         self.engine_args = build_engine_args(model_name, model_path, backend,
                                              [adapter.rank for adapter in self.adapters.values()])
@@ -90,6 +92,8 @@ class VLLMEngine:
     async def start(self) -> None:
         from starlette.datastructures import State
 
+        if self.on_npu:  # before vLLM and torch_npu load: without CANN's environment they fail deep inside
+            require_cann_environment()
         vllm = self.vllm
         check_engine_args(self.engine_args)
         check_serving_args(self.serving_args)
