@@ -59,8 +59,9 @@ def load_default_config(install: Path) -> dict[str, Any]:
     shipped = install / "conf" / "config.json"
     if not os.access(daemon, os.X_OK):
         raise MindIEStartError(
-            f"{daemon} is missing or not executable: install MindIE on every NPU node, and set mindie.ascend_home "
-            f"to where it is installed (or mindie.install_path, or MIES_INSTALL_PATH, to its mindie-service directory)"
+            f"{daemon} is missing or not executable: run MindIE replicas on MindIE nodes (MindIE's image, the "
+            f"README's \"On an Ascend NPU cluster\"), and set mindie.ascend_home to where MindIE is installed (or "
+            f"mindie.install_path, or MIES_INSTALL_PATH, to its mindie-service directory)"
         )
     try:
         return json.loads(shipped.read_text())
