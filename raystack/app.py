@@ -17,14 +17,8 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
-from raystack.cluster.placement import (
-    HBMNeeds,
-    backend_demand,
-    cluster_capacity,
-    fit_problem,
-    hbm_needs,
-    ray_placement,
-)
+from raystack.cluster.hbm_need import HBMNeeds, hbm_needs, unknown_needs
+from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem, ray_placement
 from raystack.config import (
     Adapter,
     Backend,
@@ -53,15 +47,18 @@ BACKEND_REQUEST_ROUTER = "raystack.serving.replica_choice:BackendRequestRouter"
 
 
 def check_deployable(models: list[Model], cache_dir: Path, hbm: HBMNeeds | None = None) -> None:
-    """Fail fast on what the config names but this machine can tell is wrong."""
+    """Fail fast on what the config names but this machine can tell is wrong, an NPU backend whose HBM need
+    is unknown (`hbm`, from cluster/hbm_need.py) included."""
     problems = []
     for model in models:
-        if model.loads_model:  # all-synthetic models read no source
-            problems += _check_source(model, f"model {model.name}: source")
+        source_problems = _check_source(model, f"model {model.name}: source") if model.loads_model else []
+        problems += source_problems  # all-synthetic models read no source
         problems += [problem for i, adapter in enumerate(model.adapters)
                      for problem in _check_adapter(adapter, f"model {model.name}: adapters[{i}].source")]
         for backend in model.backends:
             problems += backend.spec.check_deployable(backend, f"{model.name}@{backend.name}")
+        if not source_problems:  # a missing model is said once, not again as an unknown HBM need
+            problems += unknown_needs([model], hbm or {})
     problems += _check_capacity(models, hbm or {})
     if problems:
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
@@ -137,7 +134,8 @@ def _check_capacity(models: list[Model], hbm: HBMNeeds) -> list[str]:
     problems = []
     for model in models:
         for backend in model.backends:
-            demand = backend_demand(backend, hbm.get((model.name, backend.name)))
+            need = hbm.get((model.name, backend.name))
+            demand = backend_demand(backend, need.gib if need else None)
             never, not_now = fit_problem(f"{model.name}@{backend.name}", demand, nodes)
             if never:
                 problems.append(f"  {never}")
@@ -224,7 +222,8 @@ def build_backend(args: dict[str, Any]) -> Application:
     if model.loads_model and sources.parse_source(model.source).kind == "embedded":
         sources.resolve(model.source, cache_dir, progress=print)  # offline, in seconds: here, visibly
     backend = app.backend
-    options = deployment_options(backend, model.routing, hbm.get((model.name, backend.name)),
+    need = hbm.get((model.name, backend.name))
+    options = deployment_options(backend, model.routing, need.gib if need else None,
                                  tuple(app.withheld_env), registration=app)
     deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
     return deployment.bind(model.name, model.source, backend.model_dump(), str(cache_dir), app.cache_shared,

@@ -22,7 +22,7 @@ from raystack.serve_file import load_serve_config
 
 def _config_check(args: argparse.Namespace) -> int:
     from raystack.app import check_api_keys, check_deployable, resolve_parallelism
-    from raystack.cluster.placement import hbm_needs
+    from raystack.cluster.hbm_need import hbm_needs
     from raystack.models import sources
 
     failed = 0
@@ -31,12 +31,15 @@ def _config_check(args: argparse.Namespace) -> int:
             for app_name, config in load_serve_config(path):
                 cache = sources.cache_root(config.cache_dir)
                 resolve_parallelism(config.models, cache)
-                check_deployable(config.models, cache, hbm_needs(config.models, cache, fetch=False))
+                hbm = hbm_needs(config.models, cache, report=lambda line: print(f"raystack: {line}"))
+                check_deployable(config.models, cache, hbm)
                 check_api_keys(config)
                 summary = ", ".join(
                     f"{m.name} <- {'/'.join(b.name for b in m.backends)}" for m in config.models
                 )
                 print(f"{path}: OK (router {app_name!r}: {summary})")
+                for (model, backend), need in hbm.items():
+                    print(f"  {model}@{backend}: {need.gib:.1f} GiB HBM per NPU ({need.source})")
         except ConfigError as err:
             print(f"{path}: {err}", file=sys.stderr)
             failed += 1
@@ -62,7 +65,10 @@ def _plan(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(planned, indent=2, default=str) if args.json else
           yaml.safe_dump(planned, sort_keys=False, default_flow_style=False, width=120))
-    return 0
+    unknown = [line for p in planned.values() for line in p.get("unknown_hbm_needs", [])]
+    for line in unknown:  # the plan is printed whole; what serve run would refuse is said last, plainly
+        print(f"{args.config}: serve run would refuse {line}", file=sys.stderr)
+    return 1 if unknown else 0
 
 
 def _models_list(args: argparse.Namespace) -> int:

@@ -125,6 +125,10 @@ class _BackendFields(_Strict):
     max_model_len: int | None = Field(
         None, ge=16, description="context length; default: the model's (or the engine's, for an engine without one)"
     )
+    hbm_gib: float | None = Field(
+        None, gt=0, description="HBM per NPU one replica needs, GiB (device: npu); when set it is used instead of "
+        "the estimate from the model's config.json or checkpoint size, and selects NPUs with at least that much"
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="passed to the engine as-is (vLLM: AsyncEngineArgs fields)"
     )
@@ -202,6 +206,8 @@ class _BackendFields(_Strict):
             self.parallelism = Parallelism()  # one CPU engine per replica: nothing to size
         if self.device == "cpu" and self.accelerator.type:
             raise ValueError("accelerator.type applies to device: npu only; remove it or set device: npu")
+        if self.device == "cpu" and self.hbm_gib is not None:
+            raise ValueError("hbm_gib applies to device: npu only; remove it or set device: npu")
         spec.validate(self)  # the engine's own rules (and messages) first
         if self.device not in spec.devices:
             raise ValueError(f"engine: {self.engine} runs on device: {' or '.join(spec.devices)} only")

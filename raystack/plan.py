@@ -1,8 +1,8 @@
 """`raystack plan CONFIG [--nodes SPEC]`: what each backend's replicas will run on an NPU cluster, without one.
 
 For every backend: the NPUs and nodes a replica reserves (Ray bundles, strategy, the label selector its
-NPUs must satisfy, the HBM per NPU its estimate needs), whether the given nodes can host it, the replica's
-environment, and what its engine runs (vLLM's engine arguments; MindIE's config.json, environment and, over
+NPUs must satisfy, the HBM per NPU it needs and where that figure came from: cluster/hbm_need.py), whether
+the given nodes can host it, the replica's environment, and what its engine runs (vLLM's engine arguments; MindIE's config.json, environment and, over
 several nodes, the rank table). Operators review it before `serve run`. The nodes are imagined from SPEC,
 `COUNTxNPUS[:CHIP]` joined by commas (default 2x8:Ascend910B3), as `raystack start` would register them.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL, hbm_tier, parse_chip
-from raystack.cluster.placement import NodeCapacity, backend_demand, fit_problem, hbm_needs, ray_placement
+from raystack.cluster.hbm_need import hbm_needs, unknown_needs
+from raystack.cluster.placement import NodeCapacity, backend_demand, fit_problem, ray_placement
 from raystack.config import ConfigError, RaystackConfig, deployment_name
 from raystack.engines.base import PlannedNode
 from raystack.models import sources
@@ -45,15 +46,19 @@ def plan(config: RaystackConfig, spec: str = DEFAULT_NODES) -> dict[str, Any]:
     nodes = planned_nodes(spec)
     cache = sources.cache_root(config.cache_dir)
     notes: list[str] = []
-    hbm = hbm_needs(config.models, cache, fetch=False, report=notes.append)
+    hbm = hbm_needs(config.models, cache, report=notes.append)
     out: dict[str, Any] = {"nodes": {n.ip: {"npus": len(n.npu_ids), **c.labels} for n, c in nodes}, "backends": {}}
     if notes:
         out["notes"] = notes
+    unknown = unknown_needs(config.models, hbm)
+    if unknown:  # what `serve run` would refuse: said apart, and the CLI exits 1
+        out["unknown_hbm_needs"] = [line.strip() for line in unknown]
     for model in config.models:
         for backend in model.backends:
             name = f"{model.name}@{backend.name}"
             need = hbm.get((model.name, backend.name))
-            placement = ray_placement(backend, need)
+            gib = need.gib if need else None
+            placement = ray_placement(backend, gib)
             entry: dict[str, Any] = {
                 "engine": backend.engine, "device": backend.device,
                 "deployment": deployment_name(model.name, backend.name),
@@ -61,13 +66,15 @@ def plan(config: RaystackConfig, spec: str = DEFAULT_NODES) -> dict[str, Any]:
                 "replica_cpus": backend.replica_cpus,
             }
             if backend.device == "npu":
-                never, _ = fit_problem(name, backend_demand(backend, need), [c for _, c in nodes])
+                never, _ = fit_problem(name, backend_demand(backend, gib), [c for _, c in nodes])
                 entry["placement"] = {
                     "replica": placement.replica, "bundles": list(placement.bundles),
                     "strategy": placement.strategy if placement.bundles else None,
                     "label_selector": placement.label_selector,
-                    "hbm_per_npu_gib": round(need, 1) if need else "not estimated (see notes)",
-                    "fits": never or "yes",
+                    "hbm_per_npu_gib": round(gib, 1) if gib is not None else "unknown",
+                    "hbm_need_from": need.source if need else None,
+                    "fits": never or ("yes" if gib is not None or not backend.loads_model
+                                      else "unknown: the HBM need is unknown (hbm_need_from)"),
                 }
             entry["env"] = {**SERVE_FAST_PATH_ENV, **backend.env}
             if backend.loads_model:

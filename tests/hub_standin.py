@@ -5,6 +5,9 @@ It answers the requests of the two calls raystack makes (raystack.models.sources
 huggingface_hub 2.4 sends them:
   GET  /api/models/{repo_id}/revision/{rev}       huggingface_hub.hf_api.HfApi.model_info, through repo_info, from
                                                  huggingface_hub._snapshot_download.snapshot_download: "sha", "siblings"
+  GET  /api/models/{repo_id}[?blobs=true]        HfApi.model_info(files_metadata=True), the file sizes that size a
+                                                 model without its config.json: "siblings" with "size", "blobId" and,
+                                                 for LFS files, "lfs" {sha256, size, pointerSize}, as the hub adds them
   GET  /api/models/{repo_id}/tree/{rev}[/path]    huggingface_hub.hf_api.HfApi.list_repo_tree (?recursive=true), the
                                                  file list snapshot_download fetches: one page, no Link header
   HEAD /{repo_id}/resolve/{rev}/{filename}        huggingface_hub.file_download.get_hf_file_metadata, for every
@@ -14,6 +17,12 @@ huggingface_hub 2.4 sends them:
                                                  so the client takes its plain HTTP path
   GET  /{repo_id}/resolve/{rev}/{filename}        huggingface_hub.file_download.http_get: the bytes; `Range: bytes=N-`
                                                  (a resumed download) is answered 206
+and, for the same directories as ModelScope repositories (modelscope 1.40's HubApi.get_model_files, through
+modelscope_hub._legacy_api.LegacyClient._list_files_page; the client is given the address as MODELSCOPE_ENDPOINT):
+  GET  /api/v1/models/{repo_id}/repo/files?Revision=master&Recursive=False|True
+                                                 {"Code": 200, "Data": {"Files": [{"Name", "Path", "Size", "Type":
+                                                 "blob"|"tree", "Sha256", "IsLFS", "Revision"}]}, "Success": true};
+                                                 an unknown repository is a 404 with ModelScope's error body
 A revision is "main" or the repository's commit sha, a hash of its file list and contents. Errors carry the
 X-Error-Code that huggingface_hub.utils._http.hf_raise_for_status turns into its exceptions: RepoNotFound
 (RepositoryNotFoundError; 401 without a token, 404 with one, as the hub answers), RevisionNotFound, EntryNotFound.
@@ -37,6 +46,7 @@ LFS_MIN_SIZE = 10 * 1024 * 1024
 NOT_CONTENT = {".git", ".cache"}
 API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?")
 RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
+MODELSCOPE_FILES = re.compile(r"/api/v1/models/(?P<repo>[^/]+/[^/]+)/repo/files")
 
 
 class HubStandIn:
@@ -118,8 +128,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
-        if m := API.fullmatch(url.path):
-            self._api(m, parse_qs(url.query).get("recursive", [""])[0].lower() in ("true", "1"))
+        query = {key.lower(): values[0].lower() for key, values in parse_qs(url.query).items()}
+        if m := MODELSCOPE_FILES.fullmatch(url.path):
+            self._modelscope_files(unquote(m["repo"]), query.get("recursive") in ("true", "1"))
+        elif m := API.fullmatch(url.path):
+            self._api(m, query.get("recursive") in ("true", "1"), query.get("blobs") in ("true", "1"))
         elif m := RESOLVE.fullmatch(url.path):
             self._resolve(m)
         else:
@@ -139,15 +152,19 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo_id, files, sha
 
-    def _api(self, m: re.Match, recursive: bool) -> None:
+    def _api(self, m: re.Match, recursive: bool, blobs: bool) -> None:
         if (found := self._repo(m)) is None:
             return
         repo_id, files, sha = found
         entries = {name: {**self.hub._blob(p), "path": name} for name, p in files.items()}
         if m["kind"] != "tree":  # model_info
+            siblings = [{"rfilename": n} | ({"size": e["size"], "blobId": e["oid"]} if blobs else {})
+                        | ({"lfs": {"sha256": e["lfs"]["oid"], "size": e["lfs"]["size"],
+                                    "pointerSize": e["lfs"]["pointerSize"]}} if blobs and "lfs" in e else {})
+                        for n, e in entries.items()]
             self._send(200, {"_id": sha[:24], "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
                              "sha": sha, "private": False, "gated": False, "disabled": False, "downloads": 0,
-                             "likes": 0, "tags": [], "siblings": [{"rfilename": n} for n in entries]})
+                             "likes": 0, "tags": [], "siblings": siblings})
             return
         for name in files:  # the folders, as the hub lists them too
             parts = name.split("/")
@@ -163,6 +180,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f'{base} does not exist on "{unquote(m["rev"])}"'}, "EntryNotFound")
         else:
             self._send(200, listing)
+
+    def _modelscope_files(self, repo_id: str, recursive: bool) -> None:
+        if (files := self.hub._files(repo_id)) is None:
+            self._send(404, {"Code": 10010205001, "Message": f"model {repo_id} not exists", "Success": False})
+            return
+        listing = [{"Name": name.rsplit("/", 1)[-1], "Path": name, "Size": self.hub._blob(p)["size"], "Type": "blob",
+                    "Sha256": self.hub._blob(p).get("lfs", {}).get("oid", ""), "IsLFS": "lfs" in self.hub._blob(p),
+                    "Revision": "master"}
+                   for name, p in files.items() if recursive or "/" not in name]
+        folders = sorted({name.split("/")[0] for name in files if "/" in name})
+        listing += [{"Name": f, "Path": f, "Size": 0, "Type": "tree", "Revision": "master"} for f in folders]
+        self._send(200, {"Code": 200, "Data": {"Files": listing}, "Message": "success", "Success": True})
 
     def _resolve(self, m: re.Match) -> None:
         if (found := self._repo(m)) is None:

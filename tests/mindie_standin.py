@@ -88,9 +88,11 @@ def model_weights(root: Path, max_position_embeddings: int = 4096) -> Path:
     """A weight directory as MindIE expects one (its config.json is what the stand-in reads)."""
     weights = root / "weights"
     weights.mkdir(parents=True, exist_ok=True)
-    (weights / "config.json").write_text(json.dumps(
+    (weights / "config.json").write_text(json.dumps(  # a tiny Qwen3's shape: what raystack sizes its HBM need by
         {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-         "max_position_embeddings": max_position_embeddings, "torch_dtype": "bfloat16", "vocab_size": 151936}))
+         "max_position_embeddings": max_position_embeddings, "torch_dtype": "bfloat16", "vocab_size": 151936,
+         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16}))
     weights.chmod(0o750)  # MindIE refuses a weight directory others may write
     return weights
 

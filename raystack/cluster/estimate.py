@@ -293,8 +293,23 @@ def min_hbm_gib(config: dict[str, Any], tensor: int, pipeline: int, max_model_le
         raise EstimateError(str(err)) from None
     _, _, weights_gib = _weights(cfg, dtype_bytes, [])
     kv_gib = kv_cache_bytes_per_token(cfg, dtype_bytes) * (max_model_len or model_max_len(cfg)) / GIB
-    need = weights_gib * (1 + WEIGHT_MARGIN) + kv_gib * kv_copies(s, tensor)
-    return (need / (tensor * pipeline) + OVERHEAD_PER_NPU_GIB) / memory_fraction
+    return _per_npu(weights_gib * (1 + WEIGHT_MARGIN) + kv_gib * kv_copies(s, tensor), tensor * pipeline,
+                    memory_fraction)
+
+
+def min_hbm_gib_for_weights(weights_gib: float, tensor: int, pipeline: int,
+                            memory_fraction: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> float:
+    """The HBM each NPU of a tensor x pipeline replica needs when only the checkpoint's size is known (no
+    config.json to read the KV cache from): GPUStack's rule, weights x (1 + WEIGHT_MARGIN) split evenly over
+    the NPUs, plus OVERHEAD_PER_NPU_GIB on each, within `memory_fraction` of its HBM. The KV cache is what
+    the engine makes of the rest of that share."""
+    return _per_npu(weights_gib * (1 + WEIGHT_MARGIN), tensor * pipeline, memory_fraction)
+
+
+def _per_npu(need_gib: float, npus: int, memory_fraction: float) -> float:
+    """HBM per NPU for `need_gib` over all NPUs of a replica: an even share plus the per-NPU overhead, within
+    the engine's memory fraction."""
+    return (need_gib / npus + OVERHEAD_PER_NPU_GIB) / memory_fraction
 
 
 def _plan(

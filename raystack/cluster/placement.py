@@ -8,8 +8,6 @@ word; these checks say it plainly instead, in `serve run` and `raystack status`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Callable
 
 from raystack.cluster.chips import (
     ACCELERATOR_LABEL,
@@ -20,8 +18,7 @@ from raystack.cluster.chips import (
     parse_chip,
     tiers_at_least,
 )
-from raystack.config import Backend, Model
-from raystack.models import sources
+from raystack.config import Backend
 from raystack.engines.base import Placement
 
 
@@ -103,13 +100,15 @@ class NPUDemand:
 
 def label_selector(backend: Backend, min_hbm_gib: float | None = None) -> dict[str, str]:
     """The node labels (set by `raystack start`, node.py) a replica's NPUs must be on: the family or model
-    `accelerator.type` names, and an HBM size of at least `min_hbm_gib` per NPU."""
+    `accelerator.type` names, and an HBM size of at least `min_hbm_gib` per NPU. A need every HBM size tier
+    meets (the smallest tier, 8 GiB, or less) adds no condition: it would only turn away nodes without the
+    label, whose NPUs all have that much."""
     selector = {}
     wanted = backend.accelerator.type
     if wanted:
         family = family_of(wanted)
         selector = {FAMILY_LABEL: family} if family else {ACCELERATOR_LABEL: parse_chip(wanted).model}
-    if min_hbm_gib:
+    if min_hbm_gib and min_hbm_gib > HBM_TIERS_GIB[0]:
         tiers = tiers_at_least(min_hbm_gib)
         selector[HBM_LABEL] = f"in({','.join(map(str, tiers))})" if tiers else f"in(over-{HBM_TIERS_GIB[-1]})"
     return selector
@@ -143,32 +142,6 @@ def bundles_demand(bundles: list[dict[str, float]], strategy: str = "PACK",
     spread = strategy == "STRICT_SPREAD" and len(bundles) > 1
     return NPUDemand(sum(npus), dict(selector or {}), strategy == "STRICT_PACK" or len(bundles) == 1,
                      per_node=max(npus) if spread else 0)
-
-
-HBMNeeds = dict[tuple[str, str], float]  # (model, backend) -> GiB of HBM each NPU of a replica needs
-
-
-def hbm_needs(models: list[Model], cache_dir: Path, fetch: bool = True,
-              report: Callable[[str], None] = print) -> HBMNeeds:
-    """The HBM each NPU of every NPU backend's replica needs, by `raystack estimate`'s rule for the backend's
-    parallelism, context and engine memory share. A model whose config.json cannot be read (not fetched
-    with `fetch` False, offline hub, not a decoder the estimate knows) gets no HBM requirement, said."""
-    from raystack.cluster.estimate import EstimateError, min_hbm_gib
-
-    needs: HBMNeeds = {}
-    for model in models:
-        npu = [b for b in model.backends if b.device == "npu" and b.loads_model]
-        if not npu:
-            continue
-        try:
-            model_config = sources.model_config(model.source, cache_dir, progress=report, fetch=fetch)
-            for b in npu:
-                needs[model.name, b.name] = min_hbm_gib(
-                    model_config, b.parallel.tensor, b.parallel.pipeline, b.max_model_len,
-                    b.engine_args.get("dtype"), b.spec.memory_fraction(b))
-        except (sources.ModelSourceError, EstimateError) as err:
-            report(f"raystack: {model.name}: no HBM requirement for its NPU replicas ({err})")
-    return needs
 
 
 def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tuple[str | None, str | None]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -23,6 +26,14 @@ logger = logging.getLogger(__name__)
 
 HUB_SCHEMES = {"modelscope://": "modelscope", "hf://": "hf"}
 HUB_NAMES = {"modelscope": "ModelScope", "hf": "Hugging Face"}
+# Where each hub's client goes unless told otherwise (modelscope_hub.constants.DEFAULT_ENDPOINT,
+# huggingface_hub.constants._HF_DEFAULT_ENDPOINT), and the variable that tells it otherwise.
+HUB_ENDPOINT_ENV = {"modelscope": "MODELSCOPE_ENDPOINT", "hf": "HF_ENDPOINT"}
+HUB_DEFAULT_ENDPOINTS = {"modelscope": "https://modelscope.cn", "hf": "https://huggingface.co"}
+# How long a look-up on a hub (is it reachable, its file list, a config.json) may wait for the hub to answer.
+# The hub clients retry with back-off for half a minute or more; a machine without the hub must learn that
+# at once, so reachability is tried first, once, within this bound.
+HUB_LOOKUP_TIMEOUT_S = 5.0
 # A checkpoint directory holds one of these: a model's config, or a LoRA adapter's (models/adapters.py).
 CHECKPOINT_CONFIGS = ("config.json", "adapter_config.json")
 
@@ -165,6 +176,37 @@ def _download(src: ModelSource, cache_dir: Path, progress: Callable[[str], None]
     return out
 
 
+def hub_endpoint(kind: str) -> str:
+    """The hub's endpoint as its client will use it: the environment's (read now), else the client's default."""
+    return (os.environ.get(HUB_ENDPOINT_ENV[kind]) or HUB_DEFAULT_ENDPOINTS[kind]).rstrip("/")
+
+
+def check_hub_reachable(src: ModelSource, timeout_s: float = HUB_LOOKUP_TIMEOUT_S) -> None:
+    """Raise ModelSourceError at once, with the reason, when this machine cannot open a connection to the
+    source's hub (or to the proxy the environment names for it): no DNS, no route, a refused port, or no
+    answer within `timeout_s`. Only a connection is tried, never a request the hub client would retry."""
+    hub, endpoint = HUB_NAMES[src.kind], hub_endpoint(src.kind)
+    if src.kind == "hf" and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ModelSourceError(f"{hub} is not reachable: HF_HUB_OFFLINE is set")
+    url = urllib.parse.urlsplit(endpoint)
+    target = url
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname or "", port), timeout=timeout_s).close()
+    except OSError as err:
+        via = f" through the proxy {target.hostname}:{port}" if target is not url else ""
+        reason = str(err) or type(err).__name__  # a timeout has no text of its own
+        raise ModelSourceError(f"{hub} ({endpoint}) is not reachable from this machine{via}: {reason}") from None
+
+
+def cached_config_path(src: ModelSource, cache_dir: Path) -> Path:
+    """Where model_config keeps the config.json it fetched alone from a hub (the weights not downloaded)."""
+    return cache_dir / "configs" / src.kind / src.ref / "config.json"
+
+
 def model_config(source: str, cache_dir: Path | None = None,
                  progress: Callable[[str], None] = logger.info, fetch: bool = True) -> dict[str, Any]:
     """config.json of a deploy-config model source, without downloading the weights.
@@ -181,7 +223,7 @@ def model_config(source: str, cache_dir: Path | None = None,
         return _read_json(ready / "config.json")
     if src.kind in ("local", "embedded"):
         return _read_json(resolve(source, cache_dir, progress=progress) / "config.json")
-    path = cache_dir / "configs" / src.kind / src.ref / "config.json"
+    path = cached_config_path(src, cache_dir)
     if not path.is_file() and not fetch:
         raise ModelSourceError(f"{src}: config.json is not downloaded yet (`raystack models prepare {src}`)")
     if not path.is_file():
@@ -216,7 +258,7 @@ def fetch_from_hub(src: ModelSource, out: Path, fix: str, filename: str | None =
             from modelscope import snapshot_download
             from modelscope.hub.file_download import model_file_download
 
-            endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or None
+            endpoint = os.environ.get(HUB_ENDPOINT_ENV["modelscope"]) or None
             if filename:  # a named revision: without one modelscope looks up a release on its default endpoint
                 model_file_download(src.ref, filename, revision="master", local_dir=str(out), endpoint=endpoint)
             else:
@@ -224,14 +266,17 @@ def fetch_from_hub(src: ModelSource, out: Path, fix: str, filename: str | None =
         else:
             from huggingface_hub import hf_hub_download, snapshot_download
 
-            endpoint = os.environ.get("HF_ENDPOINT") or None
+            endpoint = os.environ.get(HUB_ENDPOINT_ENV["hf"]) or None
             if filename:
                 hf_hub_download(repo_id=src.ref, filename=filename, local_dir=str(out), endpoint=endpoint)
             else:
                 snapshot_download(repo_id=src.ref, local_dir=str(out), endpoint=endpoint)
     except Exception as err:  # network, auth, missing repo: all end the same way for the user
         what = f"fetch {filename} of {src}" if filename else f"download {src}"
-        raise ModelSourceError(
-            f"could not {what} from {hub}: {type(err).__name__}: {str(err).rstrip('.')}. "
-            f"If this machine is offline, download the model where {hub} is reachable {fix}."
-        ) from None
+        raise hub_error(src, what, err, f"If this machine is offline, download the model where {hub} is reachable {fix}.") from None
+
+
+def hub_error(src: ModelSource, what: str, err: Exception, fix: str) -> ModelSourceError:
+    """A failed hub call in the user's words: what could not be done, the hub's own reason, and the fix."""
+    reason = (str(err).strip().splitlines() or [""])[0].rstrip(".")  # its first line: the rest is request dumps
+    return ModelSourceError(f"could not {what} from {HUB_NAMES[src.kind]}: {type(err).__name__}: {reason}. {fix}")

@@ -109,6 +109,12 @@ class ExecutorStandIn:
         return found
 
 
+def tiny_checkpoint(path: Path) -> None:
+    """A model directory raystack can size (SmolLM2-135M's config.json: a few GiB per NPU, which every NPU
+    has, so no HBM condition): the toy engine reads nothing else."""
+    (path / "config.json").write_text((FIXTURES / "model_configs" / "smollm2-135m-instruct.json").read_text())
+
+
 def deploy(backend: Backend, name: str, min_hbm_gib: float | None = None):
     app = ExecutorStandIn.options(name=name, **deployment_options(backend, min_hbm_gib=min_hbm_gib)).bind()
     handle = serve.run(app, name=name, route_prefix=None)
@@ -158,7 +164,7 @@ def test_every_replica_opens_exactly_the_npus_ray_granted_it(cluster, tmp_path):
     """Under raystack start's environment every worker inherits node A's whole list; still, two one-NPU
     replicas (real LLMServers, whose engine would open device 0 of what it sees) and a TP=2 replica see
     disjoint sets, each equal to its grant."""
-    (tmp_path / "config.json").write_text("{}")  # the toy engine's "checkpoint"
+    tiny_checkpoint(tmp_path)  # the toy engine's "checkpoint"
     args = {"models": [{"name": "where", "source": str(tmp_path), "backends": [
         {"name": "one", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B3"},
          "toy": {"prefix": "visible={visible} granted={granted}"},
@@ -217,7 +223,7 @@ def test_serve_run_refuses_a_model_no_nodes_npus_can_hold(cluster, tmp_path):
 
 
 def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    tiny_checkpoint(tmp_path)
     args = {"models": [{"name": "qwen3", "source": str(tmp_path), "backends": [
         {"name": "vllm", "device": "npu", "accelerator": {"type": "Ascend910B"},
          "parallelism": {"tensor": 16}}]}]}
@@ -232,7 +238,7 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_pa
 
     deploy(npu_backend(4, 2), "big")  # all 8 NPUs
     # A raystack backend of 4 NPUs can never start while "big" holds them: Ray would just keep it STARTING.
-    (tmp_path / "config.json").write_text("{}")
+    tiny_checkpoint(tmp_path)
     waiting = {"models": [{"name": "waiting", "source": str(tmp_path), "backends": [
         {"name": "toy", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B"},
          "parallelism": {"tensor": 4},

@@ -10,6 +10,7 @@ import yaml
 from raystack.app import build_backend, deployment_options
 from raystack.config import Backend, ConfigError, parse_config
 from raystack.serve_file import load_serve_config
+from tests import prime_model_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "deploy_configs").glob("*.yaml"))
@@ -30,12 +31,14 @@ def local_args() -> dict:
     return shipped_args("local.yaml")
 
 
-def test_shipped_configs_pass_config_check(capsys):
+def test_shipped_configs_pass_config_check(capsys, monkeypatch, tmp_path):
     from raystack.cli import main  # in this process: vLLM, which it imports to check engine arguments, loads once
 
+    monkeypatch.setenv("RAYSTACK_CACHE_DIR", str(prime_model_configs(tmp_path)))  # their models' config.json
     assert main(["config", "check", *map(str, CONFIGS)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if ": OK (" in line] == list(map(str, CONFIGS))
+    assert "  qwen3-32b@vllm: 47.3 GiB HBM per NPU (config.json in the cache)" in out.splitlines()
 
 
 def test_qwen3_config_is_tp2_on_910b_with_autoscaling():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tests import FIXTURES
+from tests import FIXTURES, prime_model_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,12 +30,16 @@ def config_file(tmp_path: Path, backends: list[dict], source: Path) -> Path:
     return path
 
 
-def test_the_shipped_qwen3_config_as_a_910b_cluster_would_run_it():
+def test_the_shipped_qwen3_config_as_a_910b_cluster_would_run_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYSTACK_CACHE_DIR", str(prime_model_configs(tmp_path)))  # Qwen3-32B's config.json
     backends = plan(ROOT / "deploy_configs/qwen3.yaml")["backends"]
     vllm, mindie = backends["qwen3-32b@vllm"], backends["qwen3-32b@mindie"]
     assert vllm["engine_args"]["tensor_parallel_size"] == 2 and vllm["engine_args"]["distributed_executor_backend"] == "ray"
     assert [b["NPU"] for b in vllm["placement"]["bundles"]] == [1, 1]
-    assert vllm["placement"]["label_selector"] == {"raystack.io/npu-family": "Ascend910B"} and vllm["placement"]["fits"] == "yes"
+    # Qwen3-32B at TP 2 with a 32k context needs more than a 910B4's 32 GB per NPU: 64 GB parts only.
+    assert vllm["placement"]["label_selector"] == {"raystack.io/npu-family": "Ascend910B",
+                                                   "raystack.io/npu-hbm-gib": "in(48,64,96,128,144,192,256)"}
+    assert vllm["placement"]["hbm_need_from"] == "config.json in the cache" and vllm["placement"]["fits"] == "yes"
     config = mindie["config.json"]
     assert config["BackendConfig"]["ScheduleConfig"]["maxIterTimes"] == config["BackendConfig"]["ModelDeployConfig"]["maxSeqLen"] == 32768
     assert mindie["set_env_scripts"][0].endswith("ascend-toolkit/set_env.sh") and mindie["env"]["MINDIE_LLM_FRAMEWORK_BACKEND"] == "ATB"
