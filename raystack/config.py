@@ -170,6 +170,16 @@ class _BackendFields(_Strict):
         return self.spec.replica_cpus[self.device]
 
     @property
+    def longest_answer_s(self) -> float:
+        """The longest one answer may take, as this backend knows it: its drain bound. A backend application
+        cannot see its router's args (serve_file.py assembles them for config check only), but its
+        graceful_shutdown_timeout_s defaults to the router's request_timeout_s and config check refuses one
+        shorter, so an engine that bounds answers itself (MindIE's timeouts) never cuts one the router allows."""
+        if self.graceful_shutdown_timeout_s is not None:
+            return self.graceful_shutdown_timeout_s
+        return RouterConfig().request_timeout_s
+
+    @property
     def parallel(self) -> Parallelism:
         """The resolved parallelism; build_backend resolves `auto` before anything reads it."""
         if self.parallelism == "auto":

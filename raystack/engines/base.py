@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Protoco
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from raystack.config import Backend
+    from raystack.config import Backend, RouterConfig
     from raystack.observability.metrics import ReplicaMetrics
 
 RequestKind = Literal["chat", "completion"]
@@ -145,6 +145,10 @@ def _any_name(model_name: str) -> None:
     pass
 
 
+def _honours_any_router(backend: Backend, router: RouterConfig) -> list[str]:
+    return []
+
+
 def _nine_tenths(backend: Backend) -> float:
     return 0.9
 
@@ -185,6 +189,9 @@ class EngineSpec:
     check_adapter_name: Callable[[str], None] = _any_name
     # What this machine can tell before anything is scheduled: ["  where: problem", ...].
     check_deployable: Callable[[Backend, str], list[str]] = _no_problems
+    # What of its router's settings the engine cannot honour (config check, where a backend meets its router):
+    # ["problem with the fix", ...].
+    router_problems: Callable[[Backend, RouterConfig], list[str]] = _honours_any_router
     # Where a `device: npu` replica runs; CPU replicas hold only their CPUs.
     placement: Callable[[Backend], Placement] = rank_per_npu
     # The share of each NPU's HBM the engine takes (what `raystack estimate`'s rule sizes within).
