@@ -119,9 +119,6 @@ class _BackendFields(_Strict):
     parallelism: Parallelism | Literal["auto"] = Field(
         Parallelism(), description="tensor/pipeline sizes, or `auto` to size from the model (raystack estimate)"
     )
-    placement: Literal["pack", "strict_pack", "spread"] = Field(
-        "pack", description="how a replica's NPU bundles spread over nodes (Ray placement strategy)"
-    )
     max_model_len: int | None = Field(
         None, ge=16, description="context length; default: the model's (or the engine's, for an engine without one)"
     )
@@ -177,11 +174,33 @@ class _BackendFields(_Strict):
         return self.spec.replica_cpus[self.device]
 
     @property
+    def longest_answer_s(self) -> float:
+        """The longest one answer may take, as this backend knows it: its drain bound. A backend application
+        cannot see its router's args (serve_file.py assembles them for config check only), but its
+        graceful_shutdown_timeout_s defaults to the router's request_timeout_s and config check refuses one
+        shorter, so an engine that bounds answers itself (MindIE's timeouts) never cuts one the router allows."""
+        if self.graceful_shutdown_timeout_s is not None:
+            return self.graceful_shutdown_timeout_s
+        return RouterConfig().request_timeout_s
+
+    @property
     def parallel(self) -> Parallelism:
         """The resolved parallelism; build_backend resolves `auto` before anything reads it."""
         if self.parallelism == "auto":
             raise ValueError("parallelism: auto is resolved by build_backend (raystack.app.resolve_parallelism)")
         return self.parallelism
+
+    @model_validator(mode="before")
+    @classmethod
+    def _placement_is_retired(cls, fields: Any) -> Any:
+        """`placement: pack|strict_pack|spread` chose Ray's strategy; parallelism decides it now
+        (engines/base.py rank_per_npu), since only one strategy keeps tensor-parallel groups whole."""
+        if isinstance(fields, dict) and "placement" in fields:
+            raise ValueError(
+                "placement: is no longer set in the config; remove it. raystack keeps a replica with pipeline 1 "
+                "on one node (Ray STRICT_PACK) and spans nodes only for pipeline > 1, each tensor-parallel group "
+                "on one node (README: Placement)")
+        return fields
 
     @field_validator("engine")
     @classmethod

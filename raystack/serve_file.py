@@ -110,4 +110,4 @@ def _backend_problems(router: RouterConfig, app: BackendApp) -> list[str]:
         problems.append(f"backend.graceful_shutdown_timeout_s ({backend.graceful_shutdown_timeout_s:g} s) is shorter "
                         f"than router.request_timeout_s ({router.request_timeout_s:g} s): a redeploy would cut answers "
                         f"still running. Raise it to at least {router.request_timeout_s:g}")
-    return problems
+    return problems + backend.spec.router_problems(backend, router)

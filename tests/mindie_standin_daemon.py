@@ -184,6 +184,18 @@ def check_config(config: dict) -> dict:
         ports[key] = server.get(key, ports.get("port")) if key == "managementPort" else get(config, f"ServerConfig.{key}", int)
         if not isinstance(ports[key], int) or not 1024 <= ports[key] <= 65535:  # server_config.cpp:379-384
             fail(f"config.json: ServerConfig.{key} {ports[key]} is out of range [1024, 65535]")
+    # Compulsory (server_config.cpp g_serverParamsConstraint; param_checker.cpp CheckJsonParamType) and in
+    # range, seconds (server_config.cpp CheckParam; param_checker.h CheckMaxMinValue): MindIE-LLM@8b4871a.
+    for key, most in (("tokenTimeout", 3600), ("e2eTimeout", 65535)):
+        if key not in server:
+            fail(f"[ParamChecker::CheckJsonParamType] {key}: missing compulsory field")
+        value = server[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail(f"The type of param {key} should be int32_t, but got {type(value).__name__}")
+        if value > most:
+            fail(f"serverConfig.{key} [{value}] is out of bound [{most}]")
+        if value < 1:
+            fail(f"serverConfig.{key} [{value}] is less than [1]")
     for key in ("ipAddress", "managementIpAddress"):  # CheckIp, common_util.cpp
         if server.get(key) == "0.0.0.0" and not server.get("allowAllZeroIpListening"):
             fail("config.json: listening on 0.0.0.0 needs allowAllZeroIpListening true")

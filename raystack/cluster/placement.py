@@ -1,8 +1,10 @@
 """Placement: the NPUs a backend's replica needs, and whether this cluster can host it.
 
 A replica of a `device: npu` backend is a placement group of tensor x pipeline `{NPU: 1}` bundles (the
-replica's CPUs in bundle 0). Ray would leave a replica that can never fit pending forever without a
-word; these checks say it plainly instead, in `serve run` and `raystack status`.
+replica's CPUs in bundle 0): all on one node with pipeline 1, over nodes in whole tensor-parallel groups
+beyond (engines/base.py rank_per_npu); MindIE's are one bundle per node. Ray would leave a replica that
+can never fit pending forever without a word; these checks say it plainly instead, in `serve run`,
+`raystack plan` and `raystack status`.
 """
 
 from __future__ import annotations
@@ -77,13 +79,39 @@ def _available_per_node() -> dict[str, dict[str, float]]:
 
 @dataclass(frozen=True)
 class NPUDemand:
-    """What one replica needs: NPUs, on nodes whose labels match `selector`, and whether all on one node."""
+    """What one replica needs: `npus` NPUs on nodes whose labels match `selector`, in groups of `group` NPUs
+    that must each be on one node (0: anywhere; `npus`: all on one node), with `distinct_nodes` each group
+    on a node of its own (STRICT_SPREAD)."""
 
     npus: float
     selector: dict[str, str] = field(default_factory=dict)
-    one_node: bool = False
+    group: float = 0
+    distinct_nodes: bool = False
     detail: str = ""  # e.g. "tensor 4 x pipeline 2"
-    per_node: float = 0  # STRICT_SPREAD: this many NPUs on each of npus / per_node distinct nodes
+
+    @property
+    def one_node(self) -> bool:
+        return bool(self.npus) and self.group >= self.npus
+
+    def room(self, npus_per_node: list[float]) -> float:
+        """How many of its NPUs nodes with these NPU counts can hold, whole groups only."""
+        if not self.group:
+            return sum(npus_per_node)
+        groups_per_node = [n // self.group for n in npus_per_node]
+        if self.distinct_nodes:
+            groups_per_node = [min(g, 1) for g in groups_per_node]
+        return min(sum(groups_per_node) * self.group, self.npus)
+
+    def where(self) -> str:
+        """How its NPUs must lie, in words."""
+        if self.one_node:
+            return "on one node"
+        groups = round(self.npus / self.group) if self.group else 0
+        if self.distinct_nodes:
+            return f"as {self.group:g} on each of {groups} nodes"
+        if self.group > 1:
+            return f"as {groups} tensor-parallel groups of {self.group:g}, each group on one node"
+        return "in the cluster"
 
     def kind(self) -> str:
         """The NPUs it needs, in words: "Ascend910B NPUs with at least 48 GiB HBM each"."""
@@ -130,6 +158,8 @@ def backend_demand(backend: Backend, min_hbm_gib: float | None = None) -> NPUDem
     placement = ray_placement(backend, min_hbm_gib)
     demand = bundles_demand(list(placement.bundles) or [placement.replica], placement.strategy,
                             placement.label_selector)
+    if placement.tensor_group > 1:  # per-rank bundles over nodes: whole tensor-parallel groups per node
+        demand = replace(demand, group=placement.tensor_group)
     p = backend.parallel
     return replace(demand, detail=f"tensor {p.tensor} x pipeline {p.pipeline}") if demand.npus else demand
 
@@ -137,11 +167,14 @@ def backend_demand(backend: Backend, min_hbm_gib: float | None = None) -> NPUDem
 def bundles_demand(bundles: list[dict[str, float]], strategy: str = "PACK",
                    selector: dict[str, str] | None = None) -> NPUDemand:
     """What one replica needs, from what Ray is asked for: placement-group bundles or actor resources, and
-    the label selector. STRICT_SPREAD puts each bundle on a node of its own."""
+    the label selector. STRICT_PACK (or a single bundle) puts everything on one node, STRICT_SPREAD each
+    bundle on a node of its own; PACK and SPREAD only need the NPUs somewhere."""
     npus = [b.get("NPU", 0) for b in bundles]
-    spread = strategy == "STRICT_SPREAD" and len(bundles) > 1
-    return NPUDemand(sum(npus), dict(selector or {}), strategy == "STRICT_PACK" or len(bundles) == 1,
-                     per_node=max(npus) if spread else 0)
+    if strategy == "STRICT_PACK" or len(bundles) == 1:
+        return NPUDemand(sum(npus), dict(selector or {}), group=sum(npus))
+    if strategy == "STRICT_SPREAD":
+        return NPUDemand(sum(npus), dict(selector or {}), group=max(npus), distinct_nodes=True)
+    return NPUDemand(sum(npus), dict(selector or {}))
 
 
 def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tuple[str | None, str | None]:
@@ -150,39 +183,26 @@ def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tupl
     if not need:
         return None, None
     matching = [n for n in nodes if n.qualifies(demand.selector)]
-    if demand.per_node and not demand.one_node:
-        nodes = round(need / demand.per_node)
-        # Capacity of the `nodes` best nodes, counting only nodes that can hold a whole share.
-        best_total = demand.per_node * min(nodes, sum(n.npu_total >= demand.per_node for n in matching))
-        best_free = demand.per_node * min(nodes, sum(n.npu_free >= demand.per_node for n in matching))
-        where = f"as {demand.per_node:g} on each of {nodes} nodes"
-    elif demand.one_node:
-        best_total = max((n.npu_total for n in matching), default=0)
-        best_free = max((n.npu_free for n in matching), default=0)
-        where = "on one node (strict_pack)"
-    else:
-        best_total = sum(n.npu_total for n in matching)
-        best_free = sum(n.npu_free for n in matching)
-        where = "in the cluster"
     kind = demand.kind()
     have = f"the cluster has {sum(n.npu_total for n in matching):g} {kind} on {len(matching)} node(s)"
-    if best_total < need:
+    if demand.room([n.npu_total for n in matching]) < need:
         missing = demand.unlabelled(nodes)
         fix = (f"No NPU node carries the label{'s' * (len(missing) > 1)} {', '.join(missing)}: start NPU nodes "
                f"with `raystack start`, which sets them." if missing else
                "Add NPU nodes (`raystack start --address ...`), lower parallelism, or change accelerator.type.")
+        largest = max((n.npu_total for n in matching), default=0)
         never = (
-            f"backend {name} needs {need:g} {kind} per replica {where}"
+            f"backend {name} needs {need:g} {kind} per replica {demand.where()}"
             + (f" ({demand.detail})" if demand.detail else "")
             + f", but {have}"
-            + (f" (largest node: {best_total:g})" if demand.one_node else "")
+            + (f" (largest node: {largest:g})" if demand.group else "")
             + f". {fix}"
         )
         return never, None
-    if best_free < need:
+    free = demand.room([n.npu_free for n in matching])
+    if free < need:
         return None, (
-            f"backend {name} needs {need:g} {kind} per replica {where}; only {best_free:g} are free now, "
-            f"so a new replica waits until other replicas release theirs"
+            f"backend {name} needs {need:g} {kind} per replica {demand.where()}; only {free:g} are free "
+            f"{'that way ' if demand.group else ''}now, so a new replica waits until other replicas release theirs"
         )
     return None, None
-

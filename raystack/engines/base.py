@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Protoco
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from raystack.config import Backend
+    from raystack.config import Backend, RouterConfig
     from raystack.observability.metrics import ReplicaMetrics
 
 RequestKind = Literal["chat", "completion"]
@@ -80,28 +80,44 @@ class Placement:
     """Where one replica runs. `replica` is what the replica's own actor holds besides its CPUs; with
     `bundles`, Serve reserves a placement group per replica and the replica runs in bundle 0 (the
     replica's CPUs are added to it). `node_bundles` are the bundles that each run a part of the engine
-    on a node of their own (MindIE's per-node daemons). The engine says how many NPUs go where; which
-    nodes qualify (`label_selector`) is the backend's choice, added by cluster/placement.py."""
+    on a node of their own (MindIE's per-node daemons). `tensor_group`: with one bundle per rank over
+    several nodes, the ranks of a tensor-parallel group, which must share a node but which Ray cannot be
+    told to keep together; the replica checks where they landed before its engine starts
+    (cluster/rank_layout.py). The engine says how many NPUs go where; which nodes qualify
+    (`label_selector`) is the backend's choice, added by cluster/placement.py."""
 
     replica: dict[str, float] = field(default_factory=dict)
     bundles: tuple[dict[str, float], ...] = ()
     strategy: str = "PACK"
     node_bundles: tuple[int, ...] = ()
+    tensor_group: int = 0
     label_selector: dict[str, str] = field(default_factory=dict)  # node labels every NPU must be on
-
-
-# Ray's placement strategies by the deploy config's `placement:` names.
-RAY_STRATEGIES = {"pack": "PACK", "strict_pack": "STRICT_PACK", "spread": "SPREAD"}
 
 
 def rank_per_npu(backend: Backend) -> Placement:
     """The default placement of an NPU engine: one {NPU: 1} bundle per tensor x pipeline rank, the replica
-    in bundle 0 with the first rank, spread by the backend's `placement` strategy; a one-NPU replica holds
-    its NPU itself, with no placement group."""
-    npus = backend.parallel.world_size
-    if npus == 1:
+    in bundle 0 with the first rank; a one-NPU replica holds its NPU itself, with no placement group.
+    One bundle per rank because vLLM's Ray executor makes one worker of each bundle that holds an NPU
+    (vLLM 0.23 v1/executor/ray_executor_v2.py, ray_utils.get_bundles_sorted_by_node).
+
+    pipeline 1: the group fits one node, and STRICT_PACK keeps it there (a tensor-parallel all-reduce
+    runs on every layer: over the network it would crawl). pipeline > 1 (the config asks for several
+    nodes): PACK, the strategy that splits a tensor-parallel group least. Ray has no primitive for "these
+    bundles on one node, those on another": STRICT_PACK cannot span nodes, STRICT_SPREAD puts every rank
+    on a node of its own, SPREAD deals ranks over nodes one by one (a group split as soon as there are more
+    nodes than stages), and per-stage bundles of `tensor` NPUs (which STRICT_SPREAD would keep whole) give
+    vLLM one worker per stage. Ray's PACK (src/ray/raylet/scheduling/policy/bundle_scheduling_policy.cc,
+    BundlePackSchedulingPolicy) takes the node with the most free resources, puts as many bundles there
+    as fit, then the next node: on nodes whose free NPUs are whole multiples of `tensor` (the usual case,
+    tensor = NPUs per node and whole nodes free) every group stays whole. Otherwise the replica's own check
+    fails it, naming the split (cluster/rank_layout.py)."""
+    parallel = backend.parallel
+    if parallel.world_size == 1:
         return Placement(replica={"NPU": 1})
-    return Placement(bundles=tuple({"NPU": 1} for _ in range(npus)), strategy=RAY_STRATEGIES[backend.placement])
+    ranks = tuple({"NPU": 1} for _ in range(parallel.world_size))
+    if parallel.pipeline == 1:
+        return Placement(bundles=ranks, strategy="STRICT_PACK")
+    return Placement(bundles=ranks, strategy="PACK", tensor_group=parallel.tensor)
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,10 @@ def _no_rules(backend: Backend) -> None:
 
 def _any_name(model_name: str) -> None:
     pass
+
+
+def _honours_any_router(backend: Backend, router: RouterConfig) -> list[str]:
+    return []
 
 
 def _nine_tenths(backend: Backend) -> float:
@@ -169,6 +189,9 @@ class EngineSpec:
     check_adapter_name: Callable[[str], None] = _any_name
     # What this machine can tell before anything is scheduled: ["  where: problem", ...].
     check_deployable: Callable[[Backend, str], list[str]] = _no_problems
+    # What of its router's settings the engine cannot honour (config check, where a backend meets its router):
+    # ["problem with the fix", ...].
+    router_problems: Callable[[Backend, RouterConfig], list[str]] = _honours_any_router
     # Where a `device: npu` replica runs; CPU replicas hold only their CPUs.
     placement: Callable[[Backend], Placement] = rank_per_npu
     # The share of each NPU's HBM the engine takes (what `raystack estimate`'s rule sizes within).

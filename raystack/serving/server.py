@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from raystack.cluster.rank_layout import require_whole_tensor_groups
 from raystack.config import Backend
 from raystack.engines.base import AdapterLoadError, RequestKind, create_engine
 from raystack.models.adapters import ReplicaAdapters, Unservable, prepare_adapters
@@ -102,6 +103,9 @@ class LLMServer:
         self.backend = Backend.model_validate(backend)
         self.model_name = model_name
         self.replica = serve.get_replica_context().replica_id.unique_id
+        tensor_group = self.backend.spec.placement(self.backend).tensor_group if self.backend.device == "npu" else 0
+        if tensor_group > 1:  # ranks over nodes: before anything is downloaded or started
+            await asyncio.to_thread(require_whole_tensor_groups, tensor_group)
         model_path = None
         if self.backend.loads_model:  # here, and on every other node this replica's ranks run on
             model_path = await asyncio.to_thread(prepare_on_every_node, source, cache_dir, cache_shared, logger.info)

@@ -76,6 +76,7 @@ def test_the_daemon_starts_from_the_written_config_and_stops_without_a_trace(min
     server = seen["config"]["ServerConfig"]
     assert server["port"] == server["managementPort"] == server["metricsPort"] == port
     assert server["httpsEnabled"] is False
+    assert server["tokenTimeout"] == server["e2eTimeout"] == 3600  # in MindIE's ranges, which the stand-in checks
     # Stopped: every process it started is gone, its port is free, its config is removed.
     pids = pids_started(control)
     assert len(pids) == 3  # the daemon and a backend per NPU
@@ -84,11 +85,16 @@ def test_the_daemon_starts_from_the_written_config_and_stops_without_a_trace(min
     assert not workdir.exists()
 
 
-def test_a_config_mindie_refuses_fails_the_start_with_its_words(mindie):
+@pytest.mark.parametrize("server, words", [
+    ({"httpsEnabled": True}, r"httpsEnabled is true"),
+    ({"tokenTimeout": 3601}, r"serverConfig.tokenTimeout \[3601\] is out of bound \[3600\]"),
+    ({"e2eTimeout": 0}, r"serverConfig.e2eTimeout \[0\] is less than \[1\]"),
+])
+def test_a_config_mindie_refuses_fails_the_start_with_its_words(mindie, server, words):
     home, control, weights = mindie
-    settings = MindIESettings(ascend_home=str(home), overrides={"ServerConfig": {"httpsEnabled": True}})
+    settings = MindIESettings(ascend_home=str(home), overrides={"ServerConfig": server})
     daemon = MindIEDaemon(plan(weights, free_port()), settings, "mindieservice_daemon", {})
-    with pytest.raises(MindIEStartError, match=r"did not start(.|\n)*killed by signal 9(.|\n)*httpsEnabled is true"):
+    with pytest.raises(MindIEStartError, match=r"did not start(.|\n)*killed by signal 9(.|\n)*" + words):
         asyncio.run(run(daemon))
 
 

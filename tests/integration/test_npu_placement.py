@@ -23,12 +23,12 @@ from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raystack.app import delete_stack, deployment_options, run_stack
-from raystack.cluster.chips import parse_chip
+from raystack.cluster.chips import ACCELERATOR_LABEL, parse_chip
 from raystack.cluster.node import plan_start
 from raystack.cluster.npu import NodeNPUs
 from raystack.cluster.npu_smi import NPUChip
 from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem
-from raystack.config import Backend, ConfigError
+from raystack.config import Backend, ConfigError, backend_app_name
 from tests import FIXTURES
 from tests.serve_cluster import free_port, serve_cluster
 
@@ -121,9 +121,9 @@ def deploy(backend: Backend, name: str, min_hbm_gib: float | None = None):
     return handle.remote().result(timeout_s=120)
 
 
-def npu_backend(tensor: int, pipeline: int = 1, placement: str = "pack", chip: str = "Ascend910B") -> Backend:
+def npu_backend(tensor: int, pipeline: int = 1, chip: str = "Ascend910B") -> Backend:
     return Backend(name="vllm", device="npu", accelerator={"type": chip}, resources={"cpus": 0.5},
-                   parallelism={"tensor": tensor, "pipeline": pipeline}, placement=placement)
+                   parallelism={"tensor": tensor, "pipeline": pipeline})
 
 
 def test_tp4_packs_on_one_node_and_each_worker_opens_its_granted_npu(cluster):
@@ -200,16 +200,92 @@ def test_replicas_land_only_where_the_chip_and_its_hbm_qualify(cluster):
 
 def test_capacity_messages_are_plain(cluster):
     nodes = cluster_capacity()
-    never, _ = fit_problem("qwen3@vllm", backend_demand(npu_backend(16)), nodes)
-    assert never.startswith("backend qwen3@vllm needs 16 Ascend910B NPUs per replica in the cluster")
+    never, _ = fit_problem("qwen3@vllm", backend_demand(npu_backend(4, 4)), nodes)
+    assert never.startswith("backend qwen3@vllm needs 16 Ascend910B NPUs per replica as 4 tensor-parallel groups "
+                            "of 4, each group on one node (tensor 4 x pipeline 4)")
     assert "the cluster has 8 Ascend910B NPUs on 2 node(s)" in never
-    never, _ = fit_problem("qwen3@vllm", backend_demand(npu_backend(8, placement="strict_pack")), nodes)
-    assert "on one node (strict_pack)" in never and "largest node: 4" in never
+    never, _ = fit_problem("qwen3@vllm", backend_demand(npu_backend(8)), nodes)
+    assert "on one node (tensor 8 x pipeline 1)" in never and "largest node: 4" in never
     never, _ = fit_problem("x@vllm", backend_demand(Backend(name="vllm", device="npu", accelerator={"type": "Ascend310P"})), nodes)
     assert "the cluster has 0 Ascend310P NPUs on 0 node(s)" in never
     never, _ = fit_problem("q@vllm", backend_demand(npu_backend(1, chip="Ascend910B4"), min_hbm_gib=44.5), nodes)
     assert never.startswith("backend q@vllm needs 1 Ascend910B4 NPUs with at least 48 GiB HBM each per replica")
-    assert fit_problem("qwen3@vllm", backend_demand(npu_backend(8)), nodes) == (None, None)
+    assert fit_problem("qwen3@vllm", backend_demand(npu_backend(4, 2)), nodes) == (None, None)
+
+
+def placement_group_of(app: str) -> dict:
+    """Ray's record of the placement group Serve made for `app`'s replica (named SERVE_REPLICA::app#...)."""
+    groups = [pg for pg in ray.util.placement_group_table().values()
+              if (pg.get("name") or "").startswith(f"SERVE_REPLICA::{app}#") and pg.get("state") != "REMOVED"]
+    assert len(groups) == 1, groups
+    return groups[0]
+
+
+def hold_npus(count: int, chip: str):
+    """A placement group holding `count` NPUs of the node whose chip is `chip`, once Ray placed it."""
+    from ray.util.placement_group import placement_group
+
+    group = placement_group([{"NPU": count}], strategy="STRICT_PACK", bundle_label_selector=[{ACCELERATOR_LABEL: chip}])
+    ray.get(group.ready(), timeout=60)
+    return group
+
+
+def test_a_tp2_group_is_never_split_over_nodes(cluster):
+    """With one NPU free on each node, a TP=2 replica waits (Ray's PACK would split it 1 + 1); once a node
+    has two free, the whole group lands there."""
+    import time
+
+    from ray.util.placement_group import remove_placement_group
+
+    holders = [hold_npus(3, "Ascend910B3"), hold_npus(3, "Ascend910B4")]
+    try:
+        assert sorted(n.npu_free for n in cluster_capacity() if n.npu_total) == [1, 1]
+        app = ExecutorStandIn.options(name="tp2", **deployment_options(npu_backend(2))).bind()
+        handle = serve._run(app, name="tp2", route_prefix=None, _blocking=False)  # serve.run waits for it
+        deadline = time.monotonic() + 30
+        while "SERVE_REPLICA::tp2#" not in str(ray.util.placement_group_table()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(5)  # Ray had time to place it, were it allowed to split
+        waiting = placement_group_of("tp2")
+        assert waiting["state"] == "PENDING" and not any(waiting["bundles_to_node_id"].values()), waiting
+        freed = set(ray.util.placement_group_table(holders[1])["bundles_to_node_id"].values())
+        remove_placement_group(holders[1])
+        workers = handle.remote().result(timeout_s=120)
+        assert len(workers) == 2 and {w["node"] for w in workers} == freed
+        assert sorted(w["opens"] for w in workers) == sorted(g for w in workers for g in w["granted"])
+    finally:
+        serve.delete("tp2")
+        for h in holders:
+            remove_placement_group(h)
+
+
+def test_a_replica_over_nodes_refuses_a_layout_that_splits_a_tensor_group(cluster, tmp_path):
+    """TP=2 x PP=2 with three NPUs free on each node: Ray's PACK puts three ranks on one node and one on the
+    other, splitting a pair; the replica stops before its engine starts, naming the split and the fix."""
+    import time
+
+    from ray.util.placement_group import remove_placement_group
+
+    holders = [hold_npus(1, "Ascend910B3"), hold_npus(1, "Ascend910B4")]
+    (tmp_path / "config.json").write_text("{}")
+    args = {"models": [{"name": "split", "source": str(tmp_path), "backends": [
+        {"name": "toy", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B"},
+         "parallelism": {"tensor": 2, "pipeline": 2}, "graceful_shutdown_timeout_s": 5}]}]}
+    try:
+        run_stack(args, name="split", route_prefix="/split", wait=False)
+        deadline = time.monotonic() + 120
+        message = ""
+        while "splits tensor-parallel groups" not in message and time.monotonic() < deadline:
+            time.sleep(2)
+            status = serve.status().applications.get(backend_app_name("split", "split", "toy"))
+            message = status.deployments["LLMServer-split-toy"].message if status and status.deployments else ""
+        assert "Ray placed this replica's 4 NPU ranks as " in message, message
+        assert "which splits tensor-parallel groups of 2 over nodes: group 1 (ranks 2-3) spans " in message
+        assert "free whole nodes, or a multiple of 2 NPUs on each" in message
+    finally:
+        delete_stack("split")
+        for h in holders:
+            remove_placement_group(h)
 
 
 def test_serve_run_refuses_a_model_no_nodes_npus_can_hold(cluster, tmp_path):
@@ -259,7 +335,7 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_pa
     assert [n for n in result["nodes"] if not n["npus"]]  # the CPU-only node is listed too
     [problem] = result["problems"]
     assert problem.startswith("backend waiting.waiting.toy/LLMServer-waiting-toy/")  # app/deployment/replica
-    assert problem.endswith("needs 4 Ascend910B NPUs per replica in the cluster; only 0 are free now, "
+    assert problem.endswith("needs 4 Ascend910B NPUs per replica on one node; only 0 are free that way now, "
                             "so a new replica waits until other replicas release theirs")
     text = status.render(result)
     assert "CANNOT PLACE" in text and "Ascend910B3" in text

@@ -4,8 +4,9 @@ path its engine is given, downloaded once per node.
 The two NPU nodes are real `ray start` nodes joined to a simulated head, each in a mount namespace of its
 own with a private tmpfs over the cache directory: what one node downloads the other does not see, as on
 separate machines. The models come from a stand-in Hugging Face Hub (tests/hub_standin.py) that counts
-what it serves. Two backends of one model, each a replica spread over both nodes (pipeline 2), run on
-the toy engine, which answers with the path it was given."""
+what it serves. Two backends of one model run on the toy engine, which answers with the path it was
+given: one replica whose ranks span both nodes (pipeline 3 on nodes of 2 NPUs), one on a single NPU beside
+its ranks."""
 
 from __future__ import annotations
 
@@ -96,15 +97,16 @@ def on_every_npu_node(path: str) -> list[dict]:
                     .remote(path) for n in npu_nodes])
 
 
-def spread_backend(name: str) -> dict:
-    return {"name": name, "engine": "toy", "device": "npu", "parallelism": {"tensor": 1, "pipeline": 2},
-            "placement": "spread", "toy": {"prefix": "{model}"}, "resources": {"cpus": 0.1}}
+def spread_backend(name: str, pipeline: int = 3) -> dict:
+    """Pipeline 3 on two nodes of 2 NPUs: Ray's PACK must put its ranks on both."""
+    return {"name": name, "engine": "toy", "device": "npu", "parallelism": {"tensor": 1, "pipeline": pipeline},
+            "toy": {"prefix": "{model}"}, "resources": {"cpus": 0.1}}
 
 
 def test_every_node_of_a_replica_gets_the_checkpoint_once_at_one_path(cluster, hub):
     url, cache = cluster
     args = {"cache_dir": str(cache), "models": [{"name": "tiny", "source": f"hf://{REPO}",
-                                                 "backends": [spread_backend("a"), spread_backend("b")]}]}
+                                                 "backends": [spread_backend("a"), spread_backend("b", pipeline=1)]}]}
     run_stack(args, name="weights", route_prefix="/weights")
     try:
         expected = str(cache / "hf" / REPO)
@@ -116,7 +118,7 @@ def test_every_node_of_a_replica_gets_the_checkpoint_once_at_one_path(cluster, h
         seen = on_every_npu_node(expected)
         assert sorted(s["ip"] for s in seen) == NODE_IPS
         assert all(s["complete"] and s["weights"] == WEIGHTS for s in seen), "a node lacks the checkpoint"
-        # Two replicas spanned each node, yet each node downloaded the weights once.
+        # Two replicas on one node (a's ranks and b's), yet each node downloaded the weights once.
         assert hub.downloads(REPO, "model.safetensors") == len(NODE_IPS)
     finally:
         delete_stack("weights")

@@ -3,10 +3,20 @@ sample in tests/fixtures/mindie)."""
 
 import json
 import stat
+from pathlib import Path
 
 import pytest
 
-from raystack.engines.mindie.config import MindIEConfigError, MindIEPlan, deep_merge, render_config, write_config
+from raystack.config import BackendApp, ConfigError, RouterConfig, parse_args
+from raystack.engines.mindie.config import (
+    MindIEConfigError,
+    MindIEPlan,
+    deep_merge,
+    mindie_timeouts,
+    render_config,
+    write_config,
+)
+from raystack.engines.mindie.engine import plan_for
 from raystack.engines.mindie.settings import MindIESettings
 from tests import FIXTURES
 
@@ -46,7 +56,7 @@ def test_the_release_defaults_stay_and_the_default_is_not_changed(default):
     before = json.dumps(default, sort_keys=True)
     config = render_config(default, PLAN)
     assert json.dumps(default, sort_keys=True) == before
-    assert config["ServerConfig"]["tokenTimeout"] == default["ServerConfig"]["tokenTimeout"]
+    assert config["ServerConfig"]["maxLinkNum"] == default["ServerConfig"]["maxLinkNum"]
     assert config["BackendConfig"]["ScheduleConfig"]["maxPrefillBatchSize"] == default["BackendConfig"]["ScheduleConfig"]["maxPrefillBatchSize"]
     assert config["BackendConfig"]["ModelDeployConfig"]["ModelConfig"][0]["backendType"] == "atb"
 
@@ -96,3 +106,51 @@ def test_written_with_mode_640_and_nothing_left_beside_it(default, tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert json.loads(path.read_text())["ServerConfig"]["port"] == 41234
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]
+
+
+def mindie_app(router_timeout_s: float | None = None, **mindie) -> BackendApp:
+    args = {"model": {"name": "qwen3-32b", "source": "/models/Qwen3-32B"},
+            "backend": {"name": "mindie", "engine": "mindie", "device": "npu", "max_model_len": 4096, "mindie": mindie}}
+    if router_timeout_s is not None:  # as config check assembles it: the drain bound follows the router's
+        args["backend"]["graceful_shutdown_timeout_s"] = router_timeout_s
+    return parse_args(BackendApp, args)
+
+
+def rendered_timeouts(default, app: BackendApp) -> tuple[int, int]:
+    plan = plan_for("qwen3-32b", Path("/models/Qwen3-32B"), app.backend, [0, 1], ports=(41234, 41235, 0, 0))
+    server = render_config(default, plan, app.backend.mindie)["ServerConfig"]
+    return server["tokenTimeout"], server["e2eTimeout"]
+
+
+def test_mindie_lets_an_answer_run_as_long_as_the_router_does(default):
+    # The shipped 600/600 would end answers at 10 minutes; the router's default bound is 3600 s.
+    assert (default["ServerConfig"]["tokenTimeout"], default["ServerConfig"]["e2eTimeout"]) == (600, 600)
+    assert rendered_timeouts(default, mindie_app()) == (3600, 3600)
+    assert rendered_timeouts(default, mindie_app(900.5)) == (901, 901)
+    # Beyond MindIE's ranges (tokenTimeout [1, 3600], e2eTimeout [1, 65535]) each stops at its bound.
+    assert rendered_timeouts(default, mindie_app(7200)) == (3600, 7200)
+    assert mindie_timeouts(100000) == (3600, 65535) and mindie_timeouts(0.2) == (1, 1)
+    overridden = mindie_app(overrides={"ServerConfig": {"tokenTimeout": 1200}})
+    assert rendered_timeouts(default, overridden) == (1200, 3600)  # overrides still win
+
+
+def test_config_check_refuses_a_router_bound_mindie_would_cut():
+    from raystack.serve_file import _backend_problems
+
+    assert _backend_problems(RouterConfig(request_timeout_s=3600), mindie_app(3600)) == []
+    [problem] = _backend_problems(RouterConfig(request_timeout_s=7200), mindie_app(7200))
+    assert problem.startswith("router.request_timeout_s (7200 s) is longer than MindIE lets a non-streamed answer "
+                              "run: its ServerConfig.tokenTimeout, at most 3600 s")
+    assert "mindie.overrides: {ServerConfig: {tokenTimeout: 3600}}" in problem
+    accepted = mindie_app(7200, overrides={"ServerConfig": {"tokenTimeout": 3600}})
+    assert _backend_problems(RouterConfig(request_timeout_s=7200), accepted) == []
+    [problem] = _backend_problems(RouterConfig(request_timeout_s=70000), mindie_app(70000))
+    assert problem.startswith("router.request_timeout_s (70000 s) is longer than MindIE lets any answer run: its "
+                              "ServerConfig.e2eTimeout is at most 65535 s")
+
+
+@pytest.mark.parametrize("key, value", [("tokenTimeout", 3601), ("tokenTimeout", 0), ("e2eTimeout", 65536),
+                                        ("e2eTimeout", 1.5)])
+def test_overrides_outside_mindies_timeout_ranges_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"mindie.overrides.ServerConfig.{key} must be whole seconds in "):
+        mindie_app(overrides={"ServerConfig": {key: value}})

@@ -35,13 +35,15 @@ def test_the_shipped_qwen3_config_as_a_910b_cluster_would_run_it(tmp_path, monke
     backends = plan(ROOT / "deploy_configs/qwen3.yaml")["backends"]
     vllm, mindie = backends["qwen3-32b@vllm"], backends["qwen3-32b@mindie"]
     assert vllm["engine_args"]["tensor_parallel_size"] == 2 and vllm["engine_args"]["distributed_executor_backend"] == "ray"
-    assert [b["NPU"] for b in vllm["placement"]["bundles"]] == [1, 1]
+    assert [b["NPU"] for b in vllm["placement"]["bundles"]] == [1, 1] and vllm["placement"]["strategy"] == "STRICT_PACK"
     # Qwen3-32B at TP 2 with a 32k context needs more than a 910B4's 32 GB per NPU: 64 GB parts only.
     assert vllm["placement"]["label_selector"] == {"raystack.io/npu-family": "Ascend910B",
                                                    "raystack.io/npu-hbm-gib": "in(48,64,96,128,144,192,256)"}
     assert vllm["placement"]["hbm_need_from"] == "config.json in the cache" and vllm["placement"]["fits"] == "yes"
     config = mindie["config.json"]
     assert config["BackendConfig"]["ScheduleConfig"]["maxIterTimes"] == config["BackendConfig"]["ModelDeployConfig"]["maxSeqLen"] == 32768
+    # MindIE's timeouts follow the router's request_timeout_s (3600), not the shipped 600 s
+    assert (config["ServerConfig"]["tokenTimeout"], config["ServerConfig"]["e2eTimeout"]) == (3600, 3600)
     assert mindie["set_env_scripts"][0].endswith("ascend-toolkit/set_env.sh") and mindie["env"]["MINDIE_LLM_FRAMEWORK_BACKEND"] == "ATB"
 
 

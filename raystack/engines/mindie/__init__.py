@@ -19,7 +19,7 @@ from raystack.engines.mindie.settings import ADAPTER_NAME_RULE, MINDIE_NODE_CPUS
 from raystack.protocol import tool_choice_of
 
 if TYPE_CHECKING:
-    from raystack.config import Backend
+    from raystack.config import Backend, RouterConfig
 
 
 def _validate(backend: Backend) -> None:
@@ -36,6 +36,45 @@ def _validate(backend: Backend) -> None:
     if prefill and not max_input and backend.max_model_len and prefill < backend.max_model_len:
         raise ValueError(f"mindie.max_prefill_tokens ({prefill}) is below max_input_token_len (max_model_len, "
                          f"{backend.max_model_len}); MindIE refuses that: raise it or set max_input_token_len")
+    _timeouts_in_range(backend)
+
+
+# ServerConfig keys MindIE checks in range at start (MindIE-LLM@8b4871a server_config.cpp CheckParam), in seconds.
+TIMEOUT_RANGES = {"tokenTimeout": (1, 3600), "e2eTimeout": (1, 65535)}
+
+
+def _timeouts_in_range(backend: Backend) -> None:
+    server = backend.mindie.overrides.get("ServerConfig") or {}
+    for key, (least, most) in TIMEOUT_RANGES.items():
+        value = server.get(key, least)
+        if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+            raise ValueError(f"mindie.overrides.ServerConfig.{key} must be whole seconds in [{least}, {most}] "
+                             f"(MindIE refuses to start otherwise); got {value!r}")
+
+
+def _router_problems(backend: Backend, router: RouterConfig) -> list[str]:
+    """A router bound MindIE cannot honour: it ends a request at the earliest of tokenTimeout (at most 3600 s,
+    counted from the request's start for a non-streamed answer) and e2eTimeout (at most 65535 s)
+    (single_llm_pnd_req_handler.cpp GetTimeoutPoint), with an error. Refused rather than warned: the router
+    promises answers up to request_timeout_s. A backend whose overrides set the key has chosen MindIE's bound."""
+    from raystack.engines.mindie.config import MAX_E2E_TIMEOUT_S, MAX_TOKEN_TIMEOUT_S
+
+    bound = router.request_timeout_s
+    chosen = backend.mindie.overrides.get("ServerConfig") or {}
+    if bound > MAX_E2E_TIMEOUT_S and "e2eTimeout" not in chosen:
+        return [f"router.request_timeout_s ({bound:g} s) is longer than MindIE lets any answer run: its "
+                f"ServerConfig.e2eTimeout is at most {MAX_E2E_TIMEOUT_S} s (and tokenTimeout, which bounds a "
+                f"non-streamed answer, at most {MAX_TOKEN_TIMEOUT_S} s), after which it ends the answer with an "
+                f"error. Lower router.request_timeout_s to {MAX_TOKEN_TIMEOUT_S} (any answer) or {MAX_E2E_TIMEOUT_S} "
+                f"(streamed answers), or accept MindIE's bounds with mindie.overrides: {{ServerConfig: "
+                f"{{tokenTimeout: {MAX_TOKEN_TIMEOUT_S}, e2eTimeout: {MAX_E2E_TIMEOUT_S}}}}}"]
+    if bound > MAX_TOKEN_TIMEOUT_S and "tokenTimeout" not in chosen:
+        return [f"router.request_timeout_s ({bound:g} s) is longer than MindIE lets a non-streamed answer run: its "
+                f"ServerConfig.tokenTimeout, at most {MAX_TOKEN_TIMEOUT_S} s, counts from the request's start when "
+                f"the answer is not streamed, and MindIE then ends it with an error. Lower router.request_timeout_s "
+                f"to {MAX_TOKEN_TIMEOUT_S}, or accept that bound for non-streamed answers (streamed ones run up to "
+                f"the router's) with mindie.overrides: {{ServerConfig: {{tokenTimeout: {MAX_TOKEN_TIMEOUT_S}}}}}"]
+    return []
 
 
 def _check_model_name(name: str) -> None:
@@ -135,6 +174,7 @@ ENGINE = EngineSpec(
     validate=_validate,
     check_model_name=_check_model_name,
     refuses=_refuses,
+    router_problems=_router_problems,
     placement=_placement,
     memory_fraction=lambda backend: backend.mindie.npu_memory_fraction,
     plan=_plan,

@@ -22,6 +22,14 @@ Keys raystack owns:
   MindIE generates per request (output = min(maxIterTimes, max_tokens, maxSeqLen - prompt): MindIE-LLM
   docs/zh/user_guide/user_manual/service_parameter_configuration.md). The shipped 512 would cut every
   answer there; like GPUStack (ascend_mindie.py sets maxIterTimes = maxSeqLen) it follows max_model_len;
+- ServerConfig `tokenTimeout` and `e2eTimeout` (seconds): MindIE ends a request at the earliest of the
+  client's timeout, tokenTimeout and e2eTimeout (MindIE-LLM@8b4871a src/server/endpoint/
+  single_llm_req_handler/single_llm_pnd_req_handler.cpp GetTimeoutPoint), and for a non-streamed answer
+  the token deadline runs from the request's start (same file, the wait loop), so tokenTimeout bounds a
+  whole non-streamed answer. The shipped 600/600 (src/server/conf/config.json) would cut answers the
+  router still allows: both follow the router's bound instead, within MindIE's ranges (server_config.cpp
+  CheckParam: tokenTimeout [1, 3600], e2eTimeout [1, 65535]; docs/zh/user_guide/user_manual/
+  service_parameter_configuration.md); see mindie_timeouts;
 - BackendConfig `multiNodesInferPort`: the master's port for the other nodes of a multi-node replica, one
   free port per replica so two replicas on a node never collide (MindIE also refuses a config whose
   inference port equals it, even on one node: config_manager_impl.cpp).
@@ -33,6 +41,7 @@ import copy
 import json
 import os
 import tempfile
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,17 @@ from raystack.engines.mindie.settings import MindIESettings
 
 CONFIG_MODE = 0o640  # MindIE refuses a config.json others may write or read
 LOOPBACK = "127.0.0.1"
+
+
+# MindIE's ranges for ServerConfig's timeouts, in seconds (MindIE-LLM@8b4871a server_config.cpp CheckParam).
+MAX_TOKEN_TIMEOUT_S = 3600
+MAX_E2E_TIMEOUT_S = 65535
+
+
+def mindie_timeouts(longest_answer_s: float) -> tuple[int, int]:
+    """(tokenTimeout, e2eTimeout) that let an answer run `longest_answer_s`, as far as MindIE's ranges allow."""
+    bound = max(1, math.ceil(longest_answer_s))
+    return min(MAX_TOKEN_TIMEOUT_S, bound), min(MAX_E2E_TIMEOUT_S, bound)
 
 
 class MindIEConfigError(ValueError):
@@ -62,6 +82,8 @@ class MindIEPlan:
     max_iter_times: int
     multi_nodes_infer_port: int
     cache_block_size: int = 128
+    token_timeout: int = 3600  # ServerConfig.tokenTimeout (mindie_timeouts); 3600: the router's default bound
+    e2e_timeout: int = 3600  # ServerConfig.e2eTimeout
     multi_node: bool = False
     ip: str = LOOPBACK  # the inference plane's: the node's IP on a multi-node replica
     master_port: int = 0  # multi-node: the master's port for the ranks' rendezvous (MASTER_PORT)
@@ -107,6 +129,7 @@ def render_config(default: dict[str, Any], plan: MindIEPlan, settings: MindIESet
         "metricsPort": plan.management_port or plan.port,
         "allowAllZeroIpListening": False, "httpsEnabled": False, "interCommTLSEnabled": False,
         "openAiSupport": "vllm",
+        "tokenTimeout": plan.token_timeout, "e2eTimeout": plan.e2e_timeout,
     })
     backend = _section(config, "BackendConfig")
     backend.update({

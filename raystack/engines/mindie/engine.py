@@ -20,7 +20,7 @@ import aiohttp
 
 from raystack.engines.base import AdapterFiles, Answer, RequestKind
 from raystack.engines.mindie import ENGINE
-from raystack.engines.mindie.config import LOOPBACK, MindIEPlan
+from raystack.engines.mindie.config import LOOPBACK, MindIEPlan, mindie_timeouts
 from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
 from raystack.protocol import SSE_DONE, error_body, name_reasoning_both_ways, sse_event
 
@@ -73,12 +73,14 @@ def plan_for(model_name: str, model_path: Path, backend: Backend, npu_ids: list[
     max_input = settings.max_input_token_len or seq_len
     multi_node = backend.parallel.pipeline > 1
     port, infer_port, master_port, management_port = ports or free_ports(4)
+    token_timeout, e2e_timeout = mindie_timeouts(backend.longest_answer_s)
     return MindIEPlan(
         model_name=model_name, weight_path=str(model_path), npu_ids=npu_ids, port=port,
         max_seq_len=seq_len, max_input_token_len=max_input, max_batch_size=settings.max_batch_size,
         max_prefill_tokens=settings.max_prefill_tokens or max(8192, max_input),
         max_iter_times=seq_len,  # answers may be as long as the context allows, as on vLLM (config.py)
         multi_nodes_infer_port=infer_port, cache_block_size=settings.cache_block_size, ip=ip,
+        token_timeout=token_timeout, e2e_timeout=e2e_timeout,
         multi_node=multi_node, master_port=master_port if multi_node else 0,
         management_port=management_port if multi_node else 0,  # config.py: why only there
         adapters=tuple((name, str(a.path), a.rank) for name, a in (adapters or {}).items()),
