@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_ASCEND_HOME = "/usr/local/Ascend"  # where Huawei's installers put CANN, NNAL, atb-models and MindIE
+from raystack.engines.base import DEFAULT_ASCEND_HOME
 # A MindIE replica on several nodes runs a MindIENode actor (one process, mostly waiting) on each further node.
 MINDIE_NODE_CPUS = 1
 # MindIE's rule for ModelConfig.modelName (MindIE-LLM src/config_manager/model_deploy_config.cpp: 1-256 of
