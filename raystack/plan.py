@@ -93,4 +93,8 @@ def _landing(backend: Any, qualifying: list[PlannedNode]) -> list[PlannedNode]:
     """The nodes one replica lands on, as far as a plan can tell: the first qualifying ones it needs."""
     if backend.device != "npu":
         return [PlannedNode("127.0.0.1", ())]
-    return qualifying[:max(1, backend.parallel.pipeline)] or [PlannedNode("10.0.0.1", tuple(range(backend.parallel.tensor)))]
+    nodes = max(1, backend.parallel.pipeline)
+    if len(qualifying) >= nodes:
+        return qualifying[:nodes]
+    # Too few qualify (the plan says so under `fits`): still show what it would run, on imagined nodes.
+    return [PlannedNode(f"10.0.0.{i + 1}", tuple(range(backend.parallel.tensor))) for i in range(nodes)]

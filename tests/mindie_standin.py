@@ -34,8 +34,21 @@ SET_ENV = {
 }
 
 
+# What MindIE 2.1.RC2's installer writes to mindie/latest/version.info (as printed by `cat` in the public
+# MindIE 2.1.RC2 image notes; MindIE-LLM's install guide, step 8, has the same layout).
+VERSION_INFO = """Ascend-mindie : MindIE 2.1.RC2.B080
+mindie-rt: 2.1.RC2.B080
+mindie-torch: 2.1.RC2.B080
+mindie-service: 2.1.RC2.B080
+mindie-llm: 2.1.RC2.B080
+mindie-sd:2.1.RC2.B080
+Platform : aarch64
+"""
+
+
 def install_mindie(root: Path) -> Path:
-    """An Ascend home (CANN, NNAL, atb-models, MindIE) under `root`; returns it (mindie.ascend_home)."""
+    """An Ascend home (CANN, NNAL, atb-models, MindIE 2.1.RC2 with its version.info) under `root`; returns it
+    (mindie.ascend_home, raystack start's --ascend-home)."""
     home = root / "Ascend"
     for script, body in SET_ENV.items():
         path = home / script
@@ -44,6 +57,7 @@ def install_mindie(root: Path) -> Path:
     install = home / "mindie" / "latest" / "mindie-service"
     (install / "bin").mkdir(parents=True)
     (install / "conf").mkdir()
+    (install.parent / "version.info").write_text(VERSION_INFO)
     shutil.copy(DEFAULT_CONFIG, install / "conf" / "config.json")
     os.chmod(install / "conf" / "config.json", 0o640)
     daemon = install / "bin" / "mindieservice_daemon"
