@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 
 from raystack.config import ConfigError
+from raystack.engines.ascend_env import DEFAULT_ASCEND_HOME
 from raystack.serve_file import load_serve_config
 
 
 def _config_check(args: argparse.Namespace) -> int:
     from raystack.app import check_api_keys, check_deployable, resolve_parallelism
     from raystack.cluster.hbm_need import hbm_needs
+    from raystack.cluster.placement import node_needs
     from raystack.models import sources
 
     failed = 0
@@ -38,8 +40,11 @@ def _config_check(args: argparse.Namespace) -> int:
                     f"{m.name} <- {'/'.join(b.name for b in m.backends)}" for m in config.models
                 )
                 print(f"{path}: OK (router {app_name!r}: {summary})")
-                for (model, backend), need in hbm.items():
-                    print(f"  {model}@{backend}: {need.gib:.1f} GiB HBM per NPU ({need.source})")
+                for m in config.models:
+                    for b in m.backends:
+                        need = hbm.get((m.name, b.name))
+                        hbm_text = f"; {need.gib:.1f} GiB HBM per NPU ({need.source})" if need else ""
+                        print(f"  {m.name}@{b.name}: needs {node_needs(b)}{hbm_text}")
         except ConfigError as err:
             print(f"{path}: {err}", file=sys.stderr)
             failed += 1
@@ -115,6 +120,7 @@ def _simulated_npus(count: int, chip_type: str | None, hbm_gib: float | None):
 def _start(args: argparse.Namespace) -> int:
     from raystack.cluster import node
     from raystack.cluster.npu import discover
+    from raystack.engines.base import Where
 
     if args.npus is not None:
         npus = _simulated_npus(args.npus, args.npu_type, args.hbm_gib)
@@ -124,6 +130,7 @@ def _start(args: argparse.Namespace) -> int:
         plan = node.plan_start(
             npus, head=args.head, address=args.address, port=args.port, ifname=args.ifname,
             extra_args=[a for a in args.ray_args if a != "--"], ray_bin=str(Path(sys.executable).with_name("ray")),
+            engines=node.detect_engines(Where(ascend_home=Path(args.ascend_home))),
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -256,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--npus", type=int, help="declare N NPUs instead of discovering them (simulation)")
     start.add_argument("--npu-type", help="chip type of the declared NPUs, e.g. Ascend910B3")
     start.add_argument("--hbm-gib", type=float, help="HBM per declared NPU in GiB")
+    start.add_argument("--ascend-home", default=DEFAULT_ASCEND_HOME,
+                       help=f"where the Ascend stack (CANN, MindIE) is installed (default {DEFAULT_ASCEND_HOME}); "
+                            f"the engines found are set as node labels")
     start.add_argument("--dry-run", action="store_true", help="print the ray start command and env, run nothing")
     start.add_argument("ray_args", nargs=argparse.REMAINDER, help="after --: passed to ray start as-is")
     start.set_defaults(func=_start)
@@ -274,10 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=_estimate)
 
+    from raystack.plan import DEFAULT_NODES
+
     planning = sub.add_parser("plan", help="what each backend's replicas will run on an NPU cluster, without NPUs")
     planning.add_argument("config", help="a Serve YAML file of raystack applications")
-    planning.add_argument("--nodes", default="2x8:Ascend910B3",
-                          help="the cluster to plan for: COUNTxNPUS[:CHIP] joined by commas (default 2x8:Ascend910B3)")
+    planning.add_argument("--nodes", default=DEFAULT_NODES,
+                          help="the cluster to plan for: COUNTxNPUS[:CHIP][+ENGINE...] joined by commas, +ENGINE the "
+                               f"engines a node runs (+vllm, +mindie; default {DEFAULT_NODES})")
     planning.add_argument("--json", action="store_true")
     planning.set_defaults(func=_plan)
 

@@ -2,9 +2,11 @@
 
 For every backend: the NPUs and nodes a replica reserves (Ray bundles, strategy, the label selector its
 NPUs must satisfy, the HBM per NPU it needs and where that figure came from: cluster/hbm_need.py), whether
-the given nodes can host it, the replica's environment, and what its engine runs (vLLM's engine arguments; MindIE's config.json, environment and, over
-several nodes, the rank table). Operators review it before `serve run`. The nodes are imagined from SPEC,
-`COUNTxNPUS[:CHIP]` joined by commas (default 2x8:Ascend910B3), as `raystack start` would register them.
+the given nodes can host it, the replica's environment, and what its engine runs (vLLM's engine arguments;
+MindIE's config.json, environment and, over several nodes, the rank table). Operators review it before `serve run`. The nodes are imagined from SPEC,
+`COUNTxNPUS[:CHIP][+ENGINE...]` joined by commas, as `raystack start` would register them: +ENGINE (+vllm,
++mindie) is an engine the node runs, at the series the README installs; a group without one runs no
+engine. The default is one node of each engine: 1x8:Ascend910B3+vllm,1x8:Ascend910B3+mindie.
 """
 
 from __future__ import annotations
@@ -15,26 +17,34 @@ from typing import Any
 
 from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL, hbm_tier, parse_chip
 from raystack.cluster.hbm_need import hbm_needs, unknown_needs
-from raystack.cluster.placement import NodeCapacity, backend_demand, fit_problem, ray_placement
+from raystack.cluster.placement import NodeCapacity, backend_demand, fit_problem, node_needs, ray_placement
 from raystack.config import ConfigError, RaystackConfig, deployment_name
-from raystack.engines.base import PlannedNode
+from raystack.engines.base import PlannedNode, node_software
 from raystack.models import sources
 from raystack.process import SERVE_FAST_PATH_ENV
 
-DEFAULT_NODES = "2x8:Ascend910B3"
-_GROUP = re.compile(r"(\d+)x(\d+)(?::(\S+))?")
+DEFAULT_NODES = "1x8:Ascend910B3+vllm,1x8:Ascend910B3+mindie"
+_GROUP = re.compile(r"(\d+)x(\d+)(?::([^+\s]+))?((?:\+[\w-]+)*)")
 
 
 def planned_nodes(spec: str) -> list[tuple[PlannedNode, NodeCapacity]]:
     """Nodes 10.0.0.1, 10.0.0.2, ... as SPEC describes them, with the labels `raystack start` gives them."""
     nodes = []
+    software = node_software()
     for group in spec.split(","):
         match = _GROUP.fullmatch(group.strip())
         chip = parse_chip(match[3] or "Ascend910B3") if match else None
         if match is None or chip is None:
-            raise ConfigError(f"--nodes {spec!r}: each group is COUNTxNPUS[:CHIP], e.g. 2x8:Ascend910B3 or 1x16:Ascend910_9392")
+            raise ConfigError(f"--nodes {spec!r}: each group is COUNTxNPUS[:CHIP][+ENGINE...], e.g. "
+                              f"2x8:Ascend910B3+vllm or 1x16:Ascend910_9392+mindie")
+        engines = [e for e in match[4].split("+") if e]
+        unknown = [e for e in engines if e not in software]
+        if unknown:
+            raise ConfigError(f"--nodes {spec!r}: {', '.join(unknown)} is not an engine a node is labelled with; "
+                              f"+ENGINE is one of {', '.join('+' + e for e in software)}")
         labels = {FAMILY_LABEL: chip.family, **({ACCELERATOR_LABEL: chip.model} if chip.model else {}),
-                  **({HBM_LABEL: str(hbm_tier(chip.hbm_gib))} if chip.hbm_gib else {})}
+                  **({HBM_LABEL: str(hbm_tier(chip.hbm_gib))} if chip.hbm_gib else {}),
+                  **{software[e].label: software[e].planned for e in engines}}
         for _ in range(int(match[1])):
             ip = f"10.0.0.{len(nodes) + 1}"
             npus = int(match[2])
@@ -63,7 +73,7 @@ def plan(config: RaystackConfig, spec: str = DEFAULT_NODES) -> dict[str, Any]:
                 "engine": backend.engine, "device": backend.device,
                 "deployment": deployment_name(model.name, backend.name),
                 "replicas": f"{backend.autoscaling.min_replicas}-{backend.autoscaling.max_replicas}",
-                "replica_cpus": backend.replica_cpus,
+                "replica_cpus": backend.replica_cpus, "needs": node_needs(backend),
             }
             if backend.device == "npu":
                 never, _ = fit_problem(name, backend_demand(backend, gib), [c for _, c in nodes])
@@ -90,4 +100,8 @@ def _landing(backend: Any, qualifying: list[PlannedNode]) -> list[PlannedNode]:
     """The nodes one replica lands on, as far as a plan can tell: the first qualifying ones it needs."""
     if backend.device != "npu":
         return [PlannedNode("127.0.0.1", ())]
-    return qualifying[:max(1, backend.parallel.pipeline)] or [PlannedNode("10.0.0.1", tuple(range(backend.parallel.tensor)))]
+    nodes = max(1, backend.parallel.pipeline)
+    if len(qualifying) >= nodes:
+        return qualifying[:nodes]
+    # Too few qualify (the plan says so under `fits`): still show what it would run, on imagined nodes.
+    return [PlannedNode(f"10.0.0.{i + 1}", tuple(range(backend.parallel.tensor))) for i in range(nodes)]

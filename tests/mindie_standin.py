@@ -54,6 +54,18 @@ SET_ENV = CANN_SET_ENV | {
 DRIVER_LIBRARY = "driver/lib64/driver/libascend_hal.so"  # the NPU driver's user-space library
 
 
+# What MindIE 2.1.RC2's installer writes to mindie/latest/version.info (as printed by `cat` in the public
+# MindIE 2.1.RC2 image notes; MindIE-LLM's install guide, step 8, has the same layout).
+VERSION_INFO = """Ascend-mindie : MindIE 2.1.RC2.B080
+mindie-rt: 2.1.RC2.B080
+mindie-torch: 2.1.RC2.B080
+mindie-service: 2.1.RC2.B080
+mindie-llm: 2.1.RC2.B080
+mindie-sd:2.1.RC2.B080
+Platform : aarch64
+"""
+
+
 def install_cann(root: Path, scripts: dict[str, str] = CANN_SET_ENV) -> Path:
     """An Ascend home with the NPU driver's library, the CANN toolkit and NNAL (ATB) and their set_env.sh
     scripts under `root`; returns it."""
@@ -75,6 +87,7 @@ def install_mindie(root: Path) -> Path:
     install = home / "mindie" / "latest" / "mindie-service"
     (install / "bin").mkdir(parents=True)
     (install / "conf").mkdir()
+    (install.parent / "version.info").write_text(VERSION_INFO)
     shutil.copy(DEFAULT_CONFIG, install / "conf" / "config.json")
     os.chmod(install / "conf" / "config.json", 0o640)
     daemon = install / "bin" / "mindieservice_daemon"

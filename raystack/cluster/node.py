@@ -5,25 +5,27 @@ known, resource `accelerator_type:<model>` and label `ray.io/accelerator-type` (
 names it from acl). raystack adds two labels that replicas are placed by (placement.py): the chip family,
 `raystack.io/npu-family` (Ascend910B for every A2 part, 910B4-1 and 910B2C included), and the HBM per NPU
 in GiB, `raystack.io/npu-hbm-gib` (rounded up to chips.HBM_TIERS_GIB, so "at least N" is a label
-selector). The environment vllm-ascend needs across nodes is exported before `ray start`, so every Ray
-worker on this node (and so every engine worker) inherits it; so does CANN's, which `raystack start` does not
-set but warns about when vllm-ascend is installed and the CANN scripts were not sourced.
+selector). Each engine this node can run gets a label of its own, `raystack.io/engine-<name>`, valued with
+the engine's version series (engines/base.py NodeSoftware: each engine says how it is found), so a
+backend's NPU replicas go only to nodes of its engine. The environment vllm-ascend needs across nodes is
+exported before `ray start`, so every Ray worker on this node (and so every engine worker) inherits it; so
+does what an engine needs from the shell (CANN's, for vLLM Ascend), which `raystack start` does not set but
+warns about when that engine is installed and it is missing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
 import socket
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL, hbm_tier
 from raystack.cluster.npu import NodeNPUs
-from raystack.engines.ascend_env import cann_environment_advice, missing_cann_environment
+from raystack.engines.ascend_env import DEFAULT_ASCEND_HOME
+from raystack.engines.base import Found, Where, node_software
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.process import NICENESS_ENV, VISIBLE_NPUS_ENV
 
@@ -78,13 +80,36 @@ def interface_ipv4(ifname: str) -> str | None:
     return None
 
 
-def cann_environment_warning(environ: Mapping[str, str]) -> list[str]:
-    """A warning when vLLM Ascend is installed here but this shell lacks CANN's environment: every Ray worker of
-    the node, so every vLLM replica, inherits the environment `ray start` runs in (engines/ascend_env.py)."""
-    if importlib.util.find_spec("vllm_ascend") is None:  # found without importing it (that loads torch)
-        return []
-    missing = missing_cann_environment(environ)
-    return [f"warning: vllm-ascend is installed, but {cann_environment_advice(missing)}"] if missing else []
+def detect_engines(where: Where | None = None) -> dict[str, Found]:
+    """Engine name -> what this node has of it, for every engine that needs particular software on a node."""
+    where = where or Where()
+    return {name: software.detect(where) for name, software in node_software().items()}
+
+
+def _engine_labels(engines: dict[str, Found], has_npus: bool, notices: list[str]) -> dict[str, str]:
+    """The label of each engine found, and a notice for each: what was found, or why an NPU node has none."""
+    software = node_software()
+    labels = {}
+    for name, found in engines.items():
+        wanted = software[name]
+        if found.series:
+            labels[wanted.label] = found.series
+            notices.append(f"{wanted.name}: {found.version} -> label {wanted.label}={found.series}")
+            problem = wanted.environment_problem(os.environ)
+            if problem:
+                notices.append(f"warning: {wanted.name} is installed, but {problem}")
+            if found.series not in wanted.series:
+                notices.append(f"{wanted.name} {found.series} is not one raystack runs on "
+                               f"({', '.join(wanted.series)}): no {name} replica will be placed on this node")
+        elif found.version:
+            notices.append(f"{wanted.name}: {found.version}, not usable: {found.note}")
+    if has_npus and not any(software[name].label in labels for name in engines):
+        looked = "; ".join(f"{software[name].name}: {found.note}" for name, found in engines.items() if found.note)
+        notices.append(f"this NPU node has no inference engine{f' ({looked})' if looked else ''}, so no NPU replica "
+                       f"of {' or '.join(s.name for s in software.values())} will be placed on it. Run raystack start "
+                       f"in an engine's image, or where one is installed (README, \"On an Ascend NPU cluster\", "
+                       f"step 1); --ascend-home says where the Ascend stack is, if not in {DEFAULT_ASCEND_HOME}.")
+    return labels
 
 
 def plan_start(
@@ -95,7 +120,9 @@ def plan_start(
     ifname: str | None = None,
     extra_args: list[str] | None = None,
     ray_bin: str = "ray",
+    engines: dict[str, Found] | None = None,
 ) -> StartPlan:
+    """The `ray start` of this node; `engines`: what detect_engines found (default: nothing)."""
     if head == bool(address):
         raise ValueError("give exactly one of --head or --address HEAD:PORT")
     # Ray runs workers at nice 15 by default; serving replicas are the workload here, not background jobs.
@@ -123,7 +150,6 @@ def plan_start(
             f"{npus.count} x {npus.chip_type or npus.family or 'NPU'} registered (devices {npus.visible_devices()}, "
             f"{npus.hbm_gib_per_npu or '?'} GiB HBM each; found via {npus.source})"
         )
-        plan.notices += cann_environment_warning(os.environ)
     else:
         # Say so: a node without NPUs still runs routers and CPU work, never an NPU engine.
         resources["NPU"] = 0
@@ -134,6 +160,7 @@ def plan_start(
     for chip, reason in npus.excluded:
         plan.notices.append(f"left out NPU {chip.npu_id} chip {chip.chip_id}: {reason}")
     plan.notices += npus.notes
+    labels.update(_engine_labels(engines or {}, bool(npus.count), plan.notices))
 
     iface = ifname or (interface_to(address.rsplit(":", 1)[0]) if address else default_route_interface())
     if iface:

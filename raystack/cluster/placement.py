@@ -2,9 +2,10 @@
 
 A replica of a `device: npu` backend is a placement group of tensor x pipeline `{NPU: 1}` bundles (the
 replica's CPUs in bundle 0): all on one node with pipeline 1, over nodes in whole tensor-parallel groups
-beyond (engines/base.py rank_per_npu); MindIE's are one bundle per node. Ray would leave a replica that
-can never fit pending forever without a word; these checks say it plainly instead, in `serve run`,
-`raystack plan` and `raystack status`.
+beyond (engines/base.py rank_per_npu); MindIE's are one bundle per node. They go to nodes whose labels
+(`raystack start`) say the chip, the HBM and the engine fit. Ray would leave a replica that can never fit
+pending forever without a word; these checks say it plainly instead, in `serve run`, `raystack plan` and
+`raystack status`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from raystack.cluster.chips import (
     tiers_at_least,
 )
 from raystack.config import Backend
-from raystack.engines.base import Placement
+from raystack.engines.base import NodeSoftware, Placement, node_software
 
 
 @dataclass
@@ -114,11 +115,17 @@ class NPUDemand:
         return "in the cluster"
 
     def kind(self) -> str:
-        """The NPUs it needs, in words: "Ascend910B NPUs with at least 48 GiB HBM each"."""
+        """The NPUs it needs, in words: "Ascend910B NPUs with MindIE and at least 48 GiB HBM each"."""
         chip = self.selector.get(FAMILY_LABEL) or self.selector.get(ACCELERATOR_LABEL) or ""
         hbm = self.selector.get(HBM_LABEL, "")
         least = hbm[3:-1].split(",")[0] if hbm.startswith("in(") else hbm
-        return f"{chip} NPUs".strip() + (f" with at least {least} GiB HBM each" if least else "")
+        engines = " and ".join(s.name for s in self.software())
+        return (f"{chip} NPUs".strip() + (f" with {engines}" if engines else "")
+                + (f"{' and' if engines else ' with'} at least {least} GiB HBM each" if least else ""))
+
+    def software(self) -> list[NodeSoftware]:
+        """The engines whose nodes the selector asks for."""
+        return [s for s in node_software().values() if s.label in self.selector]
 
     def unlabelled(self, nodes: list[NodeCapacity]) -> list[str]:
         """The labels the selector asks for that no NPU node carries (nodes not started by raystack start)."""
@@ -128,9 +135,10 @@ class NPUDemand:
 
 def label_selector(backend: Backend, min_hbm_gib: float | None = None) -> dict[str, str]:
     """The node labels (set by `raystack start`, node.py) a replica's NPUs must be on: the family or model
-    `accelerator.type` names, and an HBM size of at least `min_hbm_gib` per NPU. A need every HBM size tier
-    meets (the smallest tier, 8 GiB, or less) adds no condition: it would only turn away nodes without the
-    label, whose NPUs all have that much."""
+    `accelerator.type` names, an HBM size of at least `min_hbm_gib` per NPU, and the engine's label in a
+    series raystack runs on (engines that need nothing particular of a node run on any). A need every HBM
+    size tier meets (the smallest tier, 8 GiB, or less) adds no condition: it would only turn away nodes
+    without the label, whose NPUs all have that much."""
     selector = {}
     wanted = backend.accelerator.type
     if wanted:
@@ -139,7 +147,34 @@ def label_selector(backend: Backend, min_hbm_gib: float | None = None) -> dict[s
     if min_hbm_gib and min_hbm_gib > HBM_TIERS_GIB[0]:
         tiers = tiers_at_least(min_hbm_gib)
         selector[HBM_LABEL] = f"in({','.join(map(str, tiers))})" if tiers else f"in(over-{HBM_TIERS_GIB[-1]})"
+    software = backend.spec.node_software
+    if software:
+        selector[software.label] = software.selector()
     return selector
+
+
+def node_needs(backend: Backend) -> str:
+    """The node a backend's replicas need, in words (`raystack plan`, `config check`)."""
+    software = backend.spec.node_software
+    if backend.device != "npu":
+        return "any node (device: cpu)"
+    return software.needs() if software else "any NPU node"
+
+
+def engines_offered(labels: dict[str, str]) -> list[str]:
+    """The engines a node's labels say it runs: ["vLLM-Ascend 0.23", "MindIE 2.1"]."""
+    return [f"{s.name} {labels[s.label]}" for s in node_software().values() if s.label in labels]
+
+
+def _engine_missing(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> str | None:
+    """Why no node can ever host the replica's engine, naming the nodes seen and what each offers."""
+    for software in demand.software():
+        wanted = {software.label: demand.selector[software.label]}
+        if not any(matches(wanted, n.labels) for n in nodes):
+            seen = "; ".join(f"{n.address}: {', '.join(engines_offered(n.labels)) or 'none'}" for n in nodes)
+            return (f"backend {name} needs {software.needs()}, but no node offers it (nodes seen, with the engines "
+                    f"they offer: {seen or 'none'}). To fix: {software.install}.")
+    return None
 
 
 def ray_placement(backend: Backend, min_hbm_gib: float | None = None) -> Placement:
@@ -182,6 +217,9 @@ def fit_problem(name: str, demand: NPUDemand, nodes: list[NodeCapacity]) -> tupl
     need = demand.npus
     if not need:
         return None, None
+    missing_engine = _engine_missing(name, demand, nodes)
+    if missing_engine:
+        return missing_engine, None
     matching = [n for n in nodes if n.qualifies(demand.selector)]
     kind = demand.kind()
     have = f"the cluster has {sum(n.npu_total for n in matching):g} {kind} on {len(matching)} node(s)"

@@ -1,5 +1,5 @@
-"""`raystack status`: nodes and their NPUs (type, HBM, who holds them), Serve apps and replicas, and
-backends the cluster cannot host, as a terminal table or JSON."""
+"""`raystack status`: nodes and their NPUs (type, HBM, who holds them) and engines, Serve apps and replicas,
+and backends the cluster cannot host, as a terminal table or JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL
-from raystack.cluster.placement import NPUDemand, bundles_demand, cluster_capacity, fit_problem
+from raystack.cluster.placement import NPUDemand, bundles_demand, cluster_capacity, engines_offered, fit_problem
 
 
 def _dashboard_url() -> str:
@@ -118,6 +118,7 @@ def gather(address: str = "auto") -> dict[str, Any]:
             "hbm_gib": n.labels.get(HBM_LABEL),
             "npus": n.npu_total,
             "npus_free": n.npu_free,
+            "engines": engines_offered(n.labels),
             "held_by": [{"holder": h, "npus": c} for h, c in holders.get(n.node_id, [])],
         })
 
@@ -146,12 +147,13 @@ def gather(address: str = "auto") -> dict[str, Any]:
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = ["NODES", f"  {'address':16} {'NPU type':14} {'HBM GiB':>7} {'NPUs':>5} {'free':>5}  held by"]
+    lines = ["NODES", f"  {'address':16} {'NPU type':14} {'HBM GiB':>7} {'NPUs':>5} {'free':>5}  "
+                      f"{'engines':24} held by"]
     for n in status["nodes"]:
         held = ", ".join(f"{h['holder']} ({h['npus']:g})" for h in n["held_by"]) or "-"
         lines.append(
             f"  {n['address']:16} {n['npu_type'] or '-':14} {n['hbm_gib'] or '-':>7} "
-            f"{n['npus']:>5g} {n['npus_free']:>5g}  {held}"
+            f"{n['npus']:>5g} {n['npus_free']:>5g}  {', '.join(n['engines']) or '-':24} {held}"
         )
     lines.append("")
     lines.append("SERVE")

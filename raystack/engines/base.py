@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Mapping, Protocol
+
+from raystack.engines.ascend_env import DEFAULT_ASCEND_HOME
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -167,6 +171,60 @@ def _nothing_more(model_name: str, model_path: Path, backend: Backend, nodes: li
 
 
 @dataclass(frozen=True)
+class Where:
+    """Where `raystack start` looks for the engines of its node: the Ascend home (CANN, MindIE), the Python
+    path (None: this Python's sys.path) and the environment."""
+
+    ascend_home: Path = Path(DEFAULT_ASCEND_HOME)
+    python_path: tuple[str, ...] | None = None
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+@dataclass(frozen=True)
+class Found:
+    """What `raystack start` found of an engine on its node. `version`: in full, as it is printed (None: not
+    installed here); `series`: "major.minor", the value of the engine's node label (None: no label, `note`
+    says why); `note`: where it looked, or what is wrong with what it found."""
+
+    version: str | None = None
+    series: str | None = None
+    note: str = ""
+
+
+def version_series(version: str) -> str | None:
+    """"0.23.0+empty" -> "0.23", "2.1.RC2.B080" -> "2.1": the release series a node label carries (a label
+    value takes [a-zA-Z0-9_.-] only, Ray's label_utils.LABEL_REGEX, so never a local part like "+empty")."""
+    match = re.search(r"(\d+)\.(\d+)", version)
+    return f"{int(match[1])}.{int(match[2])}" if match else None
+
+
+@dataclass(frozen=True)
+class NodeSoftware:
+    """What a node must have installed to run this engine's NPU replicas, and how `raystack start` finds it.
+    `raystack start` sets `label` = the series it found; a `device: npu` replica goes only to nodes whose
+    label is one of `series`, the series raystack runs on."""
+
+    label: str  # e.g. raystack.io/engine-vllm
+    series: tuple[str, ...]
+    planned: str  # the series a node of `raystack plan --nodes ...+ENGINE` offers: what the README installs
+    name: str  # what people call it on a node: "vLLM-Ascend", "MindIE"
+    install: str  # how to get such a node, said to the user when none is there
+    detect: Callable[[Where], Found]
+    # What the shell `raystack start` runs in lacks for this engine (every Ray worker inherits it), said with
+    # the fix; None: nothing.
+    environment_problem: Callable[[Mapping[str, str]], str | None] = lambda environ: None
+
+    def selector(self) -> str:
+        """The label selector's condition: Ray's `in(a,b)`, written without spaces (Ray's C++ parser splits
+        at ',' and does not trim)."""
+        return f"in({','.join(self.series)})"
+
+    def needs(self) -> str:
+        """The node a replica needs, in words: "a vLLM-Ascend node: raystack.io/engine-vllm in 0.23,0.32"."""
+        return f"a {self.name} node: {self.label} in {','.join(self.series)}"
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     """Everything the rest of raystack knows about one engine."""
 
@@ -203,6 +261,9 @@ class EngineSpec:
     # What a replica will run, for `raystack plan` (engine arguments, config files, environment), from the
     # model's path on the nodes and the nodes a replica lands on.
     plan: Callable[[str, Path, Backend, list[PlannedNode]], dict[str, Any]] = _nothing_more
+    # What a node needs to run its `device: npu` replicas (raystack start labels such nodes); None: they run
+    # on any NPU node.
+    node_software: NodeSoftware | None = None
 
     def engine_type(self) -> type[Engine]:
         module, cls = self.engine_class.split(":")
@@ -236,6 +297,11 @@ def registry() -> dict[str, EngineSpec]:
 
 def engine_spec(name: str) -> EngineSpec:
     return registry()[name]
+
+
+def node_software() -> dict[str, NodeSoftware]:
+    """Engine name -> what a node needs to run it, for every engine that says."""
+    return {name: spec.node_software for name, spec in registry().items() if spec.node_software}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import ray
 
 from tests.integration.conftest import deployed, synthetic
 from tests.mindie_standin import install_mindie, model_weights
+from tests.npu_nodes import engines_at, npu_node_args
 from tests.serve_cluster import serve_cluster
 
 KEYS_ENV = "RAYSTACK_TEST_SECRET_KEYS"
@@ -29,8 +30,9 @@ ASK = [{"role": "user", "content": "hello"}]
 def app(tmp_path_factory):
     os.environ[KEYS_ENV] = GOOD  # before Ray starts: its raylet and every worker inherit it
     try:
-        with serve_cluster(resources={"NPU": 1}) as running:
-            root = tmp_path_factory.mktemp("mindie")
+        root = tmp_path_factory.mktemp("mindie")
+        node = npu_node_args("910B3", 1, 65536, engines=engines_at(ascend_home=install_mindie(root / "image")))
+        with serve_cluster(resources=node["resources"], labels=node["labels"]) as running:
             mindie = {"name": "mindie", "engine": "mindie", "max_model_len": 1024, "resources": {"cpus": 0.1},
                       "mindie": {"ascend_home": str(install_mindie(root)), "startup_timeout_s": 60},
                       "env": {"STANDIN_LOAD_S": "0"}}

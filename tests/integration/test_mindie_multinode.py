@@ -1,6 +1,6 @@
 """A MindIE replica spanning two nodes, on a real multi-node Ray cluster simulated on one machine.
 
-Two nodes (127.0.0.2 and 127.0.0.3) declare 2 NPUs each; a stand-in hccn_tool on PATH answers their NIC
+Two nodes (127.0.0.2 and 127.0.0.3), each 2 NPUs with MindIE as `raystack start` registers them; a stand-in hccn_tool on PATH answers their NIC
 addresses. One replica with tensor 2 x pipeline 2 must run one daemon per node from one rank table built
 from Ray's placement, the master on the replica's node taking the requests, and leave nothing behind.
 """
@@ -16,7 +16,7 @@ import pytest
 
 from tests.serve_cluster import serve_cluster
 from tests.integration.conftest import deployed
-from tests.integration.test_mindie_serve import assert_nothing_left, ask, mindie_model
+from tests.integration.test_mindie_serve import assert_nothing_left, ask, mindie_model, mindie_node
 from tests.mindie_standin import install_hccn_tool, install_mindie, model_weights, starts
 
 NODE_IPS = ["127.0.0.2", "127.0.0.3"]
@@ -31,8 +31,9 @@ def server(tmp_path_factory):
     proxies = {k: "http://proxy.invalid:3128" for k in ("http_proxy", "https_proxy")}
     try:
         # No CPU on the head: the router runs on a node with the proxy too, and must reach the replicas past it.
-        with serve_cluster([{"num_cpus": 2, "resources": {"NPU": 2}, "node_ip_address": ip, "env_vars": proxies}
-                            for ip in NODE_IPS], head={"num_cpus": 0}) as running:
+        nodes = [mindie_node(tmp_path_factory.mktemp("mindie-image"), 2) for _ in NODE_IPS]
+        with serve_cluster([{**node, "node_ip_address": ip, "env_vars": {**node["env_vars"], **proxies}}
+                            for node, ip in zip(nodes, NODE_IPS)], head={"num_cpus": 0}) as running:
             yield running.url
     finally:
         os.environ["PATH"] = path

@@ -1,4 +1,5 @@
-"""engine: mindie behind the router, on a real Ray with 4 NPUs declared, with the stand-in daemon.
+"""engine: mindie behind the router, on a real Ray node of 4 NPUs registered as `raystack start` registers a
+node with MindIE (the stand-in daemon).
 
 What a user of a MindIE backend notices: OpenAI requests answered through the router, MindIE's errors
 in OpenAI's shape, a daemon that crashes mid-stream ending that stream with an error event and being
@@ -21,13 +22,21 @@ import ray
 from raystack.config import backend_app_name
 from tests.integration.conftest import deployed, synthetic
 from tests.mindie_standin import install_mindie, model_weights, pids_started, port_free, starts
+from tests.npu_nodes import engines_at, npu_node_args
 from tests.processes import alive
 from tests.serve_cluster import replica_actors, serve_cluster
 
 
+def mindie_node(root: Path, npus: int) -> dict:
+    """A node of `npus` Ascend910B3 chips as `raystack start` registers it where MindIE is installed (the
+    stand-in under `root`): its resources and labels, engine-mindie included."""
+    return npu_node_args("910B3", npus, 65536, engines=engines_at(ascend_home=install_mindie(root)))
+
+
 @pytest.fixture(scope="module")
-def server():
-    with serve_cluster(resources={"NPU": 4}) as running:
+def server(tmp_path_factory):
+    node = mindie_node(tmp_path_factory.mktemp("mindie-image"), 4)
+    with serve_cluster(resources=node["resources"], labels=node["labels"]) as running:
         yield running.url
 
 

@@ -4,7 +4,8 @@ RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1, so Ray leaves ASCEND_RT_VISI
 whole list in every worker).
 
 Node A has 5 Ascend910B3 chips (64 GB) of which chip 2 reports Critical, so it registers 4 NPUs with
-device ids 0,1,3,4; node B has 4 Ascend910B4 chips (32 GB); the head is CPU-only. Backends are deployed
+device ids 0,1,3,4; node B has 4 Ascend910B4 chips (32 GB); both run vLLM-Ascend (no MindIE); the head is
+CPU-only. Backends are deployed
 with Ray Serve using exactly the options build_backend gives them. One-NPU replicas are real LLMServers (the
 toy engine reports what its process sees); a multi-NPU replica stands in for vLLM's Ray executor (which
 the CPU platform refuses to run), doing with its placement group what vLLM 0.23's RayExecutorV2 does.
@@ -23,43 +24,25 @@ from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raystack.app import delete_stack, deployment_options, run_stack
-from raystack.cluster.chips import ACCELERATOR_LABEL, parse_chip
-from raystack.cluster.node import plan_start
-from raystack.cluster.npu import NodeNPUs
-from raystack.cluster.npu_smi import NPUChip
+from raystack.cluster.chips import ACCELERATOR_LABEL
 from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem
 from raystack.config import Backend, ConfigError, backend_app_name
 from tests import FIXTURES
+from tests.npu_nodes import engines_at, npu_node_args, vllm_ascend_site
 from tests.serve_cluster import free_port, serve_cluster
 
 
 NODE_A_DEVICES = ["0", "1", "3", "4"]
 
 
-def npu_node_args(name: str, count: int, hbm_mb: int, critical: tuple[int, ...] = ()) -> dict:
-    """What `raystack start` gives a node of `count` chips named `name` (npu-smi's table name): the
-    resources, labels and environment of its plan, as Ray's Cluster.add_node takes them."""
-    chips = [NPUChip(i, 0, i, name, "Critical" if i in critical else "OK", hbm_mb) for i in range(count)]
-    healthy = [c for c in chips if c.health == "OK"]
-    chip = parse_chip(name)
-    npus = NodeNPUs(healthy, [(c, "health Critical") for c in chips if c not in healthy], chip.model,
-                    hbm_mb / 1024, "test", [], chip.family)
-    plan = plan_start(npus, head=True, ifname="lo")
-    [resources] = [a for a in plan.command if a.startswith("--resources=")]
-    [labels] = [a for a in plan.command if a.startswith("--labels=")]
-    return {
-        "num_cpus": 2,
-        "resources": json.loads(resources.split("=", 1)[1]),
-        "labels": dict(kv.split("=", 1) for kv in labels.split("=", 1)[1].split(",")),
-        "env_vars": plan.env,  # the raylet's, so every worker of the node inherits it, as after raystack start
-    }
-
-
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     # CPU-only head, with a dashboard of its own (8265 may belong to another Ray instance on this machine)
     head = {"num_cpus": 2, "include_dashboard": True, "dashboard_port": free_port()}
-    nodes = [npu_node_args("910B3", 5, 65536, critical=(2,)), npu_node_args("910B4", 4, 32768)]
+    # Both NPU nodes run vLLM on NPUs: raystack start found vllm-ascend in their Python (its metadata).
+    vllm = engines_at(vllm_ascend_site(tmp_path_factory.mktemp("vllm-ascend-image")))
+    nodes = [npu_node_args("910B3", 5, 65536, critical=(2,), engines=vllm), npu_node_args("910B4", 4, 32768, engines=vllm)]
+    assert nodes[0]["labels"]["raystack.io/engine-vllm"] == "0.23"
     assert nodes[0]["env_vars"]["RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"] == "1"
     assert nodes[0]["env_vars"]["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(NODE_A_DEVICES)
     with serve_cluster(nodes, head=head) as running:
@@ -201,15 +184,16 @@ def test_replicas_land_only_where_the_chip_and_its_hbm_qualify(cluster):
 def test_capacity_messages_are_plain(cluster):
     nodes = cluster_capacity()
     never, _ = fit_problem("qwen3@vllm", backend_demand(npu_backend(4, 4)), nodes)
-    assert never.startswith("backend qwen3@vllm needs 16 Ascend910B NPUs per replica as 4 tensor-parallel groups "
-                            "of 4, each group on one node (tensor 4 x pipeline 4)")
-    assert "the cluster has 8 Ascend910B NPUs on 2 node(s)" in never
+    assert never.startswith("backend qwen3@vllm needs 16 Ascend910B NPUs with vLLM-Ascend per replica as 4 "
+                            "tensor-parallel groups of 4, each group on one node (tensor 4 x pipeline 4)")
+    assert "the cluster has 8 Ascend910B NPUs with vLLM-Ascend on 2 node(s)" in never
     never, _ = fit_problem("qwen3@vllm", backend_demand(npu_backend(8)), nodes)
     assert "on one node (tensor 8 x pipeline 1)" in never and "largest node: 4" in never
     never, _ = fit_problem("x@vllm", backend_demand(Backend(name="vllm", device="npu", accelerator={"type": "Ascend310P"})), nodes)
-    assert "the cluster has 0 Ascend310P NPUs on 0 node(s)" in never
+    assert "the cluster has 0 Ascend310P NPUs with vLLM-Ascend on 0 node(s)" in never
     never, _ = fit_problem("q@vllm", backend_demand(npu_backend(1, chip="Ascend910B4"), min_hbm_gib=44.5), nodes)
-    assert never.startswith("backend q@vllm needs 1 Ascend910B4 NPUs with at least 48 GiB HBM each per replica")
+    assert never.startswith("backend q@vllm needs 1 Ascend910B4 NPUs with vLLM-Ascend and at least 48 GiB HBM each "
+                            "per replica")
     assert fit_problem("qwen3@vllm", backend_demand(npu_backend(4, 2)), nodes) == (None, None)
 
 
@@ -293,8 +277,9 @@ def test_serve_run_refuses_a_model_no_nodes_npus_can_hold(cluster, tmp_path):
     (tmp_path / "config.json").write_text((FIXTURES / "model_configs" / "qwen3-14b.json").read_text())
     args = {"models": [{"name": "qwen3-14b", "source": str(tmp_path), "backends": [
         {"name": "vllm", "device": "npu", "accelerator": {"type": "Ascend910B4"}, "max_model_len": 32768}]}]}
-    with pytest.raises(ConfigError, match=r"needs 1 Ascend910B4 NPUs with at least 48 GiB HBM each per replica "
-                                          r".*but the cluster has 0 Ascend910B4 NPUs with at least 48 GiB"):
+    with pytest.raises(ConfigError, match=r"needs 1 Ascend910B4 NPUs with vLLM-Ascend and at least 48 GiB HBM each "
+                                          r"per replica .*but the cluster has 0 Ascend910B4 NPUs with vLLM-Ascend and "
+                                          r"at least 48 GiB"):
         run_stack(args, name="never")
 
 
@@ -305,6 +290,21 @@ def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_pat
          "parallelism": {"tensor": 16}}]}]}
     with pytest.raises(ConfigError, match=r"cannot deploy this config:\n  backend qwen3@vllm needs 16 Ascend910B NPUs"):
         run_stack(args, name="never")
+
+
+def test_serve_run_refuses_an_engine_no_node_offers_and_names_each_nodes_engines(cluster, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    args = {"models": [{"name": "qwen3", "source": str(tmp_path), "backends": [
+        {"name": "mindie", "engine": "mindie", "accelerator": {"type": "Ascend910B"}}]}]}
+    with pytest.raises(ConfigError) as refused:
+        run_stack(args, name="never")
+    message = str(refused.value)
+    assert message.startswith("raystack cannot deploy this config:\n  backend qwen3@mindie needs a MindIE node: "
+                              "raystack.io/engine-mindie in 2.0,2.1,2.2,2.3,3.0, but no node offers it (nodes seen, "
+                              "with the engines they offer: ")
+    seen = message.split("they offer: ", 1)[1].split(")", 1)[0].split("; ")
+    assert sorted(node.split(": ", 1)[1] for node in seen) == ["none", "vLLM-Ascend 0.23", "vLLM-Ascend 0.23"]
+    assert "To fix: start a node with `raystack start` in MindIE's image" in message
 
 
 def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_path):
@@ -329,8 +329,8 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_pa
             break
         time.sleep(2)
     npu_nodes = [n for n in result["nodes"] if n["npus"]]
-    assert sorted((n["npu_type"], n["hbm_gib"], n["npus_free"]) for n in npu_nodes) == [
-        ("Ascend910B3", "64", 0), ("Ascend910B4", "32", 0)]
+    assert sorted((n["npu_type"], n["hbm_gib"], n["npus_free"], n["engines"]) for n in npu_nodes) == [
+        ("Ascend910B3", "64", 0, ["vLLM-Ascend 0.23"]), ("Ascend910B4", "32", 0, ["vLLM-Ascend 0.23"])]
     assert all(sum(h["npus"] for h in n["held_by"]) == 4 for n in npu_nodes)
     assert [n for n in result["nodes"] if not n["npus"]]  # the CPU-only node is listed too
     [problem] = result["problems"]
@@ -338,7 +338,7 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_pa
     assert problem.endswith("needs 4 Ascend910B NPUs per replica on one node; only 0 are free that way now, "
                             "so a new replica waits until other replicas release theirs")
     text = status.render(result)
-    assert "CANNOT PLACE" in text and "Ascend910B3" in text
+    assert "CANNOT PLACE" in text and "Ascend910B3" in text and "vLLM-Ascend 0.23" in text
     assert {a["name"] for a in result["applications"]} >= {"big", "waiting"}
     delete_stack("waiting")
     serve.delete("big")

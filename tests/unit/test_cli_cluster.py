@@ -13,6 +13,7 @@ import yaml
 from raystack.engines.ascend_env import cann_scripts
 from raystack.engines.mindie.environment import sourced_environment
 from tests.mindie_standin import install_cann
+from tests.npu_nodes import vllm_ascend_site
 from tests.npu_smi_standin import StandIn, fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,19 +105,21 @@ def test_parallelism_auto_is_resolved_by_the_estimate(tmp_path, capsys):
 def test_start_warns_when_vllm_ascend_is_installed_but_cann_environment_is_not_sourced(tmp_path):
     """vLLM Ascend's replicas inherit the environment `raystack start` runs in: it says so before they fail."""
     StandIn(tmp_path / "bin", {"info": fixture("info_910b3_8card.txt"), "info -m": fixture("info_m_910b_8card.docsample.txt")})
-    plugin = tmp_path / "site" / "vllm_ascend"  # vllm-ascend as Python finds it installed (never imported)
-    plugin.mkdir(parents=True)
+    site = vllm_ascend_site(tmp_path / "site")  # vllm-ascend as Python finds it installed (its metadata)
+    plugin = site / "vllm_ascend"
+    plugin.mkdir()
     (plugin / "__init__.py").write_text("raise SystemExit('raystack start must not import vllm_ascend')\n")
     home = install_cann(tmp_path)
     cann = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH", "ASCEND_OPP_PATH", "ATB_HOME_PATH", "LD_LIBRARY_PATH")
     plain = {k: v for k, v in os.environ.items() if k not in cann}
-    plain["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path / "site")])
+    plain["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(site)])
     out = raystack("start", "--head", "--ifname", "lo", "--dry-run", path_dir=tmp_path / "bin", env=plain)
     assert out.returncode == 0, out.stderr
-    assert "raystack: warning: vllm-ascend is installed, but the environment raystack runs in on this node lacks " \
+    assert "raystack: warning: vLLM-Ascend is installed, but the environment raystack runs in on this node lacks " \
            "CANN's" in out.stdout
     assert "ATB_HOME_PATH is not set" in out.stdout and "before `raystack start` on this node" in out.stdout
     sourced = sourced_environment([str(s) for s in cann_scripts(home)], plain)
     out = raystack("start", "--head", "--ifname", "lo", "--dry-run", path_dir=tmp_path / "bin", env=sourced)
     assert out.returncode == 0, out.stderr
-    assert "vllm-ascend" not in out.stdout and "8 x Ascend910B3 registered" in out.stdout
+    assert "warning" not in out.stdout and "8 x Ascend910B3 registered" in out.stdout
+    assert "label raystack.io/engine-vllm=" in out.stdout  # the series of the first vLLM on its path

@@ -38,7 +38,10 @@ def test_shipped_configs_pass_config_check(capsys, monkeypatch, tmp_path):
     assert main(["config", "check", *map(str, CONFIGS)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if ": OK (" in line] == list(map(str, CONFIGS))
-    assert "  qwen3-32b@vllm: 47.3 GiB HBM per NPU (config.json in the cache)" in out.splitlines()
+    assert "  qwen3-32b@vllm: needs a vLLM-Ascend node: raystack.io/engine-vllm in 0.23,0.32; 47.3 GiB HBM per NPU " \
+           "(config.json in the cache)" in out.splitlines()
+    assert "  qwen3-32b@mindie: needs a MindIE node: raystack.io/engine-mindie in 2.0,2.1,2.2,2.3,3.0; 47.3 GiB HBM " \
+           "per NPU (config.json in the cache)" in out.splitlines()
 
 
 def test_qwen3_config_is_tp2_on_910b_with_autoscaling():
@@ -209,8 +212,25 @@ def test_npu_tensor_parallel_backend_gets_one_npu_bundle_per_rank():
     bundles = options["placement_group_bundles"]
     assert len(bundles) == 4 and all(b["NPU"] == 1 for b in bundles)
     assert bundles[0]["CPU"] == 4 and all("CPU" not in b for b in bundles[1:])
-    # Ascend910B is the A2 family: every bundle on a node `raystack start` labelled so (910B1..B4-1 alike)
-    assert options["placement_group_bundle_label_selector"] == [{"raystack.io/npu-family": "Ascend910B"}]
+    # Ascend910B is the A2 family: every bundle on a node `raystack start` labelled so (910B1..B4-1 alike),
+    # which runs vLLM on NPUs (vllm-ascend) in a series raystack knows
+    selector = {"raystack.io/npu-family": "Ascend910B", "raystack.io/engine-vllm": "in(0.23,0.32)"}
+    assert options["placement_group_bundle_label_selector"] == [selector]
+    assert options["ray_actor_options"]["label_selector"] == selector
+
+
+def test_each_npu_engine_selects_its_own_nodes_and_cpu_or_engine_free_backends_select_none():
+    from ray._private.label_utils import validate_label_selector
+
+    mindie = deployment_options(Backend(name="m", engine="mindie", parallelism={"tensor": 2}))
+    selector = mindie["ray_actor_options"]["label_selector"]
+    assert selector == {"raystack.io/engine-mindie": "in(2.0,2.1,2.2,2.3,3.0)"}
+    assert validate_label_selector(selector) is None  # what Ray itself checks before it schedules
+    # The embedded CPU default runs on the node `serve run` starts by itself, which has no label.
+    cpu = deployment_options(parse_config(local_args()).models[0].backends[0])
+    assert "label_selector" not in cpu["ray_actor_options"]
+    plugin = Backend(name="t", engine="toy", device="npu", parallelism={"tensor": 1})  # tests/toy_engine.py
+    assert "label_selector" not in deployment_options(plugin)["ray_actor_options"]
 
 
 def test_autoscaling_defaults_scale_on_load():

@@ -161,13 +161,15 @@ def test_plan_and_config_check_name_where_each_need_came_from(tmp_path, hub):
     assert planned["sized@vllm"]["placement"]["hbm_need_from"].startswith("checkpoint size on the hub: ")
     assert planned["given@vllm"]["placement"]["hbm_need_from"] == "hbm_gib in the config"
     assert planned["given@vllm"]["placement"]["hbm_per_npu_gib"] == 30
-    assert planned["given@vllm"]["placement"]["label_selector"] == {"raystack.io/npu-hbm-gib": "in(32,48,64,96,128,144,192,256)"}
+    assert planned["given@vllm"]["placement"]["label_selector"] == {"raystack.io/npu-hbm-gib": "in(32,48,64,96,128,144,192,256)",
+                                                                  "raystack.io/engine-vllm": "in(0.23,0.32)"}
     checked = raystack("config", "check", str(config), cache=cache)
     assert checked.returncode == 0, checked.stderr
     lines = checked.stdout.splitlines()
     assert any(line.startswith("  fetched@vllm: ") and line.endswith("(config.json in the cache)") for line in lines)
     assert any(line.startswith("  sized@vllm: ") and "(checkpoint size on the hub: " in line for line in lines)
-    assert "  given@vllm: 30.0 GiB HBM per NPU (hbm_gib in the config)" in lines
+    assert "  given@vllm: needs a vLLM-Ascend node: raystack.io/engine-vllm in 0.23,0.32; 30.0 GiB HBM per NPU " \
+           "(hbm_gib in the config)" in lines
 
 
 def test_config_check_refuses_offline_as_serve_run_would(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 from raystack.cluster.placement import NodeCapacity, backend_demand, fit_problem, ray_placement
 from raystack.cluster.rank_layout import ranks_in_vllm_order, split_problem
 from raystack.config import Backend, ConfigError, parse_args, BackendApp
+from raystack.engines.base import node_software
 
 
 def npu(tensor: int, pipeline: int = 1, engine: str = "vllm") -> Backend:
@@ -15,8 +16,9 @@ def npu(tensor: int, pipeline: int = 1, engine: str = "vllm") -> Backend:
 
 
 def nodes(*free: tuple[float, float]) -> list[NodeCapacity]:
-    """One node per (total NPUs, free NPUs)."""
-    return [NodeCapacity(f"n{i}", f"10.0.0.{i + 1}", total, left) for i, (total, left) in enumerate(free)]
+    """One node per (total NPUs, free NPUs), each offering every engine (as `raystack plan --nodes` labels them)."""
+    engines = {software.label: software.planned for software in node_software().values()}
+    return [NodeCapacity(f"n{i}", f"10.0.0.{i + 1}", total, left, dict(engines)) for i, (total, left) in enumerate(free)]
 
 
 def test_a_group_that_fits_a_node_is_strictly_packed_and_only_pipeline_spans_nodes():
@@ -33,7 +35,7 @@ def test_mindie_keeps_one_bundle_per_node():
     assert placement.strategy == "STRICT_SPREAD" and [b["NPU"] for b in placement.bundles] == [4, 4]
     assert placement.tensor_group == 0  # nothing to check: a node's daemon holds its NPUs whole
     demand = backend_demand(npu(4, 2, engine="mindie"))
-    assert fit_problem("m", demand, nodes((8, 8)))[0].startswith("backend m needs 8 NPUs per replica as 4 on each of 2 nodes")
+    assert fit_problem("m", demand, nodes((8, 8)))[0].startswith("backend m needs 8 NPUs with MindIE per replica as 4 on each of 2 nodes")
     assert fit_problem("m", demand, nodes((4, 4), (4, 4))) == (None, None)
 
 
@@ -47,10 +49,10 @@ def test_the_retired_placement_field_says_what_decides_now():
 def test_a_group_that_fits_a_node_needs_one_node_with_that_many_npus():
     demand = backend_demand(npu(4))
     never, _ = fit_problem("q@vllm", demand, nodes((2, 2), (2, 2), (2, 2)))
-    assert never.startswith("backend q@vllm needs 4 NPUs per replica on one node (tensor 4 x pipeline 1), but the "
-                            "cluster has 6 NPUs on 3 node(s) (largest node: 2)")
+    assert never.startswith("backend q@vllm needs 4 NPUs with vLLM-Ascend per replica on one node (tensor 4 x pipeline 1), but the "
+                            "cluster has 6 NPUs with vLLM-Ascend on 3 node(s) (largest node: 2)")
     _, not_now = fit_problem("q@vllm", demand, nodes((4, 3), (4, 3)))  # 6 free, but on no single node
-    assert not_now.startswith("backend q@vllm needs 4 NPUs per replica on one node; only 0 are free that way now")
+    assert not_now.startswith("backend q@vllm needs 4 NPUs with vLLM-Ascend per replica on one node; only 0 are free that way now")
     assert fit_problem("q@vllm", demand, nodes((4, 3), (8, 4))) == (None, None)
 
 
@@ -59,10 +61,10 @@ def test_a_multi_node_group_needs_nodes_that_hold_whole_tensor_groups():
     never, _ = fit_problem("q@vllm", demand, nodes((6, 6), (6, 6)))  # one group of 4 on each
     assert never is None
     never, _ = fit_problem("q@vllm", demand, nodes((6, 6), (3, 3)))  # 9 NPUs, room for one group
-    assert never.startswith("backend q@vllm needs 8 NPUs per replica as 2 tensor-parallel groups of 4, each group "
-                            "on one node (tensor 4 x pipeline 2), but the cluster has 9 NPUs on 2 node(s)")
+    assert never.startswith("backend q@vllm needs 8 NPUs with vLLM-Ascend per replica as 2 tensor-parallel groups of 4, each group "
+                            "on one node (tensor 4 x pipeline 2), but the cluster has 9 NPUs with vLLM-Ascend on 2 node(s)")
     _, not_now = fit_problem("q@vllm", demand, nodes((8, 3), (8, 5)))  # 8 free, but 3 + 5: one whole group
-    assert not_now.startswith("backend q@vllm needs 8 NPUs per replica as 2 tensor-parallel groups of 4, each "
+    assert not_now.startswith("backend q@vllm needs 8 NPUs with vLLM-Ascend per replica as 2 tensor-parallel groups of 4, each "
                               "group on one node; only 4 are free that way now")
     assert fit_problem("q@vllm", demand, nodes((8, 8))) == (None, None)  # both groups on one node is fine
 

@@ -7,6 +7,7 @@ replica, proxied over loopback HTTP.
     config.py     MindIE's config.json for one replica
     ranktable.py  the rank table of a replica over several nodes
     node.py       MindIENode: the actor that runs a multi-node replica's daemon on each further node
+    installed.py  whether this node runs MindIE, and which (raystack start's node label)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raystack.engines.base import EngineSpec, Placement, PlannedNode, Refusal, RequestKind
+from raystack.engines.base import EngineSpec, Found, NodeSoftware, Placement, PlannedNode, Refusal, RequestKind, Where
 from raystack.engines.mindie.settings import ADAPTER_NAME_RULE, MINDIE_NODE_CPUS, MODEL_NAME_RULE, MindIESettings
 from raystack.protocol import tool_choice_of
 
@@ -164,6 +165,24 @@ def _refuses(kind: RequestKind, body: dict[str, Any], backend: Backend) -> Refus
     return None
 
 
+def _detect(where: Where) -> Found:
+    from raystack.engines.mindie.installed import detect
+
+    return detect(where)
+
+
+# The MindIE series whose config.json layout (ServerConfig, BackendConfig.ModelDeployConfig.ModelConfig,
+# ScheduleConfig) config.py writes: MindIE 2.0 to 2.3 and the open-source 3.0.
+NODE_SOFTWARE = NodeSoftware(
+    label="raystack.io/engine-mindie",
+    series=("2.0", "2.1", "2.2", "2.3", "3.0"),
+    planned="2.3",
+    name="MindIE",
+    install="start a node with `raystack start` in MindIE's image, or where MindIE is installed under the "
+            "Ascend home (--ascend-home, default /usr/local/Ascend; README, \"On an Ascend NPU cluster\")",
+    detect=_detect,
+)
+
 ENGINE = EngineSpec(
     name="mindie",
     engine_class="raystack.engines.mindie.engine:MindIEEngine",
@@ -178,4 +197,5 @@ ENGINE = EngineSpec(
     placement=_placement,
     memory_fraction=lambda backend: backend.mindie.npu_memory_fraction,
     plan=_plan,
+    node_software=NODE_SOFTWARE,
 )

@@ -4,6 +4,7 @@
     args.py       the engine arguments a backend stands for, and their check
     engine.py     VLLMEngine: AsyncLLM + vLLM's OpenAI serving layer, its stats bridged to raystack's metrics
     cpu_cores.py  keep Ray's processes off the CPU engine's cores
+    installed.py  whether this node runs vLLM on its NPUs (vllm-ascend), and which (raystack start's node label)
 
 Importing this package loads no vLLM: only the spec below.
 """
@@ -11,9 +12,10 @@ Importing this package loads no vLLM: only the spec below.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
-from raystack.engines.base import EngineSpec, PlannedNode, Refusal, RequestKind
+from raystack.engines.base import EngineSpec, Found, NodeSoftware, PlannedNode, Refusal, RequestKind, Where
+from raystack.engines.vllm.compat import SUPPORTED
 from raystack.protocol import tool_choice_of
 
 if TYPE_CHECKING:
@@ -61,7 +63,6 @@ def _refuses(kind: RequestKind, body: dict[str, Any], backend: Backend) -> Refus
 
 def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[PlannedNode]) -> dict[str, Any]:
     from raystack.engines.vllm.args import build_engine_args
-    from raystack.engines.vllm.compat import SUPPORTED
 
     ranks = ("one process in the replica (uniproc executor), on the replica's NPU" if backend.parallel.world_size == 1
              else "Ray workers, one per NPU bundle; vLLM sets each worker's ASCEND_RT_VISIBLE_DEVICES to the "
@@ -70,6 +71,32 @@ def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[Plann
             "serving_args": backend.serving_args, "ranks": ranks,
             "vllm_versions": ", ".join(f"{s}.x" for s in SUPPORTED)}
 
+
+def _detect(where: Where) -> Found:
+    from raystack.engines.vllm.installed import detect
+
+    return detect(where)
+
+
+def _cann_problem(environ: Mapping[str, str]) -> str | None:
+    """vLLM Ascend runs in the replica's process and its Ray workers: CANN's environment must be in theirs."""
+    from raystack.engines.ascend_env import cann_environment_advice, missing_cann_environment
+
+    missing = missing_cann_environment(environ)
+    return cann_environment_advice(missing) if missing else None
+
+
+# NPU replicas need vllm-ascend: nodes with it carry the series of their vLLM, one compat.py knows.
+NODE_SOFTWARE = NodeSoftware(
+    label="raystack.io/engine-vllm",
+    series=tuple(SUPPORTED),
+    planned="0.23",
+    name="vLLM-Ascend",
+    install="start a node with `raystack start` in vllm-ascend's image (quay.io/ascend/vllm-ascend), or where "
+            "vllm-ascend is installed as its guide says (README, \"On an Ascend NPU cluster\")",
+    detect=_detect,
+    environment_problem=_cann_problem,
+)
 
 ENGINE = EngineSpec(
     name="vllm",
@@ -82,4 +109,5 @@ ENGINE = EngineSpec(
     refuses=_refuses,
     memory_fraction=lambda backend: float(backend.engine_args.get("gpu_memory_utilization", 0.9)),
     plan=_plan,
+    node_software=NODE_SOFTWARE,
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from importlib.metadata import PackageNotFoundError, distributions, packages_distributions, version
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +69,11 @@ def series(vllm_version: str) -> str:
     return ".".join(release[:2])
 
 
-def installed_version() -> str | None:
+def installed_version(path: list[str] | None = None) -> str | None:
     """The installed vLLM's version, read from package metadata (importing vLLM takes seconds and loads
-    torch); None if vLLM is not installed here."""
+    torch); None if vLLM is not installed here. `path`: look only there (a site directory), not sys.path."""
+    if path is not None:
+        return next((d.version for name in DISTRIBUTIONS for d in distributions(name=name, path=path)), None)
     names = packages_distributions().get("vllm") or DISTRIBUTIONS
     for name in names:
         try:
