@@ -251,7 +251,7 @@ def test_a_replica_over_nodes_refuses_a_layout_that_splits_a_tensor_group(cluste
     from ray.util.placement_group import remove_placement_group
 
     holders = [hold_npus(1, "Ascend910B3"), hold_npus(1, "Ascend910B4")]
-    (tmp_path / "config.json").write_text("{}")
+    tiny_checkpoint(tmp_path)
     args = {"models": [{"name": "split", "source": str(tmp_path), "backends": [
         {"name": "toy", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B"},
          "parallelism": {"tensor": 2, "pipeline": 2}, "graceful_shutdown_timeout_s": 5}]}]}
@@ -293,7 +293,7 @@ def test_serve_run_refuses_a_backend_the_cluster_can_never_host(cluster, tmp_pat
 
 
 def test_serve_run_refuses_an_engine_no_node_offers_and_names_each_nodes_engines(cluster, tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    tiny_checkpoint(tmp_path)
     args = {"models": [{"name": "qwen3", "source": str(tmp_path), "backends": [
         {"name": "mindie", "engine": "mindie", "accelerator": {"type": "Ascend910B"}}]}]}
     with pytest.raises(ConfigError) as refused:
