@@ -722,7 +722,8 @@ def record_start(path: str, config: dict) -> None:
     seen = {"pid": os.getpid(), "config_path": path, "mode": f"{os.stat(path).st_mode & 0o777:o}", "config": config,
             "env": {k: os.environ.get(k) for k in RECORDED_ENV}, "cwd": os.getcwd(),
             "rank_table": json.load(open(os.environ["RANK_TABLE_FILE"])) if os.environ.get("RANK_TABLE_FILE") else None}
-    with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as f:
+    # Named by start time, so that sorting the names orders the starts (by pid, 998 sorts after 1019).
+    with open(os.path.join(folder, f"{time.time_ns()}-{os.getpid()}.json"), "w") as f:
         json.dump(seen, f)
 
 
