@@ -60,7 +60,7 @@ CHECKED_APART = {"x86_64": ("torch-npu",)}
 
 
 SETS = (
-    NodeSet("head / MindIE node", (), "cluster.txt", {"ray": "==2.60.0"}),
+    NodeSet("head / MindIE node", (), "cluster.txt", {"ray": "==2.60.0", "fastapi": ">=0.133.0,<0.137"}),
     NodeSet("vLLM-Ascend node", ("vllm-ascend-image.txt",), "vllm-ascend-node.txt",
             {"ray": "==2.60.0", "torch": "==2.10.0", "torch-npu": "==2.10.0.post4", "transformers": "==5.5.4",
              "fastapi": ">=0.133.0,<0.137"}),
