@@ -8,14 +8,15 @@ NPU platform cannot run here)."""
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 from ray import serve
 
-from raystack.app import deployment_options
+from raystack.app import delete_stack, deployment_options, run_stack
 from raystack.cluster import status
 from raystack.config import Backend
-from tests.integration.conftest import deployed
 from tests.mindie_standin import install_mindie, model_weights
 from tests.npu_nodes import engines_at, npu_node_args, vllm_ascend_site
 from tests.serve_cluster import free_port, serve_cluster
@@ -60,13 +61,27 @@ def test_mindie_replicas_go_only_to_the_mindie_node_and_vllm_replicas_only_to_th
     # vLLM first: with no engine label to stop them, its 4 replicas could take NPUs of either node
     serve.run(VLLMStandIn.options(name="vllm", **deployment_options(vllm)).bind(), name="vllm", route_prefix=None)
     try:
-        with deployed(url, "mixed", [{"name": "qwen3", "source": str(model_weights(root)), "backends": [mindie]}]) as api:
-            answer = openai.OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=30).chat.completions.create(
-                model="qwen3", messages=[{"role": "user", "content": "where?"}], max_tokens=3)
-            assert len(answer.choices[0].message.content.split()) == 3
-            held = holders_by_engine()
-            assert set(held) == {"vLLM-Ascend 0.23", "MindIE 2.1"}
-            assert len(held["vLLM-Ascend 0.23"]) == 4 and all("#vllm#" in h for h in held["vLLM-Ascend 0.23"])
-            assert len(held["MindIE 2.1"]) == 2 and all("LLMServer-qwen3-mindie" in h for h in held["MindIE 2.1"])
+        # Not waited on without bound: were vLLM replicas on the MindIE node, MindIE's would never be placed.
+        run_stack({"models": [{"name": "qwen3", "source": str(model_weights(root)), "backends": [mindie]}]},
+                  name="mixed", route_prefix="/mixed", wait=False)
+        deadline = time.monotonic() + 180
+        while not running("mixed") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert running("mixed"), f"MindIE's replicas were not placed; NPUs held by engine: {holders_by_engine()}"
+        answer = openai.OpenAI(base_url=f"{url}/mixed/v1", api_key="unused", max_retries=0, timeout=30
+                               ).chat.completions.create(model="qwen3", messages=[{"role": "user", "content": "where?"}],
+                                                         max_tokens=3)
+        assert len(answer.choices[0].message.content.split()) == 3
+        held = holders_by_engine()
+        assert set(held) == {"vLLM-Ascend 0.23", "MindIE 2.1"}
+        assert len(held["vLLM-Ascend 0.23"]) == 4 and all("#vllm#" in h for h in held["vLLM-Ascend 0.23"])
+        assert len(held["MindIE 2.1"]) == 2 and all("LLMServer-qwen3-mindie" in h for h in held["MindIE 2.1"])
     finally:
+        delete_stack("mixed")
         serve.delete("vllm")
+
+
+def running(router: str) -> bool:
+    """Whether the router application `router` and every backend application naming it run."""
+    apps = {name: app for name, app in serve.status().applications.items() if name.split(".")[0] == router}
+    return len(apps) > 1 and all(app.status == "RUNNING" for app in apps.values())
