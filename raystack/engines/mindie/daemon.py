@@ -25,13 +25,12 @@ import aiohttp
 from raystack.cluster.chips import FAMILY_LABEL
 from raystack.engines.mindie.config import MindIEPlan, render_config, write_config
 from raystack.engines.mindie.environment import MindIEEnvironmentError, daemon_env, own_env
-from raystack.engines.mindie.settings import MindIESettings
+from raystack.engines.mindie.settings import DAEMON, MindIESettings
 from raystack.engines.npu_claim import NPUClaim, NPUClaimTimeout
 from raystack.engines.supervised import SupervisedProcess
 
 logger = logging.getLogger("ray.serve")
 
-DAEMON = "bin/mindieservice_daemon"
 STARTED_LINE = "Daemon start success!"  # printed by every daemon, also by multi-node slaves that open no port
 PROGRESS_EVERY_S = 30  # a readiness wait of minutes says it is still alive
 CLAIM_MARGIN_S = 30  # past a gone engine's grace period, how long its NPUs may take to be free

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from raystack.engines.base import Found, Where, version_series
 
-DAEMON = "bin/mindieservice_daemon"
 VERSION_KEYS = ("ascend-mindie", "mindie", "mindie-service", "ascend-mindie-service", "version")
 _VERSION = re.compile(r"\d+\.\d+[\w.+-]*")
 
@@ -44,7 +43,7 @@ def version_files(home: Path, install: Path) -> list[Path]:
 
 
 def detect(where: Where) -> Found:
-    from raystack.engines.mindie.settings import MindIESettings
+    from raystack.engines.mindie.settings import DAEMON, MindIESettings
 
     install = MindIESettings(ascend_home=str(where.ascend_home)).install(dict(where.environ))
     daemon = install / DAEMON

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raystack.engines.ascend_env import DEFAULT_ASCEND_HOME, NNAL_ATB_SCRIPT, toolkit_script
 
+DAEMON = "bin/mindieservice_daemon"  # under the installation (install() below)
 # A MindIE replica on several nodes runs a MindIENode actor (one process, mostly waiting) on each further node.
 MINDIE_NODE_CPUS = 1
 # MindIE's rule for ModelConfig.modelName (MindIE-LLM src/config_manager/model_deploy_config.cpp: 1-256 of
