@@ -156,7 +156,8 @@ def resolve_parallelism(models: list[Model], cache_dir: Path) -> None:
                 size = estimate_source(
                     model.source, cache_dir, npu_type=backend.accelerator.type,
                     max_model_len=backend.max_model_len, dtype=backend.engine_args.get("dtype"),
-                    gpu_memory_utilization=backend.engine_args.get("gpu_memory_utilization", 0.9),
+                    # the engine's own share of HBM (vLLM: gpu_memory_utilization, MindIE: npu_memory_fraction)
+                    gpu_memory_utilization=backend.spec.memory_fraction(backend),
                 )
             except (EstimateError, sources.ModelSourceError) as err:
                 raise ConfigError(

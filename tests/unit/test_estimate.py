@@ -327,3 +327,27 @@ def test_offline_config_fetch_names_the_model_and_the_fix(tmp_path, monkeypatch,
     kind, ref = source.split("://")
     assert not (tmp_path / "configs" / kind / ref / "config.json").exists()
     assert no_internet == []  # only the closed local port was tried
+
+
+def test_parallelism_auto_sizes_each_engine_within_its_own_memory_share(tmp_path):
+    """`parallelism: auto` sizes within the engine's own share of HBM: MindIE's npu_memory_fraction, not vLLM's
+    gpu_memory_utilization key, which a MindIE backend does not have (it was read, at its 0.9 default)."""
+    from raystack.app import resolve_parallelism
+    from raystack.config import Backend, Model
+
+    (tmp_path / "config.json").write_text((FIXTURES / "qwen3-14b.json").read_text())
+
+    def sized(backend: Backend) -> tuple[int, int]:
+        model = Model(name="qwen3-14b", source=str(tmp_path), backends=[backend])
+        resolve_parallelism([model], tmp_path)
+        return model.backends[0].parallel.tensor, model.backends[0].parallel.pipeline
+
+    def mindie(fraction: float) -> Backend:
+        return Backend(name="mindie", engine="mindie", parallelism="auto", accelerator={"type": "Ascend910B3"},
+                       max_model_len=32768, mindie={"npu_memory_fraction": fraction})
+
+    assert sized(mindie(0.9)) == (1, 1)  # ~45 GiB of a 64 GB 910B3 at 0.9
+    assert sized(mindie(0.5)) == (2, 1)  # half of each NPU: two of them
+    vllm = Backend(name="vllm", parallelism="auto", device="npu", accelerator={"type": "Ascend910B3"},
+                   max_model_len=32768, engine_args={"gpu_memory_utilization": 0.5})
+    assert sized(vllm) == (2, 1)
