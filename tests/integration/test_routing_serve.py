@@ -74,9 +74,25 @@ def ask(question: str, system: str = "Answer briefly.") -> list[dict[str, str]]:
 FAST = {"ttft_ms": 20, "tokens_per_s": 100, "output_tokens": 12}  # ~0.13 s per answer
 
 
+def router_sees(url: str, model: str, replicas: dict[str, int], timeout_s: float = 30) -> None:
+    """Wait until the router at `url` (its /v1) routes `model` over every backend of `replicas` (backend ->
+    running replicas): it finds a model's further backends at its next look at Serve's state (every 5 s),
+    and a workload sent before would meet only the first."""
+    health = url.removesuffix("/v1") + "/health/models"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = {b["name"]: b["replicas"] for m in httpx.get(health).json()["data"] if m["id"] == model
+                for b in m["backends"]}
+        if seen == replicas or time.monotonic() > deadline:
+            assert seen == replicas, f"the router sees {seen} of {model}'s replicas, not {replicas}"
+            return
+        time.sleep(0.5)
+
+
 def test_least_loaded_spreads_evenly_over_every_replica_of_every_backend(server):
     models = [{"name": "m", "backends": [synthetic("a", 2, **FAST), synthetic("b", 2, **FAST)]}]
     with deployed(server, "spread", models) as url:
+        router_sees(url, "m", {"a": 2, "b": 2})
         outcomes = asyncio.run(stream_chats(url, [("m", ask(f"question {i}")) for i in range(240)], concurrency=16))
     assert all(o.error is None and o.finish_reason == "stop" for o in outcomes)
     shares = Counter(o.served_by for o in outcomes)
@@ -107,14 +123,16 @@ def test_prefix_affinity_sends_a_shared_prefix_to_the_same_replica(server, polic
                "backends": [synthetic("a", 2, **FAST), synthetic("b", 2, **FAST)]}]
     workload = prefix_workload()
     with deployed(server, f"affinity-{policy.replace('_', '-')}", models) as url:
+        router_sees(url, "m", {"a": 2, "b": 2})  # the contrast means 4 replicas for least_loaded to scatter over
         outcomes = asyncio.run(stream_chats(url, [("m", messages) for _, messages in workload], concurrency=8))
     assert all(o.error is None for o in outcomes)
     rate = affinity_hit_rate(outcomes, workload)
     if expect_high:
         assert rate >= 0.9, rate
         assert len({o.served_by for o in outcomes}) >= 3, "affinity must not pile every prefix on one replica"
-    else:  # the contrast: without affinity the same workload scatters
-        assert rate < 0.6, rate
+    else:  # the contrast: without affinity the same workload scatters (an even spread over 4 replicas gives
+        # ~0.45; a busy machine skews least_loaded's queues, and CI once saw 0.60: still far from affinity's 0.9)
+        assert rate < 0.75, rate
 
 
 def replica_actor(app: str, unique_id: str):
