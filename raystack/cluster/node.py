@@ -95,9 +95,8 @@ def _engine_labels(engines: dict[str, Found], has_npus: bool, notices: list[str]
         if found.series:
             labels[wanted.label] = found.series
             notices.append(f"{wanted.name}: {found.version} -> label {wanted.label}={found.series}")
-            problem = wanted.environment_problem(os.environ)
-            if problem:
-                notices.append(f"warning: {wanted.name} is installed, but {problem}")
+            if found.warning:
+                notices.append(f"warning: {wanted.name} is installed, but {found.warning}")
             if found.series not in wanted.series:
                 notices.append(f"{wanted.name} {found.series} is not one raystack runs on "
                                f"({', '.join(wanted.series)}): no {name} replica will be placed on this node")

@@ -79,11 +79,17 @@ def cann_environment_advice(missing: list[str], home: str | Path = DEFAULT_ASCEN
             f"runs in): `ray stop`, source them, then `raystack start` again")
 
 
+def cann_environment_problem(environ: Mapping[str, str], home: str | Path = DEFAULT_ASCEND_HOME) -> str | None:
+    """What `environ` lacks of CANN's environment and the scripts to source (under `home`); None if nothing."""
+    missing = missing_cann_environment(environ)
+    return cann_environment_advice(missing, home) if missing else None
+
+
 def require_cann_environment(environ: Mapping[str, str] | None = None, home: str | Path = DEFAULT_ASCEND_HOME) -> None:
     """CANNEnvironmentError unless `environ` (this process's by default) has CANN's environment."""
-    missing = missing_cann_environment(os.environ if environ is None else environ)
-    if missing:
-        raise CANNEnvironmentError(cann_environment_advice(missing, home))
+    problem = cann_environment_problem(os.environ if environ is None else environ, home)
+    if problem:
+        raise CANNEnvironmentError(problem)
 
 
 def _same_dir(a: Path, b: Path) -> bool:

@@ -184,11 +184,13 @@ class Where:
 class Found:
     """What `raystack start` found of an engine on its node. `version`: in full, as it is printed (None: not
     installed here); `series`: "major.minor", the value of the engine's node label (None: no label, `note`
-    says why); `note`: where it looked, or what is wrong with what it found."""
+    says why); `note`: where it looked, or what is wrong with what it found; `warning`: what the environment
+    raystack start runs in (which every Ray worker inherits) lacks for an engine that is there, with the fix."""
 
     version: str | None = None
     series: str | None = None
     note: str = ""
+    warning: str = ""
 
 
 def version_series(version: str) -> str | None:
@@ -210,9 +212,6 @@ class NodeSoftware:
     name: str  # what people call it on a node: "vLLM-Ascend", "MindIE"
     install: str  # how to get such a node, said to the user when none is there
     detect: Callable[[Where], Found]
-    # What the shell `raystack start` runs in lacks for this engine (every Ray worker inherits it), said with
-    # the fix; None: nothing.
-    environment_problem: Callable[[Mapping[str, str]], str | None] = lambda environ: None
 
     def selector(self) -> str:
         """The label selector's condition: Ray's `in(a,b)`, written without spaces (Ray's C++ parser splits

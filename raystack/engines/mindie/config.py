@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -12,7 +12,7 @@ Importing this package loads no vLLM: only the spec below.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from raystack.engines.base import EngineSpec, Found, NodeSoftware, PlannedNode, Refusal, RequestKind, Where
 from raystack.engines.vllm.compat import SUPPORTED
@@ -78,14 +78,6 @@ def _detect(where: Where) -> Found:
     return detect(where)
 
 
-def _cann_problem(environ: Mapping[str, str]) -> str | None:
-    """vLLM Ascend runs in the replica's process and its Ray workers: CANN's environment must be in theirs."""
-    from raystack.engines.ascend_env import cann_environment_advice, missing_cann_environment
-
-    missing = missing_cann_environment(environ)
-    return cann_environment_advice(missing) if missing else None
-
-
 # NPU replicas need vllm-ascend: nodes with it carry the series of their vLLM, one compat.py knows.
 NODE_SOFTWARE = NodeSoftware(
     label="raystack.io/engine-vllm",
@@ -95,7 +87,6 @@ NODE_SOFTWARE = NodeSoftware(
     install="start a node with `raystack start` in vllm-ascend's image (quay.io/ascend/vllm-ascend), or where "
             "vllm-ascend is installed as its guide says (README, \"On an Ascend NPU cluster\")",
     detect=_detect,
-    environment_problem=_cann_problem,
 )
 
 ENGINE = EngineSpec(

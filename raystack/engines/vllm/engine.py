@@ -77,7 +77,6 @@ class VLLMEngine:
         self.model_name = model_name
         self.metrics = metrics
         self.on_cpu = backend.device == "cpu"
-        self.on_npu = backend.device == "npu"
         self.adapters = adapters or {}  # loaded into the engine when a replica first holds one (load_adapter)
         self.engine_args = build_engine_args(model_name, model_path, backend,
                                              [adapter.rank for adapter in self.adapters.values()])
@@ -92,7 +91,7 @@ class VLLMEngine:
     async def start(self) -> None:
         from starlette.datastructures import State
 
-        if self.on_npu:  # before vLLM and torch_npu load: without CANN's environment they fail deep inside
+        if not self.on_cpu:  # on NPUs, before vLLM and torch_npu load: without CANN's environment they fail deep inside
             require_cann_environment()
         vllm = self.vllm
         check_engine_args(self.engine_args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from importlib.metadata import distributions
 
+from raystack.engines.ascend_env import cann_environment_problem
 from raystack.engines.base import Found, Where, version_series
 
 PLUGIN_GROUP, PLUGIN_NAME = "vllm.platform_plugins", "ascend"
@@ -41,4 +42,6 @@ def detect(where: Where) -> Found:
     if vllm is None:
         return Found(f"vllm-ascend {plugin}", note=f"vllm-ascend {plugin} is installed but vLLM is not: install the "
                                                    f"vLLM it supports (README, \"On an Ascend NPU cluster\", step 1)")
-    return Found(f"vLLM {vllm} with vllm-ascend {plugin}", version_series(vllm))
+    # vLLM Ascend runs in the replica's process and its Ray workers: CANN's environment must be in theirs.
+    return Found(f"vLLM {vllm} with vllm-ascend {plugin}", version_series(vllm),
+                 warning=cann_environment_problem(where.environ, where.ascend_home) or "")
