@@ -24,16 +24,20 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.parser import Parser
 from pathlib import Path
 
 try:
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
 except ImportError:  # a bare Python: pip, which this check drives anyway, carries its own copy
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.specifiers import SpecifierSet
+    from pip._vendor.packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / "install"
@@ -73,10 +77,13 @@ def raystack_requirements() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
-def platforms(arch: str) -> list[str]:
-    # pip takes each manylinux tag literally (it does not widen manylinux_2_35 to older glibc): list them all.
-    return ([f"manylinux_2_{minor}_{arch}" for minor in range(GLIBC_MAX, 16, -1)]
-            + [f"manylinux2014_{arch}", f"linux_{arch}"])
+def target(arch: str) -> list[str]:
+    """pip's options for a cp312 Linux `arch` of glibc up to GLIBC_MAX, wheels only (pip's rule for a foreign
+    target). pip takes each manylinux tag literally (it does not widen manylinux_2_35 to older glibc): all listed."""
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(GLIBC_MAX, 16, -1)]
+    tags += [f"manylinux2014_{arch}", f"linux_{arch}"]
+    return ["--only-binary=:all:", "--implementation", "cp", "--python-version", PYTHON,
+            *[arg for tag in tags for arg in ("--platform", tag)]]
 
 
 def resolve(node: NodeSet, arch: str, index_url: str) -> tuple[bool, str, dict[str, str]]:
@@ -85,9 +92,7 @@ def resolve(node: NodeSet, arch: str, index_url: str) -> tuple[bool, str, dict[s
         report = Path(tmp) / "report.json"
         command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--isolated",
                    "--index-url", index_url, "--target", str(Path(tmp) / "target"), "--report", str(report),
-                   "--only-binary=:all:", "--implementation", "cp", "--python-version", PYTHON,
-                   *[arg for tag in platforms(arch) for arg in ("--platform", tag)],
-                   "-c", str(INSTALL / node.constraints), *raystack_requirements(), *node.extra]
+                   *target(arch), "-c", str(INSTALL / node.constraints), *raystack_requirements(), *node.extra]
         apart = CHECKED_APART.get(arch, ())
         for i, name in enumerate(node.requirements):
             kept = [line for line in (INSTALL / name).read_text().splitlines() if _name(line) not in apart]
@@ -99,26 +104,21 @@ def resolve(node: NodeSet, arch: str, index_url: str) -> tuple[bool, str, dict[s
         if done.returncode != 0:
             return False, words or done.stderr[-600:], {}
         installed = json.loads(report.read_text())["install"]
-        return True, "", {Requirement(i["metadata"]["name"]).name.lower().replace("_", "-"): i["metadata"]["version"]
-                          for i in installed}
+        return True, "", {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in installed}
 
 
 def _name(line: str) -> str | None:
     line = line.split("#")[0].strip()  # options (-c, -r) name no package
-    return Requirement(line).name.lower().replace("_", "-") if line and not line.startswith("-") else None
+    return canonicalize_name(Requirement(line).name) if line and not line.startswith("-") else None
 
 
 def unmet_requirements(package: str, arch: str, resolved: dict[str, str], index_url: str) -> list[str]:
     """The requirements of `package`'s wheel (as pinned in vllm-ascend-node.txt) for `arch` that the resolved
     set does not meet, comparing public versions (the image's torch is 2.10.0+cpu)."""
-    from email.parser import Parser
-    import zipfile
-
     pin = next(line for line in (INSTALL / "vllm-ascend-node.txt").read_text().splitlines() if _name(line) == package)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--isolated", "--no-deps",
-                        "--index-url", index_url, "--only-binary=:all:", "--python-version", PYTHON,
-                        *[arg for tag in platforms(arch) for arg in ("--platform", tag)], "-d", tmp, pin],
+                        "--index-url", index_url, *target(arch), "-d", tmp, pin],
                        check=True, capture_output=True, timeout=600)
         [wheel] = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as zf:
@@ -127,7 +127,7 @@ def unmet_requirements(package: str, arch: str, resolved: dict[str, str], index_
     unmet = []
     for text in requires:
         req = Requirement(text)
-        have = resolved.get(req.name.lower().replace("_", "-"))
+        have = resolved.get(canonicalize_name(req.name))
         wanted = SpecifierSet(",".join(str(s).split("+")[0] for s in req.specifier))
         if have is None or have.split("+")[0] not in wanted:
             unmet.append(f"{package} requires {text}, resolved {have or 'nothing'}")
