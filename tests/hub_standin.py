@@ -185,10 +185,10 @@ class _Handler(BaseHTTPRequestHandler):
         if (files := self.hub._files(repo_id)) is None:
             self._send(404, {"Code": 10010205001, "Message": f"model {repo_id} not exists", "Success": False})
             return
-        listing = [{"Name": name.rsplit("/", 1)[-1], "Path": name, "Size": self.hub._blob(p)["size"], "Type": "blob",
-                    "Sha256": self.hub._blob(p).get("lfs", {}).get("oid", ""), "IsLFS": "lfs" in self.hub._blob(p),
-                    "Revision": "master"}
-                   for name, p in files.items() if recursive or "/" not in name]
+        blobs = {name: self.hub._blob(p) for name, p in files.items() if recursive or "/" not in name}
+        listing = [{"Name": name.rsplit("/", 1)[-1], "Path": name, "Size": blob["size"], "Type": "blob",
+                    "Sha256": blob.get("lfs", {}).get("oid", ""), "IsLFS": "lfs" in blob, "Revision": "master"}
+                   for name, blob in blobs.items()]
         folders = sorted({name.split("/")[0] for name in files if "/" in name})
         listing += [{"Name": f, "Path": f, "Size": 0, "Type": "tree", "Revision": "master"} for f in folders]
         self._send(200, {"Code": 200, "Data": {"Files": listing}, "Message": "success", "Success": True})
