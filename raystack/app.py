@@ -36,14 +36,14 @@ from raystack.config import (
 from raystack.models import adapters, embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.serve_file import SPLIT_FORMAT, proxy_timeout_problem
-from raystack.serving.auth import APIKeyError, APIKeys
-from raystack.serving.catalogue import REGISTRATION, registered_backends, serve_controller, serve_details
-from raystack.serving.forwarding import BUSY_RETRY_AFTER_S
-from raystack.serving.ingress import Router
-from raystack.serving.server import LLMServer
+from raystack.router.auth import APIKeyError, APIKeys
+from raystack.router.catalogue import REGISTRATION, registered_backends, serve_controller, serve_details
+from raystack.router.forwarding import BUSY_RETRY_AFTER_S
+from raystack.router.ingress import Router
+from raystack.replica.server import LLMServer
 
 ENGINE_START_ATTEMPTS = 3
-BACKEND_REQUEST_ROUTER = "raystack.serving.replica_choice:BackendRequestRouter"
+BACKEND_REQUEST_ROUTER = "raystack.router.replica_choice:BackendRequestRouter"
 
 
 def check_deployable(models: list[Model], cache_dir: Path, hbm: HBMNeeds | None = None) -> None:
@@ -174,7 +174,7 @@ def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_g
     """Ray Serve options of one backend's LLMServer deployment: resources, scaling, routing, health.
     `withheld_env`: variables blanked in the replica's environment, and so in everything it starts (its
     engine processes and daemons; Ray actors it creates, such as vLLM's workers, inherit the runtime_env).
-    `registration`: the backend as its router reads it from Serve's controller (serving/catalogue.py)."""
+    `registration`: the backend as its router reads it from Serve's controller (router/catalogue.py)."""
     actor: dict[str, Any] = {
         "num_cpus": backend.replica_cpus,
         "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **backend.env, **dict.fromkeys(withheld_env, "")}},

@@ -162,7 +162,7 @@ def _usage(args: argparse.Namespace) -> int:
 
     import ray
 
-    from raystack.serving import usage
+    from raystack.router import usage
 
     try:
         since = time.time() - usage.since_seconds(args.since)

@@ -12,7 +12,7 @@
 
 Serve versions every deployment of an application by the application's args, so each backend is an
 application of its own: changing one redeploys it alone, not the router or the other backends. The router
-finds its backends at run time (serving/catalogue.py). RaystackConfig is the whole of it, a router and its
+finds its backends at run time (router/catalogue.py). RaystackConfig is the whole of it, a router and its
 models, as `raystack config check` assembles it from a file and `raystack.app.run_stack` splits it.
 
 Every model is strict: an unknown key is an error that names its path (`backend.foo`).
@@ -359,7 +359,7 @@ class Model(ModelFields):
 
 
 class APIKeySource(_Strict):
-    """Where the router reads its API keys: one of an environment variable or a file (raystack.serving.auth)."""
+    """Where the router reads its API keys: one of an environment variable or a file (raystack.router.auth)."""
 
     env: str | None = Field(None, min_length=1, description="environment variable holding the keys")
     file: str | None = Field(None, min_length=1, description="file holding the keys, on every router node")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What a key's limits cost per request: one router replica in front of a synthetic backend (0 ms TTFT), two
 keys, one without limits and one with limits it never reaches (so every request asks the shared ledger,
-serving/quotas.py, and gives its slot back). Both keys' usage is booked (usage.py): the difference is what
+router/quotas.py, and gives its slot back). Both keys' usage is booked (usage.py): the difference is what
 the limits add. Alternating rounds of sequential requests, one key at a time;
 the table gives each key's latency and the difference per round.
 

@@ -73,7 +73,7 @@ def passthrough_app(engine_args: dict[str, Any], serve_env: dict[str, str]):
     with the same Serve settings."""
     from ray import serve
 
-    from raystack.serving.server import LLMServer
+    from raystack.replica.server import LLMServer
 
     app = FastAPI()
 

@@ -20,8 +20,8 @@ from ray import serve
 from raystack.app import delete_stack, run_stack
 from raystack.config import backend_app_name, parse_config
 from raystack.observability.metrics import RouterMetrics
-from raystack.serving.catalogue import Catalogue, registered_backends, serve_details
-from raystack.serving.forwarding import Forwarder
+from raystack.router.catalogue import Catalogue, registered_backends, serve_details
+from raystack.router.forwarding import Forwarder
 from tests.integration.conftest import synthetic
 
 CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "count"}]}

@@ -1,4 +1,4 @@
-"""API key parsing and checking (raystack.serving.auth)."""
+"""API key parsing and checking (raystack.router.auth)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from raystack.app import build_router
 from raystack.config import ConfigError
-from raystack.serving.auth import APIKeyError, APIKeys
-from raystack.serving.quotas import LEASE_S, KeyLimits, QuotaLedger, Refusal, _refusal_error
-from raystack.serving.usage import Cost, day_start, stored_days, totals
+from raystack.router.auth import APIKeyError, APIKeys
+from raystack.router.quotas import LEASE_S, KeyLimits, QuotaLedger, Refusal, _refusal_error
+from raystack.router.usage import Cost, day_start, stored_days, totals
 from raystack.protocol import OpenAIError
 
 

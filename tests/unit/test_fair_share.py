@@ -1,4 +1,4 @@
-"""A full backend's slots go to the waiting keys in weighted turns (raystack.serving.fair_share.FairGate)."""
+"""A full backend's slots go to the waiting keys in weighted turns (raystack.router.fair_share.FairGate)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from raystack.serving.fair_share import FairGate, GateFull
+from raystack.router.fair_share import FairGate, GateFull
 
 
 def admissions(gate: FairGate, waiting: list[tuple[str, float]], slots_in_use: int) -> list[str]:

@@ -6,8 +6,8 @@ import random
 from collections import Counter
 
 from raystack.config import Routing
-from raystack.serving import policies
-from raystack.serving.policies import (
+from raystack.router import policies
+from raystack.router.policies import (
     POLICIES,
     PREFIX_BLOCK_CHARS,
     BackendLoad,

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from raystack.serving.server import coalesce
+from raystack.replica.server import coalesce
 
 
 async def ticking(n, delay, log=None):

@@ -9,7 +9,7 @@ import pytest
 from raystack.config import Backend
 from raystack.engines.base import Answer, create_engine, engine_spec
 from raystack.engines.synthetic import SyntheticEngine
-from raystack.serving.server import coalesce
+from raystack.replica.server import coalesce
 
 FAST = {"ttft_ms": 0, "tokens_per_s": 0}
 CHAT = {"model": "synthetic", "messages": [{"role": "system", "content": "Be brief."},

@@ -1,4 +1,4 @@
-"""What an answer cost, read as it goes out (raystack.serving.usage.Meter)."""
+"""What an answer cost, read as it goes out (raystack.router.usage.Meter)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from raystack.serving.usage import Cost, Meter, ask_for_usage, estimate_prompt_tokens
+from raystack.router.usage import Cost, Meter, ask_for_usage, estimate_prompt_tokens
 
 
 def event(data) -> str:
@@ -73,7 +73,7 @@ def test_the_prompt_estimate_is_about_four_characters_a_token():
 
 
 def test_usage_report_arguments_and_table():
-    from raystack.serving.usage import render, since_seconds
+    from raystack.router.usage import render, since_seconds
 
     assert (since_seconds("30m"), since_seconds("12h"), since_seconds("7d")) == (1800, 43200, 604800)
     for bad in ("1w", "d", "0h", "-1d"):

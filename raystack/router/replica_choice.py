@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from raystack.serving import policies
+from raystack.router import policies
 
 
 def route_of(pending_request: PendingRequest | None) -> policies.Route:

@@ -28,11 +28,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from raystack.config import Model, RouterConfig
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
-from raystack.serving import policies
-from raystack.serving.catalogue import Catalogue
-from raystack.serving.fair_share import FairGate, GateFull
-from raystack.serving.policies import BackendLoad, policy_for
-from raystack.serving.server import Opening
+from raystack.router import policies
+from raystack.router.catalogue import Catalogue
+from raystack.router.fair_share import FairGate, GateFull
+from raystack.router.policies import BackendLoad, policy_for
+from raystack.replica.server import Opening
 
 logger = logging.getLogger("ray.serve")
 

@@ -36,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raystack.protocol import OpenAIError
-from raystack.serving.quotas import KeyLimits
+from raystack.router.quotas import KeyLimits
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a metric label's value, a table's column
 

@@ -128,7 +128,7 @@ class LLMServer:
 
     def reconfigure(self, registration: dict[str, Any]) -> None:
         """Serve hands over the deployment's user_config: the backend as its router reads it from Serve's
-        state (serving/catalogue.py). The replica was built from the same settings: nothing to change."""
+        state (router/catalogue.py). The replica was built from the same settings: nothing to change."""
 
     async def _load_adapter(self, name: str) -> str:
         """Serve's multiplexing calls this for an adapter the replica does not hold yet. Past

@@ -35,12 +35,12 @@ from raystack.engines.base import Refusal
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
-from raystack.serving.auth import APIKeyError, APIKeys, KeyFileWatch
-from raystack.serving.catalogue import (REFRESH_S, BackendRef, Catalogue, registered_backends, target_replicas,
+from raystack.router.auth import APIKeyError, APIKeys, KeyFileWatch
+from raystack.router.catalogue import (REFRESH_S, BackendRef, Catalogue, registered_backends, target_replicas,
                                         serve_details_async)
-from raystack.serving.forwarding import Forwarder
-from raystack.serving.quotas import Quotas
-from raystack.serving.usage import Cost, Meter, ask_for_usage, estimate_prompt_tokens
+from raystack.router.forwarding import Forwarder
+from raystack.router.quotas import Quotas
+from raystack.router.usage import Cost, Meter, ask_for_usage, estimate_prompt_tokens
 
 logger = logging.getLogger("ray.serve")
 

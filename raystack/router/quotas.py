@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raystack.protocol import OpenAIError
-from raystack.serving.usage import Cost, GCSStore, UsageBook, day_start, month_start, next_day, next_month
+from raystack.router.usage import Cost, GCSStore, UsageBook, day_start, month_start, next_day, next_month
 
 logger = logging.getLogger("ray.serve")
 

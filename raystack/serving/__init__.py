@@ -1,1 +1,0 @@
-"""Serving: the Router ingress, the LLMServer deployment and the OpenAI wire protocol."""
