@@ -361,6 +361,16 @@ def message_text(content: Any) -> str:
     return content or ""
 
 
+def prompt_text(kind: str, body: dict[str, Any]) -> str:
+    """The prompt as one string in message order, so a shared conversation start is a shared prefix (what
+    prefix routing matches, and what the router's token estimate counts). A batch of completion prompts is
+    its prompts in order; token ids are written as numbers."""
+    if kind == "chat":
+        return "".join(f"\x1e{m.get('role')}\x1f{message_text(m.get('content'))}" for m in body.get("messages") or [])
+    return "\x1e".join(" ".join(map(str, p)) if isinstance(p, list) else str(p or "")
+                       for p in completion_prompts(body.get("prompt", "")))
+
+
 def completion_prompts(prompt: Any) -> list[Any]:
     """A completion request's prompts: `prompt` is one prompt (a string or token ids) or a list of them."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):

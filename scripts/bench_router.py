@@ -73,6 +73,7 @@ def passthrough_app(engine_args: dict[str, Any], serve_env: dict[str, str]):
     with the same Serve settings."""
     from ray import serve
 
+    from raystack.replica.calls import Dispatch
     from raystack.replica.server import LLMServer
 
     app = FastAPI()
@@ -87,7 +88,7 @@ def passthrough_app(engine_args: dict[str, Any], serve_env: dict[str, str]):
 
         @app.post("/v1/chat/completions")
         async def chat(self, request: Request):
-            stream = self.engine.generate.remote("chat", await request.json())
+            stream = self.engine.generate.remote(Dispatch("chat", await request.json()))
             opening = await stream.__anext__()
 
             async def relay():

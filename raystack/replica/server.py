@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ray import serve
 
 from raystack.cluster.rank_layout import require_whole_tensor_groups
 from raystack.config import Backend
-from raystack.engines.base import AdapterLoadError, RequestKind, create_engine
+from raystack.engines.base import AdapterLoadError, create_engine
 from raystack.models.adapters import ReplicaAdapters, Unservable, prepare_adapters
 from raystack.models.replica_weights import prepare_on_every_node
 from raystack.observability.metrics import ReplicaMetrics
 from raystack.process import pin_granted_npus, restore_normal_priority
 from raystack.protocol import error_body
+from raystack.replica.calls import Dispatch, Opening
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,37 +57,6 @@ async def coalesce(stream: AsyncIterator[str]) -> AsyncIterator[str]:
         # The consumer left (client disconnect, error): cancelling the pump closes the engine's
         # stream, which aborts the request in the engine.
         task.cancel()
-
-
-@dataclass(frozen=True)
-class Opening:
-    """The first item of every answer: the replica answering, and either the whole JSON answer
-    (status, body) or the first SSE chunk of a stream."""
-
-    replica: str
-    status: int | None = None
-    body: Any = None
-    chunk: str | None = None
-
-    def engine_failure(self) -> str | None:
-        """What the engine said if it failed on its side before the first token, else None (an answer, or
-        the client's own error): a whole answer with a 5xx status, or a stream whose first event is an
-        error with a 5xx code (vLLM streams its failures so: `data: {"error": {...}}`)."""
-        if self.chunk is None:
-            return _error_message(self.body) if (self.status or 200) >= 500 else None
-        if not self.chunk.startswith('data: {"error"'):
-            return None
-        try:
-            error = json.loads(self.chunk.split("\n\n", 1)[0].removeprefix("data: "))["error"]
-        except (ValueError, KeyError, TypeError):
-            return None
-        code = error.get("code") if isinstance(error, dict) else None
-        return _error_message(error) if isinstance(code, int) and code >= 500 else None
-
-
-def _error_message(body: Any) -> str:
-    error = body.get("error", body) if isinstance(body, dict) else body
-    return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
 
 
 @serve.deployment
@@ -153,34 +121,32 @@ class LLMServer:
             return Unservable(400, f"Adapter `{name}` cannot be loaded: {err}")
         return None
 
-    async def generate(self, kind: RequestKind, body: dict[str, Any], route: tuple[int, ...] = (),
-                       avoid: tuple[str, ...] = (), attempt: str = "") -> AsyncIterator[Any]:
-        """Streams the answer: an Opening, then (for a stream) further SSE strings. `route` (the prompt's
-        prefix blocks), `avoid` (replicas that just failed this request) and `attempt` (names this try)
-        are read by the request router that chose this replica (replica_choice.py). A request through an
-        adapter names it as Serve's multiplexed model id, and in its body's `model`."""
+    async def generate(self, call: Dispatch) -> AsyncIterator[Any]:
+        """Streams the answer to `call` (its kind and body): an Opening, then (for a stream) further SSE
+        strings. A request through an adapter names it as Serve's multiplexed model id, and in its body's
+        `model`."""
         adapter = serve.get_multiplexed_model_id()
         refusal = await self._adapter_refusal(adapter) if adapter else None
         if refusal is not None:
-            yield Opening(self.replica, status=refusal.status,
-                          body=error_body(refusal.status, refusal.message, param="model", code="adapter_unservable"))
+            yield Opening.whole(self.replica, refusal.status,
+                                error_body(refusal.status, refusal.message, param="model", code="adapter_unservable"))
             return
         try:
-            answer = await self.engine.generate(kind, body)
+            answer = await self.engine.generate(call.kind, call.body)
         except Exception as err:
             self.engine_failed = f"{type(err).__name__}: {err}"
             raise
         if answer.stream is None:
-            yield self._checked(Opening(self.replica, status=answer.status, body=answer.body))
+            yield self._noted(Opening.whole(self.replica, answer.status, answer.body))
             return
         first = True
         async for chunk in coalesce(answer.stream):
-            yield self._checked(Opening(self.replica, chunk=chunk)) if first else chunk
+            yield self._noted(Opening.streamed(self.replica, chunk)) if first else chunk
             first = False
 
-    def _checked(self, opening: Opening) -> Opening:
+    def _noted(self, opening: Opening) -> Opening:
         """Notes whether the engine failed on its side (the next health check then probes it)."""
-        self.engine_failed = opening.engine_failure()
+        self.engine_failed = opening.failure
         return opening
 
     async def stats(self) -> dict[str, int]:
@@ -200,12 +166,15 @@ class LLMServer:
         (raise: Serve replaces the replica)."""
         probe = {"model": self.model_name, "prompt": "ping", "max_tokens": 1, "stream": False}
         answer = await self.engine.generate("completion", probe)
-        failure = Opening(self.replica, status=answer.status, body=answer.body).engine_failure()
+        failure = Opening.whole(self.replica, answer.status, answer.body).failure
         if failure:
             raise RuntimeError(f"the engine failed a request ({self.engine_failed}) and a probe since: {failure}")
         self.engine_failed = None
 
     async def __del__(self) -> None:
+        """Serve's shutdown hook for a replica (its only one: Serve awaits the deployment's `__del__` when it
+        stops a replica, ray/serve/_private/replica.py call_destructor; Ray Serve LLM's LLMServer stops its
+        engine the same way): the engine and every process it started stop before the replica goes."""
         engine = getattr(self, "engine", None)  # absent when __init__ failed
         if engine is not None:
             await engine.shutdown()

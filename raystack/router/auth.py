@@ -7,7 +7,7 @@ a node of the cluster). Named keys are a YAML document:
       - name: team-a                 # not secret: what logs, metrics and `raystack usage` show
         key: sk-team-a-7f3a...       # or sha256: <hex digest of the key>, so the file holds no secret
         models: [qwen3-32b]          # default: every model (a model's LoRA adapters come with it)
-        requests_per_minute: 600     # optional limits, shared by the router's replicas (quotas.py):
+        requests_per_minute: 600     # optional limits, shared by the router's replicas (ledger.py):
         concurrent_requests: 16      # over one, 429 naming it, with Retry-After
         tokens_per_minute: 200000    # prompt + completion tokens
         tokens_per_day: 5000000      # budgets (UTC day, month): over one, 429 insufficient_quota
@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from raystack.protocol import OpenAIError
-from raystack.router.quotas import KeyLimits
+from raystack.router.ledger import LIMITS, KeyLimits
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a metric label's value, a table's column
 
@@ -49,20 +49,13 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class KeyEntry(BaseModel):
-    """One entry of a named-keys document."""
-
-    model_config = ConfigDict(extra="forbid")
+class KeyEntry(KeyLimits):
+    """One entry of a named-keys document: the key, and its limits (ledger.KeyLimits' fields)."""
 
     name: str = Field(pattern=KEY_NAME_PATTERN)
     key: str | None = Field(None, min_length=1, pattern=r"^\S+$")
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     models: list[str] | None = Field(None, min_length=1)
-    requests_per_minute: int | None = Field(None, ge=1)
-    concurrent_requests: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    tokens_per_day: int | None = Field(None, ge=1)
-    tokens_per_month: int | None = Field(None, ge=1)
     weight: float = Field(1, gt=0)
 
     @model_validator(mode="after")
@@ -120,7 +113,7 @@ def _named_entries(document: yaml.Node) -> list[tuple[str, Grant]]:
             field = ".".join(str(p) for p in first["loc"]) or "entry"
             message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
             raise APIKeyError(f"line {line}: {field}: {message}") from None
-        limits = KeyLimits(**{f.name: getattr(entry, f.name) for f in fields(KeyLimits)})
+        limits = KeyLimits(**entry.model_dump(include=set(LIMITS)))
         entries.append((entry.digest, Grant(entry.name, frozenset(entry.models) if entry.models else None, line,
                                             limits, entry.weight)))
     return entries

@@ -5,21 +5,19 @@ routing policy (policies.py) picks the backend; the request goes to it through i
 request router, replica_choice.py, picks the replica); the opening (a whole JSON answer, or a stream's
 first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or
 `request_timeout_s` passes. While a backend is full, requests wait for its slots by API key in weighted
-fair order (fair_share.py), within `first_token_timeout_s`. A replica that fails before its opening, its process or its engine (a 5xx
-answer or error event of its own) -> another replica, never the one that failed, which new requests
-also avoid for a while (policies.FAILING); after `router.retries` such tries, 503. A backend whose
-replicas and queue are full -> the model's other backends, then 429.
+fair order (fair_share.py), within `first_token_timeout_s`. A replica that fails before its opening, its
+process or its engine (a 5xx answer or error event of its own) -> another replica, never the one that
+failed, which new requests also avoid for a while (the RoutingBoard's `failing`); after `router.retries`
+such tries, 503. A backend whose replicas and queue are full -> the model's other backends, then 429.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections import Counter
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -28,11 +26,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from raystack.config import Model, RouterConfig
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
-from raystack.router import policies
+from raystack.replica.calls import Dispatch, Opening
+from raystack.router import routing_board
 from raystack.router.catalogue import Catalogue
+from raystack.router.exchange import Delivery, Exchange
 from raystack.router.fair_share import FairGate, GateFull
-from raystack.router.policies import BackendLoad, policy_for
-from raystack.replica.server import Opening
+from raystack.router.policies import BackendLoad, LeastLoaded, Route, policy_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,38 +46,6 @@ class ReplicaFailed(Exception):
     def __init__(self, message: str, replica: str | None = None):
         super().__init__(message)
         self.replica = replica
-
-
-@dataclass(eq=False)
-class Delivery:
-    """A request a backend has opened its answer to: who serves it, the opening, and (for a stream) the
-    rest. It holds one of the backend's in-flight slots until `finish`, which every way out calls: the
-    relay's end, the ingress after a whole answer, and, for a stream the client left before it was ever
-    iterated (whose relay never ran a line, so no `finally` either), the object's collection."""
-
-    model: str
-    backend: str
-    opening: Opening
-    stream: DeploymentResponseGenerator
-    deadline: float  # loop time by which the whole answer must be through (router.request_timeout_s)
-    release: Callable[[], None]  # gives the slot back
-    finished: bool = False
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.model, self.backend
-
-    def finish(self, upstream_done: bool) -> None:
-        """Once: the slot back, and the generation stopped upstream unless it ran to its end."""
-        if self.finished:
-            return
-        self.finished = True
-        if not upstream_done:
-            self.stream.cancel()
-        self.release()
-
-    def __del__(self) -> None:
-        self.finish(upstream_done=False)
 
 
 def _retrieve(task: asyncio.Future) -> None:
@@ -97,7 +64,8 @@ class Forwarder:
         self.metrics = metrics
         self.streams: dict[str, dict[str, DeploymentHandle]] = {}  # model -> backend -> streaming handle
         self.deployments: dict[str, dict[str, str]] = {}  # model -> backend -> Serve deployment name
-        self.policies: dict[str, policies.LeastLoaded] = {}
+        self.policies: dict[str, LeastLoaded] = {}
+        self.board = routing_board.BOARD  # shared with Serve's request routers of this process
         self.in_flight: Counter[tuple[str, str]] = Counter()  # (model, backend) -> requests not yet done
         self.handles: dict[tuple[str, str], DeploymentHandle] = {}  # (application, deployment) -> its handle
         self.routing: dict[str, Any] = {}  # model -> its config.Routing
@@ -125,47 +93,46 @@ class Forwarder:
             gate.capacity = partial(self.capacity, model, backend, ref.spec.backend.max_ongoing_requests)
             gate.max_waiting = ref.spec.backend.max_queued_requests
         self.policies = {model: self.policies[model] if self.routing.get(model) == routing[model]
-                         else policy_for(routing[model].model_dump()) for model in routing}
+                         else policy_for(routing[model], self.board) for model in routing}
         self.handles, self.streams, self.deployments, self.routing, self.gates = (
             handles, streams, deployments, routing, gates)
 
-    def choose(self, model: Model, route: policies.Route, exclude: set[str]) -> str | None:
+    def choose(self, model: Model, route: Route, exclude: set[str]) -> str | None:
         deployments = self.deployments.get(model.name, {})  # a backend deleted since `model` was resolved: not it
         loads = [
             BackendLoad(b.name, deployments[b.name], b.weight, self.in_flight[model.name, b.name],
-                        policies.RUNNING_REPLICAS.get(deployments[b.name]))
+                        self.board.running.get(deployments[b.name]))
             for b in model.backends if b.name not in exclude and b.name in deployments
         ]
         policy = self.policies.get(model.name)
         return policy.choose_backend(loads, route) if loads and policy else None
 
-    async def send(self, model: Model, pinned: str | None, requested: str, kind: str,
-                   body: dict[str, Any], unable: frozenset[str] = frozenset(), adapter: str | None = None,
-                   share: tuple[str, float] = ("", 1.0)) -> Delivery:
-        """To a backend of `model` (`pinned`, or the policy's choice; never one `unable` to honour the
-        request) until one opens its answer. Through LoRA `adapter`, if given: Serve's request router then
-        prefers the replicas that hold it (its multiplexed model id). `share`: the API key's name and
-        weight, whose turn it waits for at a full backend."""
-        route = (self.policies.get(model.name) or policy_for(model.routing.model_dump())).route(kind, body)
-        streaming = bool(body.get("stream"))
+    async def send(self, exchange: Exchange) -> Delivery:
+        """`exchange`'s request to a backend of its model (the pinned one, or the policy's choice; never one
+        unable to honour the request) until one opens its answer, which becomes the exchange's delivery.
+        Through its LoRA adapter, if any: Serve's request router then prefers the replicas that hold it (its
+        multiplexed model id). A full backend gives its slots in the turn of the request's API key."""
+        model = exchange.model
+        route = (self.policies.get(model.name) or policy_for(model.routing, self.board)).route(lambda: exchange.prompt)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         busy: set[str] = set()  # backends whose replicas and queue are full
         failed: list[str] = []  # replicas that failed this request
         failures = 0
         while True:
-            backend = pinned or self.choose(model, route, exclude=busy | unable)
+            backend = exchange.pinned or self.choose(model, route, exclude=busy | exchange.unable)
             if backend is None or backend in busy:
                 raise OpenAIError(
                     429,
-                    f"Every replica of `{requested}` is busy and its queue is full; retry in "
+                    f"Every replica of `{exchange.requested}` is busy and its queue is full; retry in "
                     f"{BUSY_RETRY_AFTER_S} s, or raise the backend's max_queued_requests or max_replicas.",
                     code="rate_limit_exceeded",
                     headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
                 )
+            call = Dispatch(exchange.kind, exchange.body, route, tuple(failed))
             try:
-                opening, stream = await self.open(model.name, backend, kind, body, route, streaming, deadline,
-                                                  tuple(failed), adapter, share)
+                opening, stream = await self.open(model.name, backend, call, deadline, exchange.adapter,
+                                                  exchange.share)
             except (BackPressureError, GateFull):
                 busy.add(backend)
                 continue
@@ -173,33 +140,35 @@ class Forwarder:
                 failures += 1
                 if err.replica:
                     failed.append(err.replica)
-                    policies.FAILING.add(err.replica)
+                    self.board.failing.add(err.replica)
                 self.metrics.replica_failed(model.name, backend)
                 logger.warning("%s@%s replica %s failed before answering (attempt %d): %s", model.name, backend,
                                err.replica or "?", failures, err)
                 if failures > self.settings.retries:
                     raise OpenAIError(
-                        503, f"`{requested}` failed before answering, {failures} tries ({err}); "
+                        503, f"`{exchange.requested}` failed before answering, {failures} tries ({err}); "
                         f"retry shortly, and see `serve status` if it persists.",
                         headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
                     ) from None
                 continue
             key = (model.name, backend)
-            return Delivery(model.name, backend, opening, stream, deadline, release=lambda: self.done(key))
+            exchange.delivery = Delivery(model.name, backend, opening, stream, deadline,
+                                         release=partial(self.done, key))
+            return exchange.delivery
 
     async def open(
-        self, model: str, backend: str, kind: str, body: dict[str, Any], route: policies.Route,
-        streaming: bool, deadline: float, avoid: tuple[str, ...] = (), adapter: str | None = None,
+        self, model: str, backend: str, call: Dispatch, deadline: float, adapter: str | None = None,
         share: tuple[str, float] = ("", 1.0),
     ) -> tuple[Opening, DeploymentResponseGenerator]:
-        """Send the request to `backend` (to none of the replicas in `avoid`) and wait for its opening (a
-        stream's first chunk, or the whole JSON answer). The backend's in-flight count holds until the
-        answer is fully relayed."""
+        """Send `call` to `backend` (to none of the replicas it avoids) and wait for its opening (a stream's
+        first chunk, or the whole JSON answer). The backend's in-flight count holds until the answer is
+        fully relayed."""
         handle = self.streams.get(model, {}).get(backend)
         if handle is None:
             raise OpenAIError(503, f"`{model}@{backend}` was just removed from this router's backends; retry.",
                               headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
         key = (model, backend)
+        streaming = bool(call.body.get("stream"))
         loop = asyncio.get_running_loop()
         wait_s = deadline - loop.time()  # a whole answer may wait for a slot until its deadline, a stream not
         try:  # a slot of the backend, in the key's turn when it is full
@@ -208,11 +177,9 @@ class Forwarder:
         except TimeoutError:
             raise self._timed_out(model, backend, streaming) from None
         self.in_flight[key] += 1
-        attempt = uuid.uuid4().hex
         if adapter:
             handle = handle.options(multiplexed_model_id=adapter)
-        stream: DeploymentResponseGenerator = handle.generate.remote(
-            kind, body, route=route, avoid=avoid, attempt=attempt)
+        stream: DeploymentResponseGenerator = handle.generate.remote(call)
         first = asyncio.ensure_future(stream.__anext__())
         answered = False
         try:
@@ -230,16 +197,14 @@ class Forwarder:
             except DeploymentUnavailableError as err:
                 raise OpenAIError(503, f"`{model}@{backend}` is unavailable: {err}. See `serve status`.") from None
             except StopAsyncIteration:
-                raise ReplicaFailed("it closed the answer without a word", policies.ROUTED.get(attempt)) from None
+                raise ReplicaFailed("it closed the answer without a word", call.replica) from None
             except Exception as err:
-                raise ReplicaFailed(f"{type(err).__name__}: {_last_line(err)}", policies.ROUTED.get(attempt)) from None
-            failure = opening.engine_failure()
-            if failure:  # the engine's own failure, not the client's: another replica may well answer
-                raise ReplicaFailed(f"its engine failed: {failure}", opening.replica)
+                raise ReplicaFailed(f"{type(err).__name__}: {_last_line(err)}", call.replica) from None
+            if opening.failure:  # the engine's own failure, not the client's: another replica may well answer
+                raise ReplicaFailed(f"its engine failed: {opening.failure}", opening.replica)
             answered = True
             return opening, stream
         finally:
-            policies.ROUTED.pop(attempt, None)
             if not answered:  # failed, timed out, or the client left: free the replica
                 first.cancel()
                 first.add_done_callback(_retrieve)  # its exception is known and handled here
@@ -255,7 +220,7 @@ class Forwarder:
     def running_replicas(self, model: str, backend: str) -> int | None:
         """As this process's handle last heard from Serve; None until it has."""
         deployment = self.deployments.get(model, {}).get(backend)
-        return policies.RUNNING_REPLICAS.get(deployment) if deployment else None
+        return self.board.running.get(deployment) if deployment else None
 
     def _timed_out(self, model: str, backend: str, streaming: bool) -> OpenAIError:
         if self.running_replicas(model, backend) == 0:
@@ -274,10 +239,10 @@ class Forwarder:
         )
 
     async def relay(self, delivery: Delivery) -> AsyncIterator[str]:
-        """The stream's chunks, its opening first, until it ends or the request's deadline passes."""
+        """The stream's chunks, its opening first, until it ends or the request's deadline passes. It notes
+        on the delivery when the replica has sent everything; its Exchange gives the slot back."""
         served = "@".join(delivery.key)
         stream = delivery.stream
-        upstream_done = False
         try:
             yield delivery.opening.chunk
             while True:
@@ -285,7 +250,7 @@ class Forwarder:
                     async with asyncio.timeout_at(delivery.deadline):  # one timer handle per chunk, no task
                         chunk = await stream.__anext__()
                 except StopAsyncIteration:
-                    upstream_done = True
+                    delivery.upstream_done = True
                     return
                 yield chunk
         # After the first token the status line is gone: the stream ends with an error event.
@@ -295,11 +260,9 @@ class Forwarder:
                                             f"({self.settings.request_timeout_s:g} s); the answer is incomplete."))
             yield SSE_DONE
         except Exception as err:
-            upstream_done = True
+            delivery.upstream_done = True
             logger.warning("stream from %s broke: %r", served, err)
             self.metrics.error(delivery.model, 502)
             yield sse_event(error_body(502, f"The replica of `{served}` failed mid-stream ({type(err).__name__}); "
                                             f"the answer is incomplete. Retry the request."))
             yield SSE_DONE
-        finally:  # the client went away or time ran out: the generation is stopped upstream
-            delivery.finish(upstream_done)

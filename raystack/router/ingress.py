@@ -5,13 +5,13 @@
     GET  /health                                 200 once every model can answer
     GET  /health/models                          each model's readiness and running replicas
 
-Here a request is authenticated (API keys), read within bounds (a body over `max_request_bytes` -> 413,
-one that stalls past `body_timeout_s` -> 408), parsed (400 with the offending `param`) and resolved to
-its model: `model`, or `model@backend` to pin a backend (benchmarks compare backends that way), among the
-backends the router last found in Serve's state (catalogue.py); those that cannot honour it (tools on a
-backend without a tool parser, say) are left out. Then forwarding.py takes it to a backend. Each answer
-names who served it in the headers x-raystack-backend and x-raystack-replica, and the router replica that
-relayed it in x-raystack-router.
+Each request is one Exchange (exchange.py), its owner until it is settled. Here it is authenticated (API
+keys), read within bounds and checked (admission.py), parsed once (400 with the offending `param`) and
+resolved to its model: `model`, or `model@backend` to pin a backend (benchmarks compare backends that way),
+among the backends the router last found in Serve's state (catalogue.py); those that cannot honour it
+(tools on a backend without a tool parser, say) are left out. Then forwarding.py takes it to a backend.
+Each answer names who served it in the headers x-raystack-backend and x-raystack-replica, and the router
+replica that relayed it in x-raystack-router.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raystack.config import Backend, Model, RouterConfig
-from raystack.engines.base import Refusal
+from raystack.config import Model, RouterConfig
+from raystack.engines.base import RequestKind
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
+from raystack.router.admission import backends_unable, check_length_bounds, read_body
 from raystack.router.auth import APIKeyError, APIKeys, KeyFileWatch
 from raystack.router.catalogue import (REFRESH_S, BackendRef, Catalogue, registered_backends, target_replicas,
                                         serve_details_async)
+from raystack.router.exchange import Exchange
 from raystack.router.forwarding import Forwarder
 from raystack.router.quotas import Quotas
-from raystack.router.usage import Cost, Meter, ask_for_usage, estimate_prompt_tokens
 
 logger = logging.getLogger("ray.serve")
 
@@ -99,82 +99,11 @@ def _openapi() -> dict[str, Any]:
 app.openapi = _openapi
 
 
-# Module helpers precede the deployment class: Serve pickles the class (by value) when it is decorated.
-def _too_large(limit: int) -> OpenAIError:
-    return OpenAIError(
-        413, f"The request body exceeds {limit} bytes (router.max_request_bytes). Send a shorter prompt, "
-        f"or raise the limit in the deploy config.", code="request_too_large",
-    )
-
-
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The request body, or a 413 as soon as it is known to exceed `limit` bytes: from Content-Length
-    before reading, or while reading a body sent without one (chunked). A body still incomplete after
-    `timeout_s` is a 408: a client that stalls must not hold a router slot forever."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    parts, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for part in request.stream():
-                size += len(part)
-                if size > limit:
-                    raise _too_large(limit)
-                parts.append(part)
-    except TimeoutError:
-        raise OpenAIError(408, f"The request body did not arrive within {timeout_s:g} s "
-                               f"(router.body_timeout_s; {size} bytes came). Send the whole body at once.",
-                          code="request_timeout") from None
-    return b"".join(parts)
-
-
-def check_length_bounds(model: Model, body: dict[str, Any]) -> None:
-    """A completion length no backend of `model` has room for is a 400 here, before any engine sees it."""
-    limit = model.context_limit
-    for param in ("max_completion_tokens", "max_tokens"):
-        requested = body.get(param)
-        if limit is not None and requested is not None and requested >= limit:
-            raise OpenAIError(
-                400, f"This model's maximum context length is {limit} tokens, which the prompt shares; "
-                f"{param} {requested} leaves it no room. Lower {param} below {limit}.",
-                param=param, code="context_length_exceeded",
-            )
-
-
-def _refusal(backend: Backend, kind: str, body: dict[str, Any], adapter: str | None) -> Refusal | None:
-    if adapter and not backend.spec.serves_adapters:
-        return Refusal("model", f"engine: {backend.engine} serves no LoRA adapter")
-    return backend.spec.refuses(kind, body, backend)
-
-
-def backends_unable(model: Model, pinned: str | None, kind: str, body: dict[str, Any],
-                    adapter: str | None = None) -> frozenset[str]:
-    """The backends of `model` that cannot honour this request (tools without a parser, say: each engine's
-    `refuses`; an adapter on an engine without LoRA), which it must not go to. A 400 naming what and why
-    when that leaves none for it."""
-    refusals = {b.name: refusal for b in model.backends if (refusal := _refusal(b, kind, body, adapter))}
-    if pinned in refusals:
-        able = [b.name for b in model.backends if b.name not in refusals]
-        raise OpenAIError(
-            400, f"Backend `{pinned}` of `{model.name}` cannot take this request: {refusals[pinned].reason}."
-            + (f" Its backends that can: {', '.join(able)}." if able else ""),
-            param=refusals[pinned].param, code="unsupported_by_backend",
-        )
-    if refusals and len(refusals) == len(model.backends):
-        raise OpenAIError(
-            400, f"No backend of `{model.name}` can take this request: "
-            + "; ".join(f"{name}: {refusal.reason}" for name, refusal in refusals.items()) + ".",
-            param=next(iter(refusals.values())).param, code="unsupported_by_backend",
-        )
-    return frozenset(refusals)
-
-
 @serve.deployment
 @serve.ingress(app)
 class Router:
-    # Serve ships this class by value (cloudpickle), copying the module globals it uses: state shared with
-    # the request routers is reached through the `policies` module (in forwarding), imported, not copied.
+    # Serve ships this class by value (cloudpickle), copying the module globals it uses: the RoutingBoard
+    # it shares with the request routers is reached through its module (in forwarding), imported, not copied.
 
     async def __init__(self, settings: dict[str, Any], api_keys: APIKeys | None = None):
         """`settings`: config.RouterConfig; `api_keys`: the keys' digests, as build_router read them."""
@@ -345,71 +274,40 @@ class Router:
     async def completions(self, request: Request):
         return await self.forward("completion", request)
 
-    async def forward(self, kind: str, request: Request):
+    async def forward(self, kind: RequestKind, request: Request):
+        exchange = Exchange(kind, self.quotas, self.metrics)
         try:
-            return await self._forward(kind, request)
+            return await self._forward(exchange, request)
         except BaseException as err:
-            model = getattr(request.state, "model", "-")
-            if isinstance(err, OpenAIError):
-                self.metrics.error(model, err.status)
+            refused = isinstance(err, OpenAIError)
+            if refused:
+                self.metrics.error(exchange.model_name, err.status)
                 err.headers = (err.headers or {}) | {"x-raystack-router": self.replica}  # errors name it too
-            key_name = getattr(request.state, "key_name", None)
-            if key_name:  # a key's request that ended before any engine answered it: booked, its slot back
-                settlement = self.charge(key_name, model, getattr(request.state, "admitted", None),
-                                         Cost(0, error=isinstance(err, OpenAIError)))
-                if isinstance(err, OpenAIError):
-                    await self.quotas.settled(settlement)
+            exchange.close(error=refused)  # a key's request that ended before any engine answered: booked
+            if refused:
+                await exchange.settled()
             raise
 
-    def charge(self, key_name: str, model: str, admitted: str | None, cost: Cost) -> Any:
-        """A key's answer is over: its usage counted (metrics, the ledger's book), its limits' slot back.
-        What to await (Quotas.settled) before the answer's end reaches the client."""
-        self.metrics.key_usage(key_name, model, cost.prompt_tokens, cost.completion_tokens, cost.error)
-        return self.quotas.settle(key_name, model, admitted, cost)
-
-    async def _forward(self, kind: str, request: Request):
+    async def _forward(self, exchange: Exchange, request: Request):
         key = self.authenticate(request)  # before anything else: no hints to a caller without a key
-        grant = self.api_keys.grants.get(key) if key is not None else None
-        request.state.key_name = grant and grant.name  # its usage is counted from here on, errors included
+        exchange.grant = self.api_keys.grants.get(key) if key is not None else None
         raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
-        body = parse_request(kind, raw)
-        requested = body["model"]
-        model, pinned, adapter = await self.resolve(requested)
-        request.state.model = model.name  # the errors metric's label from here on
+        body = exchange.body = parse_request(exchange.kind, raw)
+        exchange.size = len(raw)
+        exchange.requested = body["model"]
+        exchange.model, exchange.pinned, exchange.adapter = await self.resolve(exchange.requested)
         if key is not None:
-            self.api_keys.require(key, model.name)
-        check_length_bounds(model, body)
-        unable = backends_unable(model, pinned, kind, body, adapter)
-        body["model"] = adapter or model.name  # the engines serve an adapter under its own name
-        meter = None
-        if grant:
-            meter = Meter(Cost(estimate_prompt_tokens(body)), client_wants_usage=ask_for_usage(body))
-            request.state.admitted = await self.quotas.admit(grant.name, grant.limits, meter.cost.prompt_tokens)
-        share = (grant.name, grant.weight) if grant else ("", 1.0)  # its turn at a full backend, by key
-        delivery = await self.forwarder.send(model, pinned, requested, kind, body, unable, adapter, share)
-        settlement: list[Any] = []  # the key's, once charged: awaited before the answer's end goes out
-        if grant:  # from here the delivery charges the key, with the backend's slot, however the answer ends
-            request.state.key_name = None
-            give_back, admitted = delivery.release, request.state.admitted
-            delivery.release = lambda: (
-                give_back(), settlement.append(self.charge(grant.name, model.name, admitted, meter.cost)))
+            self.api_keys.require(key, exchange.model.name)
+        check_length_bounds(exchange.model, body)
+        exchange.unable = backends_unable(exchange.model, exchange.pinned, exchange.kind, body, exchange.adapter)
+        body["model"] = exchange.adapter or exchange.model.name  # the engines serve an adapter under its own name
+        if exchange.grant:
+            await exchange.admit()
+        delivery = await self.forwarder.send(exchange)
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
                    "x-raystack-router": self.replica}
         if delivery.opening.chunk is None:
-            if meter:
-                meter.whole(delivery.opening.status, delivery.opening.body)
-            delivery.finish(upstream_done=True)
-            if settlement:
-                await self.quotas.settled(settlement[0])
+            await exchange.answered_whole()
             return JSONResponse(delivery.opening.body, status_code=delivery.opening.status, headers=headers)
-        chunks = self.forwarder.relay(delivery)
-        if meter:
-            chunks = self._settled_at_end(meter.watch(chunks), settlement)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-
-    async def _settled_at_end(self, chunks: AsyncIterator[str], settlement: list[Any]) -> AsyncIterator[str]:
-        """A key's stream, which ends (for its client) once the ledger has its settlement."""
-        async for chunk in chunks:
-            yield chunk
-        if settlement:
-            await self.quotas.settled(settlement[0])
+        return StreamingResponse(exchange.streamed(self.forwarder.relay(delivery)), media_type="text/event-stream",
+                                 headers=headers)

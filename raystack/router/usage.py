@@ -1,16 +1,10 @@
-"""Usage accounting per API key and model: what each answer cost, and the book that keeps it.
-
-What an answer cost comes from the engine's own `usage`: a whole answer's body, or a stream's last chunk.
-Every engine sends that chunk when asked (`stream_options.include_usage`: vLLM, the synthetic engine, and
-raystack's MindIE relay), so the router asks for it on every metered stream and takes it out again for a
-client that did not ask (`Meter`). A stream the client left before its end has no usage chunk: its
-completion is counted as the content events relayed (one token each as engines stream them), its prompt as
-the router's estimate at admission.
+"""Usage accounting per API key and model: what an answer cost (Cost), and the book that keeps it.
 
 The UsageBook holds hourly totals (requests, prompt tokens, completion tokens, errors) per key name and
 model, and is written to Ray's GCS key-value store, one entry per router application and UTC day, so the
-totals outlive the router replicas (and the ledger, quotas.py, that keeps the book). The daily and monthly
-token budgets are read from it; `raystack usage` reads it back.
+totals outlive the router replicas (and the ledger, ledger.py, that keeps the book). The daily and monthly
+token budgets are read from it; `raystack usage` reads it back. What each answer cost is read as it goes
+out (metering.py).
 """
 
 from __future__ import annotations
@@ -20,19 +14,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, Iterable
 
 KV_NAMESPACE = "raystack"
 KV_PREFIX = "usage:"  # usage:{router application}:{YYYY-MM-DD}
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors")
-CHARS_PER_TOKEN = 4  # the prompt's estimate at admission, until the engine's usage settles it
-
-
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """The prompt's tokens, roughly (the router holds no tokenizer): its text's characters / 4."""
-    prompt = body.get("messages") if body.get("messages") is not None else body.get("prompt")
-    text = prompt if isinstance(prompt, str) else json.dumps(prompt or "", ensure_ascii=False)
-    return len(text) // CHARS_PER_TOKEN + 1
 
 
 @dataclass
@@ -47,75 +33,6 @@ class Cost:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-def _usage_of(event: dict[str, Any]) -> tuple[int, int] | None:
-    usage = event.get("usage")
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        return usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
-    return None
-
-
-@dataclass
-class Meter:
-    """The cost of one answer, read as it goes out. `client_wants_usage`: the client asked for the usage
-    chunk itself (else the router asked for it, and it is taken out of the stream)."""
-
-    cost: Cost
-    client_wants_usage: bool = True
-
-    def whole(self, status: int | None, body: Any) -> None:
-        self.cost.error = (status or 200) >= 400
-        usage = _usage_of(body) if isinstance(body, dict) else None
-        if self.cost.error and not usage:  # refused by the engine: it read the prompt, generated nothing
-            self.cost.prompt_tokens = 0
-        if usage:
-            self.cost.prompt_tokens, self.cost.completion_tokens = usage
-            self.cost.settled = True
-
-    async def watch(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        """`chunks`, counted; the usage chunk taken out when only the router asked for it."""
-        async for chunk in chunks:
-            if '"usage"' in chunk or '"error"' in chunk:
-                chunk = self._read(chunk)
-                if not chunk:
-                    continue
-            elif not self.cost.settled:
-                self.cost.completion_tokens += chunk.count("data: {")
-            yield chunk
-
-    def _read(self, chunk: str) -> str:
-        kept = []
-        for event in chunk.split("\n\n"):
-            if not event.startswith("data: {"):
-                kept.append(event)
-                continue
-            try:
-                data = json.loads(event[len("data: "):])
-            except ValueError:
-                kept.append(event)
-                continue
-            usage = _usage_of(data)
-            if "error" in data:
-                self.cost.error = True
-            elif usage:
-                self.cost.prompt_tokens, self.cost.completion_tokens = usage
-                self.cost.settled = True
-                if not self.client_wants_usage and not data.get("choices"):
-                    continue  # the router's own request for usage: not the client's to see
-            elif not self.cost.settled:
-                self.cost.completion_tokens += 1
-            kept.append(event)
-        return "\n\n".join(kept)
-
-
-def ask_for_usage(body: dict[str, Any]) -> bool:
-    """Ask the engine for a stream's usage chunk; whether the client had asked for it itself."""
-    options = body.get("stream_options") or {}
-    wanted = bool(options.get("include_usage"))
-    if body.get("stream") and not wanted:
-        body["stream_options"] = {**options, "include_usage": True}
-    return wanted
 
 
 def _day(t: float) -> str:

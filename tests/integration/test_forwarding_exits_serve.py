@@ -1,7 +1,8 @@
-"""Every way a request can end gives its backend's in-flight slot back and stops the generation upstream:
-the router's Forwarder, driven here with real Serve handles to a real LLMServer (synthetic engine), left
-at each point a client can leave. Leaks here skew least_loaded routing for good and keep engines
-generating for nobody.
+"""Every way a request can end gives its backend's in-flight slot back and stops the generation upstream,
+once: a request's Exchange and the router's Forwarder, driven here as the ingress drives them, with real
+Serve handles to a real LLMServer (synthetic engine), left at each point a client can leave. Leaks here skew
+least_loaded routing for good and keep engines generating for nobody. Nothing here collects garbage by hand:
+a response dropped unsent is closed when it is freed.
 
 Each scenario runs in a Ray worker, as the Router's Forwarder does, not in this test process: a driver
 that has held Serve handles to an earlier module's cluster keeps Serve's handle machinery (its router
@@ -10,7 +11,6 @@ thread and long-poll clients) from then on, and its requests to this cluster cou
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 
 import pytest
@@ -21,6 +21,7 @@ from raystack.app import delete_stack, run_stack
 from raystack.config import backend_app_name, parse_config
 from raystack.observability.metrics import RouterMetrics
 from raystack.router.catalogue import Catalogue, registered_backends, serve_details
+from raystack.router.exchange import Exchange
 from raystack.router.forwarding import Forwarder
 from tests.integration.conftest import synthetic
 
@@ -40,11 +41,15 @@ async def settled(forwarder: Forwarder, handle, timeout_s: float = 10) -> tuple[
     """(the router's in-flight count, the engine's running count) once both are 0, or at the timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
-        gc.collect()
         running = (await asyncio.wait_for(handle.stats.remote(), 10))["running"]
         if (forwarder.in_flight[KEY] == 0 and running == 0) or time.monotonic() > deadline:
             return forwarder.in_flight[KEY], running
         await asyncio.sleep(0.2)
+
+
+def exchange(model, **body) -> Exchange:
+    """A request without an API key, as the ingress has checked it."""
+    return Exchange("chat", None, RouterMetrics(), body={**CHAT, **body}, requested="m", model=model)
 
 
 @ray.remote(num_cpus=0)
@@ -65,40 +70,47 @@ def scenario(handle, leave) -> tuple[int, int]:
 
 def test_a_stream_left_before_it_was_iterated(handle):
     async def leave(forwarder, model):
-        delivery = await forwarder.send(model, None, "m", "chat", dict(CHAT))
-        body = forwarder.relay(delivery)  # what the ingress returns; the client leaves before a byte is sent
+        request = exchange(model)
+        body = request.streamed(forwarder.relay(await forwarder.send(request)))  # what the ingress returns
         assert forwarder.in_flight[KEY] == 1
-        del delivery, body
+        del request, body  # the client left before a byte was sent: the response is dropped
 
     assert scenario(handle, leave) == (0, 0)
 
 
-def test_a_stream_left_after_some_chunks(handle):
+def test_a_stream_left_after_some_chunks_and_closed_again(handle):
     async def leave(forwarder, model):
-        body = forwarder.relay(await forwarder.send(model, None, "m", "chat", dict(CHAT)))
+        request = exchange(model)
+        body = request.streamed(forwarder.relay(await forwarder.send(request)))
         for _ in range(3):
             await body.__anext__()
         await body.aclose()
+        request.close()  # a second close acts no more: the slot was given back once
 
     assert scenario(handle, leave) == (0, 0)
 
 
 def test_a_request_left_while_waiting_for_its_first_token(handle):
     async def leave(forwarder, model):
-        opening = asyncio.ensure_future(forwarder.send(model, None, "m", "chat", dict(CHAT)))
+        request = exchange(model)
+        opening = asyncio.ensure_future(forwarder.send(request))
         await asyncio.sleep(0.1)  # the engine's first token is 300 ms away
         opening.cancel()
         with pytest.raises(asyncio.CancelledError):
             await opening
+        request.close()  # as the ingress does on its way out
+        assert request.delivery is None
 
     assert scenario(handle, leave) == (0, 0)
 
 
 def test_a_whole_answer_and_a_finished_stream(handle):
     async def leave(forwarder, model):
-        whole = await forwarder.send(model, None, "m", "chat", {**CHAT, "stream": False, "max_tokens": 3})
-        whole.finish(upstream_done=True)  # as the ingress does once it has the body
-        body = forwarder.relay(await forwarder.send(model, None, "m", "chat", {**CHAT, "max_tokens": 3}))
+        whole = exchange(model, stream=False, max_tokens=3)
+        await forwarder.send(whole)
+        await whole.answered_whole()
+        streamed = exchange(model, max_tokens=3)
+        body = streamed.streamed(forwarder.relay(await forwarder.send(streamed)))
         assert "".join([chunk async for chunk in body]).endswith("data: [DONE]\n\n")
 
     assert scenario(handle, leave) == (0, 0)

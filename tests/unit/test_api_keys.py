@@ -10,7 +10,8 @@ import pytest
 from raystack.app import build_router
 from raystack.config import ConfigError
 from raystack.router.auth import APIKeyError, APIKeys
-from raystack.router.quotas import LEASE_S, KeyLimits, QuotaLedger, Refusal, _refusal_error
+from raystack.router.ledger import LEASE_S, KeyLimits, OverLimit, QuotaLedger
+from raystack.router.quotas import over_limit_error
 from raystack.router.usage import Cost, day_start, stored_days, totals
 from raystack.protocol import OpenAIError
 
@@ -118,7 +119,7 @@ def test_limits_are_read_with_the_key_and_a_bad_one_is_refused_by_line():
 
 
 def ok(admission) -> bool:
-    """Admitted: the ledger answers with a lease (maybe empty), not a Refusal."""
+    """Admitted: the ledger answers with a lease (maybe empty), not an OverLimit."""
     return isinstance(admission, dict)
 
 
@@ -126,7 +127,7 @@ def test_the_ledger_counts_a_minute_of_requests_and_the_requests_in_flight():
     ledger = QuotaLedger("app", hold_s=600, store=None)
     per_minute = KeyLimits(requests_per_minute=3)
     assert all(ok(ledger.admit("a", per_minute, f"r{t}", now=t)) for t in (0, 10, 20))
-    assert ledger.admit("a", per_minute, "r30", now=30) == Refusal("requests_per_minute", 30)  # r0 leaves at 60
+    assert ledger.admit("a", per_minute, "r30", now=30) == OverLimit("requests_per_minute", 30)  # r0 leaves at 60
     assert ok(ledger.admit("b", per_minute, "other key", now=30))  # each key its own
     assert ok(ledger.admit("a", per_minute, "r60", now=60.5))
 
@@ -181,13 +182,13 @@ def test_budgets_count_a_utc_day_or_month_and_refuse_with_insufficient_quota():
     ledger.settle("a", "m1", "r1", Cost(400, 500), now=1, wall=day)
     assert ok(ledger.admit("a", daily, "r2", estimate=60, now=2, wall=day))  # 900 used, 60 more
     refusal = ledger.admit("a", daily, "r3", estimate=50, now=3, wall=day + 60)  # 900 + 60 (running) + 50
-    assert refusal == Refusal("tokens_per_day", 12 * 3600 - 60, budget=True)
+    assert refusal == OverLimit("tokens_per_day", 12 * 3600 - 60, budget=True)
     assert ok(ledger.admit("a", daily, "r3", estimate=50, now=4, wall=day + 12 * 3600))  # a new UTC day
     monthly = KeyLimits(tokens_per_month=1000)
     assert ledger.admit("a", monthly, "r4", now=5, wall=day + 6 * 3600).limit == "tokens_per_month"  # 900 + 110
     assert ok(ledger.admit("a", monthly, "r4", now=6, wall=day + 13 * 3600))  # December
 
-    err = _refusal_error("a", daily, refusal)
+    err = over_limit_error("a", daily, refusal)
     assert (err.status, err.body()["error"]["type"], err.code, err.param) == (
         429, "insufficient_quota", "insufficient_quota", "tokens_per_day")
     assert err.headers["Retry-After"] == str(12 * 3600 - 60) and "renews in 11 h 59 min" in err.message

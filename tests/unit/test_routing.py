@@ -6,16 +6,9 @@ import random
 from collections import Counter
 
 from raystack.config import Routing
-from raystack.router import policies
-from raystack.router.policies import (
-    POLICIES,
-    PREFIX_BLOCK_CHARS,
-    BackendLoad,
-    PrefixTable,
-    policy_for,
-    prefix_blocks,
-    prompt_text,
-)
+from raystack.protocol import prompt_text
+from raystack.router.policies import POLICIES, PREFIX_BLOCK_CHARS, BackendLoad, policy_for, prefix_blocks
+from raystack.router.routing_board import PrefixTable, RoutingBoard
 
 SYSTEM = "You are a careful assistant who answers questions about the Ascend NPU cluster. " * 3
 
@@ -47,7 +40,7 @@ def test_blocks_stop_at_prefix_chars_and_a_conversation_extends_its_own_prefix()
 def test_completion_prompts_route_by_text_or_token_ids():
     assert prompt_text("completion", {"prompt": "abc"}) == "abc"
     assert prompt_text("completion", {"prompt": [1, 2, 3]}) == "1 2 3"
-    assert prompt_text("completion", {"prompt": [[4, 5], [6]]}) == "4 5"
+    assert prompt_text("completion", {"prompt": [[4, 5], [6]]}).startswith("4 5")  # a batch: its first prompt first
 
 
 def test_prefix_table_returns_the_longest_match_and_forgets_the_oldest():
@@ -66,8 +59,9 @@ def loads(*specs: tuple[str, int, int | None]) -> list[BackendLoad]:
     return [BackendLoad(name, f"LLMServer-m-{name}", 1, in_flight, replicas) for name, in_flight, replicas in specs]
 
 
-def choose(policy: str, backends: list[BackendLoad], route=(), rng=random, **routing) -> str:
-    return policy_for({"policy": policy, "rng": rng, **routing}).choose_backend(backends, route)
+def choose(policy: str, backends: list[BackendLoad], route=(), rng=random, board=None, **routing) -> str:
+    settings = Routing(policy=policy, **routing)
+    return policy_for(settings, board or RoutingBoard(), rng).choose_backend(backends, route)
 
 
 def test_every_policy_the_config_accepts_is_registered():
@@ -83,13 +77,13 @@ def test_least_loaded_compares_requests_per_replica():
     assert 150 < ties["a"] < 250  # equal load: either, at random
 
 
-def test_prefix_affinity_keeps_the_matched_backend_within_the_slack(monkeypatch):
-    monkeypatch.setattr(policies, "PREFIXES", PrefixTable())
-    policies.PREFIXES.record((7, 8), "LLMServer-m-a", "r1")
+def test_prefix_affinity_keeps_the_matched_backend_within_the_slack():
+    board = RoutingBoard()
+    board.prefixes.record((7, 8), "LLMServer-m-a", "r1")
     two = loads(("a", 5, 1), ("b", 2, 1))
-    assert choose("prefix_affinity", two, route=(7, 8), affinity_slack=3) == "a"
-    assert choose("prefix_affinity", two, route=(7, 8), affinity_slack=2) == "b"
-    assert choose("prefix_affinity", two, route=(9,), affinity_slack=9) == "b"  # no match: least loaded
+    assert choose("prefix_affinity", two, route=(7, 8), affinity_slack=3, board=board) == "a"
+    assert choose("prefix_affinity", two, route=(7, 8), affinity_slack=2, board=board) == "b"
+    assert choose("prefix_affinity", two, route=(9,), affinity_slack=9, board=board) == "b"  # no match: least loaded
 
 
 def test_weighted_splits_by_weight_and_skips_weightless_backends():

@@ -1,4 +1,4 @@
-"""What an answer cost, read as it goes out (raystack.router.usage.Meter)."""
+"""What an answer cost, read as it goes out (raystack.router.metering.Meter)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from raystack.router.usage import Cost, Meter, ask_for_usage, estimate_prompt_tokens
+from raystack.router.metering import Meter, ask_for_usage, estimate_prompt_tokens
+from raystack.router.usage import Cost
 
 
 def event(data) -> str:
@@ -33,7 +34,7 @@ def relayed(meter: Meter, chunks: list[str]) -> str:
 def test_the_usage_chunk_the_router_asked_for_is_counted_and_taken_out():
     body = {"stream": True, "messages": [{"role": "user", "content": "x" * 40}]}
     assert ask_for_usage(body) is False and body["stream_options"] == {"include_usage": True}
-    meter = Meter(Cost(estimate_prompt_tokens(body)), client_wants_usage=False)
+    meter = Meter(Cost(estimate_prompt_tokens(len(json.dumps(body)))), client_wants_usage=False)
     # Chunks as replicas coalesce them: the last content event, the usage and [DONE] in one.
     out = relayed(meter, [CONTENT[0], CONTENT[1], CONTENT[2] + USAGE + DONE])
     assert out == "".join(CONTENT) + DONE
@@ -68,8 +69,8 @@ def test_an_error_event_marks_the_answer_failed_and_a_whole_answer_reads_its_usa
 
 
 def test_the_prompt_estimate_is_about_four_characters_a_token():
-    assert estimate_prompt_tokens({"prompt": "x" * 400}) == 101
-    assert 90 < estimate_prompt_tokens({"messages": [{"role": "user", "content": "y" * 360}]}) < 120
+    assert estimate_prompt_tokens(400) == 101
+    assert 90 < estimate_prompt_tokens(len(json.dumps({"messages": [{"role": "user", "content": "y" * 360}]}))) < 120
 
 
 def test_usage_report_arguments_and_table():

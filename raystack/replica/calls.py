@@ -1,0 +1,70 @@
+"""What crosses between a router process and an LLMServer replica: the call (Dispatch) and the first item of
+its answer (Opening). Both sides import this module; it holds no engine and no Serve state."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from raystack.engines.base import RequestKind
+
+
+@dataclass(eq=False)
+class Dispatch:
+    """One try of a request at a backend, as the router's Forwarder hands it to the backend's Serve handle.
+
+    The replica answers `kind` and `body`. `route` (the prompt's prefix blocks) and `avoid` (replicas that
+    failed this request already) are for Serve's request router, which picks the replica in the router's own
+    process (router/replica_choice.py) and writes down which one in `replica`, so that a try failing before
+    its answer opens is blamed on the right replica. Only kind and body are sent to the replica."""
+
+    kind: RequestKind
+    body: dict[str, Any]
+    route: tuple[int, ...] = ()
+    avoid: tuple[str, ...] = ()
+    replica: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"kind": self.kind, "body": self.body}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+
+@dataclass(frozen=True)
+class Opening:
+    """The first item of every answer: the replica answering, and either the whole JSON answer (status, body)
+    or the first SSE chunk of a stream. `failure`: what the engine said if it failed on its side before the
+    first token (a 5xx answer, or a stream whose first event is an error with a 5xx code, as vLLM streams its
+    failures: `data: {"error": {...}}`), else None; found once, by the replica (Opening.whole, .streamed)."""
+
+    replica: str
+    status: int | None = None
+    body: Any = None
+    chunk: str | None = None
+    failure: str | None = None
+
+    @classmethod
+    def whole(cls, replica: str, status: int, body: Any) -> Opening:
+        return cls(replica, status=status, body=body, failure=_error_message(body) if status >= 500 else None)
+
+    @classmethod
+    def streamed(cls, replica: str, chunk: str) -> Opening:
+        return cls(replica, chunk=chunk, failure=_stream_failure(chunk))
+
+
+def _stream_failure(chunk: str) -> str | None:
+    if not chunk.startswith('data: {"error"'):
+        return None
+    try:
+        error = json.loads(chunk.split("\n\n", 1)[0].removeprefix("data: "))["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return _error_message(error) if isinstance(code, int) and code >= 500 else None
+
+
+def _error_message(body: Any) -> str:
+    error = body.get("error", body) if isinstance(body, dict) else body
+    return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
