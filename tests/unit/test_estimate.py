@@ -213,6 +213,31 @@ def test_npu_types_and_explicit_hbm():
     assert (e.npu_type, e.hbm_gib, e.tensor_parallel) == ("Ascend950", 128, 1)
 
 
+@pytest.mark.parametrize("name, npu_type, hbm, per_node", [
+    # every name the estimate took before chips.py became its table, printed as before
+    ("Ascend910B", "Ascend910B", 64, 8), ("910b", "Ascend910B", 64, 8), ("Ascend-910B", "Ascend910B", 64, 8),
+    ("910b1", "Ascend910B1", 64, 8), ("Ascend910B2", "Ascend910B2", 64, 8), ("ascend 910b3", "Ascend910B3", 64, 8),
+    ("Ascend910B4", "Ascend910B4", 32, 8), ("910", "Ascend910", 32, 8), ("Ascend910", "Ascend910", 32, 8),
+    ("910c", "Ascend910_93", 64, 16), ("a3", "Ascend910_93", 64, 16), ("Ascend910_93", "Ascend910_93", 64, 16),
+    ("310p", "Ascend310P3", 24, 8), ("310p3", "Ascend310P3", 24, 8),
+    # 910A is named as the model it is (it was "Ascend910", the family); same size and note
+    ("910a", "Ascend910A", 32, 8),
+    # and the models chips.py knows a size for, which the estimate's own table lacked
+    ("910B4-1", "Ascend910B4-1", 64, 8), ("910B2C", "Ascend910B2C", 64, 8), ("Ascend910_9392", "Ascend910_9392", 64, 16),
+    ("910ProB", "Ascend910ProB", 32, 8), ("A2", "Ascend910B", 64, 8),
+])
+def test_npu_type_names(name, npu_type, hbm, per_node):
+    e = estimate(cfg("qwen3-14b"), name)
+    assert (e.npu_type, e.hbm_gib, e.npus_per_node) == (npu_type, hbm, per_node)
+
+
+@pytest.mark.parametrize("name", ["Ascend950", "310P1", "Ascend310P3vir04", "Ascend310B4", "A100"])
+def test_chips_of_no_nominal_size_need_hbm_gib(name):
+    with pytest.raises(EstimateError, match="known types: Ascend910B \\(64 GiB\\), Ascend910B4 \\(32 GiB\\)"):
+        estimate(cfg("qwen3-14b"), name)
+    assert estimate(cfg("qwen3-14b"), name, hbm_gib=48).hbm_gib == 48
+
+
 def test_multimodal_configs_use_the_text_model():
     nested = {"architectures": ["X"], "torch_dtype": "bfloat16", "text_config": cfg("qwen3-14b")}
     e = estimate(nested)
