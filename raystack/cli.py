@@ -184,11 +184,14 @@ def _estimate(args: argparse.Namespace) -> int:
     import json
 
     from raystack.cluster.estimate import EstimateError, estimate_source, format_estimate
+    from raystack.config import Backend
     from raystack.models.sources import ModelSourceError
 
+    default = Backend(name="estimate")  # a backend of the default engine, as a deploy config gets it
     try:
         size = estimate_source(args.model, Path(args.cache_dir) if args.cache_dir else None,
-                               npu_type=args.npu_type, max_model_len=args.max_model_len, hbm_gib=args.hbm_gib)
+                               npu_type=args.npu_type, max_model_len=args.max_model_len, hbm_gib=args.hbm_gib,
+                               gpu_memory_utilization=default.spec.memory_fraction(default))
     except (EstimateError, ModelSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -8,11 +8,12 @@ sequence and with the 2 GiB counted per NPU (each NPU runs its own worker, runti
     weights   = embedding params x dtype bytes + other params x weight bits / 8
     kv_cache  = kv bytes per token x max_model_len x (KV copies across tensor-parallel ranks)
     overhead  = 0.2 x weights + 2 GiB x NPUs
-    fits on NPUs = TP x PP  <=>  weights + kv_cache + overhead <= NPUs x HBM x 0.9
+    fits on NPUs = TP x PP  <=>  weights + kv_cache + overhead <= NPUs x HBM x memory fraction
 
 TP is the smallest power of two (1, 2, 4, 8, 16, at most one node's NPUs: TP all-reduces every layer
 and stays inside a node) that vLLM accepts for the model's heads and fits. When a node at the largest
-such TP is not enough, pipeline stages (usually one per node) are added until it fits.
+such TP is not enough, pipeline stages (usually one per node) are added until it fits. The memory fraction is
+the engine's (EngineSpec.memory_fraction: vLLM's gpu_memory_utilization, MindIE's npu_memory_fraction).
 
 An estimate, not a measurement: vLLM profiles the real peak at start-up. Everything that makes one
 rough is said in `SizeEstimate.notes`.
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 GIB = 1024**3
 WEIGHT_MARGIN = 0.2  # GPUStack's x1.2: activations, sampler and allocator slack, proportional to weights
 OVERHEAD_PER_NPU_GIB = 2.0  # GPUStack's +2 GiB (graph capture, runtime), counted on every NPU here
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default; the share of HBM vLLM lets itself use
 DEFAULT_NPU_TYPE = A2
 
 
@@ -143,7 +143,8 @@ def estimate(
     npus_per_node: int | None = None,
     name: str | None = None,
     dtype: str | None = None,
-    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    *,
+    gpu_memory_utilization: float,
 ) -> SizeEstimate:
     """Size a model (its config.json as a dict) for one NPU type; see the module docstring for the rule.
 
@@ -152,6 +153,7 @@ def estimate(
     max_model_len: the context to size the KV cache for; default: the model's (as vLLM derives it).
     npus_per_node: caps TP (default: per NPU type, 8; 16 on A3).
     dtype: the engine's dtype argument (auto, bfloat16, float16, float32); default auto.
+    gpu_memory_utilization: the share of each NPU's HBM the engine takes (EngineSpec.memory_fraction).
     """
     notes: list[str] = []
     cfg = language_config(config)
@@ -264,7 +266,7 @@ def _weights(cfg: dict[str, Any], dtype_bytes: int, notes: list[str]) -> tuple[i
 
 
 def min_hbm_gib(config: dict[str, Any], tensor: int, pipeline: int, max_model_len: int | None = None,
-                dtype: str | None = None, memory_fraction: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> float:
+                dtype: str | None = None, *, memory_fraction: float) -> float:
     """The HBM each NPU of a tensor x pipeline replica needs, by estimate()'s rule: its share of the weights
     x (1 + WEIGHT_MARGIN) and of one max_model_len sequence's KV cache, plus OVERHEAD_PER_NPU_GIB, all
     within `memory_fraction` of the NPU's HBM (vLLM's gpu_memory_utilization, MindIE's NPU_MEMORY_FRACTION)."""
@@ -280,8 +282,7 @@ def min_hbm_gib(config: dict[str, Any], tensor: int, pipeline: int, max_model_le
                     memory_fraction)
 
 
-def min_hbm_gib_for_weights(weights_gib: float, tensor: int, pipeline: int,
-                            memory_fraction: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> float:
+def min_hbm_gib_for_weights(weights_gib: float, tensor: int, pipeline: int, memory_fraction: float) -> float:
     """The HBM each NPU of a tensor x pipeline replica needs when only the checkpoint's size is known (no
     config.json to read the KV cache from): GPUStack's rule, weights x (1 + WEIGHT_MARGIN) split evenly over
     the NPUs, plus OVERHEAD_PER_NPU_GIB on each, within `memory_fraction` of its HBM. The KV cache is what

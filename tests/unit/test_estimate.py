@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from raystack.cluster import estimate as est
-from raystack.cluster.estimate import EstimateError, estimate, format_estimate
+from raystack.cluster.estimate import EstimateError, format_estimate
+from raystack.engines.vllm import GPU_MEMORY_UTILIZATION
 from raystack.models import embedded
 from raystack.models.shape import count_parameters, kv_cache_bytes_per_token, model_max_len, tensor_parallel_options
 from raystack.models.sources import ModelSourceError, model_config
@@ -22,6 +23,11 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs"
 
 def cfg(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def estimate(config: dict, *args, **kwargs) -> est.SizeEstimate:
+    """The estimate for a vLLM backend that leaves gpu_memory_utilization unset, as `raystack estimate` sizes."""
+    return est.estimate(config, *args, **{"gpu_memory_utilization": GPU_MEMORY_UTILIZATION, **kwargs})
 
 
 # ------------------------------------------------------------------------------ parameter counts
@@ -271,7 +277,8 @@ def test_as_dict_has_the_derived_numbers():
 def test_local_directory(tmp_path):
     (tmp_path / "config.json").write_text((FIXTURES / "qwen3-14b.json").read_text())
     assert model_config(str(tmp_path), tmp_path / "cache") == cfg("qwen3-14b")
-    e = est.estimate_source(str(tmp_path), tmp_path / "cache", max_model_len=4096)
+    e = est.estimate_source(str(tmp_path), tmp_path / "cache", max_model_len=4096,
+                            gpu_memory_utilization=GPU_MEMORY_UTILIZATION)
     assert (e.model, e.tensor_parallel) == (str(tmp_path), 1)
 
 
