@@ -27,8 +27,8 @@ What `raystack estimate` sizes for when told only a name (NOMINAL): the family's
 node and the HBM of its usual chip, where the family has one nominal size: Atlas 800I/800T A2, 8 NPUs of
 64 GiB (910B1..B3; a named model has its own size, 910B4 32); Atlas A3, 16 dies of 64 GiB; Atlas 800 of
 the first 910 generation, 8 NPUs of 32 GiB; Atlas 300I Duo cards, 8 NPUs of 24 GiB (a 48 GB card is two
-310P3 chips). Families are also called by vllm-ascend's device types (AscendDeviceType A2, A3, _310P in
-vllm_ascend/utils.py) and A3's chip by its name, 910C.
+310P3 chips). Families are also called by vllm-ascend's device types (AscendDeviceType A2, A3, _310P:
+vllm_ascend/utils.py in 0.23.0.post1) and A3's chip by its name, 910C.
 """
 
 from __future__ import annotations

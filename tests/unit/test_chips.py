@@ -46,7 +46,7 @@ def test_nominal_sizes_a_family_by_its_usual_server_and_a_model_by_its_own_size(
     assert (b4.chip, b4.hbm_gib, b4.npus_per_node) == ("Ascend910B4", 32, 8)
     die = nominal("Ascend910_9392")
     assert (die.chip, die.hbm_gib, die.npus_per_node, die.note) == ("Ascend910_9392", 64, 16, NOMINAL[A3].note)
-    assert nominal("310P3") == NOMINAL[P310]  # the Duo's chip, whose size the 310P family has no other of
+    assert nominal("310P3") == NOMINAL[P310]  # the Duo's chip: the one 310P model with a size
     assert [nominal(n) for n in ("310P1", "Ascend950", "Ascend310B4", "xxx", "H800")] == [None] * 5
 
 
