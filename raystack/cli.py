@@ -184,11 +184,14 @@ def _estimate(args: argparse.Namespace) -> int:
     import json
 
     from raystack.cluster.estimate import EstimateError, estimate_source, format_estimate
+    from raystack.config import Backend
     from raystack.models.sources import ModelSourceError
 
+    default = Backend(name="estimate")  # a backend of the default engine, as a deploy config gets it
     try:
         size = estimate_source(args.model, Path(args.cache_dir) if args.cache_dir else None,
-                               npu_type=args.npu_type, max_model_len=args.max_model_len, hbm_gib=args.hbm_gib)
+                               npu_type=args.npu_type, max_model_len=args.max_model_len, hbm_gib=args.hbm_gib,
+                               gpu_memory_utilization=default.spec.memory_fraction(default))
     except (EstimateError, ModelSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -251,6 +254,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raystack.cluster.estimate import DEFAULT_NPU_TYPE
+
     parser = argparse.ArgumentParser(prog="raystack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -277,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     estimate = sub.add_parser("estimate", help="size a model: weights, KV cache, NPUs per replica")
     estimate.add_argument("model", help="model source: embedded id, local path, modelscope://Org/Name, hf://Org/Name")
-    estimate.add_argument("--npu-type", default="Ascend910B", help="default: Ascend910B")
+    estimate.add_argument("--npu-type", default=DEFAULT_NPU_TYPE, help=f"default: {DEFAULT_NPU_TYPE}")
     estimate.add_argument("--max-model-len", type=int, help="context to size the KV cache for (default: the model's)")
     estimate.add_argument("--hbm-gib", type=float, help="HBM per NPU, for a type raystack does not know")
     estimate.add_argument("--cache-dir")

@@ -20,12 +20,21 @@ the SoC name Ray registers (`acl.get_soc_name()`: "Ascend910B2C", "Ascend910_939
 HBM per NPU (one chip, one die on A3), nominal GiB: 910B1/B2/B2C/B3 64, 910B4 32 (npu-smi shows /32768;
 vllm-ascend issue #129), 910B4-1 64 (npu-smi /65536; HAMi-WebUI issue #47), A3 64 per die, 910 gen 1 32
 (mind-cluster FaultDiag RATED_HBM_DICT). 310P, 310B and 950 vary by product: measure (npu-smi) instead.
+Sizes are GB on Huawei's product pages, taken as GiB here; the driver keeps a little for itself, which the
+engine's memory fraction absorbs.
+
+What `raystack estimate` sizes for when told only a name (NOMINAL): the family's usual server, its NPUs per
+node and the HBM of its usual chip, where the family has one nominal size: Atlas 800I/800T A2, 8 NPUs of
+64 GiB (910B1..B3; a named model has its own size, 910B4 32); Atlas A3, 16 dies of 64 GiB; Atlas 800 of
+the first 910 generation, 8 NPUs of 32 GiB; Atlas 300I Duo cards, 8 NPUs of 24 GiB (a 48 GB card is two
+310P3 chips). Families are also called by vllm-ascend's device types (AscendDeviceType A2, A3, _310P:
+vllm_ascend/utils.py in 0.23.0.post1) and A3's chip by its name, 910C.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Node labels: Ray's own accelerator type (the model, as acl names it), and raystack's family and HBM.
 ACCELERATOR_LABEL = "ray.io/accelerator-type"
@@ -42,6 +51,32 @@ MODEL_HBM_GIB = {
     **{f"Ascend910_93{n}": 64 for n in ("91", "92", "81", "82", "72", "62", "63")},
     **{f"Ascend910{m}": 32 for m in ("A", "ProA", "PremiumA", "ProB", "B")},
 }
+
+
+@dataclass(frozen=True)
+class Nominal:
+    """An NPU as `raystack estimate` sizes for it when told only its name (module docstring): the chip, its
+    HBM per NPU, the NPUs of its usual server, and what to know when sizing for it."""
+
+    chip: str  # the family, or the model when the name says one
+    hbm_gib: float
+    npus_per_node: int
+    note: str = ""
+
+
+# Per family with one nominal size: its usual server. The chip is the family's name, or the model that
+# has the size (310P: the Duo's 310P3).
+NOMINAL = {
+    A2: Nominal(A2, 64, 8),
+    A3: Nominal(A3, 64, 16, "Ascend910_93 (A3): 64 GiB per die; each 910C chip is two dies, two NPUs"),
+    GEN1: Nominal(GEN1, 32, 8, "Ascend910 (910A): not supported by vllm-ascend (its FAQ lists A2, A3, 300I Duo); "
+                               "for reference"),
+    P310: Nominal("Ascend310P3", 24, 8, "Ascend310P3: 24 GiB per chip; an Atlas 300I Duo card (48 GB) is two "
+                                        "chips, i.e. two NPUs (experimental in vllm-ascend)"),
+}
+
+# Other names of families (compact, upper case): vllm-ascend's device types, and A3's chip.
+_FAMILY_NAMES = {"A2": A2, "A3": A3, "910C": A3}
 
 # The sizes raystack labels nodes with (`raystack.io/npu-hbm-gib`): a measured size is rounded up to the
 # next of these, so label selectors can match "at least N GiB" as `in(...)` of the sizes above N.
@@ -73,9 +108,14 @@ class Chip:
         return MODEL_HBM_GIB.get(self.model or "")
 
 
+def _compact(name: str) -> str:
+    """A name as the tables match it: no white space, upper case, no "Ascend" prefix."""
+    return "".join(name.split()).upper().removeprefix("ASCEND")
+
+
 def parse_chip(name: str) -> Chip | None:
     """The chip a name means, or None for a placeholder (`xxx`, `-`, `Mcu`) or a name of no Ascend NPU."""
-    compact = "".join(name.split()).upper().removeprefix("ASCEND")
+    compact = _compact(name)
     if compact in _PLACEHOLDERS or "XXX" in compact:
         return None
     for pattern, family, model in _PATTERNS:
@@ -87,10 +127,27 @@ def parse_chip(name: str) -> Chip | None:
 
 def family_of(requested: str) -> str | None:
     """A deploy config's `accelerator.type` when it names a family ("Ascend910B", "910B", "Ascend910_93",
-    "310P"); None when it names a model or nothing known. "Ascend910B" is the A2 family here, as deploy
-    configs mean it (the gen-1 part of that SoC name is not something vllm-ascend or MindIE support)."""
-    compact = "".join(requested.split()).upper().removeprefix("ASCEND")
-    return next((f for f in FAMILIES if f.upper().removeprefix("ASCEND") == compact), None)
+    "310P", "A3", "910C"); None when it names a model or nothing known. "Ascend910B" is the A2 family here, as
+    deploy configs mean it (the gen-1 part of that SoC name is not something vllm-ascend or MindIE support)."""
+    compact = _compact(requested)
+    return next((f for f in FAMILIES if _compact(f) == compact), None) or _FAMILY_NAMES.get(compact)
+
+
+def nominal(name: str) -> Nominal | None:
+    """What `raystack estimate` sizes for when told `name`: a family by its usual server, a model by its own
+    size on its family's server; None for a chip of no nominal size. A family is looked for first, as in
+    family_of ("910B" is the A2 family); '-' may also be left out ("Ascend-910B")."""
+    for candidate in dict.fromkeys((name, name.replace("-", ""))):
+        family = family_of(candidate)
+        if family in NOMINAL:
+            return NOMINAL[family]
+        chip = parse_chip(candidate)
+        usual = NOMINAL.get(chip.family) if chip else None
+        if usual and chip.model is None:
+            return usual  # the name says the family only (A2G<n>)
+        if usual and (chip.hbm_gib or chip.model == usual.chip):
+            return replace(usual, chip=chip.model, hbm_gib=chip.hbm_gib or usual.hbm_gib)
+    return None
 
 
 def hbm_tier(measured_gib: float) -> int:

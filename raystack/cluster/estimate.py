@@ -8,11 +8,12 @@ sequence and with the 2 GiB counted per NPU (each NPU runs its own worker, runti
     weights   = embedding params x dtype bytes + other params x weight bits / 8
     kv_cache  = kv bytes per token x max_model_len x (KV copies across tensor-parallel ranks)
     overhead  = 0.2 x weights + 2 GiB x NPUs
-    fits on NPUs = TP x PP  <=>  weights + kv_cache + overhead <= NPUs x HBM x 0.9
+    fits on NPUs = TP x PP  <=>  weights + kv_cache + overhead <= NPUs x HBM x memory fraction
 
 TP is the smallest power of two (1, 2, 4, 8, 16, at most one node's NPUs: TP all-reduces every layer
 and stays inside a node) that vLLM accepts for the model's heads and fits. When a node at the largest
-such TP is not enough, pipeline stages (usually one per node) are added until it fits.
+such TP is not enough, pipeline stages (usually one per node) are added until it fits. The memory fraction is
+the engine's (EngineSpec.memory_fraction: vLLM's gpu_memory_utilization, MindIE's npu_memory_fraction).
 
 An estimate, not a measurement: vLLM profiles the real peak at start-up. Everything that makes one
 rough is said in `SizeEstimate.notes`.
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from raystack.cluster.chips import A2, MODEL_HBM_GIB, NOMINAL, Nominal, family_of, nominal, parse_chip
 from raystack.models.shape import (
     ModelShapeError,
     count_parameters,
@@ -48,39 +50,12 @@ logger = logging.getLogger(__name__)
 GIB = 1024**3
 WEIGHT_MARGIN = 0.2  # GPUStack's x1.2: activations, sampler and allocator slack, proportional to weights
 OVERHEAD_PER_NPU_GIB = 2.0  # GPUStack's +2 GiB (graph capture, runtime), counted on every NPU here
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default; the share of HBM vLLM lets itself use
-DEFAULT_NPU_TYPE = "Ascend910B"
+DEFAULT_NPU_TYPE = A2
 
 
 class EstimateError(ValueError):
     """A config or NPU type the estimate cannot work with; the message names what and the fix."""
 
-
-@dataclass(frozen=True)
-class NpuSpec:
-    hbm_gib: float  # per NPU device, i.e. per entry in `npu-smi info`
-    npus_per_node: int  # in the usual server for this chip
-    note: str = ""
-
-
-# Nominal HBM per NPU device from Huawei's product pages (GB there, taken as GiB here; the driver keeps
-# a little for itself, which gpu_memory_utilization 0.9 absorbs). Measure with `npu-smi info` when in doubt.
-NPU_TYPES: dict[str, NpuSpec] = {
-    "Ascend910B": NpuSpec(64, 8),  # the 910B1/B2/B3 family, Atlas 800I/800T A2
-    "Ascend910B1": NpuSpec(64, 8),
-    "Ascend910B2": NpuSpec(64, 8),
-    "Ascend910B3": NpuSpec(64, 8),
-    "Ascend910B4": NpuSpec(32, 8),
-    "Ascend910": NpuSpec(  # 910A / 910 Pro B
-        32, 8, "Ascend910 (910A): not supported by vllm-ascend (its FAQ lists A2, A3, 300I Duo); for reference"
-    ),
-    "Ascend310P3": NpuSpec(
-        24, 8, "Ascend310P3: 24 GiB per chip; an Atlas 300I Duo card (48 GB) is two chips, i.e. two NPUs "
-        "(experimental in vllm-ascend)"
-    ),
-    "Ascend910_93": NpuSpec(64, 16, "Ascend910_93 (A3): 64 GiB per die; each 910C chip is two dies, two NPUs"),
-}
-_ALIASES = {"910a": "Ascend910", "910c": "Ascend910_93", "a3": "Ascend910_93", "310p": "Ascend310P3"}
 
 @dataclass(frozen=True)
 class SizeEstimate:
@@ -135,19 +110,29 @@ class SizeEstimate:
         return d
 
 
-def npu_spec(npu_type: str) -> tuple[str, NpuSpec]:
-    """The canonical name and spec of an NPU type; case, `-` and the `Ascend` prefix do not matter."""
-    key = npu_type.strip().lower().replace("-", "").replace(" ", "").removeprefix("ascend")
-    for name, spec in NPU_TYPES.items():
-        if key == name.lower().removeprefix("ascend"):
-            return name, spec
-    if key in _ALIASES:
-        return _ALIASES[key], NPU_TYPES[_ALIASES[key]]
-    known = ", ".join(f"{name} ({spec.hbm_gib:g} GiB)" for name, spec in NPU_TYPES.items())
+def npu_spec(npu_type: str) -> Nominal:
+    """The chip an NPU type names, as chips.nominal sizes it; case, white space and the `Ascend` prefix do not
+    matter."""
+    found = nominal(npu_type)
+    if found:
+        return found
     raise EstimateError(
-        f"unknown NPU type {npu_type!r}; known types: {known}. For another chip give its HBM per NPU "
+        f"unknown NPU type {npu_type!r}; known types: {_known_types()}. For another chip give its HBM per NPU "
         f"explicitly (--hbm-gib, as `npu-smi info` shows it)"
     )
+
+
+def _known_types() -> str:
+    """Each family chips.NOMINAL sizes, with its models whose size differs from the family's; the others by
+    example."""
+    listed, examples = [], []
+    for family, usual in NOMINAL.items():
+        models = [m for m in MODEL_HBM_GIB if parse_chip(m).family == family and not family_of(m)]
+        listed.append(f"{usual.chip} ({usual.hbm_gib:g} GiB)")
+        listed += [f"{m} ({MODEL_HBM_GIB[m]:g} GiB)" for m in models if MODEL_HBM_GIB[m] != usual.hbm_gib]
+        examples += [m for m in models if MODEL_HBM_GIB[m] == usual.hbm_gib][:1]
+    return f"{', '.join(listed)}, and the other models of these families at their family's size (e.g. " \
+           f"{', '.join(examples)})"
 
 
 def estimate(
@@ -158,14 +143,17 @@ def estimate(
     npus_per_node: int | None = None,
     name: str | None = None,
     dtype: str | None = None,
-    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    *,
+    gpu_memory_utilization: float,
 ) -> SizeEstimate:
     """Size a model (its config.json as a dict) for one NPU type; see the module docstring for the rule.
 
-    npu_type: a key of NPU_TYPES (or an alias like 910B4); any name when hbm_gib is given; None: Ascend910B.
+    npu_type: a family or model chips.nominal knows (Ascend910B, 910B4, a3, ...); any name when hbm_gib is given;
+    None: Ascend910B.
     max_model_len: the context to size the KV cache for; default: the model's (as vLLM derives it).
     npus_per_node: caps TP (default: per NPU type, 8; 16 on A3).
     dtype: the engine's dtype argument (auto, bfloat16, float16, float32); default auto.
+    gpu_memory_utilization: the share of each NPU's HBM the engine takes (EngineSpec.memory_fraction).
     """
     notes: list[str] = []
     cfg = language_config(config)
@@ -182,15 +170,12 @@ def estimate(
     if hbm_gib is not None:
         if hbm_gib <= 0:
             raise EstimateError(f"hbm_gib must be positive, got {hbm_gib}")
-        spec = NpuSpec(hbm_gib, 8)
-        try:
-            npu_type, known = npu_spec(npu_type)
-            spec = NpuSpec(hbm_gib, known.npus_per_node, known.note)
-        except EstimateError:
-            pass
+        known = nominal(npu_type)
+        spec = replace(known, hbm_gib=hbm_gib) if known else Nominal(npu_type, hbm_gib, 8)  # 8 NPUs: most servers'
         notes.append(f"HBM per NPU given explicitly: {hbm_gib:g} GiB")
     else:
-        npu_type, spec = npu_spec(npu_type)
+        spec = npu_spec(npu_type)
+    npu_type = spec.chip
     if spec.note:
         notes.append(spec.note)
     per_node = npus_per_node or spec.npus_per_node
@@ -281,7 +266,7 @@ def _weights(cfg: dict[str, Any], dtype_bytes: int, notes: list[str]) -> tuple[i
 
 
 def min_hbm_gib(config: dict[str, Any], tensor: int, pipeline: int, max_model_len: int | None = None,
-                dtype: str | None = None, memory_fraction: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> float:
+                dtype: str | None = None, *, memory_fraction: float) -> float:
     """The HBM each NPU of a tensor x pipeline replica needs, by estimate()'s rule: its share of the weights
     x (1 + WEIGHT_MARGIN) and of one max_model_len sequence's KV cache, plus OVERHEAD_PER_NPU_GIB, all
     within `memory_fraction` of the NPU's HBM (vLLM's gpu_memory_utilization, MindIE's NPU_MEMORY_FRACTION)."""
@@ -297,8 +282,7 @@ def min_hbm_gib(config: dict[str, Any], tensor: int, pipeline: int, max_model_le
                     memory_fraction)
 
 
-def min_hbm_gib_for_weights(weights_gib: float, tensor: int, pipeline: int,
-                            memory_fraction: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> float:
+def min_hbm_gib_for_weights(weights_gib: float, tensor: int, pipeline: int, memory_fraction: float) -> float:
     """The HBM each NPU of a tensor x pipeline replica needs when only the checkpoint's size is known (no
     config.json to read the KV cache from): GPUStack's rule, weights x (1 + WEIGHT_MARGIN) split evenly over
     the NPUs, plus OVERHEAD_PER_NPU_GIB on each, within `memory_fraction` of its HBM. The KV cache is what

@@ -131,7 +131,7 @@ def _config_here(source: str, src: sources.ModelSource, cache_dir: Path, report:
 
 def _from_config(config: dict, backends: list[Backend], where: str) -> list[HBMNeed]:
     return [HBMNeed(min_hbm_gib(config, b.parallel.tensor, b.parallel.pipeline, b.max_model_len,
-                                b.engine_args.get("dtype"), b.spec.memory_fraction(b)), where)
+                                b.engine_args.get("dtype"), memory_fraction=b.spec.memory_fraction(b)), where)
             for b in backends]
 
 

@@ -153,8 +153,12 @@ def _honours_any_router(backend: Backend, router: RouterConfig) -> list[str]:
     return []
 
 
-def _nine_tenths(backend: Backend) -> float:
-    return 0.9
+def _as_vllm(backend: Backend) -> float:
+    """An engine that does not say how much HBM it takes is sized as a backend of the default engine, vLLM,
+    that leaves gpu_memory_utilization unset."""
+    from raystack.engines.vllm import GPU_MEMORY_UTILIZATION
+
+    return GPU_MEMORY_UTILIZATION
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,7 @@ class EngineSpec:
     # Where a `device: npu` replica runs; CPU replicas hold only their CPUs.
     placement: Callable[[Backend], Placement] = rank_per_npu
     # The share of each NPU's HBM the engine takes (what `raystack estimate`'s rule sizes within).
-    memory_fraction: Callable[[Backend], float] = _nine_tenths
+    memory_fraction: Callable[[Backend], float] = _as_vllm
     # A request field the backend cannot honour (tools it has no parser for, say): the router sends such a
     # request to the model's other backends, or answers 400 with the Refusal, instead of letting the
     # engine drop the field silently. Given the request as parsed (protocol.parse_request).

@@ -4,7 +4,8 @@ torch_npu's SoC table (raystack/cluster/chips.py cites each)."""
 
 import pytest
 
-from raystack.cluster.chips import A2, A3, A5, B310, GEN1, P310, family_of, hbm_tier, parse_chip, tiers_at_least
+from raystack.cluster.chips import (A2, A3, A5, B310, GEN1, NOMINAL, P310, family_of, hbm_tier, nominal, parse_chip,
+                                    tiers_at_least)
 
 
 @pytest.mark.parametrize("name, family, model, hbm", [
@@ -36,6 +37,17 @@ def test_placeholders_and_other_chips_are_not_ascend_chips(name):
 def test_deploy_configs_name_families_or_models():
     assert [family_of(t) for t in ("Ascend910B", "910B", "Ascend910_93", "310P", "Ascend910B3")] == [
         A2, A2, A3, P310, None]
+    assert [family_of(t) for t in ("A2", "a3", "910C", "Ascend 910c")] == [A2, A3, A3, A3]  # vllm-ascend's names
+
+
+def test_nominal_sizes_a_family_by_its_usual_server_and_a_model_by_its_own_size():
+    assert nominal("910B") == NOMINAL[A2] and nominal("910C") == NOMINAL[A3] and nominal("310P") == NOMINAL[P310]
+    b4 = nominal("Ascend910B4")
+    assert (b4.chip, b4.hbm_gib, b4.npus_per_node) == ("Ascend910B4", 32, 8)
+    die = nominal("Ascend910_9392")
+    assert (die.chip, die.hbm_gib, die.npus_per_node, die.note) == ("Ascend910_9392", 64, 16, NOMINAL[A3].note)
+    assert nominal("310P3") == NOMINAL[P310]  # the Duo's chip: the one 310P model with a size
+    assert [nominal(n) for n in ("310P1", "Ascend950", "Ascend310B4", "xxx", "H800")] == [None] * 5
 
 
 def test_hbm_labels_are_tiers_so_selectors_can_ask_for_at_least():

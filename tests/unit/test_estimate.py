@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from raystack.cluster import estimate as est
-from raystack.cluster.estimate import EstimateError, estimate, format_estimate
+from raystack.cluster.estimate import EstimateError, format_estimate
+from raystack.engines.vllm import GPU_MEMORY_UTILIZATION
 from raystack.models import embedded
 from raystack.models.shape import count_parameters, kv_cache_bytes_per_token, model_max_len, tensor_parallel_options
 from raystack.models.sources import ModelSourceError, model_config
@@ -22,6 +23,11 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs"
 
 def cfg(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def estimate(config: dict, *args, **kwargs) -> est.SizeEstimate:
+    """The estimate for a vLLM backend that leaves gpu_memory_utilization unset, as `raystack estimate` sizes."""
+    return est.estimate(config, *args, **{"gpu_memory_utilization": GPU_MEMORY_UTILIZATION, **kwargs})
 
 
 # ------------------------------------------------------------------------------ parameter counts
@@ -213,6 +219,31 @@ def test_npu_types_and_explicit_hbm():
     assert (e.npu_type, e.hbm_gib, e.tensor_parallel) == ("Ascend950", 128, 1)
 
 
+@pytest.mark.parametrize("name, npu_type, hbm, per_node", [
+    # every name the estimate took before chips.py became its table, printed as before
+    ("Ascend910B", "Ascend910B", 64, 8), ("910b", "Ascend910B", 64, 8), ("Ascend-910B", "Ascend910B", 64, 8),
+    ("910b1", "Ascend910B1", 64, 8), ("Ascend910B2", "Ascend910B2", 64, 8), ("ascend 910b3", "Ascend910B3", 64, 8),
+    ("Ascend910B4", "Ascend910B4", 32, 8), ("910", "Ascend910", 32, 8), ("Ascend910", "Ascend910", 32, 8),
+    ("910c", "Ascend910_93", 64, 16), ("a3", "Ascend910_93", 64, 16), ("Ascend910_93", "Ascend910_93", 64, 16),
+    ("310p", "Ascend310P3", 24, 8), ("310p3", "Ascend310P3", 24, 8),
+    # 910A is named as the model it is (it was "Ascend910", the family); same size and note
+    ("910a", "Ascend910A", 32, 8),
+    # and the models chips.py knows a size for, which the estimate's own table lacked
+    ("910B4-1", "Ascend910B4-1", 64, 8), ("910B2C", "Ascend910B2C", 64, 8), ("Ascend910_9392", "Ascend910_9392", 64, 16),
+    ("910ProB", "Ascend910ProB", 32, 8), ("A2", "Ascend910B", 64, 8),
+])
+def test_npu_type_names(name, npu_type, hbm, per_node):
+    e = estimate(cfg("qwen3-14b"), name)
+    assert (e.npu_type, e.hbm_gib, e.npus_per_node) == (npu_type, hbm, per_node)
+
+
+@pytest.mark.parametrize("name", ["Ascend950", "310P1", "Ascend310P3vir04", "Ascend310B4", "A100"])
+def test_chips_of_no_nominal_size_need_hbm_gib(name):
+    with pytest.raises(EstimateError, match="known types: Ascend910B \\(64 GiB\\), Ascend910B4 \\(32 GiB\\)"):
+        estimate(cfg("qwen3-14b"), name)
+    assert estimate(cfg("qwen3-14b"), name, hbm_gib=48).hbm_gib == 48
+
+
 def test_multimodal_configs_use_the_text_model():
     nested = {"architectures": ["X"], "torch_dtype": "bfloat16", "text_config": cfg("qwen3-14b")}
     e = estimate(nested)
@@ -246,7 +277,8 @@ def test_as_dict_has_the_derived_numbers():
 def test_local_directory(tmp_path):
     (tmp_path / "config.json").write_text((FIXTURES / "qwen3-14b.json").read_text())
     assert model_config(str(tmp_path), tmp_path / "cache") == cfg("qwen3-14b")
-    e = est.estimate_source(str(tmp_path), tmp_path / "cache", max_model_len=4096)
+    e = est.estimate_source(str(tmp_path), tmp_path / "cache", max_model_len=4096,
+                            gpu_memory_utilization=GPU_MEMORY_UTILIZATION)
     assert (e.model, e.tensor_parallel) == (str(tmp_path), 1)
 
 

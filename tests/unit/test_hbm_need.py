@@ -16,6 +16,7 @@ from raystack.app import build_backend
 from raystack.cluster.estimate import min_hbm_gib
 from raystack.cluster.hbm_need import hbm_needs
 from raystack.config import ConfigError, Model
+from raystack.engines.vllm import GPU_MEMORY_UTILIZATION
 from tests import FIXTURES, prime_model_configs
 from tests.hub_standin import HubStandIn
 
@@ -64,14 +65,14 @@ def test_a_config_json_in_the_cache_sizes_the_replica_by_the_estimate(tmp_path, 
     cache = prime_model_configs(tmp_path)
     found = need("modelscope://Qwen/Qwen3-14B", cache, parallelism={"tensor": 2})
     assert found.source == "config.json in the cache"
-    assert found.gib == pytest.approx(min_hbm_gib(QWEN3_14B, 2, 1, 32768))
+    assert found.gib == pytest.approx(min_hbm_gib(QWEN3_14B, 2, 1, 32768, memory_fraction=GPU_MEMORY_UTILIZATION))
 
 
 def test_a_config_json_not_cached_is_fetched_from_the_hub_and_kept(tmp_path, hub):
     hub_name = "hf"  # the stand-in answers ModelScope's file list, not its file downloads
     found = need(f"{hub_name}://Org/Qwen3-14B", tmp_path)
     assert found.source == "config.json from the hub"
-    assert found.gib == pytest.approx(min_hbm_gib(QWEN3_14B, 1, 1, 32768))
+    assert found.gib == pytest.approx(min_hbm_gib(QWEN3_14B, 1, 1, 32768, memory_fraction=GPU_MEMORY_UTILIZATION))
     assert json.loads((tmp_path / "configs" / hub_name / "Org/Qwen3-14B/config.json").read_text()) == QWEN3_14B
     assert hub.downloads("Org/Qwen3-14B", "model-00001-of-00002.safetensors") == 0  # never the weights
     assert need(f"{hub_name}://Org/Qwen3-14B", tmp_path).source == "config.json in the cache"  # next time
