@@ -153,12 +153,10 @@ def _honours_any_router(backend: Backend, router: RouterConfig) -> list[str]:
     return []
 
 
-def _as_vllm(backend: Backend) -> float:
-    """An engine that does not say how much HBM it takes is sized as a backend of the default engine, vLLM,
-    that leaves gpu_memory_utilization unset."""
-    from raystack.engines.vllm import GPU_MEMORY_UTILIZATION
-
-    return GPU_MEMORY_UTILIZATION
+def _as_the_default_engine(backend: Backend) -> float:
+    """An engine that does not say how much HBM it takes is sized as the default engine sizes a backend (vLLM:
+    its gpu_memory_utilization, which a backend of another engine does not set)."""
+    return engine_spec(DEFAULT_ENGINE).memory_fraction(backend)
 
 
 @dataclass(frozen=True)
@@ -256,7 +254,7 @@ class EngineSpec:
     # Where a `device: npu` replica runs; CPU replicas hold only their CPUs.
     placement: Callable[[Backend], Placement] = rank_per_npu
     # The share of each NPU's HBM the engine takes (what `raystack estimate`'s rule sizes within).
-    memory_fraction: Callable[[Backend], float] = _as_vllm
+    memory_fraction: Callable[[Backend], float] = _as_the_default_engine
     # A request field the backend cannot honour (tools it has no parser for, say): the router sends such a
     # request to the model's other backends, or answers 400 with the Refusal, instead of letting the
     # engine drop the field silently. Given the request as parsed (protocol.parse_request).
