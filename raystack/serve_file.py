@@ -5,8 +5,9 @@ A router application (`raystack.app:build_router`) and the backend applications 
 (`raystack.app:build_backend`, `router:` its name) make one service, assembled here as a RaystackConfig
 so that everything checked across backends (config/rules.py, as the running router checks them too) is
 checked before anything deploys: names, a model's backends agreeing on it, the key variable withheld from
-every backend. Here too: a backend is not exposed over HTTP (its route prefix must be null: the router is
-the only way in, with its keys and limits).
+every backend. Here too: a backend application is named `<router>.<model>.<backend>`
+(config.backend_app_name, as run_stack names it), and is not exposed over HTTP (its route prefix must be
+null: the router is the only way in, with its keys and limits).
 
 Serve's proxy ends a request at `http_options.request_timeout_s` silently: a stream just stops, with no
 error event and no `data: [DONE]`. The router's own bound (`router.request_timeout_s`) ends it with an
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from raystack.config import BackendApp, ConfigError, RaystackConfig, RouterConfig, parse_args
+from raystack.config import BackendApp, ConfigError, RaystackConfig, RouterConfig, backend_app_name, parse_args
 from raystack.config.rules import backend_problems
 
 BUILD_ROUTER = "raystack.app:build_router"
@@ -97,6 +98,12 @@ def _service(path: Path, name: str, router: RouterConfig,
         if problems:
             raise ConfigError(f"{path}: {where} ({app_name}): " + "; ".join(problems))
     try:
-        return RaystackConfig.assemble(router, [backend for _, _, backend in backends])
+        service = RaystackConfig.assemble(router, [backend for _, _, backend in backends])
     except ValueError as err:
         raise ConfigError(f"{path}: router {name} and its backends: {err}") from None
+    for where, app_name, backend in backends:
+        expected = backend_app_name(name, backend.model.name, backend.backend.name)
+        if app_name != expected:
+            raise ConfigError(f"{path}: {where} ({app_name}): name this application {expected}, after its router, "
+                              f"model and backend (<router>.<model>.<backend>), as run_stack names it")
+    return service

@@ -317,6 +317,8 @@ def qwen3_file() -> dict:
         (lambda f: f["applications"][1]["args"]["backend"].update(graceful_shutdown_timeout_s=60),
          "backend.graceful_shutdown_timeout_s (60 s) is shorter than router.request_timeout_s (3600 s)"),
         (lambda f: f["applications"].pop(0), "no application has import_path: raystack.app:build_router"),
+        (lambda f: f["applications"][1].update(name="qwen3-32b.vllm"),
+         "(qwen3-32b.vllm): name this application raystack.qwen3-32b.vllm, after its router, model and backend"),
         (lambda f: f["applications"].append({"name": "lonely", "route_prefix": "/lonely",
                                              "import_path": "raystack.app:build_router"}),
          "no backend application names the router lonely"),
