@@ -1,6 +1,7 @@
-"""The rules a router and its backends must satisfy together, in one place: a whole config (`serve run`,
-run_stack), a file's applications as `raystack config check` and `raystack plan` assemble them, and the
-running router's catalogue (router/catalogue.py, from Serve's state) are held to the same ones.
+"""The rules a router and its backends must satisfy together, in one place: a whole config (run_stack), a
+file's applications as `raystack config check` and `raystack plan` assemble them, and the running router's
+catalogue of what `serve run` or `serve deploy` deployed (router/catalogue.py, from Serve's state) are held
+to the same ones.
 
 Each backend with its router: the variable of the router's keys withheld from its replicas, a drain bound
 no shorter than the longest answer the router allows, and what its engine can honour of the router's
