@@ -20,6 +20,7 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from raystack.cluster.hbm_need import HBMNeeds, hbm_needs, unknown_needs
 from raystack.cluster.placement import backend_demand, cluster_capacity, fit_problem, ray_placement
 from raystack.config import (
+    DEFAULT_ROUTER_APP,
     Adapter,
     Backend,
     BackendApp,
@@ -148,7 +149,7 @@ def resolve_parallelism(models: list[Model], cache_dir: Path) -> None:
     """Replace `parallelism: auto` with the smallest tensor x pipeline that fits (raystack estimate)."""
     for model in models:
         for backend in model.backends:
-            if backend.parallelism != "auto":
+            if not backend.sizes_itself:  # sized already, or on cpu: one engine per replica
                 continue
             from raystack.cluster.estimate import EstimateError, estimate_source
 
@@ -257,7 +258,7 @@ def build_router(args: dict[str, Any]) -> Application:
     return router.bind(settings.model_dump(), api_keys)
 
 
-def run_stack(args: dict[str, Any], name: str = "raystack", route_prefix: str | None = "/",
+def run_stack(args: dict[str, Any], name: str = DEFAULT_ROUTER_APP, route_prefix: str | None = "/",
               wait: bool = True) -> None:
     """Deploy a whole RaystackConfig with Serve's Python API: one application per backend (named by
     config.backend_app_name), then the router as `name` under `route_prefix`; backend applications of
@@ -277,7 +278,7 @@ def run_stack(args: dict[str, Any], name: str = "raystack", route_prefix: str | 
         _get_global_client().delete_apps(gone, blocking=True)
 
 
-def delete_stack(name: str = "raystack") -> None:
+def delete_stack(name: str = DEFAULT_ROUTER_APP) -> None:
     """Delete the router application `name` and every backend application that names it, all at once
     (each waits out its replicas' graceful shutdown; one after the other, the waits would add up)."""
     from ray.serve.context import _get_global_client

@@ -3,9 +3,11 @@ and checked where its applications meet each other and Serve's own options.
 
 A router application (`raystack.app:build_router`) and the backend applications that name it
 (`raystack.app:build_backend`, `router:` its name) make one service, assembled here as a RaystackConfig
-so that everything checked across backends is checked before anything deploys: names, a model's backends
-agreeing on it, the key variable withheld from every backend, a backend not exposed over HTTP (its route
-prefix must be null: the router is the only way in, with its keys and limits).
+so that everything checked across backends (config/rules.py, as the running router checks them too) is
+checked before anything deploys: names, a model's backends agreeing on it, the key variable withheld from
+every backend. Here too: a backend application is named `<router>.<model>.<backend>`
+(config.backend_app_name, as run_stack names it), and is not exposed over HTTP (its route prefix must be
+null: the router is the only way in, with its keys and limits).
 
 Serve's proxy ends a request at `http_options.request_timeout_s` silently: a stream just stops, with no
 error event and no `data: [DONE]`. The router's own bound (`router.request_timeout_s`) ends it with an
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from raystack.config import BackendApp, ConfigError, RaystackConfig, RouterConfig, parse_args
+from raystack.config import BackendApp, ConfigError, RaystackConfig, RouterConfig, backend_app_name, parse_args
+from raystack.config.rules import backend_problems
 
 BUILD_ROUTER = "raystack.app:build_router"
 BUILD_BACKEND = "raystack.app:build_backend"
@@ -91,23 +94,16 @@ def _service(path: Path, name: str, router: RouterConfig,
         raise ConfigError(f"{path}: no backend application names the router {name} (router: {name}, import_path: "
                           f"{BUILD_BACKEND})")
     for where, app_name, backend in backends:
-        problems = _backend_problems(router, backend)
+        problems = backend_problems(router, backend.backend, backend.withheld_env)
         if problems:
             raise ConfigError(f"{path}: {where} ({app_name}): " + "; ".join(problems))
     try:
-        return RaystackConfig.assemble(router, [backend for _, _, backend in backends])
+        service = RaystackConfig.assemble(router, [backend for _, _, backend in backends])
     except ValueError as err:
         raise ConfigError(f"{path}: router {name} and its backends: {err}") from None
-
-
-def _backend_problems(router: RouterConfig, app: BackendApp) -> list[str]:
-    problems = []
-    keys, backend = router.api_keys, app.backend
-    if keys and keys.env and keys.env not in app.withheld_env:
-        problems.append(f"withheld_env must name {keys.env}, the variable the router reads its API keys from, or "
-                        f"the backend's replicas and engines would hold the keys")
-    if backend.graceful_shutdown_timeout_s < router.request_timeout_s:
-        problems.append(f"backend.graceful_shutdown_timeout_s ({backend.graceful_shutdown_timeout_s:g} s) is shorter "
-                        f"than router.request_timeout_s ({router.request_timeout_s:g} s): a redeploy would cut answers "
-                        f"still running. Raise it to at least {router.request_timeout_s:g}")
-    return problems + backend.spec.router_problems(backend, router)
+    for where, app_name, backend in backends:
+        expected = backend_app_name(name, backend.model.name, backend.backend.name)
+        if app_name != expected:
+            raise ConfigError(f"{path}: {where} ({app_name}): name this application {expected}, after its router, "
+                              f"model and backend (<router>.<model>.<backend>), as run_stack names it")
+    return service

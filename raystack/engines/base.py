@@ -3,7 +3,7 @@
 An engine is one module, or one package for a large one, that exposes `ENGINE`, an EngineSpec: its
 name in the deploy config, its settings block, its config rules, its placement on the cluster, and its
 class (imported only where a replica runs it, so the router and `config check` never load vLLM).
-config.py, app.py and cluster/ ask the registry and never name an engine. Engines beyond the built-in
+config/, app.py and cluster/ ask the registry and never name an engine. Engines beyond the built-in
 ones register through the `raystack.engines` entry-point group, as a package declares
 `[project.entry-points."raystack.engines"] myengine = "mypackage.engine:ENGINE"`.
 
@@ -240,7 +240,7 @@ class EngineSpec:
     serves_adapters: bool = False
     default_max_model_len: int | None = None  # when neither the config nor (later) the model says
     replica_cpus: dict[Device, float] = field(default_factory=lambda: {"cpu": 1.0, "npu": 2.0})
-    # Rules on a backend beyond its fields' types (raise ValueError with the fix); may set defaults.
+    # Rules on a backend beyond its fields' types (raise ValueError with the fix); they check, never set.
     validate: Callable[[Backend], None] = _no_rules
     # Rules on the name clients use for the model, which the engine serves it under (raise ValueError).
     check_model_name: Callable[[str], None] = _any_name
@@ -248,7 +248,7 @@ class EngineSpec:
     check_adapter_name: Callable[[str], None] = _any_name
     # What this machine can tell before anything is scheduled: ["  where: problem", ...].
     check_deployable: Callable[[Backend, str], list[str]] = _no_problems
-    # What of its router's settings the engine cannot honour (config check, where a backend meets its router):
+    # What of its router's settings the engine cannot honour (config/rules.py, wherever a backend meets its router):
     # ["problem with the fix", ...].
     router_problems: Callable[[Backend, RouterConfig], list[str]] = _honours_any_router
     # Where a `device: npu` replica runs; CPU replicas hold only their CPUs.

@@ -63,7 +63,7 @@ class EngineWatch:
         env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.e2e.engine_stats", "--address", gcs_address(stack),
-             "--app", "smollm2.vllm", "--deployment", deployment],
+             "--app", "raystack.smollm2.vllm", "--deployment", deployment],
             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         if self.proc.stdout.readline().strip() != "ready":

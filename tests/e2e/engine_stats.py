@@ -1,7 +1,7 @@
 """Watches an LLMServer deployment's engine load (LLMServer.stats) for a test, as a subprocess: the test
 process never joins the stack's cluster as a Ray driver (it could not start clusters of its own later).
 
-    python -m tests.e2e.engine_stats --address IP:PORT --app smollm2.vllm --deployment D
+    python -m tests.e2e.engine_stats --address IP:PORT --app raystack.smollm2.vllm --deployment D
 
 Prints `ready` once connected; then for each line `RUNNING TIMEOUT_S` read from stdin, waits until the
 engine runs RUNNING requests (or the timeout passes) and prints the last stats as one JSON line."""

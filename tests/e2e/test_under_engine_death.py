@@ -35,7 +35,7 @@ def replica_and_engine() -> tuple[int, int]:
     """The LLMServer replica's pid and its vLLM EngineCore's."""
     table = processes()
     [replica] = [pid for pid, (_, command) in table.items()
-                 if command.startswith("ray::ServeReplica:smollm2.vllm:LLMServer")]
+                 if command.startswith("ray::ServeReplica:raystack.smollm2.vllm:LLMServer")]
     [engine] = [pid for pid, (parent, command) in table.items() if parent == replica and "EngineCore" in command]
     return replica, engine
 

@@ -40,7 +40,7 @@ def wait_until_gone(pids: set[int], within_s: float = GONE_WITHIN_S) -> dict[int
 def test_the_engine_core_goes_with_the_ray_node_it_ran_under(options_server):
     table = processes()
     node = descendants(table, options_server["proc"].pid) | {options_server["proc"].pid}
-    [replica] = [pid for pid in node if table[pid][1].startswith("ray::ServeReplica:smollm2.vllm:LLMServer")]
+    [replica] = [pid for pid in node if table[pid][1].startswith("ray::ServeReplica:raystack.smollm2.vllm:LLMServer")]
     engine = descendants(table, replica)
     assert any("EngineCore" in table[pid][1] for pid in engine), "no EngineCore under the replica"
     # As `ray stop --force` does: Ray's own processes first (raylet, GCS, ...; also `serve run`), the

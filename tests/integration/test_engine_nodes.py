@@ -62,7 +62,8 @@ def test_mindie_replicas_go_only_to_the_mindie_node_and_vllm_replicas_only_to_th
     serve.run(VLLMStandIn.options(name="vllm", **deployment_options(vllm)).bind(), name="vllm", route_prefix=None)
     try:
         # Not waited on without bound: were vLLM replicas on the MindIE node, MindIE's would never be placed.
-        run_stack({"models": [{"name": "qwen3", "source": str(model_weights(root)), "backends": [mindie]}]},
+        run_stack({"models": [{"name": "qwen3", "source": str(model_weights(root)), "backends": [mindie]}],
+                   "router": {"request_timeout_s": 10}},  # no longer than the backend's drain bound
                   name="mixed", route_prefix="/mixed", wait=False)
         deadline = time.monotonic() + 180
         while not running("mixed") and time.monotonic() < deadline:

@@ -27,7 +27,7 @@ def toy_config(port: int, source: Path, **toy: str) -> dict:
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
             {"name": "raystack", "route_prefix": "/", "import_path": "raystack.app:build_router", "args": {}},
-            {"name": "parrot.toy", "route_prefix": None, "import_path": "raystack.app:build_backend",
+            {"name": "raystack.parrot.toy", "route_prefix": None, "import_path": "raystack.app:build_backend",
              "args": {"model": {"name": "parrot", "source": str(source)},
                       "backend": {"name": "toy", "engine": "toy", "toy": toy}}},
         ],

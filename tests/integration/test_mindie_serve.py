@@ -47,6 +47,12 @@ def mindie(tmp_path: Path):
     return install_mindie(tmp_path), control, model_weights(tmp_path)
 
 
+# Replicas drain for 15 s, so a replaced or failed one goes soon; the router lets no answer run longer (a
+# backend's drain bound must cover the router's request_timeout_s: config/rules.py).
+DRAIN_S = 15
+ROUTER = {"request_timeout_s": DRAIN_S}
+
+
 def mindie_model(mindie, replicas: int = 1, tensor: int = 1, name: str = "qwen3",
                  token_s: float = 0.02) -> list[dict[str, Any]]:
     home, control, weights = mindie
@@ -56,7 +62,7 @@ def mindie_model(mindie, replicas: int = 1, tensor: int = 1, name: str = "qwen3"
         "env": {"STANDIN_CONTROL": str(control), "STANDIN_LOAD_S": "1", "STANDIN_TOKEN_S": str(token_s)},
         "resources": {"cpus": 0.1},
         "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
-        "health_check_period_s": 1, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 15,
+        "health_check_period_s": 1, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": DRAIN_S,
     }
     return [{"name": name, "source": str(weights), "backends": [backend]}]
 
@@ -71,7 +77,7 @@ def ask(text: str) -> list[dict[str, str]]:
 
 def test_answers_are_as_long_as_asked_or_as_the_context_allows_not_cut_at_512(server, mindie):
     """MindIE answers min(maxIterTimes, max_tokens, maxSeqLen - prompt) tokens; its shipped maxIterTimes is 512."""
-    with deployed(server, "mindie-long", mindie_model(mindie, token_s=0.0005)) as url:
+    with deployed(server, "mindie-long", mindie_model(mindie, token_s=0.0005), router=ROUTER) as url:
         c = client(url)
         assert c.completions.create(model="qwen3", prompt="count", max_tokens=1000).usage.completion_tokens == 1000
         unbounded = c.completions.create(model="qwen3", prompt="count to the end").usage
@@ -79,7 +85,7 @@ def test_answers_are_as_long_as_asked_or_as_the_context_allows_not_cut_at_512(se
 
 
 def test_openai_requests_work_through_the_router_and_each_replica_gets_its_own_npus(server, mindie):
-    with deployed(server, "mindie-basic", mindie_model(mindie, replicas=2, tensor=2)) as url:
+    with deployed(server, "mindie-basic", mindie_model(mindie, replicas=2, tensor=2), router=ROUTER) as url:
         c = client(url)
         assert [m.id for m in c.models.list().data] == ["qwen3"]
         whole = c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=5)
@@ -151,7 +157,7 @@ def served_soon(c: openai.OpenAI, within_s: float = 60) -> str:
 
 def test_a_daemon_crashing_mid_stream_ends_the_stream_with_an_error_and_is_replaced(server, mindie):
     control = mindie[1]
-    with deployed(server, "mindie-crash", mindie_model(mindie)) as url:
+    with deployed(server, "mindie-crash", mindie_model(mindie), router=ROUTER) as url:
         c = client(url)
         (control / "crash_mid_stream").touch()
         received = []
@@ -187,7 +193,7 @@ def test_a_replica_killed_either_way_leaves_nothing_and_its_replacement_waits_fo
     control = mindie[1]
     models = mindie_model(mindie, tensor=4)
     models[0]["backends"][0]["env"]["STANDIN_TERM_S"] = "4"
-    with deployed(server, "mindie-replace", models) as url:
+    with deployed(server, "mindie-replace", models, router=ROUTER) as url:
         c = client(url)
         assert served_soon(c)
         [first] = starts(control)
@@ -214,7 +220,7 @@ def test_an_engine_failing_on_its_side_gets_no_more_requests_and_is_replaced(ser
     that meets it is resent to the other replica; later requests do not meet it; its next health check
     probes the engine, fails, and Serve replaces the replica."""
     control = mindie[1]
-    with deployed(server, "mindie-failing", mindie_model(mindie, replicas=2)) as url:
+    with deployed(server, "mindie-failing", mindie_model(mindie, replicas=2), router=ROUTER) as url:
         c = client(url)
         assert served_soon(c)
         (control / "fail_generation").touch()
@@ -234,7 +240,7 @@ def test_an_engine_failing_on_its_side_gets_no_more_requests_and_is_replaced(ser
             time.sleep(0.5)
         assert len(starts(control)) == 3, "the failing replica was replaced"
         failed = [line.split() for line in (control / "failed_generations").read_text().splitlines()]
-        # Serve starts the replacement while it stops the failed replica (graceful_shutdown_timeout_s 15):
+        # Serve starts the replacement while it stops the failed replica (graceful_shutdown_timeout_s DRAIN_S):
         # the failed daemon is gone once that stop is over, not necessarily when the new one starts.
         deadline = time.monotonic() + 30
         while alive(int(failed[0][0])) and time.monotonic() < deadline:
@@ -247,7 +253,7 @@ def test_an_engine_failing_on_its_side_gets_no_more_requests_and_is_replaced(ser
 
 def test_a_hung_daemon_fails_its_health_check_and_is_replaced(server, mindie):
     control = mindie[1]
-    with deployed(server, "mindie-hang", mindie_model(mindie)) as url:
+    with deployed(server, "mindie-hang", mindie_model(mindie), router=ROUTER) as url:
         c = client(url)
         (control / "hang").touch()
         assert served_soon(c, within_s=90)
@@ -260,7 +266,7 @@ def test_mindie_figures_reach_prometheus_under_raystacks_names(server, mindie):
     from tests.integration.test_metrics_serve import scrape
     from tests.prometheus import total
 
-    with deployed(server, "mindie-metrics", mindie_model(mindie, name="metered")) as url:
+    with deployed(server, "mindie-metrics", mindie_model(mindie, name="metered"), router=ROUTER) as url:
         c = client(url)
         prompt = completion = 0
         for _ in range(3):
@@ -301,7 +307,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation_in_mindie(server, 
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         return total(parse_prometheus(text), "num_requests_running")
 
-    with deployed(server, "mindie-leave", mindie_model(mindie)) as url:
+    with deployed(server, "mindie-leave", mindie_model(mindie), router=ROUTER) as url:
         async def start_and_leave() -> None:
             async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0) as c:
                 async def one() -> None:  # 300 tokens at 20 ms: 6 s, unless abandoned
@@ -332,7 +338,7 @@ def test_tools_json_and_reasoning_reach_only_the_backends_that_honour_them(serve
     [model] = mindie_model(mindie)
     model["backends"][0]["mindie"]["model_options"] = {"qwen3": {"enable_reasoning": True}}
     model["backends"].append(synthetic("synthetic", ttft_ms=1, tokens_per_s=0))
-    with deployed(server, "mindie-features", [model]) as url:
+    with deployed(server, "mindie-features", [model], router=ROUTER) as url:
         c = client(url)
         whole = c.chat.completions.create(model="qwen3@mindie", messages=ask("2 + 2?"), max_tokens=8).choices[0]
         thinking = whole.message.model_extra["reasoning_content"]
@@ -413,7 +419,7 @@ def test_lora_adapters_are_served_by_mindie_where_they_are_held_and_refused_wher
                          {"name": "other-model-lora", "source": str(save_lora(tmp_path / "other", 8, 32))}]
     model["backends"][0]["adapters_per_replica"] = 2
     model["backends"].append(synthetic("synthetic", ttft_ms=1, tokens_per_s=0))
-    with deployed(server, "mindie-lora", [model]) as url:
+    with deployed(server, "mindie-lora", [model], router=ROUTER) as url:
         c = client(url)
         listed = {m.id: m.model_extra for m in c.models.list().data}
         assert listed["qwen3-sql"]["parent"] == "qwen3" and listed["qwen3-sql"]["backends"] == ["mindie"]

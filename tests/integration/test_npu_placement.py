@@ -254,7 +254,8 @@ def test_a_replica_over_nodes_refuses_a_layout_that_splits_a_tensor_group(cluste
     tiny_checkpoint(tmp_path)
     args = {"models": [{"name": "split", "source": str(tmp_path), "backends": [
         {"name": "toy", "engine": "toy", "device": "npu", "accelerator": {"type": "Ascend910B"},
-         "parallelism": {"tensor": 2, "pipeline": 2}, "graceful_shutdown_timeout_s": 5}]}]}
+         "parallelism": {"tensor": 2, "pipeline": 2}, "graceful_shutdown_timeout_s": 5}]}],
+            "router": {"request_timeout_s": 5}}  # a drain bound covers the longest answer the router allows
     try:
         run_stack(args, name="split", route_prefix="/split", wait=False)
         deadline = time.monotonic() + 120
@@ -320,7 +321,8 @@ def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_pa
          "parallelism": {"tensor": 4},
          # Serve stops a replica that was never placed only after its drain bound (its graceful-shutdown
          # call waits for an actor that never starts): short here, so the app deletes in seconds.
-         "graceful_shutdown_timeout_s": 5}]}]}
+         "graceful_shutdown_timeout_s": 5}]}],
+        "router": {"request_timeout_s": 5}}  # a drain bound covers the longest answer the router allows
     run_stack(waiting, name="waiting", route_prefix="/waiting", wait=False)
     deadline = time.monotonic() + 60
     while True:

@@ -64,7 +64,7 @@ def service(router: dict[str, Any], backends: dict[str, float]) -> dict[str, Any
     token delay, a model of that name with one synthetic backend, an application of its own."""
     return {"applications": [
         {"name": "rolling", "route_prefix": "/rolling", "import_path": "raystack.app:build_router", "args": router},
-        *({"name": f"{name}.s", "route_prefix": None, "import_path": "raystack.app:build_backend",
+        *({"name": f"rolling.{name}.s", "route_prefix": None, "import_path": "raystack.app:build_backend",
            "args": {"router": "rolling", "model": {"name": name},
                     "backend": synthetic("s", 2, ttft_ms=ttft_ms, tokens_per_s=2, output_tokens=TOKENS)}}
           for name, ttft_ms in backends.items()),
@@ -72,8 +72,9 @@ def service(router: dict[str, Any], backends: dict[str, float]) -> dict[str, Any
 
 
 def replicas() -> dict[str, set[str]]:
-    return {"router": set(replica_actors("rolling", "Router")), "m": set(replica_actors("m.s", "LLMServer-m-s")),
-            "other": set(replica_actors("other.s", "LLMServer-other-s"))}
+    return {"router": set(replica_actors("rolling", "Router")),
+            "m": set(replica_actors("rolling.m.s", "LLMServer-m-s")),
+            "other": set(replica_actors("rolling.other.s", "LLMServer-other-s"))}
 
 
 def test_a_changed_backend_is_redeployed_alone_and_cuts_no_stream(server):

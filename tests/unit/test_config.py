@@ -317,6 +317,8 @@ def qwen3_file() -> dict:
         (lambda f: f["applications"][1]["args"]["backend"].update(graceful_shutdown_timeout_s=60),
          "backend.graceful_shutdown_timeout_s (60 s) is shorter than router.request_timeout_s (3600 s)"),
         (lambda f: f["applications"].pop(0), "no application has import_path: raystack.app:build_router"),
+        (lambda f: f["applications"][1].update(name="qwen3-32b.vllm"),
+         "(qwen3-32b.vllm): name this application raystack.qwen3-32b.vllm, after its router, model and backend"),
         (lambda f: f["applications"].append({"name": "lonely", "route_prefix": "/lonely",
                                              "import_path": "raystack.app:build_router"}),
          "no backend application names the router lonely"),
@@ -350,3 +352,37 @@ def test_a_file_of_the_former_single_application_format_says_what_replaced_it(tm
 
     with pytest.raises(ConfigError, match="one application per backend"):
         build_app(raw["applications"][0]["args"])
+
+
+def test_validators_check_and_leave_what_they_are_given_as_it_is():
+    from raystack.config import BackendApp, RouterConfig
+
+    backend = Backend(name="s", engine="synthetic")
+    app = BackendApp(model={"name": "m"}, backend=backend)
+    assert backend.graceful_shutdown_timeout_s is None and backend.longest_answer_s == 3600
+    assert app.backend.graceful_shutdown_timeout_s == 3600  # a backend application's own default bound
+    whole = parse_config({"router": {"request_timeout_s": 60}, "models": [{"name": "m", "backends": [backend]}]})
+    assert backend.graceful_shutdown_timeout_s is None
+    assert whole.models[0].backends[0].longest_answer_s == 60  # in a whole config, its router's
+    for built in (backend, app.backend, Backend(name="c", device="cpu", parallelism="auto"),
+                  Backend(name="m", engine="mindie", mindie=None)):  # `mindie:` with nothing under it
+        assert Backend.model_validate(built.model_dump()) == built  # as a replica and Serve's user_config get it
+    assert Backend(name="c", device="cpu", parallelism="auto").parallel.world_size == 1
+    assert Backend(name="m", engine="mindie", mindie=None).mindie.npu_memory_fraction == 0.9
+    with pytest.raises(ConfigError, match="graceful_shutdown_timeout_s \\(30 s\\) is shorter than "
+                                          "router.request_timeout_s \\(60 s\\)"):
+        parse_config({"router": {"request_timeout_s": 60},
+                      "models": [{"name": "m", "backends": [{"name": "s", "engine": "synthetic",
+                                                             "graceful_shutdown_timeout_s": 30}]}]})
+    assert RouterConfig().request_timeout_s == 3600
+
+
+def test_the_running_router_leaves_out_a_backend_that_breaks_a_rule_with_it_and_serves_the_rest():
+    from raystack.config import BackendApp, RouterConfig
+    from raystack.router.catalogue import BackendRef, Catalogue
+
+    router = RouterConfig(api_keys={"env": "KEYS"})
+    good = BackendApp(model={"name": "m"}, backend={"name": "s", "engine": "synthetic"}, withheld_env=["KEYS"])
+    leaky = BackendApp(model={"name": "m"}, backend={"name": "t", "engine": "synthetic"})  # withholds another
+    catalogue = Catalogue.of(router, [BackendRef("raystack.m.s", "d", good), BackendRef("raystack.m.t", "d", leaky)])
+    assert [b.name for b in catalogue.models["m"].backends] == ["s"] and list(catalogue.refs) == [("m", "s")]

@@ -150,7 +150,7 @@ def test_plan_and_config_check_name_where_each_need_came_from(tmp_path, hub):
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump({"applications": [
         {"name": "raystack", "import_path": "raystack.app:build_router", "args": {}},
-        *({"name": f"{name}.vllm", "route_prefix": None, "import_path": "raystack.app:build_backend",
+        *({"name": f"raystack.{name}.vllm", "route_prefix": None, "import_path": "raystack.app:build_backend",
            "args": {"model": {"name": name, "source": source},
                     "backend": {"name": "vllm", "device": "npu", "max_model_len": 8192, **extra}}}
           for name, source, extra in (("fetched", "hf://Org/Qwen3-14B", {}), ("sized", "hf://Org/NoConfig", {}),

@@ -135,7 +135,10 @@ def test_mindie_lets_an_answer_run_as_long_as_the_router_does(default):
 
 
 def test_config_check_refuses_a_router_bound_mindie_would_cut():
-    from raystack.serve_file import _backend_problems
+    from raystack.config.rules import backend_problems
+
+    def _backend_problems(router: RouterConfig, app: BackendApp) -> list[str]:
+        return backend_problems(router, app.backend, app.withheld_env)
 
     assert _backend_problems(RouterConfig(request_timeout_s=3600), mindie_app(3600)) == []
     [problem] = _backend_problems(RouterConfig(request_timeout_s=7200), mindie_app(7200))

@@ -24,7 +24,7 @@ def config_file(tmp_path: Path, backends: list[dict], source: Path) -> Path:
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump({"applications": [
         {"name": "raystack", "import_path": "raystack.app:build_router", "args": {}},
-        *({"name": f"qwen3-14b.{b['name']}", "route_prefix": None, "import_path": "raystack.app:build_backend",
+        *({"name": f"raystack.qwen3-14b.{b['name']}", "route_prefix": None, "import_path": "raystack.app:build_backend",
            "args": {"model": {"name": "qwen3-14b", "source": str(source)}, "backend": b}} for b in backends),
     ]}))
     return path
