@@ -37,11 +37,11 @@ from raystack.config import (
 from raystack.models import adapters, embedded, sources
 from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.serve_file import SPLIT_FORMAT, proxy_timeout_problem
+from raystack.replica.server import LLMServer
 from raystack.router.auth import APIKeyError, APIKeys
 from raystack.router.catalogue import REGISTRATION, registered_backends, serve_controller, serve_details
 from raystack.router.forwarding import BUSY_RETRY_AFTER_S
 from raystack.router.ingress import Router
-from raystack.replica.server import LLMServer
 
 ENGINE_START_ATTEMPTS = 3
 BACKEND_REQUEST_ROUTER = "raystack.router.replica_choice:BackendRequestRouter"
