@@ -22,7 +22,7 @@ from raystack.cluster.chips import (
     tiers_at_least,
 )
 from raystack.config import Backend
-from raystack.engines.base import NodeSoftware, Placement, node_software
+from raystack.engines.base import NodeSoftware, Placement, Strategy, node_software
 
 
 @dataclass
@@ -199,7 +199,7 @@ def backend_demand(backend: Backend, min_hbm_gib: float | None = None) -> NPUDem
     return replace(demand, detail=f"tensor {p.tensor} x pipeline {p.pipeline}") if demand.npus else demand
 
 
-def bundles_demand(bundles: list[dict[str, float]], strategy: str = "PACK",
+def bundles_demand(bundles: list[dict[str, float]], strategy: Strategy = "PACK",
                    selector: dict[str, str] | None = None) -> NPUDemand:
     """What one replica needs, from what Ray is asked for: placement-group bundles or actor resources, and
     the label selector. STRICT_PACK (or a single bundle) puts everything on one node, STRICT_SPREAD each

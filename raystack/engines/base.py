@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 RequestKind = Literal["chat", "completion"]
 Device = Literal["cpu", "npu"]
+Strategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]  # Ray's placement-group strategies
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class Placement:
 
     replica: dict[str, float] = field(default_factory=dict)
     bundles: tuple[dict[str, float], ...] = ()
-    strategy: str = "PACK"
+    strategy: Strategy = "PACK"
     node_bundles: tuple[int, ...] = ()
     tensor_group: int = 0
     label_selector: dict[str, str] = field(default_factory=dict)  # node labels every NPU must be on

@@ -16,7 +16,7 @@ import pytest
 
 from tests.serve_cluster import serve_cluster
 from tests.integration.conftest import deployed
-from tests.integration.test_mindie_serve import assert_nothing_left, ask, mindie_model, mindie_node
+from tests.integration.test_mindie_serve import ROUTER, assert_nothing_left, ask, mindie_model, mindie_node
 from tests.mindie_standin import install_hccn_tool, install_mindie, model_weights, starts
 
 NODE_IPS = ["127.0.0.2", "127.0.0.3"]
@@ -49,7 +49,7 @@ def mindie(tmp_path: Path):
 def test_one_replica_runs_a_daemon_per_node_from_one_rank_table(server, mindie):
     models = mindie_model(mindie)
     models[0]["backends"][0]["parallelism"] = {"tensor": 2, "pipeline": 2}
-    with deployed(server, "mindie-2nodes", models) as url:
+    with deployed(server, "mindie-2nodes", models, router=ROUTER) as url:
         c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
         answer = c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=4)
         assert len(answer.choices[0].message.content.split()) == 4
