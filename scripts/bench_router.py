@@ -5,11 +5,13 @@
                  (what Serve itself costs: proxy, handle, replica)
     raystack     raystack's Router in front of the same engine deployment (run_stack, synthetic backend)
 
-Two measurements, each in alternating rounds so the machine's drift hits every target alike:
+Three measurements, each in alternating rounds so the machine's drift hits every target alike:
   - latency: one request at a time with a 0 ms engine TTFT, so TTFT is all overhead; p50/p99, and the
     added TTFT against direct;
   - capacity: many concurrent streams of paced tokens; delivered SSE chunks/s and requests/s, the most
-    one router replica carries on this machine.
+    one router replica carries on this machine;
+  - short: whole (non-streamed) answers of 4 tokens from an engine that takes 10 ms, on keep-alive
+    connections, at concurrency 1 and 32 (--short-concurrency); requests/s and latency p50/p99.
 
     .venv/bin/python scripts/bench_router.py --rounds 3
 Results go to bench_results/router-<time>.json and a table on stdout.
@@ -90,6 +92,8 @@ def passthrough_app(engine_args: dict[str, Any], serve_env: dict[str, str]):
         async def chat(self, request: Request):
             stream = self.engine.generate.remote(Dispatch("chat", await request.json()))
             opening = await stream.__anext__()
+            if opening.chunk is None:  # a whole answer
+                return JSONResponse(opening.body, status_code=opening.status)
 
             async def relay():
                 yield opening.chunk
@@ -135,6 +139,63 @@ async def one_stream(url: str, max_tokens: int) -> tuple[float, int]:
     return ttft, chunks
 
 
+class KeepAlive:
+    """One keep-alive HTTP/1.1 connection sending whole (non-streamed) chat requests: as cheap a client as
+    the bare stream counter above, and one that does not pay a TCP handshake per request."""
+
+    def __init__(self, url: str, max_tokens: int):
+        self.url = httpx.URL(url)
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "benchmark me"}],
+                           "max_tokens": max_tokens, "stream": False}).encode()
+        self.request = (f"POST {self.url.raw_path.decode()} HTTP/1.1\r\nHost: {self.url.host}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def ask(self) -> float:
+        """One request's latency in s; a new connection when the server closed the last one."""
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.url.host, self.url.port)
+        started = time.perf_counter()
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{self.url}: {head[:200]!r}")
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        await self.reader.readexactly(length)
+        if b"connection: close" in head.lower():
+            self.close()
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def short(url: str, concurrency: int, duration_s: float) -> dict[str, float]:
+    """Whole answers of 4 tokens at `concurrency` for `duration_s`: requests/s and latency p50/p99 (ms)."""
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + duration_s
+
+    async def worker():
+        connection = KeepAlive(url, 4)
+        try:
+            for _ in range(3):  # warm the connection and the path
+                await connection.ask()
+            while time.perf_counter() < stop_at:
+                latencies.append(await connection.ask())
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"requests_per_s": len(latencies) / elapsed, "p50_ms": 1000 * percentile(latencies, 50),
+            "p99_ms": 1000 * percentile(latencies, 99)}
+
+
 async def latency(url: str, requests: int) -> list[float]:
     for _ in range(5):  # warm the path
         await one_stream(url, 4)
@@ -168,6 +229,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-s", type=float, default=50, help="pace of each stream in the capacity run")
     parser.add_argument("--duration", type=float, default=20, help="seconds of each capacity run")
     parser.add_argument("--engine-replicas", type=int, default=1)
+    parser.add_argument("--short-concurrency", default="1,32", help="concurrencies of the short-request runs")
+    parser.add_argument("--short-duration", type=float, default=15, help="seconds of each short-request run")
     parser.add_argument("--serve-defaults", action="store_true",
                         help="run Serve with its default settings instead of raystack's (raystack/process.py), for comparison")
     parser.add_argument("--serve-direct", type=int, help=argparse.SUPPRESS)
@@ -197,8 +260,9 @@ def main() -> None:
     procs = []
     results: dict[str, Any] = {"args": vars(args), "rounds": []}
     try:
-        # Two engine paces: 0 ms TTFT for latency, paced tokens for capacity. One deployment set each.
-        for phase, ttft_ms, pace in (("latency", 0, 1000), ("capacity", 0, args.tokens_per_s)):
+        # Three engine paces: 0 ms TTFT for latency, paced tokens for capacity, 10 ms whole answers for short
+        # requests. One deployment set each.
+        for phase, ttft_ms, pace in (("latency", 0, 1000), ("capacity", 0, args.tokens_per_s), ("short", 10, 0)):
             backend = synthetic_backend(ttft_ms, pace, args.engine_replicas)
             port = direct_ports[phase] = free_port()
             procs.append(subprocess.Popen([sys.executable, __file__, "--serve-direct", str(port),
@@ -225,6 +289,10 @@ def main() -> None:
                 row[target] = {"ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99)}
             for target in order:
                 row[target] |= asyncio.run(capacity(url(target, "capacity"), args.concurrency, args.duration, 64))
+            for concurrency in (int(c) for c in args.short_concurrency.split(",")):
+                for target in order:
+                    figures = asyncio.run(short(url(target, "short"), concurrency, args.short_duration))
+                    row[target] |= {f"short_c{concurrency}_{k}": v for k, v in figures.items()}
             results["rounds"].append(row)
             print(f"round {r + 1}: " + json.dumps({t: {k: round(v, 1) for k, v in m.items()} for t, m in row.items()}),
                   flush=True)
@@ -263,6 +331,17 @@ def report(results: dict[str, Any]) -> None:
               f"{mean(target, 'chunks_per_s'):.0f} | {mean(target, 'requests_per_s'):.1f} |")
     ratio = [r["raystack"]["chunks_per_s"] / r["passthrough"]["chunks_per_s"] for r in rounds]
     print(f"\nraystack / passthrough chunks/s per round: {', '.join(f'{x:.3f}' for x in ratio)}")
+    concurrencies = sorted({int(k.split("_")[1][1:]) for k in rounds[0]["direct"] if k.startswith("short_c")})
+    if concurrencies:
+        print("\nShort whole answers (10 ms engine, 4 tokens):\n")
+        print("| concurrency | target | requests/s | p50 ms | p99 ms | requests/s vs direct |")
+        print("|---|---|---|---|---|---|")
+        for c in concurrencies:
+            floor = mean("direct", f"short_c{c}_requests_per_s")
+            for target in ("direct", "passthrough", "raystack"):
+                rps = mean(target, f"short_c{c}_requests_per_s")
+                print(f"| {c} | {target} | {rps:.1f} | {mean(target, f'short_c{c}_p50_ms'):.1f} | "
+                      f"{mean(target, f'short_c{c}_p99_ms'):.1f} | {rps / floor:.3f} |")
     out = ROOT / "bench_results" / f"router-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
