@@ -4,6 +4,8 @@
     passthrough  a plain Ray Serve ingress deployment streaming from the engine's deployment
                  (what Serve itself costs: proxy, handle, replica)
     raystack     raystack's Router in front of the same engine deployment (run_stack, synthetic backend)
+    raystack-1hop  with --direct-ingress: the same Router replica reached on its own port (Serve's direct
+                 ingress, RAY_SERVE_ENABLE_DIRECT_INGRESS=1), without Serve's proxy in between
 
 Three measurements, each in alternating rounds so the machine's drift hits every target alike:
   - latency: one request at a time with a 0 ms engine TTFT, so TTFT is all overhead; p50/p99, and the
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODEL = "synthetic"
+TARGETS = ("direct", "passthrough", "raystack", "raystack-1hop")  # in the tables' order
 
 
 def synthetic_backend(ttft_ms: float, tokens_per_s: float, replicas: int) -> dict[str, Any]:
@@ -231,6 +234,9 @@ def main() -> None:
     parser.add_argument("--engine-replicas", type=int, default=1)
     parser.add_argument("--short-concurrency", default="1,32", help="concurrencies of the short-request runs")
     parser.add_argument("--short-duration", type=float, default=15, help="seconds of each short-request run")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="turn on Serve's direct ingress and add the target raystack-1hop: the Router replica's "
+                             "own port, no proxy in between")
     parser.add_argument("--serve-defaults", action="store_true",
                         help="run Serve with its default settings instead of raystack's (raystack/process.py), for comparison")
     parser.add_argument("--serve-direct", type=int, help=argparse.SUPPRESS)
@@ -246,6 +252,8 @@ def main() -> None:
         os.environ.pop(key, None)
     if args.serve_defaults:  # build_router and build_backend set the fast path in its replicas' runtime_env: empty it
         process.SERVE_FAST_PATH_ENV.clear()
+    if args.direct_ingress:  # the controller and every replica must agree on it
+        process.SERVE_FAST_PATH_ENV["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ.update(process.SERVE_FAST_PATH_ENV)  # the proxy's settings, as `raystack start` exports them
     # Serve reads its settings when imported: only now.
     import ray
@@ -274,13 +282,16 @@ def main() -> None:
                       name=f"passthrough-{phase}", route_prefix=f"/passthrough-{phase}")
         for port in direct_ports.values():
             wait_for_port(port)
+        router_ports = direct_ingress_ports(serve_port, list(direct_ports)) if args.direct_ingress else {}
 
         def url(target: str, phase: str) -> str:
             if target == "direct":
                 return f"http://127.0.0.1:{direct_ports[phase]}/v1/chat/completions"
+            if target == "raystack-1hop":  # the same path as through the proxy, on the Router replica's port
+                return f"http://127.0.0.1:{router_ports[phase]}/raystack-{phase}/v1/chat/completions"
             return f"http://127.0.0.1:{serve_port}/{target}-{phase}/v1/chat/completions"
 
-        targets = ["direct", "passthrough", "raystack"]
+        targets = [t for t in TARGETS if args.direct_ingress or t != "raystack-1hop"]
         for r in range(args.rounds):
             row: dict[str, Any] = {}
             order = targets if r % 2 == 0 else targets[::-1]
@@ -305,6 +316,26 @@ def main() -> None:
     report(results)
 
 
+def direct_ingress_ports(proxy_port: int, phases: list[str], timeout_s: float = 60) -> dict[str, int]:
+    """phase -> the port of its Router replica's direct ingress, as Serve's controller publishes it (its
+    target groups); it binds http_options.host, 127.0.0.1 here."""
+    import ray
+
+    from raystack.router.catalogue import serve_controller
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = ray.get(serve_controller().get_serve_instance_details.remote()).get("target_groups") or []
+        ports = {group["route_prefix"].removeprefix("/raystack-"): target["port"] for group in groups
+                 if group.get("protocol") == "HTTP" and group.get("route_prefix", "").startswith("/raystack-")
+                 for target in group["targets"] if target["port"] != proxy_port}
+        if set(phases) <= set(ports):
+            return ports
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no direct-ingress port published for the Router of {set(phases) - set(ports)}")
+        time.sleep(1)
+
+
 def wait_for_port(port: int, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -322,15 +353,19 @@ def report(results: dict[str, Any]) -> None:
     def mean(target: str, key: str) -> float:
         return statistics.mean(r[target][key] for r in rounds)
 
+    targets = list(rounds[0])
     print("\n| target | TTFT p50 ms | TTFT p99 ms | added TTFT p50 / p99 ms | chunks/s | requests/s |")
     print("|---|---|---|---|---|---|")
-    for target in ("direct", "passthrough", "raystack"):
+    for target in sorted(targets, key=TARGETS.index):
         added = (f"{mean(target, 'ttft_p50_ms') - mean('direct', 'ttft_p50_ms'):+.1f} / "
                  f"{mean(target, 'ttft_p99_ms') - mean('direct', 'ttft_p99_ms'):+.1f}")
         print(f"| {target} | {mean(target, 'ttft_p50_ms'):.1f} | {mean(target, 'ttft_p99_ms'):.1f} | {added} | "
               f"{mean(target, 'chunks_per_s'):.0f} | {mean(target, 'requests_per_s'):.1f} |")
     ratio = [r["raystack"]["chunks_per_s"] / r["passthrough"]["chunks_per_s"] for r in rounds]
     print(f"\nraystack / passthrough chunks/s per round: {', '.join(f'{x:.3f}' for x in ratio)}")
+    if "raystack-1hop" in targets:
+        one_hop = [r["raystack-1hop"]["chunks_per_s"] / r["raystack"]["chunks_per_s"] for r in rounds]
+        print(f"raystack-1hop / raystack chunks/s per round: {', '.join(f'{x:.3f}' for x in one_hop)}")
     concurrencies = sorted({int(k.split("_")[1][1:]) for k in rounds[0]["direct"] if k.startswith("short_c")})
     if concurrencies:
         print("\nShort whole answers (10 ms engine, 4 tokens):\n")
@@ -338,7 +373,7 @@ def report(results: dict[str, Any]) -> None:
         print("|---|---|---|---|---|---|")
         for c in concurrencies:
             floor = mean("direct", f"short_c{c}_requests_per_s")
-            for target in ("direct", "passthrough", "raystack"):
+            for target in sorted(targets, key=TARGETS.index):
                 rps = mean(target, f"short_c{c}_requests_per_s")
                 print(f"| {c} | {target} | {rps:.1f} | {mean(target, f'short_c{c}_p50_ms'):.1f} | "
                       f"{mean(target, f'short_c{c}_p99_ms'):.1f} | {rps / floor:.3f} |")
