@@ -17,13 +17,13 @@ import asyncio
 import logging
 from collections import Counter
 from functools import partial
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from raystack.config import Model, RouterConfig
+from raystack.config import Model, RouterConfig, Routing
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
 from raystack.replica.calls import Dispatch, Opening
@@ -68,7 +68,7 @@ class Forwarder:
         self.board = routing_board.BOARD  # shared with Serve's request routers of this process
         self.in_flight: Counter[tuple[str, str]] = Counter()  # (model, backend) -> requests not yet done
         self.handles: dict[tuple[str, str], DeploymentHandle] = {}  # (application, deployment) -> its handle
-        self.routing: dict[str, Any] = {}  # model -> its config.Routing
+        self.routing: dict[str, Routing] = {}  # model -> its routing settings
         self.gates: dict[tuple[str, str], FairGate] = {}  # (model, backend) -> its slots, shared fairly by keys
         self.router_replicas = 1  # of this router (the Router counts them): each takes its part of a backend
 
@@ -81,7 +81,8 @@ class Forwarder:
     def update(self, catalogue: Catalogue) -> None:
         """Forward to the backends of `catalogue` from now on. A backend's handle (and the replica choice
         state of its request router) and a model's routing policy are kept while they stay the same."""
-        handles, streams, deployments, routing, gates = {}, {}, {}, {}, {}
+        handles, streams, deployments, gates = {}, {}, {}, {}
+        routing: dict[str, Routing] = {}
         for (model, backend), ref in catalogue.refs.items():
             where = (ref.app, ref.deployment)
             handles[where] = self.handles.get(where) or serve.get_deployment_handle(
