@@ -28,10 +28,10 @@ from raystack.router.metering import Meter, ask_for_usage, estimate_prompt_token
 from raystack.router.usage import Cost
 
 if TYPE_CHECKING:
-    from raystack.config import Model
-    from raystack.observability.metrics import RouterMetrics
     from ray.serve.handle import DeploymentResponseGenerator
 
+    from raystack.config import Model
+    from raystack.observability.metrics import RouterMetrics
     from raystack.replica.calls import Opening
     from raystack.router.auth import Grant
     from raystack.router.quotas import Quotas
