@@ -39,12 +39,13 @@ from raystack.process import SERVE_FAST_PATH_ENV
 from raystack.serve_file import SPLIT_FORMAT, proxy_timeout_problem
 from raystack.replica.server import LLMServer
 from raystack.router.auth import APIKeyError, APIKeys
-from raystack.router.catalogue import REGISTRATION, registered_backends, serve_controller, serve_details
+from raystack.router.catalogue import REGISTRATION, registered_backends, serve_details
 from raystack.router.forwarding import BUSY_RETRY_AFTER_S
 from raystack.router.ingress import Router
 
 ENGINE_START_ATTEMPTS = 3
 BACKEND_REQUEST_ROUTER = "raystack.router.replica_choice:BackendRequestRouter"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's, on the head node only
 
 
 def check_deployable(models: list[Model], cache_dir: Path, hbm: HBMNeeds | None = None) -> None:
@@ -65,20 +66,27 @@ def check_deployable(models: list[Model], cache_dir: Path, hbm: HBMNeeds | None 
         raise ConfigError("raystack cannot deploy this config:\n" + "\n".join(problems))
 
 
-def check_proxy_timeout(router: RouterConfig) -> None:
-    """Under a running Serve (as `serve run FILE` starts it), its proxy's timeout must not be shorter than the
-    router's (serve_file.py says why)."""
+def check_serve_ingress(router: RouterConfig) -> int | None:
+    """Under a running Serve (as `serve run FILE` starts it): the port the router's replicas will listen on
+    themselves (router/listener.py), None when Serve's proxy reaches them; and what cannot work refused: a
+    proxy timeout shorter than the router's (serve_file.py says why), a router on the proxy's own port."""
     import ray
 
     if not ray.is_initialized():
-        return
+        return None
     try:
-        controller = serve_controller()
-    except ValueError:  # Serve not started yet: it will start with its defaults (no proxy timeout)
-        return
-    problem = proxy_timeout_problem(ray.get(controller.get_http_config.remote(), timeout=60).request_timeout_s, router)
+        details = serve_details()
+    except ValueError:  # Serve not started yet: it will start with its defaults (a proxy, no timeout)
+        return None
+    http = details.get("http_options") or {}
+    problem = proxy_timeout_problem(http.get("request_timeout_s"), router)
+    try:
+        port = router.listening_port(http, details.get("proxy_location"))
+    except ValueError as err:
+        problem = str(err)
     if problem:
         raise ConfigError(f"raystack cannot deploy this config: {problem}")
+    return port
 
 
 def load_api_keys(router: RouterConfig) -> APIKeys | None:
@@ -240,7 +248,7 @@ def build_app(args: dict[str, Any]) -> Application:
 def build_router(args: dict[str, Any]) -> Application:
     """The Router (config.RouterConfig): the endpoint of every backend application that names it."""
     settings = parse_args(RouterConfig, args)
-    check_proxy_timeout(settings)
+    listens = check_serve_ingress(settings) is not None
     api_keys = load_api_keys(settings)
     # The API keys' variable is in the environment of every Ray process of the node (exported before
     # `raystack start`): blanked for the replicas, which were handed the digests.
@@ -253,6 +261,9 @@ def build_router(args: dict[str, Any]) -> Application:
         graceful_shutdown_timeout_s=settings.request_timeout_s,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=BUSY_RETRY_AFTER_S),
         ray_actor_options={"num_cpus": settings.cpus,
+                           # Listening itself, the router is where clients connect: the head node, where
+                           # Serve's proxy would be (HeadOnly, its default).
+                           **({"resources": {HEAD_NODE_RESOURCE: 0.001}} if listens else {}),
                            "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **dict.fromkeys(secrets, "")}}},
     )
     return router.bind(settings.model_dump(), api_keys)

@@ -25,6 +25,9 @@ import yaml
 from raystack.config import BackendApp, ConfigError, RaystackConfig, RouterConfig, backend_app_name, parse_args
 from raystack.config.rules import backend_problems
 
+SERVE_DEFAULT_HTTP_PORT = 8000  # ray.serve.config.HTTPOptions
+SERVE_DEFAULT_PROXY_LOCATION = "EveryNode"  # ray.serve.schema.ServeDeploySchema
+
 BUILD_ROUTER = "raystack.app:build_router"
 BUILD_BACKEND = "raystack.app:build_backend"
 FORMER_BUILD_APP = "raystack.app:build_app"  # one application held the router and every backend
@@ -79,12 +82,30 @@ def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
             backends.append((where, name, parse_args(BackendApp, app.get("args"), f"{where}.args")))
     if not routers:
         raise ConfigError(f"{path}: no application has import_path: {BUILD_ROUTER}")
+    _check_ports(path, raw, routers)
     for where, name, backend in backends:
         if backend.router not in routers:
             raise ConfigError(f"{path}: {where} ({name}): router: {backend.router} is not an application of this "
                               f"file; the routers here: {', '.join(routers)}")
     return [(name, _service(path, name, settings, [b for b in backends if b[2].router == name]))
             for name, settings in routers.items()]
+
+
+def _check_ports(path: Path, raw: dict, routers: dict[str, RouterConfig]) -> None:
+    """Each router that listens itself (router/listener.py) has a port of its own: two on one port would
+    share its connections, whatever their route prefixes."""
+    http = {"port": SERVE_DEFAULT_HTTP_PORT, **(raw.get("http_options") or {})}
+    takers: dict[int, str] = {}
+    for name, router in routers.items():
+        try:
+            port = router.listening_port(http, raw.get("proxy_location", SERVE_DEFAULT_PROXY_LOCATION))
+        except ValueError as err:
+            raise ConfigError(f"{path}: router {name}: {err}") from None
+        if port is not None and port in takers:
+            raise ConfigError(f"{path}: routers {takers[port]} and {name} would both listen on port {port}: give "
+                              f"each its own port (args: port:)")
+        if port is not None:
+            takers[port] = name
 
 
 def _service(path: Path, name: str, router: RouterConfig,

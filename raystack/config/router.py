@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from raystack.config.strict import Strict
@@ -9,6 +11,7 @@ from raystack.config.strict import Strict
 # The longest a request may take in all unless the router says otherwise; also a backend's drain bound
 # when it sets none (Backend.longest_answer_s), since a backend application cannot see its router's args.
 DEFAULT_REQUEST_TIMEOUT_S = 3600
+PROXY_DISABLED = "Disabled"  # Serve's proxy_location when it runs no HTTP proxy
 
 
 class APIKeySource(Strict):
@@ -36,6 +39,11 @@ class RouterConfig(Strict):
         1024, ge=1, description="requests waiting for a router replica past max_ongoing_requests; beyond it "
         "clients get 429 with Retry-After (unbounded, a burst would queue in the proxy without end)"
     )
+    port: int | None = Field(
+        None, ge=1, le=65535, description="the port the router's replicas take requests on themselves (one hop, "
+        "no Serve proxy in between), on http_options.host; unset: http_options.port when proxy_location is "
+        "Disabled, else Serve's proxy reaches the router (router/listener.py)"
+    )
     first_token_timeout_s: float = Field(
         300, gt=0, description="longest wait for a request's first token (queueing, scale-up and prefill "
         "included): then 503 when no replica came up, else 504"
@@ -56,3 +64,16 @@ class RouterConfig(Strict):
     api_keys: APIKeySource | None = Field(
         None, description="require `Authorization: Bearer KEY` on /v1/*; keys from an env var or a file"
     )
+
+    def listening_port(self, http_options: dict[str, Any], proxy_location: str) -> int | None:
+        """The port this router's replicas listen on themselves (router/listener.py), or None when Serve's
+        proxy reaches them. Serve's proxy binds its port with SO_REUSEPORT (ray/serve/_private/proxy.py):
+        a router on that port would silently share its connections, so that is refused."""
+        if self.port is not None:
+            if proxy_location != PROXY_DISABLED and self.port == http_options.get("port"):
+                raise ValueError(
+                    f"router port {self.port} is Serve's proxy's port (http_options.port, proxy_location: "
+                    f"{proxy_location}): the two would share its connections. Set proxy_location: Disabled for "
+                    f"the router to take the port alone, or give the router another port")
+            return self.port
+        return http_options.get("port") if proxy_location == PROXY_DISABLED else None

@@ -39,7 +39,8 @@ from raystack.router.auth import APIKeyError, APIKeys, KeyFileWatch
 from raystack.router.catalogue import (REFRESH_S, BackendRef, Catalogue, registered_backends, target_replicas,
                                         serve_details_async)
 from raystack.router.exchange import Exchange
-from raystack.router.forwarding import Forwarder
+from raystack.router.forwarding import BUSY_RETRY_AFTER_S, Forwarder
+from raystack.router.listener import Entrance, Listener
 from raystack.router.quotas import Quotas
 
 logger = logging.getLogger("ray.serve")
@@ -126,6 +127,33 @@ class Router:
         await self.refresh()
         self.reload_keys()  # the file as it is now, which may have changed since the app was built
         self.refresher = asyncio.create_task(self._keep_refreshed())
+        self.listener = await self._listen()
+
+    async def _listen(self) -> Listener | None:
+        """One hop (listener.py): this replica's own HTTP server, when the router listens itself."""
+        details = await serve_details_async()
+        http = details.get("http_options") or {}
+        port = self.settings.listening_port(http, details.get("proxy_location"))
+        if port is None:
+            return None
+        route_prefix = (details.get("applications", {}).get(self.app_name) or {}).get("route_prefix", "/")
+        entrance = Entrance(app, route_prefix, self.app_name, self.settings.max_ongoing_requests,
+                            self.settings.max_queued_requests, BUSY_RETRY_AFTER_S)
+        listener = Listener(entrance, http.get("host") or "127.0.0.1", port)
+        listener.start(ready=lambda: serve.get_replica_context().servable_object is self)
+        return listener
+
+    def check_health(self) -> None:
+        failure = self.listener and self.listener.failure()
+        if failure:
+            raise RuntimeError(failure)  # Serve replaces this replica
+
+    async def __del__(self) -> None:
+        """Serve's shutdown hook for a replica (see LLMServer.__del__): the listener stops taking connections
+        (the node's other replicas take them) and relays what it has under way to its end."""
+        listener = getattr(self, "listener", None)  # absent when __init__ failed
+        if listener is not None:
+            await listener.stop(self.settings.request_timeout_s)
 
     @property
     def models(self) -> dict[str, Model]:

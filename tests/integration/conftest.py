@@ -1,6 +1,7 @@
 """Shared by the integration tests that deploy raystack apps: a fresh local Ray with Serve per test module
 (tests/serve_cluster.py), synthetic backends, and a helper that deploys one raystack service (its router
-under its own route prefix, each backend an application of its own) with Serve's Python API."""
+under its own route prefix and on a port of its own, each backend an application of its own) with Serve's
+Python API."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from raystack.app import delete_stack, run_stack
-from tests.serve_cluster import serve_cluster
+from tests.serve_cluster import free_port, serve_cluster
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,11 @@ def synthetic(name: str, replicas: int = 1, **settings: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def deployed(server: str, app: str, models: list[dict[str, Any]], router: dict[str, Any] | None = None):
-    """Yields the service's OpenAI base URL."""
-    run_stack({"models": models, "router": router or {}}, name=app, route_prefix=f"/{app}")
+    """Yields the service's OpenAI base URL: its router's own port (one hop, router/listener.py), beside
+    Serve's proxy, which the module's `server` keeps serving."""
+    port = free_port()
+    run_stack({"models": models, "router": {"port": port, **(router or {})}}, name=app, route_prefix=f"/{app}")
     try:
-        yield f"{server}/{app}/v1"
+        yield f"http://127.0.0.1:{port}/{app}/v1"
     finally:
         delete_stack(app)

@@ -319,9 +319,14 @@ def qwen3_file() -> dict:
         (lambda f: f["applications"].pop(0), "no application has import_path: raystack.app:build_router"),
         (lambda f: f["applications"][1].update(name="qwen3-32b.vllm"),
          "(qwen3-32b.vllm): name this application raystack.qwen3-32b.vllm, after its router, model and backend"),
-        (lambda f: f["applications"].append({"name": "lonely", "route_prefix": "/lonely",
+        (lambda f: f["applications"].append({"name": "lonely", "route_prefix": "/lonely", "args": {"port": 8001},
                                              "import_path": "raystack.app:build_router"}),
          "no backend application names the router lonely"),
+        (lambda f: f["applications"].append({"name": "second", "route_prefix": "/second",
+                                             "import_path": "raystack.app:build_router"}),
+         "routers raystack and second would both listen on port 8000: give each its own port"),
+        (lambda f: (f.update(proxy_location="EveryNode"), f["applications"][0]["args"].update(port=8000)),
+         "router port 8000 is Serve's proxy's port (http_options.port, proxy_location: EveryNode)"),
     ],
 )
 def test_a_file_whose_applications_do_not_fit_together_is_refused(tmp_path, change, message):
