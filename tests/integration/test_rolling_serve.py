@@ -1,6 +1,8 @@
 """Updates and router failures under long streams, on synthetic backends, deployed as `serve deploy` applies
-a config file: a changed backend is redeployed alone (not the router, not the other backends) and finishes
-every stream it found, and a router replica killed under load cuts only the streams it was relaying.
+a config file, the router taking requests on its own port (one hop, router/listener.py): a changed backend
+is redeployed alone (not the router, not the other backends) and finishes every stream it found; a changed
+router is replaced with no stream cut and no request refused; a router replica killed under load cuts only
+the streams it was relaying.
 
 The streams last longer than Serve's default drain (20 s) and the one raystack used to set (30 s)."""
 
@@ -10,13 +12,16 @@ import asyncio
 from typing import Any
 
 import httpx
+import openai
 import ray
 
 from tests.integration.conftest import synthetic
-from tests.serve_cluster import replica_actors, serve_deploy
+from tests.serve_cluster import free_port, replica_actors, serve_deploy
 
 STREAMS = 16
 TOKENS = 70  # at 2 tokens/s: 35 s a stream
+PORT = free_port()
+BASE = f"http://127.0.0.1:{PORT}/rolling"
 
 
 class Ending:
@@ -63,7 +68,8 @@ def service(router: dict[str, Any], backends: dict[str, float]) -> dict[str, Any
     """A config file's applications: a router `rolling` under /rolling and, for each backend name -> first
     token delay, a model of that name with one synthetic backend, an application of its own."""
     return {"applications": [
-        {"name": "rolling", "route_prefix": "/rolling", "import_path": "raystack.app:build_router", "args": router},
+        {"name": "rolling", "route_prefix": "/rolling", "import_path": "raystack.app:build_router",
+         "args": {"port": PORT, **router}},
         *({"name": f"rolling.{name}.s", "route_prefix": None, "import_path": "raystack.app:build_backend",
            "args": {"router": "rolling", "model": {"name": name},
                     "backend": synthetic("s", 2, ttft_ms=ttft_ms, tokens_per_s=2, output_tokens=TOKENS)}}
@@ -83,7 +89,7 @@ def test_a_changed_backend_is_redeployed_alone_and_cuts_no_stream(server):
     # serve deploy of the same file with one backend setting changed: Serve replaces that backend's
     # replicas, each once its streams are done; the router and the other backend keep theirs.
     endings = asyncio.run(streams_through(
-        f"{server}/rolling", lambda: serve_deploy(service({}, {"m": 20, "other": 10})), models=("m", "other")))
+        BASE, lambda: serve_deploy(service({}, {"m": 20, "other": 10})), models=("m", "other")))
     after = replicas()
     assert not before["m"] & after["m"] and len(after["m"]) == 2, "the changed backend's replicas were replaced"
     assert (after["router"], after["other"]) == (before["router"], before["other"]), "only the changed backend"
@@ -96,9 +102,45 @@ def test_a_router_replica_killed_under_load_cuts_only_its_own_streams(server):
     assert len(routers) == 2
     victim = routers[0]
     endings = asyncio.run(streams_through(
-        f"{server}/rolling", lambda: ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)))
+        BASE, lambda: ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)))
     killed = victim.rsplit("#", 1)[1]
     cut = [e for e in endings if not e.done]
     assert cut and len(cut) < STREAMS, "both routers carried streams"
     assert all(e.router == killed for e in cut), "a stream the other router relayed was cut"
     assert all(e.words == TOKENS and e.error is None for e in endings if e.router != killed)
+
+
+async def short_requests_until(stop: asyncio.Event) -> tuple[int, list[str]]:
+    """Whole answers of one token, one after another on a pooled client as a user's would be, until `stop`:
+    (answered, failures). The openai client resends a request whose pooled connection the server closed."""
+    answered, failures = 0, []
+    async with openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key="none", timeout=30) as client:
+        while not stop.is_set():
+            try:
+                await client.chat.completions.create(model="m", max_tokens=1,
+                                                     messages=[{"role": "user", "content": "hi"}])
+                answered += 1
+            except openai.OpenAIError as err:
+                failures.append(repr(err))
+    return answered, failures
+
+
+def test_a_changed_router_is_replaced_with_no_stream_cut_and_no_request_refused(server):
+    serve_deploy(service({"num_replicas": 2}, {"m": 10}))
+    before = set(replica_actors("rolling", "Router"))
+
+    async def update_under_load() -> tuple[list[Ending], tuple[int, list[str]]]:
+        stop = asyncio.Event()
+        shorts = asyncio.create_task(short_requests_until(stop))
+        # The router's own args changed: Serve starts new replicas, which listen beside the old ones on the
+        # same port, then stops the old ones, which close their sockets and relay their streams to the end.
+        endings = await streams_through(BASE, lambda: serve_deploy(service(
+            {"num_replicas": 2, "first_token_timeout_s": 200}, {"m": 10})))
+        stop.set()
+        return endings, await shorts
+
+    endings, (answered, failures) = asyncio.run(update_under_load())
+    after = set(replica_actors("rolling", "Router"))
+    assert not before & after and len(after) == 2, "the router's replicas were replaced"
+    assert [(e.done, e.words, e.error) for e in endings] == [(True, TOKENS, None)] * STREAMS
+    assert failures == [] and answered > 20
