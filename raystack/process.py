@@ -5,11 +5,10 @@ Serve's fast path. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 sends handle calls over gRPC
 handle's router on the replica's own event loop (no thread hop per streamed chunk) and buffers access
 logs. On a 2-core machine it doubled the streamed chunks/s one router replica carries and halved the
 TTFT Serve adds (README, "Router overhead"; scripts/bench_router.py). Direct ingress, also part of the
-preset, stays off for now: Ray 2.60 binds each ingress replica to http_options.host on a port of its own
-(30000-30999, a new one on every replacement) with no balancing across Router replicas, and drains every
-ingress replica (LLMServer's too) for at least 30 s; `bench_router.py --direct-ingress` measures what it
-would save (issue #28). Logs still go to stderr, where `serve run`
-shows them. Serve reads these when a process imports it, so they must be in the environment of Ray's
+preset, stays off: the router listens itself (router/listener.py says why Serve's own ways round its proxy
+do not fit), and with direct ingress Ray 2.60 would also open a port per LLMServer replica, which is the
+ingress of its backend application, and drain each for at least 30 s. Logs still go to stderr, where
+`serve run` shows them. Serve reads these when a process imports it, so they must be in the environment of Ray's
 processes: build_router and build_backend set them in the Router's and every LLMServer's runtime_env;
 `raystack start` and `make run` export them before Ray starts, so the HTTP proxy runs with them too. Not in a
 driver that calls handles synchronously: the preset moves the handle's router onto the caller's event loop.
