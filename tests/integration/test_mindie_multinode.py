@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from raystack.config import ConfigError
 from tests.serve_cluster import serve_cluster
 from tests.integration.conftest import deployed
 from tests.integration.test_mindie_serve import ROUTER, assert_nothing_left, ask, mindie_model, mindie_node
@@ -49,7 +50,8 @@ def mindie(tmp_path: Path):
 def test_one_replica_runs_a_daemon_per_node_from_one_rank_table(server, mindie):
     models = mindie_model(mindie)
     models[0]["backends"][0]["parallelism"] = {"tensor": 2, "pipeline": 2}
-    with deployed(server, "mindie-2nodes", models, router=ROUTER) as url:
+    # Through Serve's proxy (a router listening itself would run on the head, which has no CPU here).
+    with deployed(server, "mindie-2nodes", models, router={**ROUTER, "port": None}) as url:
         c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
         answer = c.chat.completions.create(model="qwen3", messages=ask("how many legs"), max_tokens=4)
         assert len(answer.choices[0].message.content.split()) == 4
@@ -94,3 +96,9 @@ def test_one_replica_runs_a_daemon_per_node_from_one_rank_table(server, mindie):
         assert config["BackendConfig"]["interNodeTLSEnabled"] is False
         assert config["BackendConfig"]["ModelDeployConfig"]["ModelConfig"][0]["worldSize"] == 2  # per node
     assert_nothing_left(mindie[1])
+
+
+def test_a_router_that_would_listen_on_a_head_without_cpus_is_refused_with_what_to_do(server, mindie):
+    with pytest.raises(ConfigError, match=r"reserve 0.1 CPU there, but the head has 0. Set router.cpus: 0"):
+        with deployed(server, "mindie-no-head", mindie_model(mindie), router=ROUTER):
+            pass
