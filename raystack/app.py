@@ -69,7 +69,8 @@ def check_deployable(models: list[Model], cache_dir: Path, hbm: HBMNeeds | None 
 def check_serve_ingress(router: RouterConfig) -> int | None:
     """Under a running Serve (as `serve run FILE` starts it): the port the router's replicas will listen on
     themselves (router/listener.py), None when Serve's proxy reaches them; and what cannot work refused: a
-    proxy timeout shorter than the router's (serve_file.py says why), a router on the proxy's own port."""
+    router on the proxy's own port, or reached through a proxy whose timeout is shorter than the router's
+    (serve_file.py says why)."""
     import ray
 
     if not ray.is_initialized():
@@ -79,11 +80,11 @@ def check_serve_ingress(router: RouterConfig) -> int | None:
     except ValueError:  # Serve not started yet: it will start with its defaults (a proxy, no timeout)
         return None
     http = details.get("http_options") or {}
-    problem = proxy_timeout_problem(http.get("request_timeout_s"), router)
     try:
         port = router.listening_port(http, details.get("proxy_location"))
     except ValueError as err:
-        problem = str(err)
+        raise ConfigError(f"raystack cannot deploy this config: {err}") from None
+    problem = proxy_timeout_problem(http.get("request_timeout_s"), router) if port is None else None
     if problem:
         raise ConfigError(f"raystack cannot deploy this config: {problem}")
     return port
@@ -279,8 +280,8 @@ def build_router(args: dict[str, Any]) -> Application:
         graceful_shutdown_timeout_s=settings.request_timeout_s,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=BUSY_RETRY_AFTER_S),
         ray_actor_options={"num_cpus": settings.cpus,
-                           # Listening itself, the router is where clients connect: the head node, where
-                           # Serve's proxy would be (HeadOnly, its default).
+                           # Listening itself, the router is where clients connect: the head node, as
+                           # Serve's proxy with proxy_location: HeadOnly.
                            **({"resources": {HEAD_NODE_RESOURCE: 0.001}} if listens else {}),
                            "runtime_env": {"env_vars": {**SERVE_FAST_PATH_ENV, **dict.fromkeys(secrets, "")}}},
     )

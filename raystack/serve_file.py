@@ -11,8 +11,9 @@ null: the router is the only way in, with its keys and limits).
 
 Serve's proxy ends a request at `http_options.request_timeout_s` silently: a stream just stops, with no
 error event and no `data: [DONE]`. The router's own bound (`router.request_timeout_s`) ends it with an
-error event, so the proxy's must not be shorter; config check refuses such a file, and build_router refuses
-to deploy under such a proxy. A backend's drain bound must not be shorter either, or a redeploy cuts
+error event, so the proxy's must not be shorter for a router it reaches (one that listens itself,
+router/listener.py, is past no proxy); config check refuses such a file, and build_router refuses to
+deploy under such a proxy. A backend's drain bound must not be shorter either, or a redeploy cuts
 answers the router would still relay.
 """
 
@@ -70,9 +71,6 @@ def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
         name, where = app.get("name", "default"), f"applications[{i}]"
         if app.get("import_path") == BUILD_ROUTER:
             routers[name] = parse_args(RouterConfig, app.get("args"), f"{where}.args")
-            problem = proxy_timeout_problem((raw.get("http_options") or {}).get("request_timeout_s"), routers[name])
-            if problem:
-                raise ConfigError(f"{path}: {problem}")
         elif app.get("import_path") == FORMER_BUILD_APP:
             raise ConfigError(f"{path}: {where} ({name}): {SPLIT_FORMAT}")
         elif app.get("import_path") == BUILD_BACKEND:
@@ -93,7 +91,8 @@ def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
 
 def _check_ports(path: Path, raw: dict, routers: dict[str, RouterConfig]) -> None:
     """Each router that listens itself (router/listener.py) has a port of its own: two on one port would
-    share its connections, whatever their route prefixes."""
+    share its connections, whatever their route prefixes. One reached through Serve's proxy needs the proxy's
+    timeout no shorter than its own."""
     http = {"port": SERVE_DEFAULT_HTTP_PORT, **(raw.get("http_options") or {})}
     takers: dict[int, str] = {}
     for name, router in routers.items():
@@ -101,6 +100,9 @@ def _check_ports(path: Path, raw: dict, routers: dict[str, RouterConfig]) -> Non
             port = router.listening_port(http, raw.get("proxy_location", SERVE_DEFAULT_PROXY_LOCATION))
         except ValueError as err:
             raise ConfigError(f"{path}: router {name}: {err}") from None
+        problem = proxy_timeout_problem(http.get("request_timeout_s"), router) if port is None else None
+        if problem:
+            raise ConfigError(f"{path}: {problem}")
         if port is not None and port in takers:
             raise ConfigError(f"{path}: routers {takers[port]} and {name} would both listen on port {port}: give "
                               f"each its own port (args: port:)")

@@ -293,6 +293,9 @@ def test_a_proxy_timeout_shorter_than_the_routers_is_refused(tmp_path):
     # As the cluster configs had it: Serve's proxy at 600 s cut 600-3600 s answers with no error event.
     raw = yaml.safe_load((ROOT / "deploy_configs/qwen3.yaml").read_text())
     raw["http_options"]["request_timeout_s"] = 600
+    (tmp_path / "past_no_proxy.yaml").write_text(yaml.safe_dump(raw))
+    assert load_serve_config(tmp_path / "past_no_proxy.yaml")  # one hop: the router listens itself
+    raw["proxy_location"] = "EveryNode"  # the router reached through Serve's proxy
     (tmp_path / "short.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"request_timeout_s \(600 s\) is shorter than router.request_timeout_s"):
         load_serve_config(tmp_path / "short.yaml")
