@@ -11,10 +11,10 @@ known by its first key, and content events are counted, not read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from raystack.json_codec import decode
 from raystack.router.usage import Cost
 
 CHARS_PER_TOKEN = 4  # the prompt's estimate at admission, until the engine's usage settles it
@@ -81,7 +81,7 @@ class Meter:
     def _parse(self, event: str) -> bool:
         """Read one event; True when it is the usage chunk only the router asked for, to be taken out."""
         try:
-            data = json.loads(event[len("data: "):])
+            data = decode(event[len("data: "):])
         except ValueError:
             return False
         usage = _usage_of(data)

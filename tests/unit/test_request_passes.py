@@ -15,9 +15,9 @@ vLLM's replica validates the body once more, into vLLM's own request object: tha
 (README, "Architecture").
 
 Before the Exchange: the messages serialised again for the token estimate and walked again for the prefix
-route, and an opening's error event parsed twice (by the replica, then by the router). Before 2026-12-06: a
-relayed error opening parsed again by a key's meter, and every content event coalesced with the usage event
-parsed too.
+route, and an opening's error event parsed twice (by the replica, then by the router). Until later that day
+(2026-12-05): a relayed error opening parsed again by a key's meter, and every content event coalesced with
+the usage event parsed too.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ import pickle
 from collections import Counter
 from typing import Any
 
-from starlette.responses import JSONResponse
-
 from raystack.config import Backend, Routing
 from raystack.engines.base import create_engine
+from raystack.json_codec import JSONAnswer
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import error_body, parse_request, prompt_text, sse_event
 from raystack.replica.calls import Dispatch, Opening, _stream_failure
@@ -51,12 +50,21 @@ def _key(function: Any) -> tuple[str, int, str]:
     return code.co_filename, code.co_firstlineno, code.co_name
 
 
-# What is counted, by the function that does it.
+def _builtin(name: str) -> tuple[str, int, str]:
+    return "~", 0, name
+
+
+# What is counted, by the function that does it: msgspec's and the stdlib's JSON alike (json_codec.py uses
+# msgspec, and the stdlib for what msgspec refuses), so a parse is counted however it is made.
 PASSES = {
     _key(json.loads): "decoded",
+    _builtin("<method 'decode' of 'msgspec.json.Decoder' objects>"): "decoded",
+    _builtin("<built-in method msgspec._core.json_decode>"): "decoded",
     _key(json.dumps): "encoded",
-    ("~", 0, "<method 'validate_python' of 'pydantic_core._pydantic_core.SchemaValidator' objects>"): "validated",
-    ("~", 0, "<method 'validate_json' of 'pydantic_core._pydantic_core.SchemaValidator' objects>"): "validated",
+    _builtin("<method 'encode' of 'msgspec.json.Encoder' objects>"): "encoded",
+    _builtin("<built-in method msgspec._core.json_encode>"): "encoded",
+    _builtin("<method 'validate_python' of 'pydantic_core._pydantic_core.SchemaValidator' objects>"): "validated",
+    _builtin("<method 'validate_json' of 'pydantic_core._pydantic_core.SchemaValidator' objects>"): "validated",
     _key(prompt_text): "prompt_text",
     _key(_stream_failure): "opening_checked",
     _key(Meter._parse): "event_parsed",
@@ -125,7 +133,7 @@ async def across(raw: bytes, keyed: bool = True) -> tuple[Passes, Passes, Passes
         if opening.chunk is None:
             if exchange.meter is not None:
                 exchange.meter.whole(opening.status, opening.body)
-            out = [JSONResponse(opening.body).body]  # as the ingress answers it
+            out = [JSONAnswer(opening.body).body]  # as the ingress answers it
         else:
             async def relayed():
                 yield opening.chunk
