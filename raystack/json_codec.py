@@ -1,5 +1,5 @@
 """JSON on the serving path, in one place: request bodies, whole answers and SSE events, in the router and in
-the replica. msgspec (a dependency of raystack, and of vLLM) reads and writes these 5-10x faster than the
+the replica. msgspec (a dependency of raystack, and of vLLM) reads and writes these 4-12x faster than the
 stdlib's json (scripts/bench_json.py). What msgspec refuses goes to the stdlib, as before msgspec: so what is
 accepted, the values read, and the error that says why not (a 400's message) stay the stdlib's.
 """
