@@ -8,10 +8,11 @@ Types are strict: `"max_tokens": "5"` is a 400, not a string an engine would cho
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raystack.json_codec import decode, encode
 
 
 # Token counts and ids fit in 32 bits in every engine; seeds in 64 (vLLM's bounds).
@@ -221,7 +222,7 @@ def parse_request(kind: str, raw: bytes) -> dict[str, Any]:
     """Decode and check a request body; return it as a dict, or raise OpenAIError(400)."""
     try:
         # NaN and Infinity are Python's extension to JSON; no engine means to receive them.
-        body = json.loads(raw, parse_constant=_refuse_constant)
+        body = decode(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise OpenAIError(400, f"The request body is not valid JSON: {err}. Send a JSON object.") from None
     except RecursionError:
@@ -348,7 +349,7 @@ async def stream_reasoning_both_ways(events: AsyncIterator[str]) -> AsyncIterato
     """An SSE stream whose chunks carry both reasoning fields (only chunks with reasoning are rewritten)."""
     async for event in events:
         if '"reasoning' in event and event.startswith("data: {"):
-            chunk = json.loads(event[6:])
+            chunk = decode(event[6:])
             if name_reasoning_both_ways(chunk):
                 event = sse_event(chunk)
         yield event
@@ -379,7 +380,7 @@ def completion_prompts(prompt: Any) -> list[Any]:
 
 
 def sse_event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    return f"data: {encode(payload).decode()}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

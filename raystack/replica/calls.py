@@ -3,11 +3,11 @@ its answer (Opening). Both sides import this module; it holds no engine and no S
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from raystack.engines.base import RequestKind
+from raystack.json_codec import decode
 
 
 @dataclass(eq=False)
@@ -58,7 +58,7 @@ def _stream_failure(chunk: str) -> str | None:
     if not chunk.startswith('data: {"error"'):
         return None
     try:
-        error = json.loads(chunk.split("\n\n", 1)[0].removeprefix("data: "))["error"]
+        error = decode(chunk.split("\n\n", 1)[0].removeprefix("data: "))["error"]
     except (ValueError, KeyError, TypeError):
         return None
     code = error.get("code") if isinstance(error, dict) else None

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raystack.config import Model, RouterConfig
 from raystack.engines.base import RequestKind
+from raystack.json_codec import JSONAnswer
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
@@ -336,6 +337,6 @@ class Router:
                    "x-raystack-router": self.replica}
         if delivery.opening.chunk is None:
             await exchange.answered_whole()
-            return JSONResponse(delivery.opening.body, status_code=delivery.opening.status, headers=headers)
+            return JSONAnswer(delivery.opening.body, status_code=delivery.opening.status, headers=headers)
         return StreamingResponse(exchange.streamed(self.forwarder.relay(delivery)), media_type="text/event-stream",
                                  headers=headers)

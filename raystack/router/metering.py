@@ -5,15 +5,16 @@ Every engine sends that chunk when asked (`stream_options.include_usage`: vLLM, 
 raystack's MindIE relay), so the router asks for it on every metered stream and takes it out again for a
 client that did not ask (`Meter`). A stream the client left before its end has no usage chunk: its
 completion is counted as the content events relayed (one token each as engines stream them), its prompt as
-the router's estimate at admission. Only events that carry usage or an error are parsed, each once.
+the router's estimate at admission. Only events that carry usage are parsed, each once: an error event is
+known by its first key, and content events are counted, not read.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from raystack.json_codec import decode
 from raystack.router.usage import Cost
 
 CHARS_PER_TOKEN = 4  # the prompt's estimate at admission, until the engine's usage settles it
@@ -62,28 +63,37 @@ class Meter:
             yield chunk
 
     def _read(self, chunk: str) -> str:
+        """A chunk that mentions usage or an error, event by event: an error event is known by its first key,
+        unparsed (an opening's was parsed by the replica's check already); of the rest, only an event that
+        mentions usage or an error is parsed."""
         kept = []
         for event in chunk.split("\n\n"):
-            if not event.startswith("data: {"):
-                kept.append(event)
-                continue
-            try:
-                data = json.loads(event[len("data: "):])
-            except ValueError:
-                kept.append(event)
-                continue
-            usage = _usage_of(data)
-            if "error" in data:
+            if event.startswith('data: {"error"'):
                 self.cost.error = True
-            elif usage:
-                self.cost.prompt_tokens, self.cost.completion_tokens = usage
-                self.cost.settled = True
-                if not self.client_wants_usage and not data.get("choices"):
-                    continue  # the router's own request for usage: not the client's to see
-            elif not self.cost.settled:
+            elif event.startswith("data: {") and ('"usage"' in event or '"error"' in event):
+                if self._parse(event):
+                    continue
+            elif event.startswith("data: {") and not self.cost.settled:
                 self.cost.completion_tokens += 1
             kept.append(event)
         return "\n\n".join(kept)
+
+    def _parse(self, event: str) -> bool:
+        """Read one event; True when it is the usage chunk only the router asked for, to be taken out."""
+        try:
+            data = decode(event[len("data: "):])
+        except ValueError:
+            return False
+        usage = _usage_of(data)
+        if "error" in data:
+            self.cost.error = True
+        elif usage:
+            self.cost.prompt_tokens, self.cost.completion_tokens = usage
+            self.cost.settled = True
+            return not self.client_wants_usage and not data.get("choices")
+        elif not self.cost.settled:
+            self.cost.completion_tokens += 1
+        return False
 
 
 def ask_for_usage(body: dict[str, Any]) -> bool:

@@ -22,6 +22,7 @@ from raystack.engines.base import AdapterFiles, Answer, RequestKind
 from raystack.engines.mindie import ENGINE
 from raystack.engines.mindie.config import LOOPBACK, MindIEPlan, mindie_timeouts
 from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
+from raystack.json_codec import decode
 from raystack.protocol import SSE_DONE, error_body, name_reasoning_both_ways, sse_event
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ class MindIEEngine:
         if response.status != 200 or not body.get("stream"):
             async with response:
                 try:
-                    answer = await response.json(content_type=None)
+                    answer = await response.json(content_type=None, loads=decode)
                 except (json.JSONDecodeError, aiohttp.ClientError):
                     answer = await response.text()
             if response.status != 200:
@@ -231,7 +232,7 @@ class MindIEEngine:
                         yield sse_event({**last_chunk, "choices": [], "usage": usage})
                     yield SSE_DONE
                     break
-                chunk = json.loads(data)
+                chunk = decode(data)
                 now = time.monotonic()
                 if chunk.get("usage"):
                     usage = chunk["usage"]
