@@ -13,9 +13,9 @@ the CPU platform refuses to run), doing with its placement group what vLLM 0.23'
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import httpx
 import pytest
