@@ -2,9 +2,10 @@
 """What the router costs as its work grows (issue #28, point 5): short requests/s and latency p50/p99 with
 1, 10 and 50 backends in its catalogue and with 10,000 API keys in its key file, against 1 backend, no key.
 
-One session: one local Ray (2 CPUs) and Serve with raystack's Serve settings (process.py), the synthetic
-engine answering as bench_router.py's "short" measurement has it (10 ms to the first token, 4 tokens, whole
-answers), and bench_router's keep-alive load generator (`short`), at concurrency 1 and 32.
+One session: one local Ray (2 CPUs) and Serve with raystack's Serve settings (process.py), each router on
+its own port (one hop, router/listener.py; Serve's proxy runs beside it, idle, as in bench_router.py), the
+synthetic engine answering as bench_router's "short" measurement has it (10 ms to the first token, 4 tokens,
+whole answers), and bench_router's keep-alive load generator (`short`), at concurrency 1 and 32.
 
     1            router `scale`, one backend application: model `synthetic`, backend `hot`, 1 replica
     models-N     the same and N-1 more models, `cold-01`..., each with a backend application of its own
@@ -71,10 +72,9 @@ BASELINE = "1"
 MAX_KEYS = 10_000
 
 
-def base_url(serve_url: str, router: str) -> str:
-    """Where `router`'s OpenAI API is: through Serve's proxy, under its route prefix. The one place to change
-    when the Router listens on a port of its own."""
-    return f"{serve_url}{ROUTE_PREFIX[router]}/v1"
+def base_url(port: int, router: str) -> str:
+    """Where `router`'s OpenAI API is: its replicas' own port (RouterConfig.port), under its route prefix."""
+    return f"http://127.0.0.1:{port}{ROUTE_PREFIX[router]}/v1"
 
 
 # ---- the configurations ---------------------------------------------------------------------------------
@@ -136,8 +136,10 @@ def auth(key: str) -> dict[str, str]:
 class Session:
     """The two routers, and what router `scale`'s catalogue and `scale-keys`' key file hold now."""
 
-    def __init__(self, serve_url: str, keys_path: Path):
-        self.serve_url = serve_url
+    def __init__(self, keys_path: Path):
+        from tests.serve_cluster import free_port
+
+        self.ports = {ROUTER: free_port(), KEYS_ROUTER: free_port()}
         self.keys_path = keys_path
         self.cold: dict[str, Any] = {}  # cold applications deployed now
         self.keys = 1  # keys in the file now
@@ -147,12 +149,15 @@ class Session:
         from raystack.app import run_stack
 
         self.keys_path.write_text(key_file(1))
-        run_stack(service(BASELINE), name=ROUTER, route_prefix=ROUTE_PREFIX[ROUTER])
-        run_stack({**service(BASELINE), "router": {"api_keys": {"file": str(self.keys_path)}}}, name=KEYS_ROUTER,
-                  route_prefix=ROUTE_PREFIX[KEYS_ROUTER])
+        run_stack({**service(BASELINE), "router": {"port": self.ports[ROUTER]}}, name=ROUTER,
+                  route_prefix=ROUTE_PREFIX[ROUTER])
+        run_stack({**service(BASELINE), "router": {"port": self.ports[KEYS_ROUTER],
+                                                   "api_keys": {"file": str(self.keys_path)}}},
+                  name=KEYS_ROUTER, route_prefix=ROUTE_PREFIX[KEYS_ROUTER])
 
     def url(self, config: str) -> str:
-        return base_url(self.serve_url, KEYS_ROUTER if config.startswith("keys-") else ROUTER)
+        router = KEYS_ROUTER if config.startswith("keys-") else ROUTER
+        return base_url(self.ports[router], router)
 
     def headers(self, config: str) -> dict[str, str] | None:
         return auth(USED_KEY) if config.startswith("keys-") else None
@@ -217,12 +222,64 @@ class Session:
                 time.sleep(0.02)
 
 
-def measure(session: Session, config: str, concurrencies: list[int], duration_s: float) -> dict[str, float]:
-    row: dict[str, float] = {}
+# ---- where the CPU goes ------------------------------------------------------------------------------------
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (title, CPU seconds so far) of this process and all it started (Ray's processes of this
+    session: its workers are titled after their actor, ray::ServeReplica:<app>:<deployment>)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            children.setdefault(int(stats[int(entry)][1]), []).append(int(entry))
+    found, todo, tick = {}, [os.getpid()], os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        title = argv[0].decode().removeprefix("ray::") if argv[0].startswith(b"ray::") else Path(
+            next((a for a in argv if a.endswith(b".py")), argv[0]).decode()).name
+        found[pid] = (title, (int(stats[pid][11]) + int(stats[pid][12])) / tick)
+    return found
+
+
+def roles(router: str) -> dict[str, str]:
+    """Process title -> the role it plays for requests to `router` (Ray adds `.method` to an actor's title
+    while it runs one: titles are matched by their start)."""
+    return {"ServeController": "controller", "ProxyActor": "proxy", f"ServeReplica:{router}:Router": "router",
+            f"ServeReplica:{router}.{MODEL}.hot:LLMServer-{MODEL}-hot": "engine", "QuotaLedger": "ledger",
+            Path(__file__).name: "client"}
+
+
+def cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], router: str,
+                    requests: float) -> dict[str, float]:
+    """CPU ms per request of each role between two cpu_seconds(); `other`: the rest of Ray (GCS, raylet, agents,
+    the idle router and its engine, cold replicas)."""
+    named = roles(router)
+    spent: dict[str, float] = {}
+    for pid, (title, seconds) in after.items():
+        role = next((role for start, role in named.items() if title.startswith(start)), "other")
+        spent[role] = spent.get(role, 0.0) + seconds - (before[pid][1] if pid in before else 0.0)
+    return {role: 1000 * seconds / requests for role, seconds in spent.items()}
+
+
+def measure(session: Session, config: str, concurrencies: list[int], duration_s: float) -> dict[str, Any]:
+    row: dict[str, Any] = {}
     for concurrency in concurrencies:
+        before, started = cpu_seconds(), time.perf_counter()
         figures = asyncio.run(short(f"{session.url(config)}/chat/completions", concurrency, duration_s,
                                     session.headers(config)))
+        requests = figures["requests_per_s"] * (time.perf_counter() - started)
         row |= {f"c{concurrency}_{k}": v for k, v in figures.items()}
+        router = KEYS_ROUTER if config.startswith("keys-") else ROUTER
+        row[f"c{concurrency}_cpu_ms_per_request"] = cpu_per_request(before, cpu_seconds(), router, requests)
     return row
 
 
@@ -250,8 +307,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     results: dict[str, Any] = {"args": vars(args), "commit": commit.strip(), "rounds": []}
     # The replicas' logs (an access log line per request) stay in Ray's log files, not relayed to this process.
-    with tempfile.TemporaryDirectory() as workdir, serve_cluster(log_to_driver=False) as cluster:
-        session = Session(cluster.url, Path(workdir) / "api_keys.yaml")
+    with tempfile.TemporaryDirectory() as workdir, serve_cluster(log_to_driver=False):
+        session = Session(Path(workdir) / "api_keys.yaml")
         session.deploy()
         for config in (BASELINE, "keys-1"):  # the first requests after a deploy are slower: not in round 1
             measure(session, config, [max(concurrencies)], args.warmup)
@@ -260,8 +317,8 @@ def main() -> None:
             for config in configs if r % 2 == 0 else configs[::-1]:
                 session.switch_to(config)
                 row[config] = measure(session, config, concurrencies, args.duration)
-                print(f"round {r + 1} {config}: " + json.dumps({k: round(v, 1) for k, v in row[config].items()}),
-                      flush=True)
+                print(f"round {r + 1} {config}: " + json.dumps(
+                    {k: round(v, 1) for k, v in row[config].items() if not isinstance(v, dict)}), flush=True)
             results["rounds"].append(row)
         results["switches"] = session.switches
     report(results, concurrencies)
@@ -297,6 +354,16 @@ def report(results: dict[str, Any], concurrencies: list[int]) -> None:
             print(f"  {config}: " + "; ".join(
                 f"c{c} " + ", ".join(f"{x:.3f}" for x in summary[config][f"c{c}"]["ratio_per_round"])
                 for c in concurrencies))
+    c = max(concurrencies)
+    columns = ("router", "proxy", "controller", "engine", "ledger", "client", "other")
+    print(f"\nCPU ms per request at concurrency {c}, by process (other: the rest of Ray, the idle router included):\n")
+    print(f"| configuration | {' | '.join(columns)} | all |")
+    print("|---|" + "---|" * (len(columns) + 1))
+    for config in configs:
+        cpu = {role: statistics.mean(r[config][f"c{c}_cpu_ms_per_request"].get(role, 0.0) for r in rounds)
+               for role in {role for r in rounds for role in r[config][f"c{c}_cpu_ms_per_request"]}}
+        summary[config][f"c{c}"]["cpu_ms_per_request"] = cpu
+        print(f"| {config} | {' | '.join(f'{cpu.get(role, 0.0):.2f}' for role in columns)} | {sum(cpu.values()):.2f} |")
     stalls = [s["key_reload_stall_s"] for s in results["switches"] if s["key_reload_stall_s"] is not None]
     if stalls:
         print("\nlongest request while the router re-read its key file (s): "
