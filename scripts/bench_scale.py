@@ -136,11 +136,12 @@ def auth(key: str) -> dict[str, str]:
 class Session:
     """The two routers, and what router `scale`'s catalogue and `scale-keys`' key file hold now."""
 
-    def __init__(self, keys_path: Path):
+    def __init__(self, keys_path: Path, settle_s: float = 0):
         from tests.serve_cluster import free_port
 
         self.ports = {ROUTER: free_port(), KEYS_ROUTER: free_port()}
         self.keys_path = keys_path
+        self.settle_s = settle_s
         self.cold: dict[str, Any] = {}  # cold applications deployed now
         self.keys = 1  # keys in the file now
         self.switches: list[dict[str, Any]] = []  # how long each switch took; the key reloads' stalls
@@ -165,11 +166,14 @@ class Session:
     def switch_to(self, config: str) -> None:
         """Router `scale`'s catalogue as `config` has it (one backend for keys-*), and the key file too."""
         started = time.perf_counter()
-        self._catalogue(BASELINE if config.startswith("keys-") else config)
+        changed = self._catalogue(BASELINE if config.startswith("keys-") else config)
         stall = self._keys(int(config.split("-")[1])) if config.startswith("keys-") else None
         self.switches.append({"to": config, "took_s": time.perf_counter() - started, "key_reload_stall_s": stall})
+        if changed or stall is not None:  # measured once Serve's controller is done with the change too
+            time.sleep(self.settle_s)
 
-    def _catalogue(self, config: str) -> None:
+    def _catalogue(self, config: str) -> bool:
+        """Deploys and deletes cold applications as `config` has them; whether any were."""
         from ray import serve
         from ray.serve.context import _get_global_client
 
@@ -185,6 +189,7 @@ class Session:
             serve.run_many(new, wait_for_ingress_deployment_creation=True, wait_for_applications_running=True)
         self.cold = wanted
         self._wait_listed(*listed(config))
+        return bool(gone or new)
 
     def _wait_listed(self, models: int, backends: int, timeout_s: float = 60) -> None:
         """Until the router lists what it should (it looks at Serve's state every 5 s)."""
@@ -292,6 +297,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,32", help="concurrencies of the short requests")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"a subset of {', '.join(CONFIGS)}")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of load on each router before round 1")
+    parser.add_argument("--settle", type=float, default=5, help="seconds to wait after a switch of configuration")
     args = parser.parse_args()
     configs = [c for c in CONFIGS if c in args.configs.split(",")]
     if BASELINE not in configs:
@@ -308,7 +314,7 @@ def main() -> None:
     results: dict[str, Any] = {"args": vars(args), "commit": commit.strip(), "rounds": []}
     # The replicas' logs (an access log line per request) stay in Ray's log files, not relayed to this process.
     with tempfile.TemporaryDirectory() as workdir, serve_cluster(log_to_driver=False):
-        session = Session(Path(workdir) / "api_keys.yaml")
+        session = Session(Path(workdir) / "api_keys.yaml", args.settle)
         session.deploy()
         for config in (BASELINE, "keys-1"):  # the first requests after a deploy are slower: not in round 1
             measure(session, config, [max(concurrencies)], args.warmup)
