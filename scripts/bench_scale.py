@@ -18,8 +18,9 @@ backend applications with min_replicas 0: Serve runs their deployments, the rout
 and lists them (GET /v1/models, checked before each measurement); only no replica runs until one is asked
 for. What the router does with N backends: every 5 s it reads Serve's instance details of all applications
 and, when they changed, parses each backend's registration into its catalogue (catalogue.py); it holds a
-Serve handle per backend (lazy: Serve starts a handle's request router at its first request); per request it
-finds the model in a dict, whatever N, then walks that model's own backends: its context bound
+Serve handle per backend, started as the backend joins the catalogue (Forwarder.update's `.options()` starts
+Serve's router for it, with its timers, whose request router tells /health the running replicas), used or
+not; per request it finds the model in a dict, whatever N, then walks that model's own backends: its context bound
 (admission.py), each backend's capability check (backends_unable), the policy's choice (Forwarder.choose, a
 BackendLoad per backend). So `models-N` is a service of N models as it is, where each request's path stays
 on its own model while the catalogue, Serve's state and its controller's work grow; `backends-N` puts all N
@@ -37,7 +38,10 @@ against keys-1 what their number costs. The longest request while the router re-
 reported as the reload's stall (the router reads it on its event loop).
 
 Each round runs every configuration, in reverse order every other round so the machine's drift hits all
-alike, --duration s per concurrency; ratios are against `1`, per round and over the rounds.
+alike, --duration s per concurrency, --settle s after a switch that changed something; ratios are against
+`1`, per round and over the rounds. Where it goes: the CPU time of each process of the session (/proc) per
+request answered, at the highest concurrency, by role: router, proxy, Serve's controller, engine, ledger,
+client (this script), other (the rest of Ray, the idle router and its engine included).
 
     .venv/bin/python scripts/bench_scale.py --rounds 2 --duration 10
 Results go to bench_results/scale-<time>.json and a table on stdout.
@@ -348,9 +352,9 @@ def report(results: dict[str, Any], concurrencies: list[int]) -> None:
             rps = mean(config, f"c{c}_requests_per_s")
             ratio = rps / mean(BASELINE, f"c{c}_requests_per_s")
             per_round = [r[config][f"c{c}_requests_per_s"] / r[BASELINE][f"c{c}_requests_per_s"] for r in rounds]
-            summary.setdefault(config, {})[f"c{c}"] = {"requests_per_s": rps, "ratio": ratio, "ratio_per_round": per_round,
-                                                       "p50_ms": mean(config, f"c{c}_p50_ms"),
-                                                       "p99_ms": mean(config, f"c{c}_p99_ms")}
+            summary.setdefault(config, {})[f"c{c}"] = {
+                "requests_per_s": rps, "ratio": ratio, "ratio_per_round": per_round,
+                "p50_ms": mean(config, f"c{c}_p50_ms"), "p99_ms": mean(config, f"c{c}_p99_ms")}
             cells.append(f"{rps:.1f} | {mean(config, f'c{c}_p50_ms'):.1f} | {mean(config, f'c{c}_p99_ms'):.1f} | "
                          f"{ratio:.3f}")
         print(f"| {config} | {' | '.join(cells)} |")
