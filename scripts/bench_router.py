@@ -150,11 +150,12 @@ class KeepAlive:
     """One keep-alive HTTP/1.1 connection sending whole (non-streamed) chat requests: as cheap a client as
     the bare stream counter above, and one that does not pay a TCP handshake per request."""
 
-    def __init__(self, url: str, max_tokens: int):
+    def __init__(self, url: str, max_tokens: int, headers: dict[str, str] | None = None):
         self.url = httpx.URL(url)
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "benchmark me"}],
                            "max_tokens": max_tokens, "stream": False}).encode()
-        self.request = (f"POST {self.url.raw_path.decode()} HTTP/1.1\r\nHost: {self.url.host}\r\n"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())  # an API key, say
+        self.request = (f"POST {self.url.raw_path.decode()} HTTP/1.1\r\nHost: {self.url.host}\r\n{extra}"
                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -181,13 +182,15 @@ class KeepAlive:
             self.writer = None
 
 
-async def short(url: str, concurrency: int, duration_s: float) -> dict[str, float]:
-    """Whole answers of 4 tokens at `concurrency` for `duration_s`: requests/s and latency p50/p99 (ms)."""
+async def short(url: str, concurrency: int, duration_s: float,
+                headers: dict[str, str] | None = None) -> dict[str, float]:
+    """Whole answers of 4 tokens at `concurrency` for `duration_s`: requests/s and latency p50/p99 (ms).
+    `headers`: sent with each request (bench_scale.py sends an API key)."""
     latencies: list[float] = []
     stop_at = time.perf_counter() + duration_s
 
     async def worker():
-        connection = KeepAlive(url, 4)
+        connection = KeepAlive(url, 4, headers)
         try:
             for _ in range(3):  # warm the connection and the path
                 await connection.ask()
