@@ -129,13 +129,10 @@ class Listener:
         self.serving = asyncio.create_task(self._serve(ready))
 
     async def _serve(self, ready: Callable[[], bool]) -> None:
-        while not ready():
+        while not ready() and not self.server.should_exit:
             await asyncio.sleep(0.02)
-        self.server.config.load()
-        self.server.lifespan = self.server.config.lifespan_class(self.server.config)
-        await self.server.startup(sockets=[self.socket])
         logger.info("router listening on %s", self.where)
-        await self.server.main_loop()
+        await self.server.serve(sockets=[self.socket])  # until stop(): then uvicorn's own graceful shutdown
 
     def failure(self) -> str | None:
         """Why the listener stopped serving, if it did before it was asked to."""
@@ -154,7 +151,3 @@ class Listener:
         self.server.should_exit = True
         with contextlib.suppress(Exception):
             await self.serving
-        if self.server.started:
-            await self.server.shutdown(sockets=[self.socket])
-        else:
-            self.socket.close()
