@@ -125,14 +125,15 @@ class Router:
         self.replica = context.replica_id.unique_id
         self.quotas = Quotas(self.app_name, self.settings.request_timeout_s, self.replica)  # keys' limits, shared
         self.looked = -REFRESH_S  # loop time of the last look at Serve's state
-        await self.refresh()
+        details = await serve_details_async()
+        await self.refresh(details)
         self.reload_keys()  # the file as it is now, which may have changed since the app was built
         self.refresher = asyncio.create_task(self._keep_refreshed())
-        self.listener = await self._listen()
+        self.listener = self._listen(details)
 
-    async def _listen(self) -> Listener | None:
-        """One hop (listener.py): this replica's own HTTP server, when the router listens itself."""
-        details = await serve_details_async()
+    def _listen(self, details: dict[str, Any]) -> Listener | None:
+        """One hop (listener.py): this replica's own HTTP server, when the router listens itself (`details`:
+        Serve's, for its HTTP options, proxy and this application's route prefix)."""
         http = details.get("http_options") or {}
         port = self.settings.listening_port(http, details.get("proxy_location"))
         if port is None:
@@ -160,10 +161,11 @@ class Router:
     def models(self) -> dict[str, Model]:
         return self.catalogue.models
 
-    async def refresh(self) -> None:
-        """Look at Serve's state for this router's backend applications; adopt what changed."""
+    async def refresh(self, details: dict[str, Any] | None = None) -> None:
+        """Look at Serve's state (`details`, if just read) for this router's backend applications; adopt
+        what changed."""
         self.looked = asyncio.get_running_loop().time()
-        details = await serve_details_async()
+        details = details or await serve_details_async()
         # Each router replica fills its part of a backend's slots (fair_share.py) and takes its part of a
         # key's lease (quotas.py).
         self.forwarder.router_replicas = self.quotas.replicas = max(
