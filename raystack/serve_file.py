@@ -20,14 +20,15 @@ answers the router would still relay.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from raystack.config import BackendApp, ConfigError, RaystackConfig, RouterConfig, backend_app_name, parse_args
 from raystack.config.rules import backend_problems
 
-SERVE_DEFAULT_HTTP_PORT = 8000  # ray.serve.config.HTTPOptions
-SERVE_DEFAULT_PROXY_LOCATION = "EveryNode"  # ray.serve.schema.ServeDeploySchema
+if TYPE_CHECKING:
+    from ray.serve.schema import ServeDeploySchema
 
 BUILD_ROUTER = "raystack.app:build_router"
 BUILD_BACKEND = "raystack.app:build_backend"
@@ -61,7 +62,7 @@ def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a Ray Serve config (a mapping with `applications:`)")
     try:
-        ServeDeploySchema.model_validate(raw)
+        serve_config = ServeDeploySchema.model_validate(raw)  # Serve's defaults filled in
     except Exception as err:  # Ray's pydantic (v1 or v2 API) error; its text names the field
         raise ConfigError(f"{path}: not a valid Ray Serve config:\n{err}") from None
 
@@ -80,7 +81,7 @@ def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
             backends.append((where, name, parse_args(BackendApp, app.get("args"), f"{where}.args")))
     if not routers:
         raise ConfigError(f"{path}: no application has import_path: {BUILD_ROUTER}")
-    _check_ports(path, raw, routers)
+    _check_ingress(path, serve_config, routers)
     for where, name, backend in backends:
         if backend.router not in routers:
             raise ConfigError(f"{path}: {where} ({name}): router: {backend.router} is not an application of this "
@@ -89,15 +90,16 @@ def load_serve_config(path: str | Path) -> list[tuple[str, RaystackConfig]]:
             for name, settings in routers.items()]
 
 
-def _check_ports(path: Path, raw: dict, routers: dict[str, RouterConfig]) -> None:
+def _check_ingress(path: Path, serve_config: ServeDeploySchema, routers: dict[str, RouterConfig]) -> None:
     """Each router that listens itself (router/listener.py) has a port of its own: two on one port would
     share its connections, whatever their route prefixes. One reached through Serve's proxy needs the proxy's
     timeout no shorter than its own."""
-    http = {"port": SERVE_DEFAULT_HTTP_PORT, **(raw.get("http_options") or {})}
+    http = serve_config.http_options.model_dump()
+    proxy_location = serve_config.proxy_location.value
     takers: dict[int, str] = {}
     for name, router in routers.items():
         try:
-            port = router.listening_port(http, raw.get("proxy_location", SERVE_DEFAULT_PROXY_LOCATION))
+            port = router.listening_port(http, proxy_location)
         except ValueError as err:
             raise ConfigError(f"{path}: router {name}: {err}") from None
         problem = proxy_timeout_problem(http.get("request_timeout_s"), router) if port is None else None
