@@ -47,6 +47,11 @@ def held_app(who: int = 0) -> tuple[FastAPI, asyncio.Event]:
     return app, release
 
 
+def in_process(entrance: Entrance) -> httpx.AsyncClient:
+    """A client of `entrance` called in this process, as uvicorn would call it."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(entrance), base_url="http://router")
+
+
 def test_the_entrance_mounts_the_route_prefix_and_answers_the_probes():
     asyncio.run(_the_entrance_mounts_the_route_prefix_and_answers_the_probes())
 
@@ -54,7 +59,7 @@ def test_the_entrance_mounts_the_route_prefix_and_answers_the_probes():
 async def _the_entrance_mounts_the_route_prefix_and_answers_the_probes():
     app, _ = held_app()
     entrance = Entrance(app, "/svc", "svc", ongoing=4, queued=4, retry_after_s=1)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(entrance), base_url="http://router") as client:
+    async with in_process(entrance) as client:
         assert (await client.get("/svc/v1/models")).json() == {"data": [], "by": 0}
         outside = await client.get("/v1/models")
         assert outside.status_code == 404
@@ -70,7 +75,7 @@ def test_past_its_ongoing_and_queued_requests_the_entrance_answers_429_with_retr
 async def _past_its_ongoing_and_queued_requests_the_entrance_answers_429_with_retry_after():
     app, release = held_app()
     entrance = Entrance(app, "/", "svc", ongoing=1, queued=1, retry_after_s=1)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(entrance), base_url="http://router") as client:
+    async with in_process(entrance) as client:
         running = asyncio.create_task(client.get("/v1/hold"))
         await asyncio.sleep(0.05)
         waiting = asyncio.create_task(client.get("/v1/hold"))
