@@ -120,7 +120,7 @@ def vllm_chat(model_dir):
 
 SYSTEM = "You are the operations assistant of an Ascend NPU cluster. Answer briefly and exactly. " * 4
 CARD = {"type": "object", "properties": {"card": {"type": "integer"}}}
-TOOLS = [{"type": "function", "function": {"name": "npu_smi", "description": "Read a card's state", "parameters": CARD}},
+TOOLS = [{"type": "function", "function": {"name": "npu_smi", "description": "A card's state", "parameters": CARD}},
          {"type": "function", "function": {"name": "reboot", "parameters": {"type": "object"}, "strict": True}}]
 CHATS = {
     "plain": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "How many cards?"}]},
