@@ -97,3 +97,11 @@ def test_publishing_replicas_report_cached_prompt_tokens_unless_the_config_says_
                                                             "response_role": "model"}
     explicit = Backend(name="v", device="cpu", serving_args={"enable_prompt_tokens_details": False})
     assert build_serving_args(explicit, kv_events=True) == {"enable_prompt_tokens_details": False}
+
+
+def test_a_replica_whose_engine_publishes_no_events_tells_the_routers_nothing():
+    from tests.unit.test_request_passes import synthetic_replica
+
+    replica = synthetic_replica()
+    replica.backend = Backend(name="synthetic", engine="synthetic")
+    assert replica.record_replica_metadata() == {}
