@@ -111,8 +111,8 @@ class VLLMEngine:
             # The EngineCore subprocess loses Ray's placement-group context: hand it the replica's
             # group (one NPU bundle per rank) so the workers land on the NPUs Serve reserved.
             vllm_config.parallel_config.placement_group = get_current_placement_group()
-        if self.publisher is not None:
-            self.kv_address = self._publishing(vllm_config)
+        # The seed of the engine's block hashes, in the environment its EngineCore process starts with.
+        seed = seed_the_engine(vllm_config.cache_config.prefix_caching_hash_algo) if self.publisher else None
         logger.info("starting vLLM engine for %s: %s", self.model_name, self.engine_args)
         self.client = vllm.AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
@@ -125,22 +125,25 @@ class VLLMEngine:
         self.guard = await asyncio.to_thread(guard_children)
         self.state = State()
         await vllm.init_app_state(self.client, self.state, args, await self.client.get_supported_tasks())
+        if self.publisher is not None:
+            self.kv_address = self._kv_address(seed)
         if self.on_cpu:
             move_off_engine_cores()
 
-    def _publishing(self, vllm_config: Any) -> dict[str, Any] | None:
-        """Before the engine starts: its hash seed set, and where it will publish its KV cache events, with the
-        block size and hashing vLLM settled on (a platform may change the block size: 128 on CPU, vLLM's
-        CpuPlatform.check_and_update_config). None if vLLM keeps the prefix cache off for this model: then
-        there are no blocks to tell of."""
+    def _kv_address(self, seed: str | None) -> dict[str, Any] | None:
+        """Once the engine runs: where it publishes its KV cache events, with the block size and hashing it
+        settled on. The block size is final only now: the engine core may change it for its attention
+        backend (Platform.update_block_size_for_backend, in the executor) and sends it back when ready, into
+        the client's vllm_config (v1/engine/core_client.py, "Sync block_size", 0.23.0 and 0.32.0); the CPU
+        platform makes it 128 (CpuPlatform.check_and_update_config). None if vLLM keeps the prefix cache off
+        for this model: no blocks to tell of."""
         import ray
 
-        cache = vllm_config.cache_config
+        cache = self.client.vllm_config.cache_config
         if not cache.enable_prefix_caching:
             logger.warning("vLLM keeps the prefix cache off for %s: no KV cache events, routers route this "
                            "replica least_loaded", self.model_name)
             return None
-        seed = seed_the_engine(cache.prefix_caching_hash_algo)
         return self.publisher.address(ray.util.get_node_ip_address(), cache.block_size,
                                       cache.prefix_caching_hash_algo, seed, self.vllm.series)
 
