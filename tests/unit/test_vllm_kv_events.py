@@ -80,7 +80,8 @@ def test_the_publisher_binds_every_interface_and_routers_connect_to_the_nodes_ip
 
 
 def test_the_engine_gets_raystacks_seed_unless_the_replica_has_one(monkeypatch):
-    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setenv("PYTHONHASHSEED", "0")  # so that monkeypatch restores the variable as it was, after
+    monkeypatch.delenv("PYTHONHASHSEED")  # seed_the_engine sets it
     assert seed_the_engine("sha256") == HASH_SEED
     monkeypatch.setenv("PYTHONHASHSEED", "7")
     assert seed_the_engine("sha256_cbor") == "7"  # the user's (backend env, or the node's) wins
