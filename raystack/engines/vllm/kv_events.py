@@ -89,7 +89,10 @@ class Publisher:
         return cls(topic, port, replay_port)
 
     def engine_config(self) -> dict[str, Any]:
-        """vLLM's kv_events_config (engine argument), binding every interface of the node."""
+        """vLLM's kv_events_config (engine argument), binding every interface of the node: vLLM binds an
+        endpoint with `*` and connects to any other (ZmqEventPublisher._socket_setup), so a node's own IP is
+        no choice. The events carry the token ids of prompts, unauthenticated, as vLLM's own: keep the nodes'
+        ports reachable from the cluster only, as Ray's."""
         return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{self.port}",
                 "replay_endpoint": f"tcp://*:{self.replay_port}", "topic": self.topic}
 
