@@ -254,7 +254,8 @@ def build_backend(args: dict[str, Any]) -> Application:
                                  tuple(app.withheld_env), registration=app)
     deployment = LLMServer.options(name=deployment_name(model.name, backend.name), **options)
     return deployment.bind(model.name, model.source, backend.model_dump(), str(cache_dir), app.cache_shared,
-                           [adapter.model_dump() for adapter in model.adapters])
+                           [adapter.model_dump() for adapter in model.adapters],
+                           kv_events=model.routing.policy == "kv_aware")
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -14,11 +14,13 @@ from raystack.config.strict import NAME_PATTERN, Strict, require_unique
 class Routing(Strict):
     """How the router spreads one model's requests over its backends and their replicas."""
 
-    policy: Literal["least_loaded", "prefix_affinity", "weighted"] = Field(
+    policy: Literal["least_loaded", "prefix_affinity", "weighted", "kv_aware"] = Field(
         "least_loaded",
         description="least_loaded: fewest in-flight requests (power-of-two sampling); prefix_affinity: the same "
         "prompt prefix to the same replica while its load stays within affinity_slack, else least_loaded; "
-        "weighted: backends by their weight, replicas least_loaded",
+        "weighted: backends by their weight, replicas least_loaded; kv_aware: by the blocks each vLLM "
+        "replica's KV cache holds, from the engines' KV cache events, combined with load (replicas without "
+        "events, such as MindIE's, least_loaded)",
     )
     prefix_chars: int = Field(
         2048, ge=64, description="prefix_affinity: how many leading characters of the prompt are matched"
@@ -108,6 +110,19 @@ class Model(ModelFields):
             backend.spec.check_model_name(self.name)
             for adapter in self.adapters if backend.spec.serves_adapters else ():
                 backend.spec.check_adapter_name(adapter.name)
+        return self
+
+    @model_validator(mode="after")
+    def _kv_events_where_routed_by_them(self) -> Model:
+        """Under kv_aware, each backend whose engine publishes KV cache events must be able to (vLLM: with its
+        prefix cache on); backends of other engines are routed least_loaded."""
+        if self.routing.policy == "kv_aware":
+            for backend in self.backends:
+                if backend.spec.publishes_kv_events:
+                    try:
+                        backend.spec.kv_events_rules(backend)
+                    except ValueError as err:
+                        raise ValueError(f"backend {backend.name!r} under routing.policy kv_aware: {err}") from None
         return self
 
     @model_validator(mode="after")

@@ -76,6 +76,11 @@ class Engine(Protocol):
     async def load_adapter(self, name: str) -> None:
         """Make adapter `name` ready for requests (its name is then their `model`); raise AdapterLoadError."""
 
+    # An engine whose spec says publishes_kv_events is built with `kv_events_topic=` as well, and:
+    def kv_events(self) -> dict[str, Any] | None:
+        """Where, once started, it publishes its KV cache events, and what a router needs to read them (the
+        block size and hashing); None when it publishes none."""
+
     async def shutdown(self) -> None:
         """Stop the engine and every process it started."""
 
@@ -239,6 +244,13 @@ class EngineSpec:
     # Whether it serves the model's LoRA adapters: its class then takes `adapters` (name -> AdapterFiles,
     # each checked to fit the model) and has load_adapter (Engine below).
     serves_adapters: bool = False
+    # Whether it publishes its KV cache events for routing: kv_aware: its class then takes `kv_events_topic=`
+    # (the topic to publish under; None: publish none) and has kv_events() (Engine below). Its replicas'
+    # addresses reach the routers as Serve replica metadata (replica/server.py). An engine that does not is
+    # routed least_loaded under kv_aware.
+    publishes_kv_events: bool = False
+    # Rules on a backend whose engine publishes KV cache events under kv_aware (raise ValueError with the fix).
+    kv_events_rules: Callable[[Backend], None] = _no_rules
     default_max_model_len: int | None = None  # when neither the config nor (later) the model says
     replica_cpus: dict[Device, float] = field(default_factory=lambda: {"cpu": 1.0, "npu": 2.0})
     # Rules on a backend beyond its fields' types (raise ValueError with the fix); they check, never set.
@@ -319,8 +331,13 @@ class AdapterLoadError(RuntimeError):
 
 
 def create_engine(model_name: str, model_path: Path | None, backend: Backend,
-                  metrics: ReplicaMetrics | None = None, adapters: dict[str, AdapterFiles] | None = None) -> Engine:
+                  metrics: ReplicaMetrics | None = None, adapters: dict[str, AdapterFiles] | None = None,
+                  kv_events_topic: str | None = None) -> Engine:
+    """`kv_events_topic`: publish KV cache events under this topic, if the engine can (publishes_kv_events)."""
     engine_type = engine_spec(backend.engine).engine_type()
+    options: dict[str, Any] = {}
     if backend.spec.serves_adapters:
-        return engine_type(model_name, model_path, backend, metrics, adapters=adapters or {})
-    return engine_type(model_name, model_path, backend, metrics)
+        options["adapters"] = adapters or {}
+    if backend.spec.publishes_kv_events:
+        options["kv_events_topic"] = kv_events_topic
+    return engine_type(model_name, model_path, backend, metrics, **options)

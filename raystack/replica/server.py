@@ -64,8 +64,11 @@ class LLMServer:
     """One replica = one engine on the CPUs/NPUs Ray granted this replica."""
 
     async def __init__(self, model_name: str, source: str | None, backend: dict[str, Any], cache_dir: str,
-                       cache_shared: bool = False, adapters: list[dict[str, str]] | None = None):
-        """`adapters`: the model's LoRA adapters ({name, source}), served if the engine takes adapters."""
+                       cache_shared: bool = False, adapters: list[dict[str, str]] | None = None,
+                       kv_events: bool = False):
+        """`adapters`: the model's LoRA adapters ({name, source}), served if the engine takes adapters.
+        `kv_events`: the model routes by KV cache (kv_aware): the engine publishes its KV cache events, if it
+        can, under this replica's id as topic (record_replica_metadata says where)."""
         restore_normal_priority()  # before the engine starts: its processes inherit it
         pin_granted_npus()  # likewise: the engine sees only this replica's NPUs
         self.backend = Backend.model_validate(backend)
@@ -89,7 +92,8 @@ class LLMServer:
         self.hold_adapter = serve.multiplexed(max_num_models_per_replica=self.backend.adapters_per_replica)(hold)
         self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
         self.engine_failed: str | None = None  # what the engine said when it last failed a request on its side
-        self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.served)
+        self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.served,
+                                    kv_events_topic=self.replica if kv_events else None)
         await self.engine.start()
         logger.info("%s@%s ready (%s engine, %s)", model_name, self.backend.name, self.backend.engine,
                     model_path or "no model files")
@@ -97,6 +101,15 @@ class LLMServer:
     def reconfigure(self, registration: dict[str, Any]) -> None:
         """Serve hands over the deployment's user_config: the backend as its router reads it from Serve's
         state (router/catalogue.py). The replica was built from the same settings: nothing to change."""
+
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Serve's hook for what a replica says of itself once, when it is ready (Ray 2.60,
+        ray/serve/_private/replica.py: called once after __init__; deployment_state.py carries it in each
+        RunningReplicaInfo the controller broadcasts): every router's request router sees it as
+        `RunningReplica.replica_metadata` from the moment it can route to this replica. `kv_events`: where
+        this replica's engine publishes its KV cache events (VLLMEngine.kv_events), when it does."""
+        kv_events = self.engine.kv_events() if self.backend.spec.publishes_kv_events else None
+        return {"kv_events": kv_events} if kv_events else {}
 
     async def _load_adapter(self, name: str) -> str:
         """Serve's multiplexing calls this for an adapter the replica does not hold yet. Past

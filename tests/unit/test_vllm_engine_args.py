@@ -64,3 +64,34 @@ def test_a_mapping_engine_argument_becomes_vllms_config_object_as_vllm_serve_mak
     engine_args = vllm.AsyncEngineArgs.from_cli_args(args)
     # a dict here failed the replica at start ("'dict' object has no attribute 'reasoning_parser'")
     assert engine_args.structured_outputs_config.enable_in_reasoning is True
+
+
+def test_a_replica_under_kv_aware_publishes_kv_cache_events_where_vllm_serve_would_take_them():
+    """What VLLMEngine.start builds from the arguments (serve_namespace, then vLLM's own parser and config):
+    vLLM's KVEventsConfig on the replica's ports and topic, with the prefix cache it reports on."""
+    from raystack.engines.vllm.compat import vllm_api
+    from raystack.engines.vllm.engine import serve_namespace
+    from raystack.engines.vllm.kv_events import Publisher
+
+    vllm = vllm_api()
+    backend = Backend(name="v", device="cpu", max_model_len=1024)
+    plain = build_engine_args("m", resolve("smollm2-135m-instruct"), backend)
+    assert "kv_events_config" not in plain
+    publisher = Publisher("replica-1", 5601, 5602)
+    args = build_engine_args("m", resolve("smollm2-135m-instruct"), backend,
+                             kv_events=publisher.engine_config())
+    assert {key: value for key, value in args.items() if key != "kv_events_config"} == plain
+    config = vllm.AsyncEngineArgs.from_cli_args(serve_namespace(vllm, args, {})).create_engine_config()
+    events = config.kv_events_config
+    assert (events.enable_kv_cache_events, events.publisher, events.endpoint, events.replay_endpoint, events.topic) == (
+        True, "zmq", "tcp://*:5601", "tcp://*:5602", "replica-1")
+    # What the replica reports to routers: vLLM's defaults, as settled for the CPU platform.
+    assert config.cache_config.enable_prefix_caching is True
+    assert config.cache_config.prefix_caching_hash_algo == "sha256"
+    assert config.cache_config.block_size == 128
+
+
+def test_enable_prompt_tokens_details_is_a_serving_option_of_vllm():
+    from raystack.engines.vllm.args import build_serving_args, check_serving_args
+
+    check_serving_args(build_serving_args(Backend(name="v", device="cpu"), kv_events=True))

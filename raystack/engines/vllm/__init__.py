@@ -3,6 +3,7 @@
 
     args.py       the engine arguments a backend stands for, and their check
     engine.py     VLLMEngine: AsyncLLM + vLLM's OpenAI serving layer, its stats bridged to raystack's metrics
+    kv_events.py  the KV cache events a replica publishes for kv_aware routing, and the hash seed they need
     cpu_cores.py  keep Ray's processes off the CPU engine's cores
     installed.py  whether this node runs vLLM on its NPUs (vllm-ascend), and which (raystack start's node label)
 
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from raystack.engines.base import EngineSpec, Found, NodeSoftware, PlannedNode, Refusal, RequestKind, Where
 from raystack.engines.vllm.compat import SUPPORTED
+from raystack.engines.vllm.kv_events import rules as kv_events_rules
 from raystack.protocol import tool_choice_of
 
 if TYPE_CHECKING:
@@ -101,6 +103,8 @@ ENGINE = EngineSpec(
     devices=("npu", "cpu"),
     takes_engine_args=True,
     serves_adapters=True,
+    publishes_kv_events=True,
+    kv_events_rules=kv_events_rules,
     validate=_validate,
     check_deployable=_check_deployable,
     refuses=_refuses,

@@ -95,9 +95,10 @@ def lora_args(adapter_ranks: list[int], backend: Backend) -> dict[str, Any]:
 
 
 def build_engine_args(model_name: str, model_path: Path, backend: Backend,
-                      adapter_ranks: list[int] | None = None) -> dict[str, Any]:
-    """The vLLM engine arguments a backend stands for (with LoRA sized for adapters of `adapter_ranks`):
-    explicit config wins over our defaults."""
+                      adapter_ranks: list[int] | None = None, kv_events: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The vLLM engine arguments a backend stands for (with LoRA sized for adapters of `adapter_ranks`, and
+    publishing KV cache events as `kv_events`, a kv_events_config, says): explicit config wins over our
+    defaults (kv_aware's rules refuse a kv_events_config of the user's beside ours)."""
     args: dict[str, Any] = {
         "model": str(model_path),
         "served_model_name": [model_name],
@@ -115,5 +116,15 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend,
     elif backend.parallel.world_size > 1:
         args["distributed_executor_backend"] = "ray"
     args.update(lora_args(adapter_ranks or [], backend))
+    if kv_events:
+        args["kv_events_config"] = kv_events
     args.update(backend.engine_args)
     return args
+
+
+def build_serving_args(backend: Backend, kv_events: bool = False) -> dict[str, Any]:
+    """vLLM's serving options a backend stands for. Publishing KV cache events (kv_aware), its answers report
+    the prompt tokens the prefix cache held (usage.prompt_tokens_details.cached_tokens), which vLLM's serving
+    layer adds only with enable_prompt_tokens_details (BaseFrontendArgs, 0.23.0 and 0.32.0 alike: off by
+    default); explicit config wins."""
+    return {**({"enable_prompt_tokens_details": True} if kv_events else {}), **backend.serving_args}

@@ -18,9 +18,10 @@ from pydantic import ValidationError
 from raystack.engines.ascend_env import require_cann_environment
 from raystack.engines.base import AdapterFiles, AdapterLoadError, Answer, RequestKind
 from raystack.engines.supervised import guard_children
-from raystack.engines.vllm.args import build_engine_args, check_engine_args, check_serving_args
+from raystack.engines.vllm.args import build_engine_args, build_serving_args, check_engine_args, check_serving_args
 from raystack.engines.vllm.compat import VLLMAPI, vllm_api
 from raystack.engines.vllm.cpu_cores import move_off_engine_cores
+from raystack.engines.vllm.kv_events import Publisher, seed_the_engine
 from raystack.protocol import name_reasoning_both_ways, stream_reasoning_both_ways
 
 if TYPE_CHECKING:
@@ -73,14 +74,18 @@ def serve_namespace(vllm: VLLMAPI, engine_args: dict[str, Any], serving_args: di
 
 class VLLMEngine:
     def __init__(self, model_name: str, model_path: Path, backend: Backend, metrics: ReplicaMetrics | None = None,
-                 adapters: dict[str, AdapterFiles] | None = None):
+                 adapters: dict[str, AdapterFiles] | None = None, kv_events_topic: str | None = None):
+        """`kv_events_topic`: publish the KV cache events (routing: kv_aware) under this topic."""
         self.model_name = model_name
         self.metrics = metrics
         self.on_cpu = backend.device == "cpu"
         self.adapters = adapters or {}  # loaded into the engine when a replica first holds one (load_adapter)
+        self.publisher = Publisher.on_free_ports(kv_events_topic) if kv_events_topic else None
         self.engine_args = build_engine_args(model_name, model_path, backend,
-                                             [adapter.rank for adapter in self.adapters.values()])
-        self.serving_args = dict(backend.serving_args)
+                                             [adapter.rank for adapter in self.adapters.values()],
+                                             self.publisher.engine_config() if self.publisher else None)
+        self.serving_args = build_serving_args(backend, kv_events=self.publisher is not None)
+        self.kv_address: dict[str, Any] | None = None  # where the engine publishes, once started (kv_events)
         self.thinks = bool(backend.engine_args.get("reasoning_parser"))  # answers carry reasoning text
         self.vllm = vllm_api()  # the installed vLLM's names; an unsupported vLLM stops the replica here
         self.client = None
@@ -106,6 +111,8 @@ class VLLMEngine:
             # The EngineCore subprocess loses Ray's placement-group context: hand it the replica's
             # group (one NPU bundle per rank) so the workers land on the NPUs Serve reserved.
             vllm_config.parallel_config.placement_group = get_current_placement_group()
+        # The seed of the engine's block hashes, in the environment its EngineCore process starts with.
+        seed = seed_the_engine(vllm_config.cache_config.prefix_caching_hash_algo) if self.publisher else None
         logger.info("starting vLLM engine for %s: %s", self.model_name, self.engine_args)
         self.client = vllm.AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
@@ -118,8 +125,30 @@ class VLLMEngine:
         self.guard = await asyncio.to_thread(guard_children)
         self.state = State()
         await vllm.init_app_state(self.client, self.state, args, await self.client.get_supported_tasks())
+        if self.publisher is not None:
+            self.kv_address = self._kv_address(seed)
         if self.on_cpu:
             move_off_engine_cores()
+
+    def _kv_address(self, seed: str | None) -> dict[str, Any] | None:
+        """Once the engine runs: where it publishes its KV cache events, with the block size and hashing it
+        settled on. The block size is final only now: the engine core may change it for its attention
+        backend (Platform.update_block_size_for_backend, in the executor) and sends it back when ready, into
+        the client's vllm_config (v1/engine/core_client.py, "Sync block_size", 0.23.0 and 0.32.0); the CPU
+        platform makes it 128 (CpuPlatform.check_and_update_config). None if vLLM keeps the prefix cache off
+        for this model: no blocks to tell of."""
+        import ray
+
+        cache = self.client.vllm_config.cache_config
+        if not cache.enable_prefix_caching:
+            logger.warning("vLLM keeps the prefix cache off for %s: no KV cache events, routers route this "
+                           "replica least_loaded", self.model_name)
+            return None
+        return self.publisher.address(ray.util.get_node_ip_address(), cache.block_size,
+                                      cache.prefix_caching_hash_algo, seed, self.vllm.series)
+
+    def kv_events(self) -> dict[str, Any] | None:
+        return self.kv_address
 
     async def generate(self, kind: RequestKind, body: dict[str, Any]) -> Answer:
         vllm = self.vllm
