@@ -30,6 +30,11 @@ class Routing(Strict):
         "before a request goes elsewhere: under prefix_affinity the replica that served the prefix; under "
         "every policy one that holds the request's LoRA adapter"
     )
+    kv_load_tokens: int = Field(
+        256, ge=1, description="kv_aware: the prompt tokens one request in flight on a replica weighs against "
+        "the cached prompt tokens it holds: a replica holding a 1,024-token prefix wins while it carries fewer "
+        "than 4 requests more than the others (at 256)"
+    )
 
 
 class Adapter(Strict):

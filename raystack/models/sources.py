@@ -126,6 +126,15 @@ def locate(source: str, cache_dir: Path | None = None) -> Path | None:
     return d if _complete(d) else None
 
 
+def tokenizer_dir(source: str, cache_dir: Path | None = None) -> Path | None:
+    """A directory holding the source's tokenizer and chat template, as the engine loads them, if this node
+    has one: the checkpoint if it is here, an embedded model prepared now (offline, from its package); None
+    for a hub model not downloaded on this node."""
+    if parse_source(source).kind == "embedded":
+        return resolve(source, cache_dir)
+    return locate(source, cache_dir)
+
+
 def resolve(
     source: str, cache_dir: Path | None = None, progress: Callable[[str], None] = logger.info
 ) -> Path:

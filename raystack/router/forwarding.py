@@ -83,6 +83,7 @@ class Forwarder:
         state of its request router) and a model's routing policy are kept while they stay the same."""
         handles, streams, deployments, gates = {}, {}, {}, {}
         routing: dict[str, Routing] = {}
+        sources: dict[str, tuple[str | None, str | None]] = {}  # model -> its (source, cache_dir): kv_aware tokenizes
         for (model, backend), ref in catalogue.refs.items():
             where = (ref.app, ref.deployment)
             handles[where] = self.handles.get(where) or serve.get_deployment_handle(
@@ -90,11 +91,13 @@ class Forwarder:
             streams.setdefault(model, {})[backend] = handles[where]
             deployments.setdefault(model, {})[backend] = ref.deployment
             routing[model] = ref.spec.model.routing
+            sources.setdefault(model, (ref.spec.model.source, ref.spec.cache_dir))
             gate = gates[model, backend] = self.gates.get((model, backend)) or FairGate()  # its slots in use stay
             gate.capacity = partial(self.capacity, model, backend, ref.spec.backend.max_ongoing_requests)
             gate.max_waiting = ref.spec.backend.max_queued_requests
         self.policies = {model: self.policies[model] if self.routing.get(model) == routing[model]
-                         else policy_for(routing[model], self.board) for model in routing}
+                         else policy_for(routing[model], self.board, model_source=sources[model])
+                         for model in routing}
         self.handles, self.streams, self.deployments, self.routing, self.gates = (
             handles, streams, deployments, routing, gates)
 
@@ -114,7 +117,8 @@ class Forwarder:
         Through its LoRA adapter, if any: Serve's request router then prefers the replicas that hold it (its
         multiplexed model id). A full backend gives its slots in the turn of the request's API key."""
         model = exchange.model
-        route = (self.policies.get(model.name) or policy_for(model.routing, self.board)).route(lambda: exchange.prompt)
+        policy = self.policies.get(model.name) or policy_for(model.routing, self.board)
+        route = policy.route(exchange, list(self.deployments.get(model.name, {}).values()))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         busy: set[str] = set()  # backends whose replicas and queue are full

@@ -5,22 +5,26 @@ Two levels, because every backend is its own Serve deployment, and each policy h
     requests per backend and the replica counts its handles see;
   - `choose_replicas`: inside the backend, Serve's pluggable request router (replica_choice.py) asks the
     same policy to rank the replicas; Serve probes the first rank's queues and sends to the shortest.
-A policy may compute a `route` from the request's prompt (prefix_affinity: its prefix blocks); it travels
-with the request's call (replica/calls.Dispatch) to the request router. What the two levels learn of the
-replicas is on the router process's RoutingBoard (routing_board.py). A policy's settings are its model's
-`routing:` block (config.Routing), whose defaults are the only ones.
+A policy may compute a `route` from the request's prompt (prefix_affinity: its prefix blocks; kv_aware: its
+blocks as the engines hash them); it travels with the request's call (replica/calls.Dispatch) to the request
+router. What the two levels learn of the replicas is on the router process's RoutingBoard (routing_board.py).
+A policy's settings are its model's `routing:` block (config.Routing), whose defaults are the only ones.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from raystack.config import Routing
 from raystack.router.routing_board import RoutingBoard
+
+logger = logging.getLogger("ray.serve")
 
 # Prefixes are matched in blocks of this many characters (about 16 tokens): coarse enough to keep the
 # table small, fine enough that a shared system prompt is a match.
@@ -39,6 +43,17 @@ def prefix_blocks(text: str, max_chars: int) -> Route:
         digest.update(text[start:start + PREFIX_BLOCK_CHARS].encode())
         blocks.append(int.from_bytes(digest.copy().digest(), "little"))
     return tuple(blocks)
+
+
+class Routed(Protocol):
+    """What a policy may read of a request (router/exchange.Exchange)."""
+
+    kind: str  # "chat" or "completion"
+    body: dict[str, Any]
+    adapter: str  # the LoRA adapter it is answered through, or ""
+
+    @property
+    def prompt(self) -> str: ...  # protocol.prompt_text, made once, when asked
 
 
 @dataclass(frozen=True)
@@ -67,9 +82,9 @@ class LeastLoaded:
         self.board = board
         self.rng = rng  # the random module, or a seeded random.Random in tests
 
-    def route(self, prompt: Callable[[], str]) -> Route:
-        """What the replica choice needs to know of the request beyond the request itself; `prompt` gives
-        its prompt text (protocol order), computed once per request and only when a policy asks."""
+    def route(self, request: Routed, deployments: Sequence[str]) -> Route:
+        """What the replica choice needs to know of the request beyond the request itself; `deployments`:
+        those of the model's backends."""
         return ()
 
     def choose_backend(self, backends: Sequence[BackendLoad], route: Route = ()) -> str:
@@ -104,8 +119,8 @@ class PrefixAffinity(LeastLoaded):
     prefix cache likely holds them) while it carries at most `affinity_slack` more requests than the
     least-loaded choice; otherwise least loaded."""
 
-    def route(self, prompt: Callable[[], str]) -> Route:
-        return prefix_blocks(prompt(), self.routing.prefix_chars)
+    def route(self, request: Routed, deployments: Sequence[str]) -> Route:
+        return prefix_blocks(request.prompt, self.routing.prefix_chars)
 
     def choose_backend(self, backends: Sequence[BackendLoad], route: Route = ()) -> str:
         if len(backends) == 1:
@@ -132,11 +147,90 @@ class PrefixAffinity(LeastLoaded):
             self.board.prefixes.record(route, deployment, replica)
 
 
+class KvAware(LeastLoaded):
+    """By what each replica's KV cache holds, as its engine's KV cache events tell (routing_board.KvCaches):
+    the replica where the request would cost least, counting the prompt tokens it would have to prefill
+    (those past the longest prefix of the request's blocks its cache holds) plus `kv_load_tokens` for each
+    request already in flight there. Both are prefill work the request waits behind, so a replica holding
+    the prefix wins while it carries fewer than (cached tokens / kv_load_tokens) requests more than the
+    others, and an idle replica wins over a busy one that holds nothing. A request whose blocks cannot be
+    computed (a LoRA adapter's, a prompt under one block, before any replica published) and replicas without
+    events (MindIE's) are routed least_loaded.
+
+    The router hashes a request as the engine does (prompt_blocks.py): the model's tokenizer and chat
+    template, the engine's block size and hash. The tokenizer loads on a thread when the policy is made;
+    until it has, requests are routed least_loaded."""
+
+    def __init__(self, routing: Routing, board: RoutingBoard, rng: Any = random,
+                 model_source: tuple[str | None, str | None] | None = None):
+        super().__init__(routing, board, rng)
+        self.tokenizer: Any = None
+        if model_source is not None and model_source[0]:
+            threading.Thread(target=self._load_tokenizer, args=model_source, daemon=True,
+                             name="kv-aware-tokenizer").start()
+
+    def _load_tokenizer(self, source: str, cache_dir: str | None) -> None:
+        from raystack.models.sources import cache_root, tokenizer_dir
+        from raystack.router.prompt_blocks import load_tokenizer
+
+        try:
+            where = tokenizer_dir(source, cache_root(cache_dir))
+            if where is None:
+                logger.warning("kv_aware: %s is not on the router's node, nor its tokenizer; routing by load only "
+                               "(`raystack models prepare %s` there, or a shared cache_dir)", source, source)
+                return
+            self.tokenizer = load_tokenizer(where)
+        except Exception as err:  # a checkpoint without a usable tokenizer: routed by load, and said so
+            logger.warning("kv_aware: cannot load the tokenizer of %s (%s); routing by load only", source, err)
+
+    def route(self, request: Routed, deployments: Sequence[str]) -> Route:
+        from raystack.router.prompt_blocks import request_block_hashes
+
+        hasher = self.board.kv.hasher(deployments) if self.tokenizer is not None else None
+        if hasher is None:
+            return ()
+        return tuple(request_block_hashes(hasher, self.tokenizer, request.kind, request.body,
+                                          lora=bool(request.adapter)))
+
+    def cost(self, replica: str, route: Route, block_size: int, in_flight: float) -> float:
+        """Prompt tokens the request would wait to be prefilled behind on `replica`, its own uncached ones
+        included (counted in whole blocks: only whole blocks are cached)."""
+        uncached = (len(route) - self.board.kv.matched(replica, route)) * block_size
+        return uncached + self.routing.kv_load_tokens * in_flight
+
+    def choose_backend(self, backends: Sequence[BackendLoad], route: Route = ()) -> str:
+        hasher = self.board.kv.hasher([b.deployment for b in backends]) if route else None
+        if len(backends) == 1 or hasher is None:
+            return super().choose_backend(backends, route)
+
+        def backend_cost(backend: BackendLoad) -> float:
+            replicas = self.board.kv.followed(backend.deployment) or {""}  # none followed: nothing cached
+            return min(self.cost(r, route, hasher.block_size, backend.per_replica) for r in replicas)
+
+        return min(backends, key=lambda b: (backend_cost(b), b.in_flight, self.rng.random())).name
+
+    def choose_replicas(self, deployment: str, candidates: list[Any], route: Route,
+                        in_flight: Callable[[Any], int]) -> list[list[Any]]:
+        hasher = self.board.kv.hasher([deployment]) if route and len(candidates) > 1 else None
+        if hasher is None:  # nothing to match, or a backend whose replicas publish no events
+            return super().choose_replicas(deployment, candidates, route, in_flight)
+        costs = {r.replica_id.unique_id: self.cost(r.replica_id.unique_id, route, hasher.block_size, in_flight(r))
+                 for r in candidates}
+        ranked = sorted(candidates, key=lambda r: (costs[r.replica_id.unique_id], self.rng.random()))
+        # The cheapest first; if Serve finds it full, the next cheapest, and so on.
+        return [[replica] for replica in ranked]
+
+
 # Each name config.Routing.policy accepts, and the policy it names.
 POLICIES: dict[str, type[LeastLoaded]] = {
-    "least_loaded": LeastLoaded, "prefix_affinity": PrefixAffinity, "weighted": Weighted}
+    "least_loaded": LeastLoaded, "prefix_affinity": PrefixAffinity, "weighted": Weighted, "kv_aware": KvAware}
 
 
-def policy_for(routing: Routing, board: RoutingBoard, rng: Any = random) -> LeastLoaded:
-    """The policy a model's `routing:` settings name, keeping what it learns on `board`."""
+def policy_for(routing: Routing, board: RoutingBoard, rng: Any = random,
+               model_source: tuple[str | None, str | None] | None = None) -> LeastLoaded:
+    """The policy a model's `routing:` settings name, keeping what it learns on `board`. `model_source`: the
+    model's (source, cache_dir), for a policy that tokenizes prompts as the engine does (kv_aware, in the
+    Router; Serve's request routers only rank replicas by the route the Router computed)."""
+    if routing.policy == "kv_aware":
+        return KvAware(routing, board, rng, model_source)
     return POLICIES[routing.policy](routing, board, rng)

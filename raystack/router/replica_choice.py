@@ -5,7 +5,8 @@ routing policy (policies.py) which replicas to try for each request. What it nee
 the request's call, a Dispatch (replica/calls.py): its prefix `route` and the replicas to `avoid` (those that
 failed it already); it writes down on the Dispatch which replica took it. It leaves out replicas that just
 failed any request, prefers replicas that hold a request's LoRA adapter, and puts each backend's count of
-running replicas on the process's RoutingBoard (routing_board.py), for the Router's choice of backend.
+running replicas on the process's RoutingBoard (routing_board.py), for the Router's choice of backend, with
+the replicas whose KV cache events the board follows (kv_aware).
 Requests are matched to replicas exactly (no FIFO hand-over), so an affinity choice is never given to
 another request.
 
@@ -42,6 +43,9 @@ class BackendRequestRouter(RequestRouter):
         board = routing_board.BOARD
         board.running[self._deployment_id.name] = len(replicas)
         board.failing.keep_only({r.replica_id.unique_id for r in replicas})
+        # Each replica's metadata says where its engine publishes its KV cache events, if it does.
+        board.kv.follow(self._deployment_id.name,
+                        [(r.replica_id.unique_id, r.replica_metadata.get("kv_events")) for r in replicas])
 
     def in_flight(self, replica: RunningReplica) -> int:
         return self.replica_queue_len_cache.get(replica.replica_id) or 0

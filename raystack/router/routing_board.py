@@ -19,6 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from raystack.router.kv_caches import KvCaches
+
 PREFIX_TABLE_BLOCKS = 200_000  # ~30 MB at most; the least recently used blocks are forgotten first
 
 
@@ -78,11 +80,13 @@ class FailingReplicas:
 
 @dataclass
 class RoutingBoard:
-    """`prefixes`: which replica served which prompt prefix last (prefix_affinity); `running`: each backend
-    deployment's running replicas, as the handles last heard from Serve (absent until then); `failing`:
-    replicas kept from new requests for a while."""
+    """`prefixes`: which replica served which prompt prefix last (prefix_affinity); `kv`: which blocks each
+    publishing replica's KV cache holds, from its events (kv_aware); `running`: each backend deployment's
+    running replicas, as the handles last heard from Serve (absent until then); `failing`: replicas kept from
+    new requests for a while."""
 
     prefixes: PrefixTable = field(default_factory=PrefixTable)
+    kv: KvCaches = field(default_factory=KvCaches)
     running: dict[str, int] = field(default_factory=dict)
     failing: FailingReplicas = field(default_factory=FailingReplicas)
 

@@ -247,7 +247,7 @@ def test_every_backend_queue_is_bounded_and_routed_by_the_models_policy():
     router_config = options["request_router_config"]
     assert router_config.request_router_class.endswith(":BackendRequestRouter")
     assert router_config.request_router_kwargs == {"policy": "prefix_affinity", "affinity_slack": 2,
-                                                   "prefix_chars": 2048}
+                                                   "prefix_chars": 2048, "kv_load_tokens": 256}
 
 
 def test_weighted_routing_needs_some_weight():

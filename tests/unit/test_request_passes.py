@@ -124,7 +124,7 @@ async def across(raw: bytes, keyed: bool = True) -> tuple[Passes, Passes, Passes
         exchange.body, exchange.size = parse_request("chat", raw), len(raw)  # as the ingress reads it
         if keyed:
             await exchange.admit()  # a key without limits: metered, the ledger not asked
-        route = policy.route(lambda: exchange.prompt)  # the prefix blocks routing matches
+        route = policy.route(exchange, [])  # the prefix blocks routing matches
         sent = pickle.dumps(Dispatch("chat", exchange.body, route))  # what crosses to the replica
     with Passes() as in_replica:
         items = [item async for item in replica.generate(pickle.loads(sent))]
