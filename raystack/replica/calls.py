@@ -17,13 +17,15 @@ class Dispatch:
     The replica answers `kind` and `body`. `route` (the prompt's prefix blocks) and `avoid` (replicas that
     failed this request already) are for Serve's request router, which picks the replica in the router's own
     process (router/replica_choice.py) and writes down which one in `replica`, so that a try failing before
-    its answer opens is blamed on the right replica. Only kind and body are sent to the replica."""
+    its answer opens is blamed on the right replica, and (kv_aware) in `cached_tokens` the prompt tokens its KV
+    cache held of the route when chosen. Only kind and body are sent to the replica."""
 
     kind: RequestKind
     body: dict[str, Any]
     route: tuple[int, ...] = ()
     avoid: tuple[str, ...] = ()
     replica: str | None = None
+    cached_tokens: int | None = None  # kv_aware: of the route, what the chosen replica's cache held then
 
     def __getstate__(self) -> dict[str, Any]:
         return {"kind": self.kind, "body": self.body}

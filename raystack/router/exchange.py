@@ -52,6 +52,7 @@ class Delivery:
     deadline: float  # loop time by which the whole answer must be through (router.request_timeout_s)
     release: Callable[[], None]  # gives the slot back
     upstream_done: bool = False  # the replica has sent all of it (or broke off): nothing to stop there
+    cached_tokens: int | None = None  # kv_aware: the prompt tokens the router expects the replica to have cached
 
     @property
     def key(self) -> tuple[str, str]:

@@ -158,7 +158,7 @@ class Forwarder:
                 continue
             key = (model.name, backend)
             exchange.delivery = Delivery(model.name, backend, opening, stream, deadline,
-                                         release=partial(self.done, key))
+                                         release=partial(self.done, key), cached_tokens=call.cached_tokens)
             return exchange.delivery
 
     async def open(

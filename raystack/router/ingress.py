@@ -11,7 +11,8 @@ resolved to its model: `model`, or `model@backend` to pin a backend (benchmarks 
 among the backends the router last found in Serve's state (catalogue.py); those that cannot honour it
 (tools on a backend without a tool parser, say) are left out. Then forwarding.py takes it to a backend.
 Each answer names who served it in the headers x-raystack-backend and x-raystack-replica, and the router
-replica that relayed it in x-raystack-router.
+replica that relayed it in x-raystack-router; under kv_aware, x-raystack-cached-tokens-expected says how many
+prompt tokens the router found in that replica's KV cache (what the engine's usage should report cached).
 """
 
 from __future__ import annotations
@@ -337,6 +338,8 @@ class Router:
         delivery = await self.forwarder.send(exchange)
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
                    "x-raystack-router": self.replica}
+        if delivery.cached_tokens is not None:
+            headers["x-raystack-cached-tokens-expected"] = str(delivery.cached_tokens)
         if delivery.opening.chunk is None:
             await exchange.answered_whole()
             return JSONAnswer(delivery.opening.body, status_code=delivery.opening.status, headers=headers)

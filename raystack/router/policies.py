@@ -103,6 +103,10 @@ class LeastLoaded:
     def routed(self, deployment: str, replica: str, route: Route) -> None:
         """Serve sent a request with `route` to `replica` of `deployment`."""
 
+    def cached_tokens(self, deployment: str, replica: str, route: Route) -> int | None:
+        """The prompt tokens of `route` that `replica`'s KV cache holds now, if the policy knows."""
+        return None
+
 
 class Weighted(LeastLoaded):
     """Backends by their `weight` (0: only when pinned with model@backend), replicas least loaded."""
@@ -219,6 +223,12 @@ class KvAware(LeastLoaded):
         ranked = sorted(candidates, key=lambda r: (costs[r.replica_id.unique_id], self.rng.random()))
         # The cheapest first; if Serve finds it full, the next cheapest, and so on.
         return [[replica] for replica in ranked]
+
+    def cached_tokens(self, deployment: str, replica: str, route: Route) -> int | None:
+        """What the engine should report as the request's usage.prompt_tokens_details.cached_tokens (the
+        route stops short of the prompt's last token, which the engine always computes)."""
+        hasher = self.board.kv.hasher([deployment]) if route else None
+        return self.board.kv.matched(replica, route) * hasher.block_size if hasher is not None else None
 
 
 # Each name config.Routing.policy accepts, and the policy it names.

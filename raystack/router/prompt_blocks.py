@@ -238,7 +238,10 @@ def request_block_hashes(hasher: BlockHasher, tokenizer: Any, kind: str, body: M
         ids = chat_token_ids(tokenizer, body, content_format)
     else:
         ids = completion_token_ids(tokenizer, body)
-    return hasher.hashes(ids) if ids else []
+    # The blocks a cache hit can cover: the engine always computes the prompt's last token (for its logits),
+    # so a prompt of whole blocks gets its last one recomputed (v1/core/kv_cache_manager.py
+    # get_computed_blocks: max_cache_hit_length = num_tokens - 1).
+    return hasher.hashes(ids[:-1]) if ids else []
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:

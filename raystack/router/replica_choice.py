@@ -75,4 +75,5 @@ class BackendRequestRouter(RequestRouter):
         call = call_of(pending_request)
         if call is not None:
             call.replica = replica_id.unique_id
+            call.cached_tokens = self.policy.cached_tokens(self._deployment_id.name, replica_id.unique_id, call.route)
             self.policy.routed(self._deployment_id.name, replica_id.unique_id, call.route)
