@@ -157,7 +157,8 @@ class KvAware(LeastLoaded):
     (those past the longest prefix of the request's blocks its cache holds) plus `kv_load_tokens` for each
     request already in flight there. Both are prefill work the request waits behind, so a replica holding
     the prefix wins while it carries fewer than (cached tokens / kv_load_tokens) requests more than the
-    others, and an idle replica wins over a busy one that holds nothing. A request whose blocks cannot be
+    others, and an idle replica wins over a busy one that holds nothing; at equal cost, the replica whose cache
+    holds fewest blocks (new prefixes spread evenly over the caches). A request whose blocks cannot be
     computed (a LoRA adapter's, a prompt under one block, before any replica published) and replicas without
     events (MindIE's) are routed least_loaded.
 
@@ -220,7 +221,11 @@ class KvAware(LeastLoaded):
             return super().choose_replicas(deployment, candidates, route, in_flight)
         costs = {r.replica_id.unique_id: self.cost(r.replica_id.unique_id, route, hasher.block_size, in_flight(r))
                  for r in candidates}
-        ranked = sorted(candidates, key=lambda r: (costs[r.replica_id.unique_id], self.rng.random()))
+        # At equal cost (a prefix no replica holds, on idle replicas), the one whose cache holds least: new
+        # prefixes spread evenly over the caches, and none overflows while another has room.
+        ranked = sorted(candidates, key=lambda r: (costs[r.replica_id.unique_id],
+                                                   self.board.kv.index.blocks(r.replica_id.unique_id),
+                                                   self.rng.random()))
         # The cheapest first; if Serve finds it full, the next cheapest, and so on.
         return [[replica] for replica in ranked]
 
