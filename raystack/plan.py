@@ -4,7 +4,8 @@ For every backend: the NPUs and nodes a replica reserves (Ray bundles, strategy,
 NPUs must satisfy, the HBM per NPU it needs and where that figure came from: cluster/hbm_need.py), whether
 the given nodes can host it, the replica's environment, and what its engine runs (vLLM's engine arguments;
 MindIE's config.json, environment and, over several nodes, the rank table). Operators review it before
-`serve run`. The nodes are imagined from SPEC, `COUNTxNPUS[:CHIP][+ENGINE...]` joined by commas, as
+`serve run`. It names each backend's routing policy, and under kv_aware whether its engine publishes the KV
+cache events routers match prompts against. The nodes are imagined from SPEC, `COUNTxNPUS[:CHIP][+ENGINE...]` joined by commas, as
 `raystack start` would register them: +ENGINE (+vllm, +mindie) is an engine the node runs, at the series
 the README installs; a group without one runs no engine. The default is one node of each engine:
 1x8:Ascend910B3+vllm,1x8:Ascend910B3+mindie.
@@ -75,7 +76,12 @@ def plan(config: RaystackConfig, spec: str = DEFAULT_NODES) -> dict[str, Any]:
                 "deployment": deployment_name(model.name, backend.name),
                 "replicas": f"{backend.autoscaling.min_replicas}-{backend.autoscaling.max_replicas}",
                 "replica_cpus": backend.replica_cpus, "needs": node_needs(backend),
+                "routing": model.routing.policy,
             }
+            if model.routing.policy == "kv_aware":
+                entry["kv_events"] = ("published: routers match each prompt against its replicas' KV caches"
+                                      if backend.spec.publishes_kv_events else
+                                      "none (the engine publishes none): its replicas are chosen by load")
             if backend.device == "npu":
                 never, _ = fit_problem(name, backend_demand(backend, gib), [c for _, c in nodes])
                 entry["placement"] = {

@@ -181,3 +181,17 @@ def local_stack(workdir: Path, edit: Callable[[dict[str, Any]], None] | None = N
         yield {"base_url": base, "log": log_path, "proc": proc}
     finally:
         stop_server(proc)
+
+
+def replica_ids(app: str) -> list[str]:
+    """The unique ids of the LLMServer replicas of raystack service `app`'s backends, as Serve names their actors."""
+    return [actor["name"].rsplit("#", 1)[1] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(f"SERVE_REPLICA::{app}.") and "#LLMServer" in actor["name"]]
+
+
+def replica_actor(app: str, unique_id: str):
+    """The actor of replica `unique_id` of a deployment of raystack service `app`."""
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{app}") and actor["name"].endswith(f"#{unique_id}"):
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise LookupError(f"no replica {unique_id} in {app}")

@@ -8,8 +8,15 @@ Per model, backend and replica (engines report them; vLLM's come from its own en
     raystack_e2e_request_latency_seconds      histogram
     raystack_prompt_tokens_total, raystack_generation_tokens_total      counters
     raystack_requests_running, raystack_requests_waiting                gauges (the engine's own counts)
+    raystack_prefix_cache_queries_total, raystack_prefix_cache_hits_total
+                                              counters: prompt tokens looked up in the engine's prefix cache,
+                                              and found there (vLLM's own prefix_cache_queries / _hits; their
+                                              ratio is the backend's hit rate)
 Per model and error type, at the router:
     raystack_request_errors_total             counter (type: OpenAI's error type, status: HTTP status)
+Per router replica, under kv_aware routing:
+    raystack_kv_index_blocks, raystack_kv_index_bytes   gauges: the blocks the router knows its replicas' KV
+                                              caches hold (from their events), and the memory that takes
 Per API key name (never the key) and model, at the router, when router.api_keys is on:
     raystack_key_requests_total, raystack_key_errors_total                        counters
     raystack_key_prompt_tokens_total, raystack_key_completion_tokens_total        counters (engines' usage)
@@ -61,6 +68,9 @@ class ReplicaMetrics:
         self.generation_tokens = counter("raystack_generation_tokens_total", "Tokens generated.")
         self.running = gauge("raystack_requests_running", "Requests the engine is generating for.")
         self.waiting = gauge("raystack_requests_waiting", "Requests the engine holds but has not scheduled.")
+        self.cache_queries = counter("raystack_prefix_cache_queries_total",
+                                     "Prompt tokens looked up in the engine's prefix cache.")
+        self.cache_hits = counter("raystack_prefix_cache_hits_total", "Prompt tokens found in the engine's prefix cache.")
 
     def first_tokens(self, ttfts: Iterable[float]) -> None:
         for value in ttfts:
@@ -89,6 +99,12 @@ class ReplicaMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
 
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        if queries:
+            self.cache_queries.inc(queries)
+        if hits:
+            self.cache_hits.inc(hits)
+
 
 class RouterMetrics:
     """Errors the router answered, by model, OpenAI error type and HTTP status; failed tries it resent."""
@@ -102,6 +118,10 @@ class RouterMetrics:
         self.replica_failures = metrics.Counter(
             "raystack_replica_failures_total", tag_keys=("model", "backend"),
             description="Tries that failed on the replica's side before the first token (the request was resent).")
+        self.kv_blocks = metrics.Gauge("raystack_kv_index_blocks", tag_keys=("router",),
+                                       description="KV cache blocks the router knows its replicas hold (kv_aware).")
+        self.kv_bytes = metrics.Gauge("raystack_kv_index_bytes", tag_keys=("router",),
+                                      description="Memory the router's index of its replicas' KV caches takes.")
 
         def per_key(name: str, description: str) -> metrics.Counter:
             return metrics.Counter(name, description=description, tag_keys=("key", "model"))
@@ -127,3 +147,7 @@ class RouterMetrics:
 
     def replica_failed(self, model: str, backend: str) -> None:
         self.replica_failures.inc(1, tags={"model": model, "backend": backend})
+
+    def kv_index(self, router: str, blocks: int, size_bytes: int) -> None:
+        self.kv_blocks.set(blocks, tags={"router": router})
+        self.kv_bytes.set(size_bytes, tags={"router": router})

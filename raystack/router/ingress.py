@@ -150,6 +150,9 @@ class Router:
         failure = self.listener and self.listener.failure()
         if failure:
             raise RuntimeError(failure)  # Serve replaces this replica
+        index = self.forwarder.board.kv.index  # Serve calls this every health_check_period_s: the gauges follow
+        if index.replicas():
+            self.metrics.kv_index(self.replica, sum(map(index.blocks, index.replicas())), index.approx_bytes())
 
     async def __del__(self) -> None:
         """Serve's shutdown hook for a replica (see LLMServer.__del__): the listener stops taking connections

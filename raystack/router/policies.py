@@ -159,8 +159,9 @@ class KvAware(LeastLoaded):
     the prefix wins while it carries fewer than (cached tokens / kv_load_tokens) requests more than the
     others, and an idle replica wins over a busy one that holds nothing; at equal cost, the replica whose cache
     holds fewest blocks (new prefixes spread evenly over the caches). A request whose blocks cannot be
-    computed (a LoRA adapter's, a prompt under one block, before any replica published) and replicas without
-    events (MindIE's) are routed least_loaded.
+    computed (a LoRA adapter's, a prompt under one block, before any replica published; or a model with one
+    replica in all, where there is no choice to make) and replicas without events (MindIE's) are routed
+    least_loaded.
 
     The router hashes a request as the engine does (prompt_blocks.py): the model's tokenizer and chat
     template, the engine's block size and hash. The tokenizer loads on a thread when the policy is made;
@@ -192,8 +193,8 @@ class KvAware(LeastLoaded):
         from raystack.router.prompt_blocks import request_block_hashes
 
         hasher = self.board.kv.hasher(deployments) if self.tokenizer is not None else None
-        if hasher is None:
-            return ()
+        if hasher is None or sum(self.board.running.get(d, 0) for d in deployments) < 2:
+            return ()  # nothing to match against, or one replica in all: no choice to make, no tokenizing
         return tuple(request_block_hashes(hasher, self.tokenizer, request.kind, request.body,
                                           lora=bool(request.adapter)))
 

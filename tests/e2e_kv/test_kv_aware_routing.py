@@ -5,11 +5,15 @@ router's expectation of that count (x-raystack-cached-tokens-expected) is the en
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import openai
 import pytest
+import ray
 
 from tests.e2e_kv.conftest import MODEL
+from tests.serve_cluster import replica_actor, replica_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -44,3 +48,73 @@ def test_a_repeated_prefix_is_answered_from_the_cache_of_the_replica_that_holds_
         assert counts[0] < BLOCK, f"tenant {tenant}'s first request found its prefix cached: {counts}"
         assert all(count >= 4 * BLOCK for count in counts[1:]), f"tenant {tenant} missed its cache: {counts}"
     assert expected == cached  # one request at a time: the router knows exactly what each cache holds
+
+
+def test_a_replica_replaced_under_load_is_never_credited_with_blocks_it_lost(kv_stack):
+    """Requests keep coming, two at a time, while the replica holding tenant 0's prefix is killed and Serve
+    starts another: no answer found fewer cached tokens than the router expected of the replica it chose
+    (the dead replica's index went with it; the new one starts empty), and tenant 0's prefix is found cached
+    again once it is served anew."""
+    client = openai.OpenAI(base_url=kv_stack, api_key="unused", max_retries=0, timeout=300)
+
+    def ask(tenant: int, n: int) -> tuple[str, int, int]:
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, max_tokens=2, messages=[
+            {"role": "system", "content": system_prompt(tenant)}, {"role": "user", "content": f"Again {n}?"}])
+        details = raw.parse().usage.prompt_tokens_details
+        return (raw.headers["x-raystack-replica"], int(raw.headers.get("x-raystack-cached-tokens-expected", -1)),
+                details.cached_tokens if details else 0)
+
+    victim = ask(0, 0)[0]
+    answers: list[tuple[int, tuple[str, int, int]]] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            tenant = (worker + 2 * n) % TENANTS
+            try:
+                answers.append((tenant, ask(tenant, n)))
+            except openai.APIError:  # a request the dead replica took with it, past the router's retries
+                pass
+            n += 1
+
+    workers = [threading.Thread(target=load, args=(w,)) for w in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(3)
+        originals = set(replica_ids("kv"))
+        ray.kill(replica_actor("kv", victim), no_restart=True)
+        deadline = time.monotonic() + 240
+        # Until the replacement has answered a few requests.
+        while sum(1 for _, (replica, _, _) in answers if replica not in originals) < 4:
+            assert time.monotonic() < deadline, "no replacement replica answered in 240 s"
+            time.sleep(1)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    for tenant, (replica, expected, cached) in answers:
+        assert 0 <= expected <= cached, f"tenant {tenant} on {replica}: expected {expected}, found {cached}"
+    again = [ask(0, 1000 + n) for n in range(2)]
+    assert again[-1][2] >= 4 * BLOCK and again[-1][1] == again[-1][2], again
+
+
+
+def test_the_hit_rate_per_backend_and_the_routers_index_are_in_the_metrics(kv_stack):
+    """What the tests above did shows through Ray's metrics agent: the engines' prefix cache lookups and hits
+    (the backend's hit rate) and the size of each router replica's index of the caches."""
+    from tests.integration.test_metrics_serve import scrape
+    from tests.prometheus import total
+
+    deadline = time.monotonic() + 90  # Ray's agent exports every few seconds; the index gauges follow health checks
+    while True:
+        samples = scrape()
+        queries = total(samples, "ray_raystack_prefix_cache_queries_total", model=MODEL, backend="vllm")
+        hits = total(samples, "ray_raystack_prefix_cache_hits_total", model=MODEL, backend="vllm")
+        blocks = total(samples, "ray_raystack_kv_index_blocks")
+        if hits and blocks or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert 0.3 < hits / queries < 1, (hits, queries)  # most prompts came back at least once
+    assert blocks >= TENANTS * 4 and total(samples, "ray_raystack_kv_index_bytes") > 0

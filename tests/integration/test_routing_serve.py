@@ -21,6 +21,7 @@ from ray import serve
 
 from raystack.config import backend_app_name
 from tests.integration.conftest import deployed, synthetic
+from tests.serve_cluster import replica_actor, replica_ids
 
 
 class Outcome:
@@ -135,21 +136,12 @@ def test_prefix_affinity_sends_a_shared_prefix_to_the_same_replica(server, polic
         assert rate < 0.75, rate
 
 
-def replica_actor(app: str, unique_id: str):
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith(f"SERVE_REPLICA::{app}") and actor["name"].endswith(f"#{unique_id}"):
-            return ray.get_actor(actor["name"], namespace=actor["namespace"])
-    raise LookupError(f"no replica {unique_id} in {app}")
-
-
 async def kill_a_replica_during(url: str, app: str, kill_after_s: float) -> tuple[list[Outcome], str]:
     """32 concurrent streams; one replica is killed kill_after_s after they start. Returns its id."""
 
     async def assassin() -> str:
         await asyncio.sleep(kill_after_s)
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith(f"SERVE_REPLICA::{app}.") and "#LLMServer" in a["name"]]
-        victim = sorted(names)[0].rsplit("#", 1)[1]
+        victim = sorted(replica_ids(app))[0]
         ray.kill(replica_actor(app, victim), no_restart=True)
         return victim
 

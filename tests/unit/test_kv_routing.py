@@ -167,6 +167,9 @@ def test_a_route_is_the_engines_block_hashes_once_a_replica_says_how_it_hashes(e
                          {"role": "user", "content": "How many cards per node?"}]}
     assert kv.route(Request("chat", body), [DEPLOYMENT]) == ()  # no replica has said how its engine hashes
     board.kv.follow(DEPLOYMENT, [("r1", engines.addresses["r1"])])
+    board.running[DEPLOYMENT] = 1
+    assert kv.route(Request("chat", body), [DEPLOYMENT]) == ()  # one replica in all: nothing to choose
+    board.running[DEPLOYMENT] = 2
     route = kv.route(Request("chat", body), [DEPLOYMENT])
     assert len(route) > 10 and route == tuple(request_block_hashes(HASHER, kv.tokenizer, "chat", body))
     assert kv.route(Request("chat", body, adapter="sql-lora"), [DEPLOYMENT]) == ()  # an adapter keys its blocks

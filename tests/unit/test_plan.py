@@ -46,6 +46,9 @@ def test_the_shipped_qwen3_config_as_a_910b_cluster_would_run_it(tmp_path, monke
     assert vllm["placement"]["hbm_need_from"] == "config.json in the cache"
     assert vllm["placement"]["fits"] == mindie["placement"]["fits"] == "yes"
     assert vllm["needs"] == "a vLLM-Ascend node: raystack.io/engine-vllm in 0.23,0.32"
+    # kv_aware: the vLLM backend's replicas publish their KV cache events; MindIE's are chosen by load
+    assert vllm["routing"] == mindie["routing"] == "kv_aware"
+    assert vllm["kv_events"].startswith("published") and mindie["kv_events"].startswith("none")
     assert mindie["needs"] == "a MindIE node: raystack.io/engine-mindie in 2.0,2.1,2.2,2.3,3.0"
     config = mindie["config.json"]
     assert config["BackendConfig"]["ScheduleConfig"]["maxIterTimes"] == config["BackendConfig"]["ModelDeployConfig"]["maxSeqLen"] == 32768

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 def stats_bridge(vllm: VLLMAPI, latest: dict[int, tuple[int, int]], metrics: ReplicaMetrics | None) -> type:
     """A vLLM stat logger: keeps each engine core's latest (running, waiting) request counts in `latest`
     (vLLM reports them after every scheduler step, including the step that drops aborted requests), and
-    re-exports vLLM's per-request figures (TTFT, inter-token latency, latency, tokens) to `metrics`."""
+    re-exports vLLM's per-request figures (TTFT, inter-token latency, latency, tokens) and its prefix cache
+    lookups to `metrics`."""
     class StatsBridge(vllm.StatLoggerBase):
         def __init__(self, vllm_config: Any, engine_index: int = 0):
             pass
@@ -43,6 +44,9 @@ def stats_bridge(vllm: VLLMAPI, latest: dict[int, tuple[int, int]], metrics: Rep
                    engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
                 latest[engine_idx] = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+                if metrics is not None:  # this step's lookups (vLLM's PrometheusStatLogger counts the same)
+                    cache = scheduler_stats.prefix_cache_stats
+                    metrics.prefix_cache(cache.queries, cache.hits)
             if iteration_stats is None or metrics is None:
                 return
             metrics.first_tokens(iteration_stats.time_to_first_tokens_iter)
