@@ -3,7 +3,9 @@
 
 The workload: `--tenants` tenants, each with a system prompt of `--prefix-tokens` tokens, asking short
 questions (one each, a few tokens), at fixed-seed Poisson arrivals of `--rate` requests/s (open loop: a slow
-answer does not slow the arrivals), the tenant of each request drawn at random. Two vLLM CPU replicas of the
+answer does not slow the arrivals), the tenant of each request drawn at random. A warm-up of one request per
+tenant, in random order, comes first at the same rate, and is not measured: the measured requests are the
+steady state, where a miss is the routing's doing, not a tenant's first visit. Two vLLM CPU replicas of the
 embedded model serve it, each with a KV cache sized to hold `--cache-fraction` of all the tenants' prefixes
 (default 2/3: more than one replica's cache holds, less than two), so where each tenant's requests go decides
 how often its prefix is found cached. Every policy gets the same requests at the same times, on freshly
@@ -74,12 +76,14 @@ def tenant_prompts(tokenizer: Any, tenants: int, tokens: int, rng: random.Random
     return prompts
 
 
-def schedule(tenants: int, requests: int, rate: float, rng: random.Random) -> list[tuple[float, int, str]]:
-    """(send time in s, tenant, question) for each request."""
+def schedule(tenants: int, requests: int, rate: float, rng: random.Random) -> list[tuple[float, int, str, bool]]:
+    """(send time in s, tenant, question, measured) for each request: the warm-up's first."""
+    warmup = list(range(tenants))
+    rng.shuffle(warmup)
     at, out = 0.0, []
-    for n in range(requests):
+    for n, tenant in enumerate(warmup + [rng.randrange(tenants) for _ in range(requests)]):
         at += rng.expovariate(rate)
-        out.append((at, rng.randrange(tenants), f"Question {n}: what about the {rng.choice(WORDS)}?"))
+        out.append((at, tenant, f"Question {n}: what about the {rng.choice(WORDS)}?", n >= tenants))
     return out
 
 
@@ -119,20 +123,21 @@ async def one(client: httpx.AsyncClient, url: str, system: str, question: str, m
             "end": time.perf_counter()}
 
 
-async def drive(url: str, prompts: list[str], plan: list[tuple[float, int, str]], max_tokens: int) -> list[dict]:
+async def drive(url: str, prompts: list[str], plan: list[tuple[float, int, str, bool]], max_tokens: int) -> list[dict]:
     fresh_connections = httpx.Limits(max_connections=256, max_keepalive_connections=0)  # as from many clients
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=fresh_connections) as client:
         t0 = time.perf_counter()
 
-        async def at(when: float, tenant: int, question: str) -> dict[str, Any]:
+        async def at(when: float, tenant: int, question: str, measured: bool) -> dict[str, Any]:
             await asyncio.sleep(max(0.0, t0 + when - time.perf_counter()))
             result = await one(client, url, prompts[tenant], question, max_tokens)
-            return {**result, "start": t0 + when}
+            return {**result, "start": t0 + when, "measured": measured}
 
         return await asyncio.gather(*(at(*item) for item in plan))
 
 
 def summarise(results: list[dict]) -> dict[str, Any]:
+    results = [r for r in results if r["measured"]]
     done = [r for r in results if "error" not in r]
     ttfts = sorted(r["ttft"] for r in done if r["ttft"] is not None)
     predicted = [r for r in done if r["expected"] is not None]
@@ -206,7 +211,8 @@ def main() -> None:
         return statistics.mean(values) if values else None
 
     lines = [f"{args.tenants} tenants x {args.prefix_tokens}-token system prompts, {args.requests} short questions "
-             f"at {args.rate}/s (Poisson, seed {args.seed}), {args.max_tokens} tokens each; 2 vLLM CPU replicas "
+             f"at {args.rate}/s (Poisson, seed {args.seed}) after a warm-up of one per tenant, {args.max_tokens} "
+             f"tokens each; 2 vLLM CPU replicas "
              f"of SmolLM2-135M (float32), KV cache {cache_bytes / 2**20:.0f} MiB each; {args.router_replicas} router "
              f"replicas; {args.rounds} rounds, "
              f"means (per-round hit rates in brackets).", "",
