@@ -4,8 +4,9 @@
 The workload: `--tenants` tenants, each with a system prompt of `--prefix-tokens` tokens, asking short
 questions (one each, a few tokens), at fixed-seed Poisson arrivals of `--rate` requests/s (open loop: a slow
 answer does not slow the arrivals), the tenant of each request drawn at random. A warm-up of one request per
-tenant, in random order, comes first at the same rate, and is not measured: the measured requests are the
-steady state, where a miss is the routing's doing, not a tenant's first visit. Two vLLM CPU replicas of the
+tenant, in random order, comes first at the same rate, and is answered in full before the measured requests
+start; it is not measured: the measured requests are the steady state, where a miss is the routing's doing,
+not a tenant's first visit, and none queues behind the warm-up's prefills. Two vLLM CPU replicas of the
 embedded model serve it, each with a KV cache sized to hold `--cache-fraction` of all the tenants' prefixes
 (default 2/3: more than one replica's cache holds, less than two), so where each tenant's requests go decides
 how often its prefix is found cached. Every policy gets the same requests at the same times, on freshly
@@ -35,6 +36,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import statistics
 import sys
 import time
@@ -76,15 +78,22 @@ def tenant_prompts(tokenizer: Any, tenants: int, tokens: int, rng: random.Random
     return prompts
 
 
-def schedule(tenants: int, requests: int, rate: float, rng: random.Random) -> list[tuple[float, int, str, bool]]:
-    """(send time in s, tenant, question, measured) for each request: the warm-up's first."""
+Plan = list[tuple[float, int, str]]  # (send time in s from the phase's start, tenant, question)
+
+
+def schedule(tenants: int, requests: int, rate: float, rng: random.Random) -> tuple[Plan, Plan]:
+    """The warm-up (each tenant once) and the measured requests."""
     warmup = list(range(tenants))
     rng.shuffle(warmup)
-    at, out = 0.0, []
-    for n, tenant in enumerate(warmup + [rng.randrange(tenants) for _ in range(requests)]):
-        at += rng.expovariate(rate)
-        out.append((at, tenant, f"Question {n}: what about the {rng.choice(WORDS)}?", n >= tenants))
-    return out
+
+    def paced(order: list[int], first: int) -> Plan:
+        at, out = 0.0, []
+        for n, tenant in enumerate(order, first):
+            at += rng.expovariate(rate)
+            out.append((at, tenant, f"Question {n}: what about the {rng.choice(WORDS)}?"))
+        return out
+
+    return paced(warmup, 0), paced([rng.randrange(tenants) for _ in range(requests)], tenants)
 
 
 def stack(policy: str, cache_bytes: int, max_tokens: int) -> dict[str, Any]:
@@ -123,21 +132,23 @@ async def one(client: httpx.AsyncClient, url: str, system: str, question: str, m
             "end": time.perf_counter()}
 
 
-async def drive(url: str, prompts: list[str], plan: list[tuple[float, int, str, bool]], max_tokens: int) -> list[dict]:
+async def drive(url: str, prompts: list[str], phases: tuple[Plan, Plan], max_tokens: int) -> list[dict]:
+    """Each phase's requests at their times; the next phase once the last one's answers are in. The last's results."""
     fresh_connections = httpx.Limits(max_connections=256, max_keepalive_connections=0)  # as from many clients
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=fresh_connections) as client:
-        t0 = time.perf_counter()
+        for plan in phases:
+            t0 = time.perf_counter()
 
-        async def at(when: float, tenant: int, question: str, measured: bool) -> dict[str, Any]:
-            await asyncio.sleep(max(0.0, t0 + when - time.perf_counter()))
-            result = await one(client, url, prompts[tenant], question, max_tokens)
-            return {**result, "start": t0 + when, "measured": measured}
+            async def at(when: float, tenant: int, question: str) -> dict[str, Any]:
+                await asyncio.sleep(max(0.0, t0 + when - time.perf_counter()))
+                result = await one(client, url, prompts[tenant], question, max_tokens)
+                return {**result, "start": t0 + when}
 
-        return await asyncio.gather(*(at(*item) for item in plan))
+            results = await asyncio.gather(*(at(*item) for item in plan))
+        return results
 
 
 def summarise(results: list[dict]) -> dict[str, Any]:
-    results = [r for r in results if r["measured"]]
     done = [r for r in results if "error" not in r]
     ttfts = sorted(r["ttft"] for r in done if r["ttft"] is not None)
     predicted = [r for r in done if r["expected"] is not None]
@@ -179,12 +190,15 @@ def main() -> None:
     model_dir = resolve(SOURCE, progress=print)
     rng = random.Random(args.seed)
     prompts = tenant_prompts(load_tokenizer(model_dir), args.tenants, args.prefix_tokens, rng)
-    plan = schedule(args.tenants, args.requests, args.rate, rng)
+    phases = schedule(args.tenants, args.requests, args.rate, rng)
     cache_bytes = int(args.cache_fraction * args.tenants * (args.prefix_tokens + 128) * kv_bytes_per_token(model_dir))
     policies = args.policies.split(",")
     print(f"{args.tenants} tenants x {args.prefix_tokens} tokens, {args.requests} requests at {args.rate}/s, "
           f"KV cache {cache_bytes / 2**20:.0f} MiB a replica ({args.cache_fraction:.2f} of the prefixes)", flush=True)
 
+    # Stopped (Ctrl-C, or kill: SIGINT is ignored in a background job), it still shuts Ray and Serve down.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     runs: dict[str, list[dict]] = {policy: [] for policy in policies}
@@ -197,7 +211,7 @@ def main() -> None:
                           route_prefix=f"/{APP}")
                 time.sleep(5)  # the router's first look at its backends, and their replicas' metadata
                 url = f"http://127.0.0.1:{port}/{APP}/v1/chat/completions"
-                summary = summarise(asyncio.run(drive(url, prompts, plan, args.max_tokens)))
+                summary = summarise(asyncio.run(drive(url, prompts, phases, args.max_tokens)))
                 runs[policy].append(summary)
                 print(f"round {round_ + 1} {policy}: " + ", ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), flush=True)
