@@ -3,9 +3,9 @@
 For every backend: the NPUs and nodes a replica reserves (Ray bundles, strategy, the label selector its
 NPUs must satisfy, the HBM per NPU it needs and where that figure came from: cluster/hbm_need.py), whether
 the given nodes can host it, the replica's environment, and what its engine runs (vLLM's engine arguments;
-MindIE's config.json, environment and, over several nodes, the rank table). Operators review it before
-`serve run`. It names each backend's routing policy, and under kv_aware whether its engine publishes the KV
-cache events routers match prompts against. The nodes are imagined from SPEC, `COUNTxNPUS[:CHIP][+ENGINE...]` joined by commas, as
+MindIE's config.json, environment and, over several nodes, the rank table), its routing policy, and under
+kv_aware whether its engine publishes the KV cache events routers match prompts against. Operators review it
+before `serve run`. The nodes are imagined from SPEC, `COUNTxNPUS[:CHIP][+ENGINE...]` joined by commas, as
 `raystack start` would register them: +ENGINE (+vllm, +mindie) is an engine the node runs, at the series
 the README installs; a group without one runs no engine. The default is one node of each engine:
 1x8:Ascend910B3+vllm,1x8:Ascend910B3+mindie.

@@ -207,7 +207,8 @@ def main() -> None:
             order = policies[round_ % len(policies):] + policies[:round_ % len(policies)]
             for policy in order:
                 port = free_port()
-                run_stack({**stack(policy, cache_bytes, args.max_tokens), "router": {"port": port, "num_replicas": args.router_replicas}}, name=APP,
+                router = {"port": port, "num_replicas": args.router_replicas}
+                run_stack({**stack(policy, cache_bytes, args.max_tokens), "router": router}, name=APP,
                           route_prefix=f"/{APP}")
                 time.sleep(5)  # the router's first look at its backends, and their replicas' metadata
                 url = f"http://127.0.0.1:{port}/{APP}/v1/chat/completions"

@@ -70,7 +70,8 @@ class ReplicaMetrics:
         self.waiting = gauge("raystack_requests_waiting", "Requests the engine holds but has not scheduled.")
         self.cache_queries = counter("raystack_prefix_cache_queries_total",
                                      "Prompt tokens looked up in the engine's prefix cache.")
-        self.cache_hits = counter("raystack_prefix_cache_hits_total", "Prompt tokens found in the engine's prefix cache.")
+        self.cache_hits = counter("raystack_prefix_cache_hits_total",
+                                  "Prompt tokens found in the engine's prefix cache.")
 
     def first_tokens(self, ttfts: Iterable[float]) -> None:
         for value in ttfts:

@@ -50,7 +50,7 @@ class Routed(Protocol):
 
     kind: str  # "chat" or "completion"
     body: dict[str, Any]
-    adapter: str  # the LoRA adapter it is answered through, or ""
+    adapter: str | None  # the LoRA adapter it is answered through, if any
 
     @property
     def prompt(self) -> str: ...  # protocol.prompt_text, made once, when asked
