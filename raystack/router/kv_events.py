@@ -14,9 +14,11 @@ vLLM's scheduler publishes what its block pool caches and evicts when `kv_events
     on in 0.23 and 0.32), the digest's low 64 bits as an int (kv_cache_utils.maybe_convert_block_hash);
   - replay: with `replay_endpoint` the publisher also binds a ROUTER socket and keeps its last
     `buffer_steps` batches. A client sends [b"", start seq (8 bytes big-endian)] from a DEALER socket; the
-    publisher answers each buffered batch with seq >= start as [b"", topic, seq, payload], then the end
-    marker [b"", b"", seq -1 (8 bytes, signed), b""] (ZmqEventPublisher._service_replay). It serves replay
-    between two batches of its queue, so an answer may take a tenth of a second or more.
+    publisher answers each buffered batch with seq >= start, then an end marker, seq -1 (8 bytes, signed)
+    with an empty payload (ZmqEventPublisher._service_replay). vLLM 0.32 sends a batch as
+    [b"", topic, seq, payload] and the end as [b"", b"", -1, b""]; 0.23 leaves the topic out: [b"", seq,
+    payload] and [b"", -1, b""]. It serves replay between two batches of its queue, so an answer may take
+    a tenth of a second or more.
 
 This module imports no vLLM: the router's Python need not have it.
 """
@@ -226,14 +228,15 @@ class KvEventSubscriber:
             dealer.send_multipart([b"", start.to_bytes(SEQ_BYTES, "big")])
             batches = []
             while dealer.poll(int(self.REPLAY_TIMEOUT_S * 1000)):
-                frames = dealer.recv_multipart()
-                if frames[0] == b"":
-                    frames = frames[1:]
-                if len(frames) != 3 or frames[1] == END_SEQ:
+                frames = dealer.recv_multipart()[1:]  # after the empty delimiter
+                seq_bytes, payload = frames[-2:] if len(frames) in (2, 3) else (END_SEQ, b"")  # topic or not
+                if seq_bytes == END_SEQ:
                     break
-                seq = int.from_bytes(frames[1], "big")
+                seq = int.from_bytes(seq_bytes, "big")
                 if start <= seq < end:
-                    batches.append((seq, frames[2]))
+                    batches.append((seq, payload))
+                if seq >= end - 1:
+                    break  # the rest is newer than the batch that showed the gap
             else:
                 logger.warning("KV event replay from %s: no answer in %.1f s", self.replay_endpoint,
                                self.REPLAY_TIMEOUT_S)

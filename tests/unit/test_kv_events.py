@@ -225,3 +225,37 @@ def test_close_is_prompt_with_no_publisher_at_all(tmp_path):
     sub.close()
     assert time.monotonic() - started < 1.0
     assert not sub.alive and threading.active_count() == threads
+
+
+def test_a_vllm_023_publishers_replay_answers_without_the_topic(tmp_path):
+    """vLLM 0.23's _service_replay answers [b"", seq, payload] and ends with [b"", -1, b""] (no topic frame,
+    vllm/distributed/kv_events.py at v0.23.0); its batches' events are arrays. A stand-in publisher here
+    speaks that form: it skips batch 1 on the live socket, and the subscriber replays it."""
+    ctx = zmq.Context.instance()
+    pub, router = ctx.socket(zmq.XPUB), ctx.socket(zmq.ROUTER)  # XPUB: it hears the subscription
+    pub.bind(f"ipc://{tmp_path}/pub")
+    router.bind(f"ipc://{tmp_path}/replay")
+
+    def payload(n):
+        return msgspec.msgpack.encode([1.0, [["BlockStored", [n], None, [n] * 4, 4, None, "GPU", None]], 0])
+
+    recorder = Recorder()
+    sub = KvEventSubscriber(f"ipc://{tmp_path}/pub", recorder.on_events, recorder.on_lost, topic="t",
+                            replay_endpoint=f"ipc://{tmp_path}/replay")
+    try:
+        assert pub.poll(5000) and pub.recv() == b"\x01t"  # the subscriber has joined
+        pub.send_multipart([b"t", (0).to_bytes(8, "big"), payload(0)])
+        pub.send_multipart([b"t", (2).to_bytes(8, "big"), payload(2)])  # batch 1 lost on the way
+        assert router.poll(5000)
+        client, empty, start = router.recv_multipart()
+        assert (empty, int.from_bytes(start, "big")) == (b"", 1)
+        for n in (1, 2):
+            router.send_multipart([client, b"", n.to_bytes(8, "big"), payload(n)])
+        router.send_multipart([client, b"", (-1).to_bytes(8, "big", signed=True), b""])
+        wait_for(lambda: recorder.seen[-1] == 2)
+        assert recorder.seen == [0, 1, 2]
+        assert recorder.lost == 0 and sub.last_seq == 2
+    finally:
+        sub.close()
+        pub.close(linger=0)
+        router.close(linger=0)
