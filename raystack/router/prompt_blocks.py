@@ -104,6 +104,7 @@ class BlockHasher:
 # reproduced here: such requests get no blocks.
 _UNHASHED_FIELDS = ("cache_salt", "chat_template", "prompt_embeds", "mm_processor_kwargs",
                     "truncate_prompt_tokens")
+_CLAUDE_CODE_HEADER = "x-anthropic-billing-header"
 # Template arguments vLLM refuses from a request (hf.resolve_chat_template_kwargs).
 _REFUSED_TEMPLATE_KWARGS = {"chat_template", "tokenize"}
 
@@ -150,6 +151,8 @@ def _conversation(messages: Sequence[Mapping[str, Any]], content_format: str) ->
         texts = _texts(message.get("content"))
         if texts is None:
             return None
+        if role == "system" and any(text.startswith(_CLAUDE_CODE_HEADER) for text in texts):
+            return None  # vLLM 0.32 strips this line, 0.23 does not (chat_utils._strip_claude_code_billing_header)
         content: Any = "\n".join(texts)
         if content_format == "openai" and role != "tool":
             content = [{"type": "text", "text": text} for text in texts]
