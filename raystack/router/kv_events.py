@@ -122,7 +122,8 @@ class KvEventSubscriber:
     order, to `on_events`. When batches are lost (a gap in the sequence, a publisher restarted, the
     connection dropped, a batch that does not decode) it replays the missing ones from `replay_endpoint`
     if given and the publisher still holds them; otherwise it calls `on_lost` (the replica's index is no
-    longer true: drop it) and carries on from the next batch.
+    longer true: drop it), replays what the publisher still holds onto the empty index (a partial index is
+    never a false one), and carries on. A subscriber that starts late catches up the same way.
 
     The callbacks run on the subscriber's thread: they must be thread-safe with the router's readers and
     quick, as the thread reads nothing while they run (ZeroMQ buffers up to its high-water mark).
@@ -190,9 +191,12 @@ class KvEventSubscriber:
             # A PUB socket's sequence only grows: a smaller one is a new publisher (the engine restarted).
             self._lose(f"sequence went back from {self.last_seq} to {seq}")
         expected = 0 if self.last_seq is None else self.last_seq + 1
-        if seq > expected and not self._replay(expected, seq):
-            if self.last_seq is not None:  # before the first batch there is nothing to lose
+        # With nothing applied yet (the index empty), any run of batches up to this one is true as far as it
+        # goes; in the middle of the stream only the whole gap is.
+        if seq > expected and not self._replay(expected, seq, suffix_will_do=self.last_seq is None):
+            if self.last_seq is not None:
                 self._lose(f"batches {expected}..{seq - 1} missed")
+                self._replay(0, seq, suffix_will_do=True)  # rebuild what the publisher still holds
         self._apply(seq, frames[2])
 
     def _apply(self, seq: int, payload: bytes) -> None:
@@ -217,9 +221,10 @@ class KvEventSubscriber:
         self.losses += 1
         self.on_lost()
 
-    def _replay(self, start: int, end: int) -> bool:
-        """Applies batches start..end-1 from the publisher's replay buffer; False if it cannot give all of
-        them (no replay endpoint, no answer in time, or it no longer holds `start`)."""
+    def _replay(self, start: int, end: int, suffix_will_do: bool = False) -> bool:
+        """Applies batches start..end-1 from the publisher's replay buffer, or with `suffix_will_do` the last
+        of them it still holds; False if it applied none or, without `suffix_will_do`, not all (no replay
+        endpoint, no answer in time, or the buffer has moved past `start`)."""
         if self.replay_endpoint is None:
             return False
         dealer = self._ctx.socket(zmq.DEALER)  # one per replay: a late answer to an earlier one is never read
@@ -243,7 +248,9 @@ class KvEventSubscriber:
                 return False
         finally:
             dealer.close(linger=0)
-        if [seq for seq, _ in batches] != list(range(start, end)):
+        if not batches or [seq for seq, _ in batches] != list(range(end - len(batches), end)):
+            return False
+        if batches[0][0] != start and not suffix_will_do:
             return False  # the buffer has moved past `start`
         for seq, payload in batches:
             self._apply(seq, payload)

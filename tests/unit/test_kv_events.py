@@ -259,3 +259,35 @@ def test_a_vllm_023_publishers_replay_answers_without_the_topic(tmp_path):
         sub.close()
         pub.close(linger=0)
         router.close(linger=0)
+
+
+def test_when_the_buffer_has_moved_on_its_last_batches_rebuild_the_index(tmp_path):
+    """A publisher keeping 3 batches: a late subscriber applies the last ones it holds (true as far as they
+    go, on an empty index); a gap wider than the buffer drops the index, then rebuilds it the same way."""
+    kv_events = pytest.importorskip("vllm.distributed.kv_events")
+    pub = kv_events.ZmqEventPublisher(data_parallel_rank=0, endpoint=f"ipc://{tmp_path}/pub", buffer_steps=3,
+                                      replay_endpoint=f"ipc://{tmp_path}/replay", topic="t")
+    for n in range(6):
+        pub.publish(batch(n))
+    time.sleep(0.3)
+    recorder = Recorder()
+    relay = DroppingRelay(f"ipc://{tmp_path}/pub", f"ipc://{tmp_path}/relay", drop=set())
+    sub = KvEventSubscriber(f"ipc://{tmp_path}/relay", recorder.on_events, recorder.on_lost, topic="t",
+                            replay_endpoint=f"ipc://{tmp_path}/replay")
+    try:
+        n = publish_until_heard(pub, recorder, 6)
+        wait_for(lambda: recorder.seen[-1] == n - 1)
+        seen = recorder.seen
+        assert seen == list(range(seen[0], n)) and 0 < seen[0] and recorder.lost == 0  # what the buffer held
+        relay.drop.update(range(n + 1, n + 5))
+        for i in range(n, n + 7):
+            pub.publish(batch(i))
+        wait_for(lambda: recorder.seen[-1] == n + 6)
+        after = recorder.seen[recorder.seen.index(n):]
+        rebuilt = after[2:]
+        assert after[:2] == [n, -1] and recorder.lost == 1
+        assert rebuilt == list(range(rebuilt[0], n + 7)) and rebuilt[0] >= n + 2
+    finally:
+        sub.close()
+        relay.close()
+        pub.shutdown()
