@@ -30,9 +30,10 @@ vllm/utils/hashing.py's: sha256 (pickle, highest protocol, then SHA-256; the def
     compute its hashes, so an engine meant for KV-aware routing must run with PYTHONHASHSEED set.
 The hashes are given in kv_events.block_hash_int's form, the one KvIndex stores.
 
-Requests whose blocks carry extra keys are not hashed (None): LoRA adapters (0.23 keys a block by the
-adapter's name, 0.32 by ("lora", name, path)), cache_salt, multimodal parts, prompt embeddings. They are
-routed by the fallback policy. The xxhash algorithms are not offered: vLLM gives them a random seed
+Requests whose blocks carry extra keys get no blocks from request_block_hashes: LoRA adapters (0.23 keys
+every block by the adapter's name, 0.32 by ("lora", name, path): BlockHasher takes either, for a caller
+that knows the engine's adapter path), cache_salt, multimodal parts, prompt embeddings. They are routed
+by the fallback policy. The xxhash algorithms are not offered: vLLM gives them a random seed
 unless PYTHONHASHSEED is set, and they need a package raystack does not install.
 pickle's output for ints, bytes and tuples is the same on every Python raystack runs (protocol 5); a Ray
 cluster runs one Python minor version on all its nodes anyway.
@@ -83,19 +84,22 @@ class BlockHasher:
         self._hash = _HASH_FUNCTIONS[algorithm]
         self.none_hash = self._hash(seed)
 
-    def digests(self, token_ids: Sequence[int]) -> list[bytes]:
-        """The engine's digest of each full block, chained from NONE_HASH."""
+    def digests(self, token_ids: Sequence[int], extra_keys: tuple | None = None) -> list[bytes]:
+        """The engine's digest of each full block, chained from NONE_HASH. `extra_keys`: what the engine adds
+        to every block of the request, None for a plain request; a LoRA adapter's request has
+        (name,) in vLLM 0.23 and (("lora", name, path),) in 0.32, `path` the adapter's directory as the
+        engine loaded it (kv_cache_utils._gen_lora_extra_hash_keys)."""
         size = self.block_size
         parent = self.none_hash
         out = []
         for start in range(0, len(token_ids) - size + 1, size):
-            parent = self._hash((parent, tuple(token_ids[start:start + size]), None))  # None: no extra keys
+            parent = self._hash((parent, tuple(token_ids[start:start + size]), extra_keys))
             out.append(parent)
         return out
 
-    def hashes(self, token_ids: Sequence[int]) -> list[int]:
+    def hashes(self, token_ids: Sequence[int], extra_keys: tuple | None = None) -> list[int]:
         """The blocks' hashes in the form KV events and KvIndex use."""
-        return [block_hash_int(digest) for digest in self.digests(token_ids)]
+        return [block_hash_int(digest) for digest in self.digests(token_ids, extra_keys)]
 
 
 # --- token ids -------------------------------------------------------------------------------------------
