@@ -13,7 +13,8 @@ Token ids, as vLLM's OpenAI server makes them (0.23 and 0.32 alike):
     add_generation_prompt, continue_final_message, documents and reasoning_effort where those are set
     (ChatCompletionRequest.build_chat_params, renderers/params.py merge_kwargs), and the request's tools,
     each as vLLM's request model dumps it (type, then function: name, description, parameters, and any
-    other key);
+    other key). Where the versions part, this follows 0.32: a tool call's arguments that are not a JSON
+    object become {} (0.23 refuses invalid JSON and keeps a non-object value);
   - completion: the prompt string tokenized with add_special_tokens (True unless the request says
     otherwise: BaseRenderer.default_cmpl_tok_params), or the prompt's token ids as given.
 A chat template raystack gives vLLM is the model directory's own (models/embedded.py writes it there), so a
@@ -26,8 +27,9 @@ with `parent` the previous block's digest, NONE_HASH = H(seed) for the first, an
 vllm/utils/hashing.py's: sha256 (pickle, highest protocol, then SHA-256; the default) or sha256_cbor
 (canonical CBOR, then SHA-256). The seed (init_none_hash):
   - vLLM 0.32: PYTHONHASHSEED when the engine has it set, else "vllm-none-hash" for these two algorithms;
-  - vLLM 0.23: PYTHONHASHSEED when set, else 32 random bytes per engine process: no other process can
-    compute its hashes, so an engine meant for KV-aware routing must run with PYTHONHASHSEED set.
+  - vLLM 0.23: PYTHONHASHSEED when set, else NONE_HASH is 32 random bytes per engine process, whatever the
+    algorithm: no other process can compute its hashes, so an engine meant for KV-aware routing must run
+    with PYTHONHASHSEED set (and the router be told its value).
 The hashes are given in kv_events.block_hash_int's form, the one KvIndex stores.
 
 Requests whose blocks carry extra keys get no blocks from request_block_hashes: LoRA adapters (0.23 keys
