@@ -40,7 +40,7 @@ MODEL = "smollm2"
 SYSTEM = ("You are the operations assistant of a cluster of Ascend NPU servers. Each server holds eight cards "
           "joined by HCCS inside the server and by RoCE between servers. Answer questions about the state of "
           "the cluster briefly and exactly, naming the card and the server you speak of, and say so when you "
-          "do not know. ") * 4
+          "do not know. ") * 6
 
 
 def chat(*turns: str, **extra) -> dict:
@@ -56,9 +56,11 @@ def requests_to_send() -> list[tuple[str, dict]]:
     first = chat("How many cards does server 3 hold?")
     out = [("chat", first), ("chat", chat("Which link joins two servers?"))]
     out.append(("chat", chat("How many cards does server 3 hold?", "Eight.", "And server 4?")))
-    out.append(("chat", {**chat("Is card 5 healthy?"), "tools": [{"type": "function", "function": {
-        "name": "npu_smi", "description": "Read a card's health", "parameters": {
-            "type": "object", "properties": {"card": {"type": "integer"}}}}}]}))
+    # tool_choice "none": "auto" needs a tool parser, and vLLM renders the tools either way.
+    npu_smi = {"name": "npu_smi", "description": "Read a card's health",
+               "parameters": {"type": "object", "properties": {"card": {"type": "integer"}}}}
+    out.append(("chat", {**chat("Is card 5 healthy?"), "tool_choice": "none",
+                         "tools": [{"type": "function", "function": npu_smi}]}))
     out.append(("completion", {"model": MODEL, "prompt": SYSTEM + "\nQ: How many servers?\nA:", "max_tokens": 8,
                                "temperature": 0}))
     for i in range(6):
