@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -17,8 +16,9 @@ from raystack.router.kv_events import BlockRemoved, BlockStored, KvEventSubscrib
 from raystack.router.kv_index import KvIndex
 from raystack.router.prompt_blocks import (
     BlockHasher, chat_token_ids, completion_token_ids, engine_seed, load_tokenizer, request_block_hashes)
+from tests import FIXTURES
 
-RECORDING = Path(__file__).resolve().parents[1] / "fixtures" / "kv_events"
+RECORDING = FIXTURES / "kv_events"
 META = json.loads((RECORDING / "meta.json").read_text())
 MESSAGES = msgspec.msgpack.decode((RECORDING / "events.msgpack").read_bytes())
 REQUESTS = json.loads((RECORDING / "requests.json").read_text())
