@@ -14,9 +14,11 @@ vLLM's scheduler publishes what its block pool caches and evicts when `kv_events
     on in 0.23 and 0.32), the digest's low 64 bits as an int (kv_cache_utils.maybe_convert_block_hash);
   - replay: with `replay_endpoint` the publisher also binds a ROUTER socket and keeps its last
     `buffer_steps` batches. A client sends [b"", start seq (8 bytes big-endian)] from a DEALER socket; the
-    publisher answers each buffered batch with seq >= start as [b"", topic, seq, payload], then the end
-    marker [b"", b"", seq -1 (8 bytes, signed), b""] (ZmqEventPublisher._service_replay). It serves replay
-    between two batches of its queue, so an answer may take a tenth of a second or more.
+    publisher answers each buffered batch with seq >= start, then an end marker, seq -1 (8 bytes, signed)
+    with an empty payload (ZmqEventPublisher._service_replay). vLLM 0.32 sends a batch as
+    [b"", topic, seq, payload] and the end as [b"", b"", -1, b""]; 0.23 leaves the topic out: [b"", seq,
+    payload] and [b"", -1, b""]. It serves replay between two batches of its queue, so an answer may take
+    a tenth of a second or more.
 
 This module imports no vLLM: the router's Python need not have it.
 """
@@ -120,7 +122,8 @@ class KvEventSubscriber:
     order, to `on_events`. When batches are lost (a gap in the sequence, a publisher restarted, the
     connection dropped, a batch that does not decode) it replays the missing ones from `replay_endpoint`
     if given and the publisher still holds them; otherwise it calls `on_lost` (the replica's index is no
-    longer true: drop it) and carries on from the next batch.
+    longer true: drop it), replays what the publisher still holds onto the empty index (a partial index is
+    never a false one), and carries on. A subscriber that starts late catches up the same way.
 
     The callbacks run on the subscriber's thread: they must be thread-safe with the router's readers and
     quick, as the thread reads nothing while they run (ZeroMQ buffers up to its high-water mark).
@@ -188,9 +191,12 @@ class KvEventSubscriber:
             # A PUB socket's sequence only grows: a smaller one is a new publisher (the engine restarted).
             self._lose(f"sequence went back from {self.last_seq} to {seq}")
         expected = 0 if self.last_seq is None else self.last_seq + 1
-        if seq > expected and not self._replay(expected, seq):
-            if self.last_seq is not None:  # before the first batch there is nothing to lose
+        # With nothing applied yet (the index empty), any run of batches up to this one is true as far as it
+        # goes; in the middle of the stream only the whole gap is.
+        if seq > expected and not self._replay(expected, seq, suffix_will_do=self.last_seq is None):
+            if self.last_seq is not None:
                 self._lose(f"batches {expected}..{seq - 1} missed")
+                self._replay(0, seq, suffix_will_do=True)  # rebuild what the publisher still holds
         self._apply(seq, frames[2])
 
     def _apply(self, seq: int, payload: bytes) -> None:
@@ -215,9 +221,10 @@ class KvEventSubscriber:
         self.losses += 1
         self.on_lost()
 
-    def _replay(self, start: int, end: int) -> bool:
-        """Applies batches start..end-1 from the publisher's replay buffer; False if it cannot give all of
-        them (no replay endpoint, no answer in time, or it no longer holds `start`)."""
+    def _replay(self, start: int, end: int, suffix_will_do: bool = False) -> bool:
+        """Applies batches start..end-1 from the publisher's replay buffer, or with `suffix_will_do` the last
+        of them it still holds; False if it applied none or, without `suffix_will_do`, not all (no replay
+        endpoint, no answer in time, or the buffer has moved past `start`)."""
         if self.replay_endpoint is None:
             return False
         dealer = self._ctx.socket(zmq.DEALER)  # one per replay: a late answer to an earlier one is never read
@@ -226,21 +233,24 @@ class KvEventSubscriber:
             dealer.send_multipart([b"", start.to_bytes(SEQ_BYTES, "big")])
             batches = []
             while dealer.poll(int(self.REPLAY_TIMEOUT_S * 1000)):
-                frames = dealer.recv_multipart()
-                if frames[0] == b"":
-                    frames = frames[1:]
-                if len(frames) != 3 or frames[1] == END_SEQ:
+                frames = dealer.recv_multipart()[1:]  # after the empty delimiter
+                seq_bytes, payload = frames[-2:] if len(frames) in (2, 3) else (END_SEQ, b"")  # topic or not
+                if seq_bytes == END_SEQ:
                     break
-                seq = int.from_bytes(frames[1], "big")
+                seq = int.from_bytes(seq_bytes, "big")
                 if start <= seq < end:
-                    batches.append((seq, frames[2]))
+                    batches.append((seq, payload))
+                if seq >= end - 1:
+                    break  # the rest is newer than the batch that showed the gap
             else:
                 logger.warning("KV event replay from %s: no answer in %.1f s", self.replay_endpoint,
                                self.REPLAY_TIMEOUT_S)
                 return False
         finally:
             dealer.close(linger=0)
-        if [seq for seq, _ in batches] != list(range(start, end)):
+        if not batches or [seq for seq, _ in batches] != list(range(end - len(batches), end)):
+            return False
+        if batches[0][0] != start and not suffix_will_do:
             return False  # the buffer has moved past `start`
         for seq, payload in batches:
             self._apply(seq, payload)

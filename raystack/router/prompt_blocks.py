@@ -13,7 +13,8 @@ Token ids, as vLLM's OpenAI server makes them (0.23 and 0.32 alike):
     add_generation_prompt, continue_final_message, documents and reasoning_effort where those are set
     (ChatCompletionRequest.build_chat_params, renderers/params.py merge_kwargs), and the request's tools,
     each as vLLM's request model dumps it (type, then function: name, description, parameters, and any
-    other key);
+    other key). Where the versions part, this follows 0.32: a tool call's arguments that are not a JSON
+    object become {} (0.23 refuses invalid JSON and keeps a non-object value);
   - completion: the prompt string tokenized with add_special_tokens (True unless the request says
     otherwise: BaseRenderer.default_cmpl_tok_params), or the prompt's token ids as given.
 A chat template raystack gives vLLM is the model directory's own (models/embedded.py writes it there), so a
@@ -26,13 +27,15 @@ with `parent` the previous block's digest, NONE_HASH = H(seed) for the first, an
 vllm/utils/hashing.py's: sha256 (pickle, highest protocol, then SHA-256; the default) or sha256_cbor
 (canonical CBOR, then SHA-256). The seed (init_none_hash):
   - vLLM 0.32: PYTHONHASHSEED when the engine has it set, else "vllm-none-hash" for these two algorithms;
-  - vLLM 0.23: PYTHONHASHSEED when set, else 32 random bytes per engine process: no other process can
-    compute its hashes, so an engine meant for KV-aware routing must run with PYTHONHASHSEED set.
+  - vLLM 0.23: PYTHONHASHSEED when set, else NONE_HASH is 32 random bytes per engine process, whatever the
+    algorithm: no other process can compute its hashes, so an engine meant for KV-aware routing must run
+    with PYTHONHASHSEED set (and the router be told its value).
 The hashes are given in kv_events.block_hash_int's form, the one KvIndex stores.
 
-Requests whose blocks carry extra keys are not hashed (None): LoRA adapters (0.23 keys a block by the
-adapter's name, 0.32 by ("lora", name, path)), cache_salt, multimodal parts, prompt embeddings. They are
-routed by the fallback policy. The xxhash algorithms are not offered: vLLM gives them a random seed
+Requests whose blocks carry extra keys get no blocks from request_block_hashes: LoRA adapters (0.23 keys
+every block by the adapter's name, 0.32 by ("lora", name, path): BlockHasher takes either, for a caller
+that knows the engine's adapter path), cache_salt, multimodal parts, prompt embeddings. They are routed
+by the fallback policy. The xxhash algorithms are not offered: vLLM gives them a random seed
 unless PYTHONHASHSEED is set, and they need a package raystack does not install.
 pickle's output for ints, bytes and tuples is the same on every Python raystack runs (protocol 5); a Ray
 cluster runs one Python minor version on all its nodes anyway.
@@ -83,19 +86,22 @@ class BlockHasher:
         self._hash = _HASH_FUNCTIONS[algorithm]
         self.none_hash = self._hash(seed)
 
-    def digests(self, token_ids: Sequence[int]) -> list[bytes]:
-        """The engine's digest of each full block, chained from NONE_HASH."""
+    def digests(self, token_ids: Sequence[int], extra_keys: tuple | None = None) -> list[bytes]:
+        """The engine's digest of each full block, chained from NONE_HASH. `extra_keys`: what the engine adds
+        to every block of the request, None for a plain request; a LoRA adapter's request has
+        (name,) in vLLM 0.23 and (("lora", name, path),) in 0.32, `path` the adapter's directory as the
+        engine loaded it (kv_cache_utils._gen_lora_extra_hash_keys)."""
         size = self.block_size
         parent = self.none_hash
         out = []
         for start in range(0, len(token_ids) - size + 1, size):
-            parent = self._hash((parent, tuple(token_ids[start:start + size]), None))  # None: no extra keys
+            parent = self._hash((parent, tuple(token_ids[start:start + size]), extra_keys))
             out.append(parent)
         return out
 
-    def hashes(self, token_ids: Sequence[int]) -> list[int]:
+    def hashes(self, token_ids: Sequence[int], extra_keys: tuple | None = None) -> list[int]:
         """The blocks' hashes in the form KV events and KvIndex use."""
-        return [block_hash_int(digest) for digest in self.digests(token_ids)]
+        return [block_hash_int(digest) for digest in self.digests(token_ids, extra_keys)]
 
 
 # --- token ids -------------------------------------------------------------------------------------------
@@ -104,6 +110,7 @@ class BlockHasher:
 # reproduced here: such requests get no blocks.
 _UNHASHED_FIELDS = ("cache_salt", "chat_template", "prompt_embeds", "mm_processor_kwargs",
                     "truncate_prompt_tokens")
+_CLAUDE_CODE_HEADER = "x-anthropic-billing-header"
 # Template arguments vLLM refuses from a request (hf.resolve_chat_template_kwargs).
 _REFUSED_TEMPLATE_KWARGS = {"chat_template", "tokenize"}
 
@@ -150,6 +157,8 @@ def _conversation(messages: Sequence[Mapping[str, Any]], content_format: str) ->
         texts = _texts(message.get("content"))
         if texts is None:
             return None
+        if role == "system" and any(text.startswith(_CLAUDE_CODE_HEADER) for text in texts):
+            return None  # vLLM 0.32 strips this line, 0.23 does not (chat_utils._strip_claude_code_billing_header)
         content: Any = "\n".join(texts)
         if content_format == "openai" and role != "tool":
             content = [{"type": "text", "text": text} for text in texts]

@@ -225,3 +225,69 @@ def test_close_is_prompt_with_no_publisher_at_all(tmp_path):
     sub.close()
     assert time.monotonic() - started < 1.0
     assert not sub.alive and threading.active_count() == threads
+
+
+def test_a_vllm_023_publishers_replay_answers_without_the_topic(tmp_path):
+    """vLLM 0.23's _service_replay answers [b"", seq, payload] and ends with [b"", -1, b""] (no topic frame,
+    vllm/distributed/kv_events.py at v0.23.0); its batches' events are arrays. A stand-in publisher here
+    speaks that form: it skips batch 1 on the live socket, and the subscriber replays it."""
+    ctx = zmq.Context.instance()
+    pub, router = ctx.socket(zmq.XPUB), ctx.socket(zmq.ROUTER)  # XPUB: it hears the subscription
+    pub.bind(f"ipc://{tmp_path}/pub")
+    router.bind(f"ipc://{tmp_path}/replay")
+
+    def payload(n):
+        return msgspec.msgpack.encode([1.0, [["BlockStored", [n], None, [n] * 4, 4, None, "GPU", None]], 0])
+
+    recorder = Recorder()
+    sub = KvEventSubscriber(f"ipc://{tmp_path}/pub", recorder.on_events, recorder.on_lost, topic="t",
+                            replay_endpoint=f"ipc://{tmp_path}/replay")
+    try:
+        assert pub.poll(5000) and pub.recv() == b"\x01t"  # the subscriber has joined
+        pub.send_multipart([b"t", (0).to_bytes(8, "big"), payload(0)])
+        pub.send_multipart([b"t", (2).to_bytes(8, "big"), payload(2)])  # batch 1 lost on the way
+        assert router.poll(5000)
+        client, empty, start = router.recv_multipart()
+        assert (empty, int.from_bytes(start, "big")) == (b"", 1)
+        for n in (1, 2):
+            router.send_multipart([client, b"", n.to_bytes(8, "big"), payload(n)])
+        router.send_multipart([client, b"", (-1).to_bytes(8, "big", signed=True), b""])
+        wait_for(lambda: recorder.seen[-1] == 2)
+        assert recorder.seen == [0, 1, 2]
+        assert recorder.lost == 0 and sub.last_seq == 2
+    finally:
+        sub.close()
+        pub.close(linger=0)
+        router.close(linger=0)
+
+
+def test_when_the_buffer_has_moved_on_its_last_batches_rebuild_the_index(tmp_path):
+    """A publisher keeping 3 batches: a late subscriber applies the last ones it holds (true as far as they
+    go, on an empty index); a gap wider than the buffer drops the index, then rebuilds it the same way."""
+    kv_events = pytest.importorskip("vllm.distributed.kv_events")
+    pub = kv_events.ZmqEventPublisher(data_parallel_rank=0, endpoint=f"ipc://{tmp_path}/pub", buffer_steps=3,
+                                      replay_endpoint=f"ipc://{tmp_path}/replay", topic="t")
+    for n in range(6):
+        pub.publish(batch(n))
+    time.sleep(0.3)
+    recorder = Recorder()
+    relay = DroppingRelay(f"ipc://{tmp_path}/pub", f"ipc://{tmp_path}/relay", drop=set())
+    sub = KvEventSubscriber(f"ipc://{tmp_path}/relay", recorder.on_events, recorder.on_lost, topic="t",
+                            replay_endpoint=f"ipc://{tmp_path}/replay")
+    try:
+        n = publish_until_heard(pub, recorder, 6)
+        wait_for(lambda: recorder.seen[-1] == n - 1)
+        seen = recorder.seen
+        assert seen == list(range(seen[0], n)) and 0 < seen[0] and recorder.lost == 0  # what the buffer held
+        relay.drop.update(range(n + 1, n + 5))
+        for i in range(n, n + 7):
+            pub.publish(batch(i))
+        wait_for(lambda: recorder.seen[-1] == n + 6)
+        after = recorder.seen[recorder.seen.index(n):]
+        rebuilt = after[2:]
+        assert after[:2] == [n, -1] and recorder.lost == 1
+        assert rebuilt == list(range(rebuilt[0], n + 7)) and rebuilt[0] >= n + 2
+    finally:
+        sub.close()
+        relay.close()
+        pub.shutdown()

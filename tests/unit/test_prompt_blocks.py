@@ -27,16 +27,20 @@ out = {}
 for algorithm in ("sha256", "sha256_cbor"):
     hash_fn = get_hash_fn_by_name(algorithm)
     kv_cache_utils.init_none_hash(hash_fn)
-    chains = []
-    for tokens in token_lists:
-        parent, chain = None, []
-        for start in range(0, len(tokens) - block_size + 1, block_size):
-            parent = kv_cache_utils.hash_block_tokens(hash_fn, parent, tokens[start:start + block_size])
-            chain.append(kv_cache_utils.maybe_convert_block_hash(parent))
-        chains.append(chain)
-    out[algorithm] = chains
+    for name, extra_keys in EXTRA_KEYS.items():
+        chains = []
+        for tokens in token_lists:
+            parent, chain = None, []
+            for start in range(0, len(tokens) - block_size + 1, block_size):
+                parent = kv_cache_utils.hash_block_tokens(hash_fn, parent, tokens[start:start + block_size],
+                                                          extra_keys)
+                chain.append(kv_cache_utils.maybe_convert_block_hash(parent))
+            chains.append(chain)
+        out[f"{algorithm} {name}"] = chains
 print(json.dumps(out))
 """
+# A plain request's blocks, and a LoRA adapter's in vLLM 0.23's and 0.32's forms.
+EXTRA_KEYS = {"plain": None, "lora 0.23": ("sql",), "lora 0.32": (("lora", "sql", "/adapters/sql"),)}
 
 
 @pytest.mark.parametrize("hash_seed", [None, "0", "random"])  # "random": vLLM takes the word as its seed
@@ -48,14 +52,18 @@ def test_block_hashes_are_the_engines_for_both_algorithms_and_seeds(hash_seed):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
     if hash_seed is not None:
         env["PYTHONHASHSEED"] = hash_seed
-    result = subprocess.run([sys.executable, "-c", VLLM_CHAIN], input=json.dumps([token_lists, block_size]),
+    script = f"EXTRA_KEYS = {EXTRA_KEYS!r}\n{VLLM_CHAIN}"
+    result = subprocess.run([sys.executable, "-c", script], input=json.dumps([token_lists, block_size]),
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     engine = json.loads(result.stdout.strip().splitlines()[-1])
     for algorithm in ("sha256", "sha256_cbor"):
         hasher = BlockHasher(block_size, algorithm, engine_seed(env))
-        assert [hasher.hashes(tokens) for tokens in token_lists] == engine[algorithm], algorithm
-    assert [len(chain) for chain in engine["sha256"]] == [0, 0, 1, 1, 6, 40]  # full blocks only
+        for name, extra_keys in EXTRA_KEYS.items():
+            key = f"{algorithm} {name}"
+            assert [hasher.hashes(tokens, extra_keys) for tokens in token_lists] == engine[key], key
+    assert [len(chain) for chain in engine["sha256 plain"]] == [0, 0, 1, 1, 6, 40]  # full blocks only
+    assert engine["sha256 plain"][-1][0] != engine["sha256 lora 0.32"][-1][0]
 
 
 def test_the_seed_is_the_engines_hashseed_else_vllms_default():
@@ -165,6 +173,8 @@ def test_requests_with_extra_keys_or_unreproduced_parts_get_no_blocks(tokenizer)
         {"type": "text", "text": SYSTEM}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]}
     assert chat_token_ids(tokenizer, image) is None
     assert chat_token_ids(tokenizer, {"messages": [{"role": "developer", "content": SYSTEM}]}) is None
+    billed = {"messages": [{"role": "system", "content": "x-anthropic-billing-header: cch=1\n" + SYSTEM}]}
+    assert chat_token_ids(tokenizer, billed) is None  # a line vLLM's versions treat differently
 
 
 def test_completion_token_ids_are_vllms(tokenizer, model_dir):
