@@ -1,4 +1,5 @@
-"""Processes an engine starts and owns, and no orphans: a supervised server, or an engine's own children.
+"""Processes an engine starts and owns, and no orphans: a supervised server, or an engine's own children;
+and the free ports they are told to listen on (free_ports).
 
 A SupervisedProcess runs in a new session, so one signal reaches it and every process it spawns (MindIE's
 daemon starts a backend process per NPU). A guard process holds the read end of a pipe whose write end only
@@ -25,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +197,18 @@ class SupervisedProcess:
         if self.guard is not None:
             self.guard.stdin.close()  # the guard wakes, finds the group gone, exits
             self.guard = None
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct TCP ports free now on every address (all held open while choosing, so none repeats),
+    for a process an engine starts to listen on: MindIE's daemon refuses a port in use on any address,
+    whichever it listens on (MindIE-LLM http_server.cpp, IsPortUsed binds INADDR_ANY); vLLM's KV event
+    publisher binds tcp://*:PORT. Should another process take one before it binds, that engine fails to
+    start and Serve starts the replica again, on other ports."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind(("", 0))
+            ports.append(s.getsockname()[1])
+        return ports

@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 
 from raystack.engines.mindie.config import MindIEPlan
-from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
+from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError
+from raystack.engines.supervised import free_ports
 from raystack.engines.mindie.settings import MindIESettings
 from tests.mindie_standin import install_mindie, model_weights, pids_started, port_free, starts
 from tests.processes import alive

@@ -10,7 +10,8 @@ import pytest
 
 from raystack.config import Backend, ConfigError, Model, parse_config
 from raystack.engines.vllm.args import build_serving_args
-from raystack.engines.vllm.kv_events import HASH_SEED, Publisher, free_ports, seed_the_engine
+from raystack.engines.supervised import free_ports
+from raystack.engines.vllm.kv_events import HASH_SEED, Publisher, seed_the_engine
 from tests.unit.test_config import local_args
 
 

@@ -9,12 +9,10 @@ config.py). Its NPUs are claimed before it starts, and stay claimed until its la
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -38,19 +36,6 @@ CLAIM_MARGIN_S = 30  # past a gone engine's grace period, how long its NPUs may 
 
 class MindIEStartError(RuntimeError):
     """The daemon could not start; the message carries its last log lines and what to do."""
-
-
-def free_ports(count: int = 1) -> list[int]:
-    """`count` distinct ports free now on every address (all held open while choosing, so none repeats):
-    MindIE refuses a port in use on any address, whichever it listens on (MindIE-LLM http_server.cpp,
-    IsPortUsed binds INADDR_ANY)."""
-    with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
-            s = held.enter_context(socket.socket())
-            s.bind(("", 0))
-            ports.append(s.getsockname()[1])
-        return ports
 
 
 def load_default_config(install: Path) -> dict[str, Any]:

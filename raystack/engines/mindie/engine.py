@@ -21,7 +21,8 @@ import aiohttp
 from raystack.engines.base import AdapterFiles, Answer, RequestKind
 from raystack.engines.mindie import ENGINE
 from raystack.engines.mindie.config import LOOPBACK, MindIEPlan, mindie_timeouts
-from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError, free_ports
+from raystack.engines.mindie.daemon import MindIEDaemon, MindIEStartError
+from raystack.engines.supervised import free_ports
 from raystack.json_codec import decode
 from raystack.protocol import SSE_DONE, error_body, name_reasoning_both_ways, sse_event
 

@@ -17,9 +17,10 @@ for its engine when the user has not: the same known seed on every replica, unde
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from raystack.engines.supervised import free_ports
 
 if TYPE_CHECKING:
     from raystack.config import Backend
@@ -59,20 +60,6 @@ def rules(backend: Backend) -> None:
                          f"{HASH_SEED_ENV} to an integer of your own, or use sha256")
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on every interface of this node now (vLLM binds tcp://*:PORT a moment
-    later; should another process take one first, the engine fails to start and Serve starts the replica
-    again, on other ports)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:  # all held open at once, so that no port comes twice
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @dataclass(frozen=True)
 class Publisher:
     """Where one replica's engine publishes its KV cache events: a PUB socket on `port` and a ROUTER socket on
@@ -100,8 +87,9 @@ class Publisher:
                 vllm_series: str) -> dict[str, Any]:
         """What a router needs to follow this replica's KV cache: where to subscribe and replay, the topic, and
         how to hash a prompt as the engine does (block_size tokens a block, hash_algo, hash_seed: NONE_HASH =
-        hash_algo(hash_seed)). `vllm`: the series, as the events' wire format differs (0.23 encodes each event
-        as an array, 0.32 as a map with its `type`; both in vllm/distributed/kv_events.py)."""
+        hash_algo(hash_seed)). `vllm`: the engine's series, for whoever reads the metadata: the wire formats
+        differ (0.23 encodes each event as an array, 0.32 as a map with its `type`; both in
+        vllm/distributed/kv_events.py), and the router's decoder tells them apart by itself (router/kv_events.py)."""
         host = f"[{node_ip}]" if ":" in node_ip else node_ip
         return {"endpoint": f"tcp://{host}:{self.port}", "replay": f"tcp://{host}:{self.replay_port}",
                 "topic": self.topic, "block_size": block_size, "hash_algo": hash_algo, "hash_seed": hash_seed,
