@@ -44,11 +44,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from raystack.bench.datasets import Prompt  # noqa: E402
+from raystack.bench.loadgen import request_body, send  # noqa: E402
 from raystack.bench.report import percentile  # noqa: E402
 
 MODEL = "smollm2"
@@ -108,40 +110,28 @@ def stack(policy: str, cache_bytes: int, max_tokens: int) -> dict[str, Any]:
     return {"models": [{"name": MODEL, "source": SOURCE, "routing": {"policy": policy}, "backends": [backend]}]}
 
 
-async def one(client: httpx.AsyncClient, url: str, system: str, question: str, max_tokens: int) -> dict[str, Any]:
-    body = {"model": MODEL, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
-    start = time.perf_counter()
-    ttft, usage = None, None
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            return {"error": f"{response.status_code} {(await response.aread())[:200]!r}"}
-        expected = response.headers.get("x-raystack-cached-tokens-expected")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[len("data: "):])
-            if event.get("usage"):
-                usage = event["usage"]
-            choices = event.get("choices") or []
-            if ttft is None and choices and choices[0].get("delta", {}).get("content"):
-                ttft = time.perf_counter() - start
-    details = (usage or {}).get("prompt_tokens_details") or {}
-    return {"ttft": ttft, "prompt_tokens": usage["prompt_tokens"], "cached_tokens": details.get("cached_tokens") or 0,
-            "output_tokens": usage["completion_tokens"], "expected": None if expected is None else int(expected),
+async def one(session: aiohttp.ClientSession, url: str, system: str, question: str,
+              max_tokens: int) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    result = await send(session, url, request_body("chat", MODEL, Prompt(messages, max_tokens), False), "chat", {})
+    if not result.ok:
+        return {"error": result.error}
+    expected = result.headers.get("x-raystack-cached-tokens-expected")
+    return {"ttft": result.ttft, "prompt_tokens": result.input_tokens, "cached_tokens": result.cached_tokens or 0,
+            "output_tokens": result.output_tokens, "expected": None if expected is None else int(expected),
             "end": time.perf_counter()}
 
 
 async def drive(url: str, prompts: list[str], phases: tuple[Plan, Plan], max_tokens: int) -> list[dict]:
     """Each phase's requests at their times; the next phase once the last one's answers are in. The last's results."""
-    fresh_connections = httpx.Limits(max_connections=256, max_keepalive_connections=0)  # as from many clients
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=fresh_connections) as client:
+    fresh_connections = aiohttp.TCPConnector(limit=256, force_close=True)  # a connection a request: many clients
+    async with aiohttp.ClientSession(connector=fresh_connections, timeout=aiohttp.ClientTimeout(total=600)) as session:
         for plan in phases:
             t0 = time.perf_counter()
 
             async def at(when: float, tenant: int, question: str) -> dict[str, Any]:
                 await asyncio.sleep(max(0.0, t0 + when - time.perf_counter()))
-                result = await one(client, url, prompts[tenant], question, max_tokens)
+                result = await one(session, url, prompts[tenant], question, max_tokens)
                 return {**result, "start": t0 + when}
 
             results = await asyncio.gather(*(at(*item) for item in plan))

@@ -17,6 +17,8 @@ one endpoint):
   the output tokens.
 - Time to answer: request sent -> first chunk carrying answer text (content), after any thinking.
 - Per-request output tokens/s: output tokens / latency (the per-request figure GPUStack's comparison shows).
+- Cached prompt tokens: the server's usage.prompt_tokens_details.cached_tokens, where it reports them (vLLM
+  with enable_prompt_tokens_details).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class RequestResult:
     reasoning_tokens: int = 0
     time_to_answer: float | None = None  # to the first content, after the thinking
     input_tokens: int | None = None
+    cached_tokens: int | None = None  # of the input, what the server's prefix cache held
+    headers: dict[str, str] = field(default_factory=dict)  # the response's, names in lower case
     error: str | None = None
 
     @property
@@ -94,6 +98,7 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], a
                 result.error = f"HTTP {response.status}: {text[:300]}"
                 result.latency = time.perf_counter() - start
                 return result
+            result.headers = {name.lower(): value for name, value in response.headers.items()}
             async for raw in response.content:  # one SSE line at a time
                 line = raw.decode().strip()
                 if not line.startswith("data: "):
@@ -108,6 +113,7 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], a
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"].get("completion_tokens") or 0
                     result.input_tokens = chunk["usage"].get("prompt_tokens")
+                    result.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
                     reported_reasoning = (chunk["usage"].get("completion_tokens_details") or {}).get(
                         "reasoning_tokens") or 0
                 texts = [_chunk_text(api, c) for c in chunk.get("choices") or []]
