@@ -112,7 +112,7 @@ def load_api_keys(router: RouterConfig) -> APIKeys | None:
     if router.api_keys is None:
         return None
     try:
-        return APIKeys.load(router.api_keys.env, router.api_keys.file)
+        return APIKeys.load(router.api_keys.env, router.api_keys.file, router.priority.names)
     except APIKeyError as err:
         raise ConfigError(str(err)) from None
 
@@ -124,7 +124,7 @@ def check_api_keys(config: RaystackConfig) -> None:
     if source is None or not (os.environ.get(source.env) if source.env else Path(source.file).expanduser().is_file()):
         return
     try:
-        APIKeys.load_for([m.name for m in config.models], source.env, source.file)
+        APIKeys.load_for([m.name for m in config.models], source.env, source.file, config.router.priority.names)
     except APIKeyError as err:
         raise ConfigError(f"router.api_keys: {err}") from None
 

@@ -7,7 +7,7 @@
     raystack models list                 embedded models and what the cache holds
     raystack models prepare SOURCE...    prepare an embedded model or download a hub model into the cache
     raystack bench --target M[@B]...     load-test an OpenAI endpoint: TTFT, TPOT, ITL, tokens/s per target
-    raystack usage [--since 1d] [--json] requests and tokens per API key and model, as the routers booked them
+    raystack usage [--since 1d] [--json] requests and tokens per API key, model and priority class
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--cache-dir", help="default: $RAYSTACK_CACHE_DIR or ~/.cache/raystack")
     prepare.set_defaults(func=_models_prepare)
 
-    usage = sub.add_parser("usage", help="requests and tokens per API key and model (routers with api_keys)")
+    usage = sub.add_parser("usage", help="requests and tokens per API key, model and priority class (routers with api_keys)")
     usage.add_argument("--since", default="1d", help="how far back: 30m, 12h, 7d (default 1d; hourly totals)")
     usage.add_argument("--app", help="only this router application (default: every one)")
     usage.add_argument("--address", default="auto", help="Ray cluster address (default: the running one)")

@@ -1,4 +1,5 @@
-"""The router application's `args` (RouterConfig): its replicas, limits, timeouts and where it reads API keys."""
+"""The router application's `args` (RouterConfig): its replicas, limits, timeouts, where it reads API keys, and
+its priority classes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from raystack.config.priority import PriorityClasses
 from raystack.config.strict import Strict
 
 # The longest a request may take in all unless the router says otherwise; also a backend's drain bound
@@ -63,6 +65,14 @@ class RouterConfig(Strict):
     )
     api_keys: APIKeySource | None = Field(
         None, description="require `Authorization: Bearer KEY` on /v1/*; keys from an env var or a file"
+    )
+    access_log: bool = Field(
+        True, description="a line per request in the router replica's log (Ray's serve logs): status, time, model, "
+        "backend, replica, key name and priority class; never the key or the prompt"
+    )
+    priority: PriorityClasses = Field(
+        default_factory=PriorityClasses, description="priority classes, most urgent first, and the default one: "
+        "a full backend admits waiting requests class by class and sheds the sheddable ones first (config/priority.py)"
     )
 
     def listening_port(self, http_options: dict[str, Any], proxy_location: str) -> int | None:

@@ -178,6 +178,14 @@ def _nothing_more(model_name: str, model_path: Path, backend: Backend, nodes: li
     return {}
 
 
+def _no_priority(backend: Backend) -> bool:
+    return False
+
+
+def _no_running_limit(backend: Backend) -> int | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Where:
     """Where `raystack start` looks for the engines of its node: the Ascend home (CANN, MindIE), the Python
@@ -272,6 +280,13 @@ class EngineSpec:
     # request to the model's other backends, or answers 400 with the Refusal, instead of letting the
     # engine drop the field silently. Given the request as parsed (protocol.parse_request).
     refuses: Callable[[RequestKind, dict[str, Any], Backend], Refusal | None] = _takes_everything
+    # Whether its scheduler serves requests by their `priority` field (vLLM's sense: lower first), which the
+    # router then sets to the request's class rank (router/priority.py); else the router removes the field
+    # and its own queue alone orders the backend's requests.
+    schedules_by_priority: Callable[[Backend], bool] = _no_priority
+    # The most requests one replica's engine runs at once, if it bounds them below max_ongoing_requests
+    # (vLLM's max_num_seqs): what a priority class's max_share is a share of.
+    running_limit: Callable[[Backend], int | None] = _no_running_limit
     # What a replica will run, for `raystack plan` (engine arguments, config files, environment), from the
     # model's path on the nodes and the nodes a replica lands on.
     plan: Callable[[str, Path, Backend, list[PlannedNode]], dict[str, Any]] = _nothing_more

@@ -14,19 +14,30 @@ Per model, backend and replica (engines report them; vLLM's come from its own en
                                               ratio is the backend's hit rate)
 Per model and error type, at the router:
     raystack_request_errors_total             counter (type: OpenAI's error type, status: HTTP status)
+Per priority class (`class`), at the router (config/priority.py, router/fair_share.py):
+    raystack_queue_depth                      gauge, per model, backend and router replica: requests waiting
+                                              for a slot of a full backend
+    raystack_queue_wait_seconds               histogram, per model: how long requests waited for a slot (0
+                                              when one was free)
+    raystack_requests_refused_total           counter, per model and reason: 429s for a busy model (shed:
+                                              a sheddable class gave way; queue_full, class_queue_full,
+                                              queue_timeout)
 Per router replica, under kv_aware routing:
     raystack_kv_index_blocks, raystack_kv_index_bytes   gauges: the blocks the router knows its replicas' KV
                                               caches hold (from their events), and the memory that takes
-Per API key name (never the key) and model, at the router, when router.api_keys is on:
+Per API key name (never the key), model and priority class, at the router, when router.api_keys is on:
     raystack_key_requests_total, raystack_key_errors_total                        counters
     raystack_key_prompt_tokens_total, raystack_key_completion_tokens_total        counters (engines' usage)
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from raystack.protocol import error_type
+
+if TYPE_CHECKING:
+    from raystack.router.fair_share import Band
 
 REPLICA_TAGS = ("model", "backend", "replica")
 # Seconds: from a cached prefill on a small model to a long queue on a large one.
@@ -34,6 +45,8 @@ TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20,
 TOKEN_BUCKETS = [0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                  0.75, 1, 2.5, 5]
 E2E_BUCKETS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400, 3600]
+# Seconds waited for a slot: none (most requests), a decode step or two, answers ending, a long backlog.
+WAIT_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300]
 
 
 class ReplicaMetrics:
@@ -124,8 +137,18 @@ class RouterMetrics:
         self.kv_bytes = metrics.Gauge("raystack_kv_index_bytes", tag_keys=("router",),
                                       description="Memory the router's index of its replicas' KV caches takes.")
 
+        self.queued = metrics.Gauge("raystack_queue_depth", tag_keys=("model", "backend", "class", "router"),
+                                    description="Requests waiting for a slot of a full backend, per priority class.")
+        self.waits = metrics.Histogram("raystack_queue_wait_seconds", boundaries=WAIT_BUCKETS,
+                                       tag_keys=("model", "class"),
+                                       description="Time requests waited for a backend slot, per priority class.")
+        self.refusals = metrics.Counter(
+            "raystack_requests_refused_total", tag_keys=("model", "class", "reason"),
+            description="Requests refused with 429 because the model was busy, per priority class and reason.")
+        self.router = ""  # the router replica's id, set by the Router: gauges of its replicas stay apart
+
         def per_key(name: str, description: str) -> metrics.Counter:
-            return metrics.Counter(name, description=description, tag_keys=("key", "model"))
+            return metrics.Counter(name, description=description, tag_keys=("key", "model", "class"))
 
         self.key_requests = per_key("raystack_key_requests_total", "Requests per API key name and model.")
         self.key_errors = per_key("raystack_key_errors_total", "Requests of the key answered with an error.")
@@ -133,8 +156,9 @@ class RouterMetrics:
         self.key_completion_tokens = per_key("raystack_key_completion_tokens_total",
                                              "Completion tokens, as engines counted them.")
 
-    def key_usage(self, key: str, model: str, prompt_tokens: int, completion_tokens: int, error: bool) -> None:
-        tags = {"key": key, "model": model}
+    def key_usage(self, key: str, model: str, priority: str, prompt_tokens: int, completion_tokens: int,
+                  error: bool) -> None:
+        tags = {"key": key, "model": model, "class": priority}
         self.key_requests.inc(1, tags=tags)
         if error:
             self.key_errors.inc(1, tags=tags)
@@ -145,6 +169,15 @@ class RouterMetrics:
 
     def error(self, model: str, status: int) -> None:
         self.errors.inc(1, tags={"model": model or "-", "type": error_type(status), "status": str(status)})
+
+    def queue_depth(self, model: str, backend: str, band: Band, queued: int) -> None:
+        self.queued.set(queued, tags={"model": model, "backend": backend, "class": band.name, "router": self.router})
+
+    def queue_wait(self, model: str, priority: str, seconds: float) -> None:
+        self.waits.observe(seconds, tags={"model": model, "class": priority})
+
+    def refused(self, model: str, priority: str, reason: str) -> None:
+        self.refusals.inc(1, tags={"model": model, "class": priority, "reason": reason})
 
     def replica_failed(self, model: str, backend: str) -> None:
         self.replica_failures.inc(1, tags={"model": model, "backend": backend})

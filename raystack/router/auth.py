@@ -13,6 +13,8 @@ a node of the cluster). Named keys are a YAML document:
         tokens_per_day: 5000000      # budgets (UTC day, month): over one, 429 insufficient_quota
         tokens_per_month: 100000000
         weight: 2                    # its share of a full backend, against other keys' (default 1)
+        priority: interactive        # its priority class (router.priority), the highest its requests may ask
+                                     # for; default: the router's default class
 
 The former format still reads, one entry per line (or separated by `;` in an environment variable):
 `KEY` (every model) or `KEY: model, model`; such a key is named after its line (`line-3`).
@@ -60,6 +62,7 @@ class KeyEntry(KeyLimits):
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     models: list[str] | None = Field(None, min_length=1)
     weight: float = Field(1, gt=0)
+    priority: str | None = Field(None, pattern=KEY_NAME_PATTERN)
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyEntry:
@@ -75,13 +78,15 @@ class KeyEntry(KeyLimits):
 @dataclass(frozen=True)
 class Grant:
     """What a key may do: its name, the models it may use (None: all), its limits, the line that says so,
-    and its weight: its share of a full backend against other keys' waiting requests (fair_share.py)."""
+    its weight: its share of a full backend against other keys' waiting requests (fair_share.py), and its
+    priority class, the highest its requests may ask for (None: the router's default class)."""
 
     name: str
     models: frozenset[str] | None
     line: int
     limits: KeyLimits = KeyLimits()
     weight: float = 1.0
+    priority: str | None = None
 
 
 def _line_entries(text: str) -> list[tuple[str, Grant]]:
@@ -100,8 +105,9 @@ def _line_entries(text: str) -> list[tuple[str, Grant]]:
     return entries
 
 
-def _named_entries(document: yaml.Node) -> list[tuple[str, Grant]]:
-    """A named-keys document: (digest, Grant) per entry, or the first problem by its line."""
+def _named_entries(document: yaml.Node, classes: Iterable[str] | None) -> list[tuple[str, Grant]]:
+    """A named-keys document: (digest, Grant) per entry, or the first problem by its line (a priority class
+    not among `classes`, the router's, is one)."""
     keys = next((value for key, value in document.value if key.value == "keys"), None)
     if len(document.value) != 1 or not isinstance(keys, yaml.SequenceNode) or not keys.value:
         raise APIKeyError(f"line {document.start_mark.line + 1}: a named-keys document is `keys:` and a list of "
@@ -118,9 +124,12 @@ def _named_entries(document: yaml.Node) -> list[tuple[str, Grant]]:
             field = ".".join(str(p) for p in first["loc"]) or "entry"
             message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
             raise APIKeyError(f"line {line}: {field}: {message}") from None
+        if classes is not None and entry.priority is not None and entry.priority not in classes:
+            raise APIKeyError(f"line {line}: priority: no class {entry.priority!r} (the router's classes: "
+                              f"{', '.join(classes)})")
         limits = KeyLimits(**entry.model_dump(include=set(LIMITS)))
         entries.append((entry.digest, Grant(entry.name, frozenset(entry.models) if entry.models else None, line,
-                                            limits, entry.weight)))
+                                            limits, entry.weight, entry.priority)))
     return entries
 
 
@@ -132,14 +141,16 @@ class APIKeys:
     where: str = "keys"
 
     @classmethod
-    def parse(cls, text: str, where: str) -> APIKeys:
-        """Every entry of `text`, or APIKeyError naming the line of the first problem: nothing half-read."""
+    def parse(cls, text: str, where: str, classes: Iterable[str] | None = None) -> APIKeys:
+        """Every entry of `text`, or APIKeyError naming the line of the first problem: nothing half-read.
+        `classes`: the router's priority classes, which a key's `priority` must be one of."""
         try:
             document = yaml.compose(text, Loader=YAML_LOADER) if text.lstrip().startswith("keys:") else None
         except yaml.YAMLError as err:
             raise APIKeyError(f"{where}: not valid YAML: {err}") from None
         try:
-            entries = _named_entries(document) if isinstance(document, yaml.MappingNode) else _line_entries(text)
+            entries = (_named_entries(document, None if classes is None else list(classes))
+                       if isinstance(document, yaml.MappingNode) else _line_entries(text))
         except APIKeyError as err:
             raise APIKeyError(f"{where} {err}") from None
         grants: dict[str, Grant] = {}
@@ -158,7 +169,7 @@ class APIKeys:
         return cls(grants, where)
 
     @classmethod
-    def load(cls, env: str | None = None, file: str | None = None) -> APIKeys:
+    def load(cls, env: str | None = None, file: str | None = None, classes: Iterable[str] | None = None) -> APIKeys:
         if env is not None:
             text = os.environ.get(env)
             if not text:
@@ -166,10 +177,10 @@ class APIKeys:
                     f"router.api_keys: the environment variable {env} is unset or empty on this node; export it "
                     f"where Ray starts (e.g. before `raystack start`), or remove router.api_keys"
                 )
-            return cls.parse(text, f"environment variable {env}")
+            return cls.parse(text, f"environment variable {env}", classes)
         path = Path(file or "").expanduser()
         try:
-            return cls.parse(path.read_text(), str(path))
+            return cls.parse(path.read_text(), str(path), classes)
         except OSError as err:
             raise APIKeyError(
                 f"router.api_keys: cannot read {path} ({err.strerror}); it must exist on every node of the "
@@ -177,10 +188,11 @@ class APIKeys:
             ) from None
 
     @classmethod
-    def load_for(cls, served: Iterable[str], env: str | None = None, file: str | None = None) -> APIKeys:
+    def load_for(cls, served: Iterable[str], env: str | None = None, file: str | None = None,
+                 classes: Iterable[str] | None = None) -> APIKeys:
         """As load, and every model a key names is one of `served` (a key for a model that does not exist is
         a typo more often than a plan); else APIKeyError with a line per such key."""
-        keys, served = cls.load(env, file), set(served)
+        keys, served = cls.load(env, file, classes), set(served)
         unknown = [f"{keys.where} line {g.line}: key {g.name}: no model {m!r} is served (models: "
                    f"{', '.join(sorted(served))})" for g in sorted(keys.grants.values(), key=lambda g: g.line)
                    for m in sorted(g.models or ()) if m not in served]

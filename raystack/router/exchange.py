@@ -4,7 +4,10 @@ The ingress (ingress.py) fills it in as it checks the request: the key's grant, 
 pinned backend, a LoRA adapter, the backends unable to honour it; the key's meter and its admission by the
 ledger (quotas.py); then the Forwarder (forwarding.py) records the delivery, the backend's answer. However
 the request ends, `close()` ends it, once: the backend's slot back (and the generation stopped upstream
-unless it ran to its end), the key's usage counted (metrics, and the settlement the ledger books).
+unless it ran to its end), the key's usage counted (metrics, and the settlement the ledger books), and its
+access log line written:
+
+    POST /v1/chat/completions 200 0.412s model=qwen3 backend=vllm replica=ab12 key=team-a class=interactive
 
 A request ends in one of four ways, and each calls `close()`: refused or failed before a backend answered
 (the ingress, as the error goes out); a whole answer (the ingress, once it has the body); a stream that ran
@@ -16,6 +19,7 @@ request's context is settled in its stream wrapper's `finally`.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,10 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from raystack.engines.base import RequestKind
 from raystack.protocol import prompt_text
+from raystack.router.fair_share import ONE_BAND, Band
 from raystack.router.metering import Meter, ask_for_usage, estimate_prompt_tokens
 from raystack.router.usage import Cost
 
 if TYPE_CHECKING:
+    import logging
+
     from ray.serve.handle import DeploymentResponseGenerator
 
     from raystack.config import Model
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
     from raystack.router.quotas import Quotas
 
 UNRESOLVED = "-"  # the model named in metrics before the request's model is known
+PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 @dataclass(eq=False)
@@ -70,7 +78,11 @@ class Exchange:
     kind: RequestKind
     quotas: Quotas | None  # the router replica's side of the ledger; None where no key is ever metered
     metrics: RouterMetrics
+    access_log: logging.Logger | None = None  # where its line goes as it closes; None: nowhere
     grant: Grant | None = None  # the API key's, when keys are on
+    band: Band = ONE_BAND  # its priority class (priority.py)
+    status: int = 200  # the HTTP status its client got
+    started: float = field(default_factory=time.monotonic)
     body: dict[str, Any] = field(default_factory=dict)  # as parsed once (protocol.parse_request)
     size: int = 0  # the body's bytes, as it came
     requested: str = ""  # `model` as the client sent it: model, adapter, either @backend
@@ -138,13 +150,22 @@ class Exchange:
             self._last_resort.detach()
         if self.delivery is not None:
             self.delivery.end()
+        if self.access_log is not None:
+            self._log_access()
         if self.grant is None or self.quotas is None:
             return
         # Answered: what the meter read. Ended before any engine answered: nothing generated, nothing read.
         cost = self.meter.cost if self.meter is not None and self.delivery is not None else Cost(0, error=error)
-        self.metrics.key_usage(self.grant.name, self.model_name, cost.prompt_tokens, cost.completion_tokens,
-                               cost.error)
-        self.settlement = self.quotas.settle(self.grant.name, self.model_name, self.admission, cost)
+        self.metrics.key_usage(self.grant.name, self.model_name, self.band.name, cost.prompt_tokens,
+                               cost.completion_tokens, cost.error)
+        self.settlement = self.quotas.settle(self.grant.name, self.model_name, self.admission, cost, self.band.name)
+
+    def _log_access(self) -> None:
+        delivery = self.delivery
+        self.access_log.info(
+            "POST %s %d %.3fs model=%s backend=%s replica=%s key=%s class=%s", PATHS[self.kind], self.status,
+            time.monotonic() - self.started, self.requested or UNRESOLVED, delivery.backend if delivery else "-",
+            delivery.opening.replica if delivery else "-", self.grant.name if self.grant else "-", self.band.name)
 
     async def settled(self) -> None:
         """Wait, a bounded while, until the ledger confirms the settlement `close` sent (if it sent one)."""

@@ -4,11 +4,13 @@ The ingress (ingress.py) has already authenticated, parsed and resolved the requ
 routing policy (policies.py) picks the backend; the request goes to it through its Serve handle (Serve's
 request router, replica_choice.py, picks the replica); the opening (a whole JSON answer, or a stream's
 first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or
-`request_timeout_s` passes. While a backend is full, requests wait for its slots by API key in weighted
-fair order (fair_share.py), within `first_token_timeout_s`. A replica that fails before its opening, its
+`request_timeout_s` passes. While a backend is full, requests wait for its slots by priority class, and
+within a class by API key in weighted fair order (fair_share.py), within `first_token_timeout_s` or their
+class's queue_timeout_s; each try tells the engine the request's class (priority.py). A replica that fails before its opening, its
 process or its engine (a 5xx answer or error event of its own) -> another replica, never the one that
 failed, which new requests also avoid for a while (the RoutingBoard's `failing`); after `router.retries`
-such tries, 503. A backend whose replicas and queue are full -> the model's other backends, then 429.
+such tries, 503. A backend whose replicas and queue are full, or that sheds the request's class -> the
+model's other backends, then 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from raystack.replica.calls import Dispatch, Opening
 from raystack.router import routing_board
 from raystack.router.catalogue import Catalogue
 from raystack.router.exchange import Delivery, Exchange
-from raystack.router.fair_share import FairGate, GateFull
+from raystack.router.fair_share import ONE_BAND, Band, FairGate, GateFull, QueueTimeout
 from raystack.router.policies import BackendLoad, LeastLoaded, Route, policy_for
+from raystack.router.priority import tell_engine
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,6 +73,7 @@ class Forwarder:
         self.handles: dict[tuple[str, str], DeploymentHandle] = {}  # (application, deployment) -> its handle
         self.routing: dict[str, Routing] = {}  # model -> its routing settings
         self.gates: dict[tuple[str, str], FairGate] = {}  # (model, backend) -> its slots, shared fairly by keys
+        self.by_priority: set[tuple[str, str]] = set()  # (model, backend) whose engine schedules by priority
         self.router_replicas = 1  # of this router (the Router counts them): each takes its part of a backend
 
     def capacity(self, model: str, backend: str, max_ongoing: int) -> int | None:
@@ -81,7 +85,7 @@ class Forwarder:
     def update(self, catalogue: Catalogue) -> None:
         """Forward to the backends of `catalogue` from now on. A backend's handle (and the replica choice
         state of its request router) and a model's routing policy are kept while they stay the same."""
-        handles, streams, deployments, gates = {}, {}, {}, {}
+        handles, streams, deployments, gates, by_priority = {}, {}, {}, {}, set()
         routing: dict[str, Routing] = {}
         sources: dict[str, tuple[str | None, str | None]] = {}  # model -> its (source, cache_dir): kv_aware tokenizes
         for (model, backend), ref in catalogue.refs.items():
@@ -92,14 +96,21 @@ class Forwarder:
             deployments.setdefault(model, {})[backend] = ref.deployment
             routing[model] = ref.spec.model.routing
             sources.setdefault(model, (ref.spec.model.source, ref.spec.cache_dir))
+            settings = ref.spec.backend
             gate = gates[model, backend] = self.gates.get((model, backend)) or FairGate()  # its slots in use stay
-            gate.capacity = partial(self.capacity, model, backend, ref.spec.backend.max_ongoing_requests)
-            gate.max_waiting = ref.spec.backend.max_queued_requests
+            gate.capacity = partial(self.capacity, model, backend, settings.max_ongoing_requests)
+            running = min(settings.max_ongoing_requests,
+                          settings.spec.running_limit(settings) or settings.max_ongoing_requests)
+            gate.slots = partial(self.capacity, model, backend, running)
+            gate.max_waiting = settings.max_queued_requests
+            gate.observe = partial(self.metrics.queue_depth, model, backend)
+            if settings.spec.schedules_by_priority(settings):
+                by_priority.add((model, backend))
         self.policies = {model: self.policies[model] if self.routing.get(model) == routing[model]
                          else policy_for(routing[model], self.board, model_source=sources[model])
                          for model in routing}
-        self.handles, self.streams, self.deployments, self.routing, self.gates = (
-            handles, streams, deployments, routing, gates)
+        self.handles, self.streams, self.deployments, self.routing, self.gates, self.by_priority = (
+            handles, streams, deployments, routing, gates, by_priority)
 
     def choose(self, model: Model, route: Route, exclude: set[str]) -> str | None:
         deployments = self.deployments.get(model.name, {})  # a backend deleted since `model` was resolved: not it
@@ -121,26 +132,26 @@ class Forwarder:
         route = policy.route(exchange, list(self.deployments.get(model.name, {}).values()))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
-        busy: set[str] = set()  # backends whose replicas and queue are full
+        busy: dict[str, str] = {}  # backends whose replicas and queue are full -> why (GateFull.reason)
         failed: list[str] = []  # replicas that failed this request
         failures = 0
         while True:
-            backend = exchange.pinned or self.choose(model, route, exclude=busy | exchange.unable)
+            backend = exchange.pinned or self.choose(model, route, exclude=busy.keys() | exchange.unable)
             if backend is None or backend in busy:
-                raise OpenAIError(
-                    429,
-                    f"Every replica of `{exchange.requested}` is busy and its queue is full; retry in "
-                    f"{BUSY_RETRY_AFTER_S} s, or raise the backend's max_queued_requests or max_replicas.",
-                    code="rate_limit_exceeded",
-                    headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
-                )
+                raise self._busy(exchange, set(busy.values()))
+            tell_engine(exchange.body, exchange.band, (model.name, backend) in self.by_priority)
             call = Dispatch(exchange.kind, exchange.body, route, tuple(failed))
             try:
                 opening, stream = await self.open(model.name, backend, call, deadline, exchange.adapter,
-                                                  exchange.share)
-            except (BackPressureError, GateFull):
-                busy.add(backend)
+                                                  exchange.share, exchange.band)
+            except GateFull as err:
+                busy[backend] = err.reason
                 continue
+            except BackPressureError:
+                busy[backend] = "queue_full"
+                continue
+            except QueueTimeout:
+                raise self._busy(exchange, {"queue_timeout"}) from None
             except ReplicaFailed as err:
                 failures += 1
                 if err.replica:
@@ -158,12 +169,35 @@ class Forwarder:
                 continue
             key = (model.name, backend)
             exchange.delivery = Delivery(model.name, backend, opening, stream, deadline,
-                                         release=partial(self.done, key), cached_tokens=call.cached_tokens)
+                                         release=partial(self.done, key, exchange.band),
+                                         cached_tokens=call.cached_tokens)
             return exchange.delivery
+
+    def _busy(self, exchange: Exchange, reasons: set[str]) -> OpenAIError:
+        """The answer to a request no backend of its model would take, or keep waiting, saying why: 429 when
+        it may not wait (as llm-d refuses sheddable requests), 503 when it waited its class's queue_timeout_s
+        (as the Gateway API Inference Extension answers a request whose queue TTL ran out); Retry-After."""
+        band, model, status = exchange.band, exchange.requested, 429
+        if "queue_timeout" in reasons:
+            reason, status, why = "queue_timeout", 503, (
+                f"Every replica of `{model}` stayed busy for the {band.queue_timeout_s:g} s a `{band.name}` request "
+                f"may wait (its class's queue_timeout_s)")
+        elif "shed" in reasons:
+            reason, why = "shed", (f"`{model}` is saturated, and requests of class `{band.name}` give way to more "
+                                   f"urgent ones")
+        elif "class_queue_full" in reasons:
+            reason, why = "class_queue_full", (f"Every replica of `{model}` is busy, and {band.max_queued} requests of "
+                                               f"class `{band.name}` wait already (its max_queued)")
+        else:
+            reason, why = "queue_full", (f"Every replica of `{model}` is busy and its queue is full; raise the "
+                                         f"backend's max_queued_requests or max_replicas if this persists")
+        self.metrics.refused(exchange.model_name, band.name, reason)
+        return OpenAIError(status, f"{why}. Retry in {BUSY_RETRY_AFTER_S} s.", headers={
+            "Retry-After": str(BUSY_RETRY_AFTER_S)}, code="rate_limit_exceeded" if status == 429 else None)
 
     async def open(
         self, model: str, backend: str, call: Dispatch, deadline: float, adapter: str | None = None,
-        share: tuple[str, float] = ("", 1.0),
+        share: tuple[str, float] = ("", 1.0), band: Band = ONE_BAND,
     ) -> tuple[Opening, DeploymentResponseGenerator]:
         """Send `call` to `backend` (to none of the replicas it avoids) and wait for its opening (a stream's
         first chunk, or the whole JSON answer). The backend's in-flight count holds until the answer is
@@ -176,11 +210,13 @@ class Forwarder:
         streaming = bool(call.body.get("stream"))
         loop = asyncio.get_running_loop()
         wait_s = deadline - loop.time()  # a whole answer may wait for a slot until its deadline, a stream not
-        try:  # a slot of the backend, in the key's turn when it is full
+        asked = loop.time()
+        try:  # a slot of the backend, in the turn of the request's class and key when it is full
             await self.gates[key].acquire(*share, timeout_s=min(self.settings.first_token_timeout_s, wait_s)
-                                          if streaming else wait_s)
+                                          if streaming else wait_s, band=band)
         except TimeoutError:
             raise self._timed_out(model, backend, streaming) from None
+        self.metrics.queue_wait(model, band.name, loop.time() - asked)
         self.in_flight[key] += 1
         if adapter:
             handle = handle.options(multiplexed_model_id=adapter)
@@ -214,13 +250,13 @@ class Forwarder:
                 first.cancel()
                 first.add_done_callback(_retrieve)  # its exception is known and handled here
                 stream.cancel()
-                self.done(key)
+                self.done(key, band)
 
-    def done(self, key: tuple[str, str]) -> None:
+    def done(self, key: tuple[str, str], band: Band = ONE_BAND) -> None:
         self.in_flight[key] -= 1
         gate = self.gates.get(key)
         if gate is not None:
-            gate.release()
+            gate.release(band)
 
     def running_replicas(self, model: str, backend: str) -> int | None:
         """As this process's handle last heard from Serve; None until it has."""

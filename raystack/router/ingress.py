@@ -11,8 +11,9 @@ resolved to its model: `model`, or `model@backend` to pin a backend (benchmarks 
 among the backends the router last found in Serve's state (catalogue.py); those that cannot honour it
 (tools on a backend without a tool parser, say) are left out. Then forwarding.py takes it to a backend.
 Each answer names who served it in the headers x-raystack-backend and x-raystack-replica, and the router
-replica that relayed it in x-raystack-router; under kv_aware, x-raystack-cached-tokens-expected says how many
-prompt tokens the router found in that replica's KV cache (what the engine's usage should report cached).
+replica that relayed it in x-raystack-router, and the priority class it was served in x-raystack-priority
+(priority.py); under kv_aware, x-raystack-cached-tokens-expected says how many prompt tokens the router found
+in that replica's KV cache (what the engine's usage should report cached).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from raystack.router.catalogue import (REFRESH_S, BackendRef, Catalogue, registe
 from raystack.router.exchange import Exchange
 from raystack.router.forwarding import BUSY_RETRY_AFTER_S, Forwarder
 from raystack.router.listener import Entrance, Listener
+from raystack.router.priority import HEADER as PRIORITY_HEADER
+from raystack.router.priority import Priorities
 from raystack.router.quotas import Quotas
 
 logger = logging.getLogger("ray.serve")
@@ -117,6 +120,8 @@ class Router:
         self.key_file = KeyFileWatch(Path(source.file).expanduser()) if source and source.file else None
         self.metrics = RouterMetrics()
         self.forwarder = Forwarder(self.settings, self.metrics)
+        self.priorities = Priorities(self.settings.priority)
+        self.access_log = logger if self.settings.access_log else None
         self.catalogue = Catalogue(None, {})
         self.seen: list[BackendRef] = []  # the backend applications of the last look
         self.created = int(time.time())
@@ -124,6 +129,7 @@ class Router:
         self.app_name = context.app_name  # backend applications name the router they belong to
         self.deployment = context.deployment
         self.replica = context.replica_id.unique_id
+        self.metrics.router = self.replica
         self.quotas = Quotas(self.app_name, self.settings.request_timeout_s, self.replica)  # keys' limits, shared
         self.looked = -REFRESH_S  # loop time of the last look at Serve's state
         details = await serve_details_async()
@@ -198,8 +204,9 @@ class Router:
         if self.key_file is None or not self.key_file.changed():
             return
         try:  # a router that serves nothing yet cannot tell an unknown model from one still deploying
-            keys = (APIKeys.load_for(self.models, file=str(self.key_file.path)) if self.models
-                    else APIKeys.load(file=str(self.key_file.path)))
+            path, classes = str(self.key_file.path), self.settings.priority.names
+            keys = (APIKeys.load_for(self.models, file=path, classes=classes) if self.models
+                    else APIKeys.load(file=path, classes=classes))
         except APIKeyError as err:
             logger.error("router %s keeps its API keys: %s", self.app_name, err)
             return
@@ -310,7 +317,7 @@ class Router:
         return await self.forward("completion", request)
 
     async def forward(self, kind: RequestKind, request: Request):
-        exchange = Exchange(kind, self.quotas, self.metrics)
+        exchange = Exchange(kind, self.quotas, self.metrics, self.access_log)
         try:
             return await self._forward(exchange, request)
         except BaseException as err:
@@ -318,6 +325,9 @@ class Router:
             if refused:
                 self.metrics.error(exchange.model_name, err.status)
                 err.headers = (err.headers or {}) | {"x-raystack-router": self.replica}  # errors name it too
+                exchange.status = err.status
+            else:
+                exchange.status = 499  # the client left (cancelled) or the router failed: nginx's "closed"
             exchange.close(error=refused)  # a key's request that ended before any engine answered: booked
             if refused:
                 await exchange.settled()
@@ -329,6 +339,8 @@ class Router:
         raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
         body = exchange.body = parse_request(exchange.kind, raw)
         exchange.size = len(raw)
+        exchange.band = self.priorities.of(exchange.grant and exchange.grant.priority,
+                                           request.headers.get(PRIORITY_HEADER), body)
         exchange.requested = body["model"]
         exchange.model, exchange.pinned, exchange.adapter = await self.resolve(exchange.requested)
         if key is not None:
@@ -340,10 +352,11 @@ class Router:
             await exchange.admit()
         delivery = await self.forwarder.send(exchange)
         headers = {"x-raystack-backend": delivery.backend, "x-raystack-replica": delivery.opening.replica,
-                   "x-raystack-router": self.replica}
+                   "x-raystack-router": self.replica, PRIORITY_HEADER: exchange.band.name}
         if delivery.cached_tokens is not None:
             headers["x-raystack-cached-tokens-expected"] = str(delivery.cached_tokens)
         if delivery.opening.chunk is None:
+            exchange.status = delivery.opening.status
             await exchange.answered_whole()
             return JSONAnswer(delivery.opening.body, status_code=delivery.opening.status, headers=headers)
         return StreamingResponse(exchange.streamed(self.forwarder.relay(delivery)), media_type="text/event-stream",

@@ -178,16 +178,16 @@ class QuotaLedger:
                 lease[1][limit] = max(0.0, lease[1][limit] - cost(limit))
 
     def settle(self, key: str, model: str, request: str | None, cost: Cost, now: float | None = None,
-               wall: float | None = None, replica: str = "") -> None:
+               wall: float | None = None, replica: str = "", priority: str = "-") -> None:
         """An answer is over: its slot back, its tokens counted as the engine reported them (and taken out
-        of the token limits `replica`'s lease may still take), its usage booked. `request`: its admission,
-        None for a key without limits (only booked)."""
+        of the token limits `replica`'s lease may still take), its usage booked under its priority class.
+        `request`: its admission, None for a key without limits (only booked)."""
         now = time.monotonic() if now is None else now
         self._spend(replica, key, lambda limit: cost.completion_tokens if limit.startswith("tokens_") else 0)
         hold = self.in_flight.get(key, {}).pop(request, None) if request else None
         if hold is not None:
             hold.tokens[0], hold.tokens[1] = now, float(cost.tokens)
-        self.book.add(key, model, cost, wall)
+        self.book.add(key, model, cost, wall, priority)
         if now - self.flushed >= FLUSH_S:
             self.flush(now)
 

@@ -98,17 +98,18 @@ class Quotas:
         self.leases[key] = Lease(limits, asked + 0.8 * LEASE_S, answer)
         return request
 
-    def settle(self, key: str, model: str, request: str | None, cost: Cost) -> Any:
+    def settle(self, key: str, model: str, request: str | None, cost: Cost, priority: str = "-") -> Any:
         """The answer's slot back and its tokens counted. An answer the ledger admitted (near a limit) is
         settled at once: the ObjectRef to await before the answer's end reaches its client, whose next
         request must find its slot free and its tokens spent. One admitted from a lease (far from every
-        limit) is batched, and None returned. The tokens it generated come off this replica's lease."""
+        limit) is batched, and None returned. The tokens it generated come off this replica's lease. The
+        usage book keeps it under `priority`, the request's class."""
         lease = self.leases.get(key)
         if lease is not None:
             for limit in lease.left:
                 if limit.startswith("tokens_"):
                     lease.left[limit] -= cost.completion_tokens
-        self._tell("settle", key, model, request, cost, replica=self.replica)
+        self._tell("settle", key, model, request, cost, replica=self.replica, priority=priority)
         if request is None or request in self.leased:
             self.leased.discard(request)
             return None

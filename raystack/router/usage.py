@@ -1,7 +1,7 @@
 """Usage accounting per API key and model: what an answer cost (Cost), and the book that keeps it.
 
-The UsageBook holds hourly totals (requests, prompt tokens, completion tokens, errors) per key name and
-model, and is written to Ray's GCS key-value store, one entry per router application and UTC day, so the
+The UsageBook holds hourly totals (requests, prompt tokens, completion tokens, errors) per key name,
+model and priority class, and is written to Ray's GCS key-value store, one entry per router application and UTC day, so the
 totals outlive the router replicas (and the ledger, ledger.py, that keeps the book). The daily and monthly
 token budgets are read from it; `raystack usage` reads it back. What each answer cost is read as it goes
 out (metering.py).
@@ -61,13 +61,25 @@ def next_month(t: float) -> float:
     return datetime(year, month, 1, tzinfo=timezone.utc).timestamp()
 
 
-# day -> hour -> key -> model -> [requests, prompt_tokens, completion_tokens, errors]
-Days = dict[str, dict[str, dict[str, dict[str, list[int]]]]]
+# day -> hour -> key -> model -> class -> [requests, prompt_tokens, completion_tokens, errors]
+Hours = dict[str, dict[str, dict[str, dict[str, list[int]]]]]
+Days = dict[str, Hours]
+UNCLASSED = "-"  # the class of usage booked before priority classes (a model's row was the list itself)
+
+
+def _by_class(hours: Hours) -> Hours:
+    """`hours` as stored, with rows booked before classes (model -> row) read as of class UNCLASSED."""
+    for keys in hours.values():
+        for models in keys.values():
+            for model, rows in models.items():
+                if isinstance(rows, list):
+                    models[model] = {UNCLASSED: rows}
+    return hours
 
 
 @dataclass
 class UsageBook:
-    """Hourly usage per key and model of one router application, kept in memory and written to Ray's GCS
+    """Hourly usage per key, model and priority class of one router application, kept in memory and written to Ray's GCS
     key-value store (`flush`). A day is read back from the store the first time it is needed, so a new
     book (its ledger replaced) goes on from what was written. `store`: None in unit tests of the ledger."""
 
@@ -79,18 +91,19 @@ class UsageBook:
     def _kv_key(self, day: str) -> str:
         return f"{KV_PREFIX}{self.app}:{day}"
 
-    def _hours(self, day: str) -> dict[str, dict[str, dict[str, list[int]]]]:
+    def _hours(self, day: str) -> Hours:
         """One day's hours, read from the store once (before anything is added to it: nothing is lost)."""
         if day not in self.days:
             stored = self.store.get(self._kv_key(day)) if self.store is not None else None
-            self.days[day] = json.loads(stored) if stored else {}
+            self.days[day] = _by_class(json.loads(stored)) if stored else {}
         return self.days[day]
 
-    def add(self, key: str, model: str, cost: Cost, now: float | None = None) -> None:
+    def add(self, key: str, model: str, cost: Cost, now: float | None = None, priority: str = UNCLASSED) -> None:
         now = time.time() if now is None else now
         day = _day(now)
         hour = datetime.fromtimestamp(now, timezone.utc).strftime("%H")
-        row = self._hours(day).setdefault(hour, {}).setdefault(key, {}).setdefault(model, [0, 0, 0, 0])
+        row = (self._hours(day).setdefault(hour, {}).setdefault(key, {}).setdefault(model, {})
+               .setdefault(priority, [0, 0, 0, 0]))
         for i, value in enumerate((1, cost.prompt_tokens, cost.completion_tokens, int(cost.error))):
             row[i] += value
         self.dirty.add(day)
@@ -101,7 +114,7 @@ class UsageBook:
         total, day = 0, start
         while day <= now:
             for hour in self._hours(_day(day)).values():
-                total += sum(row[1] + row[2] for row in hour.get(key, {}).values())
+                total += sum(row[1] + row[2] for rows in hour.get(key, {}).values() for row in rows.values())
             day += 86400
         return total
 
@@ -113,20 +126,21 @@ class UsageBook:
         self.dirty.clear()
 
 
-def totals(days: Iterable[tuple[str, Days]], since: float) -> dict[tuple[str, str, str], list[int]]:
-    """(application, key, model) -> [requests, prompt_tokens, completion_tokens, errors] over the hours
-    from `since` on, from (application, stored days) pairs."""
+def totals(days: Iterable[tuple[str, Days]], since: float) -> dict[tuple[str, str, str, str], list[int]]:
+    """(application, key, model, class) -> [requests, prompt_tokens, completion_tokens, errors] over the
+    hours from `since` on, from (application, stored days) pairs."""
     start_hour = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%d %H")
-    out: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    out: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for app, stored in days:
         for day, hours in stored.items():
-            for hour, keys in hours.items():
+            for hour, keys in _by_class(hours).items():
                 if f"{day} {hour}" < start_hour:
                     continue
                 for key, models in keys.items():
-                    for model, row in models.items():
-                        for i, value in enumerate(row):
-                            out[app, key, model][i] += value
+                    for model, rows in models.items():
+                        for priority, row in rows.items():
+                            for i, value in enumerate(row):
+                                out[app, key, model, priority][i] += value
     return dict(out)
 
 
@@ -171,16 +185,17 @@ def since_seconds(text: str) -> float:
 
 
 def report(store: Any, since: float, app: str | None = None) -> list[dict[str, Any]]:
-    """A row per router application, key name and model, with its totals from `since` on (hourly)."""
-    return [{"app": a, "key": k, "model": m, **dict(zip(FIELDS, row))}
-            for (a, k, m), row in sorted(totals(stored_days(store, since, app), since).items())]
+    """A row per router application, key name, model and priority class, with its totals from `since` on
+    (hourly)."""
+    return [{"app": a, "key": k, "model": m, "class": c, **dict(zip(FIELDS, row))}
+            for (a, k, m, c), row in sorted(totals(stored_days(store, since, app), since).items())]
 
 
 def render(rows: list[dict[str, Any]], since_text: str) -> str:
     if not rows:
         return f"No usage recorded in the last {since_text} (usage is counted for routers with api_keys)."
-    header = ["APP", "KEY", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "ERRORS"]
-    lines = [header] + [[r["app"], r["key"], r["model"], *(str(r[f]) for f in FIELDS)] for r in rows]
+    header = ["APP", "KEY", "MODEL", "CLASS", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "ERRORS"]
+    lines = [header] + [[r["app"], r["key"], r["model"], r["class"], *(str(r[f]) for f in FIELDS)] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in
+    return "\n".join("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(line, widths))).rstrip() for line in lines)

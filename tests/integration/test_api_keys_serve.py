@@ -211,7 +211,7 @@ def test_usage_per_key_and_model_is_what_clients_received_and_outlives_the_ledge
                 "prompt_tokens": sum(u.prompt_tokens for u in usages),
                 "completion_tokens": sum(u.completion_tokens for u in usages)}
     assert eventually(lambda: [r for r in usage_rows(gcs, "metered") if r["model"] == "open"] == [
-        {"app": "keys", "key": "metered", **expected}], within_s=20)
+        {"app": "keys", "key": "metered", "class": "standard", **expected}], within_s=20)
     # The unknown model's error, settled last: its book may be written at the router's next flush (REFRESH_S).
     assert eventually(lambda: [r["errors"] for r in usage_rows(gcs, "metered") if r["model"] == "-"] == [1],
                       within_s=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cProfile
 import hashlib
+import json
 import pstats
 from datetime import datetime, timezone
 
@@ -232,20 +233,35 @@ class DictStore:
         return [k for k in self.kv if k.startswith(prefix)]
 
 
-def test_the_book_outlives_its_ledger_and_reads_back_by_key_and_model():
+def test_the_book_outlives_its_ledger_and_reads_back_by_key_model_and_class():
     store = DictStore()
     noon = datetime(2026, 11, 30, 12, tzinfo=timezone.utc).timestamp()
     ledger = QuotaLedger("app", hold_s=600, store=store)
-    ledger.settle("a", "m1", None, Cost(10, 20), now=0, wall=noon - 86400)
-    ledger.settle("a", "m1", None, Cost(1, 2), now=0.5, wall=noon)
+    ledger.settle("a", "m1", None, Cost(10, 20), now=0, wall=noon - 86400, priority="batch")
+    ledger.settle("a", "m1", None, Cost(1, 2), now=0.5, wall=noon, priority="batch")
     ledger.settle("b", "m2", None, Cost(0, error=True), now=1, wall=noon)  # flushed: a second since the last
-    ledger.settle("a", "m1", None, Cost(3, 4), now=1.5, wall=noon + 3600)  # not yet
+    ledger.settle("a", "m1", None, Cost(3, 4), now=1.5, wall=noon + 3600, priority="interactive")  # not yet
     assert len(store.kv) == 2  # a day each
     ledger.flush()
 
     again = QuotaLedger("app", hold_s=600, store=store)  # its router replica replaced
     assert again.book.tokens_since("a", day_start(noon), noon + 3600) == 10
     stored = stored_days(store, noon - 86400)
-    assert totals(stored, noon - 86400) == {("app", "a", "m1"): [3, 14, 26, 0], ("app", "b", "m2"): [1, 0, 0, 1]}
-    assert totals(stored, noon + 3600 + 1800) == {("app", "a", "m1"): [1, 3, 4, 0]}  # from the hour of `since` on
+    assert totals(stored, noon - 86400) == {("app", "a", "m1", "batch"): [2, 11, 22, 0],
+                                            ("app", "a", "m1", "interactive"): [1, 3, 4, 0],
+                                            ("app", "b", "m2", "-"): [1, 0, 0, 1]}
+    # from the hour of `since` on
+    assert totals(stored, noon + 3600 + 1800) == {("app", "a", "m1", "interactive"): [1, 3, 4, 0]}
     assert stored_days(store, noon, app="other") == []
+
+
+def test_a_day_booked_before_priority_classes_reads_as_unclassed_and_books_on():
+    store = DictStore()
+    noon = datetime(2026, 11, 30, 12, tzinfo=timezone.utc).timestamp()
+    store.put("usage:app:2026-11-30", json.dumps({"12": {"a": {"m1": [2, 10, 20, 0]}}}).encode())  # the former rows
+    ledger = QuotaLedger("app", hold_s=600, store=store)
+    ledger.settle("a", "m1", None, Cost(1, 2), now=0, wall=noon, priority="batch")
+    ledger.flush()
+    assert ledger.book.tokens_since("a", day_start(noon), noon) == 33
+    assert totals(stored_days(store, noon), noon) == {("app", "a", "m1", "-"): [2, 10, 20, 0],
+                                                      ("app", "a", "m1", "batch"): [1, 1, 2, 0]}

@@ -80,8 +80,9 @@ def test_usage_report_arguments_and_table():
     for bad in ("1w", "d", "0h", "-1d"):
         with pytest.raises(ValueError, match="--since takes"):
             since_seconds(bad)
-    table = render([{"app": "keys", "key": "team-a", "model": "qwen3", "requests": 3, "prompt_tokens": 120,
+    table = render([{"app": "keys", "key": "team-a", "model": "qwen3", "class": "batch", "requests": 3, "prompt_tokens": 120,
                      "completion_tokens": 900, "errors": 1}], "1d").splitlines()
-    assert table[0].split() == ["APP", "KEY", "MODEL", "REQUESTS", "PROMPT", "TOKENS", "COMPLETION", "TOKENS", "ERRORS"]
-    assert table[1].split() == ["keys", "team-a", "qwen3", "3", "120", "900", "1"]
+    assert table[0].split() == ["APP", "KEY", "MODEL", "CLASS", "REQUESTS", "PROMPT", "TOKENS", "COMPLETION", "TOKENS",
+                                "ERRORS"]
+    assert table[1].split() == ["keys", "team-a", "qwen3", "batch", "3", "120", "900", "1"]
     assert "No usage recorded in the last 1d" in render([], "1d")

@@ -95,3 +95,17 @@ def test_enable_prompt_tokens_details_is_a_serving_option_of_vllm():
     from raystack.engines.vllm.args import build_serving_args, check_serving_args
 
     check_serving_args(build_serving_args(Backend(name="v", device="cpu"), kv_events=True))
+
+
+def test_vllm_schedules_by_the_request_class_unless_the_backend_chooses_fcfs():
+    """Priority scheduling by default: vLLM's scheduler config takes it, and the router then tells the
+    engine each request's class (its `priority`); a backend that chooses fcfs gets no such field."""
+    from raystack.engines.vllm import ENGINE
+
+    backend = Backend(name="v", device="cpu", max_model_len=1024, engine_args={"max_num_seqs": 4})
+    args, config = vllm_config(backend)
+    assert args["scheduling_policy"] == "priority" and config.scheduler_config.policy == "priority"
+    assert ENGINE.schedules_by_priority(backend) and ENGINE.running_limit(backend) == 4
+    fcfs = Backend(name="v", device="cpu", max_model_len=1024, engine_args={"scheduling_policy": "fcfs"})
+    assert vllm_config(fcfs)[1].scheduler_config.policy == "fcfs"
+    assert not ENGINE.schedules_by_priority(fcfs) and ENGINE.running_limit(fcfs) is None

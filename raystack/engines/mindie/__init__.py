@@ -193,6 +193,7 @@ ENGINE = EngineSpec(
     validate=_validate,
     check_model_name=_check_model_name,
     refuses=_refuses,
+    running_limit=lambda backend: backend.mindie.max_batch_size,  # its scheduler's sequences at once
     router_problems=_router_problems,
     placement=_placement,
     memory_fraction=lambda backend: backend.mindie.npu_memory_fraction,

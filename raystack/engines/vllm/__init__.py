@@ -69,6 +69,18 @@ def _refuses(kind: RequestKind, body: dict[str, Any], backend: Backend) -> Refus
     return None
 
 
+def _schedules_by_priority(backend: Backend) -> bool:
+    """build_engine_args sets scheduling_policy: priority unless engine_args choose another."""
+    return backend.engine_args.get("scheduling_policy", "priority") == "priority"
+
+
+def _running_limit(backend: Backend) -> int | None:
+    """vLLM's scheduler runs at most max_num_seqs requests and starts no waiting one, however urgent, while
+    that many run (Scheduler.schedule, 0.23.0 and 0.32.0). Its default varies with device and vLLM version:
+    unset, the router counts max_ongoing_requests alone."""
+    return backend.engine_args.get("max_num_seqs")
+
+
 def _plan(model_name: str, model_path: Path, backend: Backend, nodes: list[PlannedNode]) -> dict[str, Any]:
     from raystack.engines.vllm.args import build_engine_args
 
@@ -108,6 +120,8 @@ ENGINE = EngineSpec(
     validate=_validate,
     check_deployable=_check_deployable,
     refuses=_refuses,
+    schedules_by_priority=_schedules_by_priority,
+    running_limit=_running_limit,
     memory_fraction=lambda backend: float(backend.engine_args.get("gpu_memory_utilization", GPU_MEMORY_UTILIZATION)),
     plan=_plan,
     node_software=NODE_SOFTWARE,

@@ -115,6 +115,11 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend,
             args["kv_cache_memory_bytes"] = CPU_DEFAULT_KV_CACHE_BYTES
     elif backend.parallel.world_size > 1:
         args["distributed_executor_backend"] = "ray"
+    # Requests carry their priority class (router/priority.py): vLLM's waiting queue is then a heap on
+    # (priority, arrival), lower first, and when KV blocks run out it preempts the running request of the
+    # highest value, latest arrival (v1/core/sched/scheduler.py, 0.23.0 and 0.32.0); under its default, fcfs, it
+    # ignores `priority`. Engine arguments may choose fcfs again (the router then drops the field).
+    args["scheduling_policy"] = "priority"
     args.update(lora_args(adapter_ranks or [], backend))
     if kv_events:
         args["kv_events_config"] = kv_events
