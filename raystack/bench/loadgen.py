@@ -49,6 +49,7 @@ class RequestResult:
     input_tokens: int | None = None
     cached_tokens: int | None = None  # of the input, what the server's prefix cache held
     headers: dict[str, str] = field(default_factory=dict)  # the response's, names in lower case
+    status: int | None = None  # the response's HTTP status; None when none came
     error: str | None = None
 
     @property
@@ -93,12 +94,13 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], a
     reported_reasoning = 0
     try:
         async with session.post(url, json=body, headers=headers) as response:
+            result.status = response.status
+            result.headers = {name.lower(): value for name, value in response.headers.items()}
             if response.status != 200:
                 text = (await response.read()).decode(errors="replace")
                 result.error = f"HTTP {response.status}: {text[:300]}"
                 result.latency = time.perf_counter() - start
                 return result
-            result.headers = {name.lower(): value for name, value in response.headers.items()}
             async for raw in response.content:  # one SSE line at a time
                 line = raw.decode().strip()
                 if not line.startswith("data: "):

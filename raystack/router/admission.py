@@ -1,11 +1,12 @@
 """A request's checks in the router before it goes to any backend: its body read within bounds (a body over
 `max_request_bytes` -> 413, one that stalls past `body_timeout_s` -> 408), a completion length the model has
-room for, and the backends of its model able to honour it (each engine's `refuses`)."""
+room for, and the backends of its model able to honour it (each engine's `refuses`); and, from its body's end
+to its answer's start, its client watched (ClientWatch): one that leaves is not served."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from fastapi import Request
 
@@ -41,6 +42,32 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                                f"(router.body_timeout_s; {size} bytes came). Send the whole body at once.",
                           code="request_timeout") from None
     return b"".join(parts)
+
+
+class ClientWatch:
+    """Between a request's body and its response's start, nothing reads the client's connection: a client
+    that left while its request waited for a slot or its first token would still be served (a slot taken,
+    an engine generating for nobody). Watched, its leaving cancels the request's task (`left` says why), and
+    every wait on the way unwinds: its place in a queue, its slot, its generation upstream."""
+
+    def __init__(self) -> None:
+        self.left = False
+        self.watcher: asyncio.Task | None = None
+
+    def start(self, receive: Callable[[], Awaitable[dict]]) -> None:
+        """Watch from now on (the body read: what `receive` gives next is the client's leaving)."""
+        self.watcher = asyncio.ensure_future(self._watch(receive, asyncio.current_task()))
+
+    async def _watch(self, receive: Callable[[], Awaitable[dict]], request: asyncio.Task) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.left = True
+        request.cancel()
+
+    def stop(self) -> None:
+        """The response starts (or the request ended): its own machinery watches the client from here."""
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 def check_length_bounds(model: Model, body: dict[str, Any]) -> None:

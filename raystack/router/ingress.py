@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,7 +37,7 @@ from raystack.json_codec import JSONAnswer
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
-from raystack.router.admission import backends_unable, check_length_bounds, read_body
+from raystack.router.admission import ClientWatch, backends_unable, check_length_bounds, read_body
 from raystack.router.auth import APIKeyError, APIKeys, KeyFileWatch
 from raystack.router.catalogue import (REFRESH_S, BackendRef, Catalogue, registered_backends, target_replicas,
                                         serve_details_async)
@@ -318,25 +318,36 @@ class Router:
 
     async def forward(self, kind: RequestKind, request: Request):
         exchange = Exchange(kind, self.quotas, self.metrics, self.access_log)
+        client = ClientWatch()
         try:
-            return await self._forward(exchange, request)
+            return await self._forward(exchange, request, client)
+        except asyncio.CancelledError:
+            if not client.left:
+                raise
+            asyncio.current_task().uncancel()  # the request's own end, not the server's: answered, to nobody
+            exchange.status = 499
+            exchange.close()
+            return Response(status_code=499)
         except BaseException as err:
             refused = isinstance(err, OpenAIError)
             if refused:
                 self.metrics.error(exchange.model_name, err.status)
                 err.headers = (err.headers or {}) | {"x-raystack-router": self.replica}  # errors name it too
                 exchange.status = err.status
-            else:
-                exchange.status = 499  # the client left (cancelled) or the router failed: nginx's "closed"
+            else:  # cancelled by Serve (its proxy saw the client leave), or a failure of the router's own
+                exchange.status = 499 if isinstance(err, asyncio.CancelledError) else 500
             exchange.close(error=refused)  # a key's request that ended before any engine answered: booked
             if refused:
                 await exchange.settled()
             raise
+        finally:
+            client.stop()
 
-    async def _forward(self, exchange: Exchange, request: Request):
+    async def _forward(self, exchange: Exchange, request: Request, client: ClientWatch):
         key = self.authenticate(request)  # before anything else: no hints to a caller without a key
         exchange.grant = self.api_keys.grants.get(key) if key is not None else None
         raw = await read_body(request, self.settings.max_request_bytes, self.settings.body_timeout_s)
+        client.start(request.receive)
         body = exchange.body = parse_request(exchange.kind, raw)
         exchange.size = len(raw)
         exchange.band = self.priorities.of(exchange.grant and exchange.grant.priority,

@@ -1,10 +1,10 @@
-"""Usage accounting per API key and model: what an answer cost (Cost), and the book that keeps it.
+"""Usage accounting per API key, model and priority class: what an answer cost (Cost), and the book that keeps it.
 
-The UsageBook holds hourly totals (requests, prompt tokens, completion tokens, errors) per key name,
-model and priority class, and is written to Ray's GCS key-value store, one entry per router application and UTC day, so the
-totals outlive the router replicas (and the ledger, ledger.py, that keeps the book). The daily and monthly
-token budgets are read from it; `raystack usage` reads it back. What each answer cost is read as it goes
-out (metering.py).
+The UsageBook holds hourly totals (requests, prompt tokens, completion tokens, errors) per key name, model
+and priority class, and is written to Ray's GCS key-value store, one entry per router application and UTC
+day, so the totals outlive the router replicas (and the ledger, ledger.py, that keeps the book). The daily
+and monthly token budgets are read from it; `raystack usage` reads it back. What each answer cost is read as
+it goes out (metering.py).
 """
 
 from __future__ import annotations

@@ -94,6 +94,17 @@ def test_backend_pin_reaches_the_named_backend_and_rejects_others(client):
         client.chat.completions.create(model=f"{MODEL}@mindie", messages=MESSAGES, max_tokens=2)
 
 
+def test_each_priority_class_is_answered_by_vllms_priority_scheduler(client):
+    """local.yaml's vLLM runs scheduling_policy: priority (raystack's default), and each request carries its
+    class as vLLM's integer; the answer names the class it was served in."""
+    for header, priority, served in ((None, None, "standard"), ("batch", None, "batch"), (None, 2, "batch"),
+                                     ("interactive", None, "standard")):  # no key: the default class at most
+        reply = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, extra_headers={"x-raystack-priority": header} if header else None,
+            extra_body={"priority": priority} if priority is not None else None)
+        assert reply.headers["x-raystack-priority"] == served and reply.parse().choices[0].message.content
+
+
 @pytest.mark.parametrize(
     "content",
     [b"{this is not json", b'{"model": "smollm2", "messages": []}', b'{"model": "smollm2", "messages": "hi"}',

@@ -169,3 +169,26 @@ def test_the_class_is_in_the_access_log_the_metrics_and_raystack_usage(url):
 
     assert eventually(lambda: usage().get(("chat", "interactive"), 0) >= 1 and usage().get(("jobs", "batch"), 0) >= 1,
                       within_s=30)
+
+
+def test_a_client_that_leaves_while_queued_gives_up_its_place_at_once(url):
+    """The backend's 4 slots busy for 3 s; a request queued behind them whose client gives up after 0.5 s
+    ends then (499 in the access log), instead of waiting for a slot and being answered to nobody."""
+    busy = [threading.Thread(target=ask, args=(url, "sk-team"), kwargs={"max_tokens": 60}) for _ in range(4)]
+    for thread in busy:
+        thread.start()
+    time.sleep(0.5)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/chat/completions", headers={"Authorization": "Bearer sk-chat"}, timeout=0.5,
+                   json={"model": "m", "messages": [{"role": "user", "content": "left"}], "max_tokens": 2})
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+
+    def left() -> list[float]:
+        files = [*logs.glob("serve/replica_prio_Router_*.log"), *logs.glob("worker-*.err")]
+        return [float(line.split(" 499 ")[1].split("s ")[0]) for log in files
+                for line in log.read_text(errors="replace").splitlines() if " 499 " in line and "key=chat" in line]
+
+    assert eventually(left, within_s=10)
+    assert min(left()) < 1.5  # it ended as its client left, not when a slot freed (3 s)
+    for thread in busy:
+        thread.join()

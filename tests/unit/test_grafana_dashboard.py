@@ -21,4 +21,5 @@ def test_every_query_names_a_metric_raystack_exports():
     assert {"raystack_time_to_first_token_seconds", "raystack_time_per_output_token_seconds",
             "raystack_requests_running", "raystack_request_errors_total", "raystack_key_prompt_tokens_total",
             "raystack_key_completion_tokens_total", "raystack_key_requests_total", "raystack_prefix_cache_hits_total",
-            "raystack_prefix_cache_queries_total", "raystack_kv_index_blocks"} <= queried
+            "raystack_prefix_cache_queries_total", "raystack_kv_index_blocks", "raystack_queue_depth",
+            "raystack_queue_wait_seconds", "raystack_requests_refused_total"} <= queried
