@@ -90,7 +90,7 @@ class FairGate:
         self.waiting: dict[int, dict[str, deque[_Waiter]]] = {}  # rank -> key -> its waiters, in order
         self.bands: dict[int, Band] = {}  # rank -> the band, as its waiters gave it
         self.turn: dict[tuple[int, str], float] = {}  # (rank, key) -> the virtual time of its next admission
-        self.clock: Counter[int] = Counter()  # rank -> the virtual time of its last admission
+        self.clock: dict[int, float] = {}  # rank -> the virtual time of its last admission
         self.queued = 0
         self.arrivals = 0  # requests that had to queue, ever: their order
 
@@ -109,7 +109,7 @@ class FairGate:
         return True
 
     def _admit(self, key: str, weight: float, band: Band) -> None:
-        start = max(self.turn.get((band.rank, key), 0.0), self.clock[band.rank])
+        start = max(self.turn.get((band.rank, key), 0.0), self.clock.get(band.rank, 0.0))
         self.clock[band.rank] = start
         self.turn[band.rank, key] = start + 1 / weight
         self.in_use += 1
@@ -210,7 +210,8 @@ class FairGate:
             if rank is None:
                 return
             keys = self.waiting[rank]
-            key = min(keys, key=lambda k: max(self.turn.get((rank, k), 0.0), self.clock[rank]))
+            clock = self.clock.get(rank, 0.0)
+            key = min(keys, key=lambda k: max(self.turn.get((rank, k), 0.0), clock))
             waiter = keys[key][0]
             self._forget(waiter)
             if waiter.ticket.done():  # gave up meanwhile

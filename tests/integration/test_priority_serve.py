@@ -19,6 +19,7 @@ import pytest
 import ray
 
 from tests.integration.conftest import deployed, synthetic
+from tests.integration.test_api_keys_serve import eventually
 from tests.integration.test_metrics_serve import scrape
 from tests.prometheus import total
 
@@ -127,15 +128,6 @@ def test_a_request_may_lower_its_class_but_not_raise_it(url):
     assert unknown.status_code == 400
     assert unknown.json()["error"]["param"] == "x-raystack-priority"
     assert "interactive, standard, batch" in unknown.json()["error"]["message"]
-
-
-def eventually(condition, within_s: float = 15) -> bool:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
 
 
 def test_the_class_is_in_the_access_log_the_metrics_and_raystack_usage(url):
