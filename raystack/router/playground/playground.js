@@ -408,8 +408,6 @@ $("prompt").addEventListener("input", renderCode);
 $("system").addEventListener("input", renderCode);
 
 const shellQuote = (text) => `'${text.replaceAll("'", "'\\''")}'`;
-// A JSON string, array or object of strings is a Python literal too.
-const indentAfterFirst = (text, spaces) => text.replaceAll("\n", `\n${" ".repeat(spaces)}`);
 
 function curlCommand(body) {
   const lines = [`curl -N ${new URL("chat/completions", API).href}`, "  -H 'Content-Type: application/json'"];
@@ -418,6 +416,7 @@ function curlCommand(body) {
   return lines.join(" \\\n");
 }
 
+/** The openai-python call; a JSON string is a Python string literal too. */
 function pythonCall(body) {
   const { model, messages, stream: _stream, stream_options: _usage, ...params } = body;
   const key = state.keysOn ? 'os.environ["RAYSTACK_API_KEY"]' : '"unused"';
@@ -425,10 +424,13 @@ function pythonCall(body) {
     ...(state.keysOn ? ["import os", ""] : []),
     "from openai import OpenAI",
     "",
-    `client = OpenAI(base_url=${JSON.stringify(API.href)}, api_key=${key})`,
+    `client = OpenAI(base_url=${JSON.stringify(API.href.replace(/\/$/, ""))},`,
+    `                api_key=${key})`,
     "stream = client.chat.completions.create(",
     `    model=${JSON.stringify(model)},`,
-    `    messages=${indentAfterFirst(JSON.stringify(messages, null, 4), 4)},`,
+    "    messages=[",
+    ...messages.map((m) => `        {"role": ${JSON.stringify(m.role)}, "content": ${JSON.stringify(m.content)}},`),
+    "    ],",
     ...Object.entries(params).map(([name, value]) => `    ${name}=${value},`),
     "    stream=True,",
     ")",
