@@ -4,6 +4,7 @@
     GET  /v1/models                              the models of the backend applications that name it
     GET  /health                                 200 once every model can answer
     GET  /health/models                          each model's readiness and running replicas
+    GET  /playground                             a page comparing backends or models side by side (playground.py)
 
 Each request is one Exchange (exchange.py), its owner until it is settled. Here it is authenticated (API
 keys), read within bounds and checked (admission.py), parsed once (400 with the offending `param`) and
@@ -44,6 +45,7 @@ from raystack.router.catalogue import (REFRESH_S, BackendRef, Catalogue, registe
 from raystack.router.exchange import Exchange
 from raystack.router.forwarding import BUSY_RETRY_AFTER_S, Forwarder
 from raystack.router.listener import Entrance, Listener
+from raystack.router.playground import routes as playground_routes
 from raystack.router.priority import HEADER as PRIORITY_HEADER
 from raystack.router.priority import Priorities
 from raystack.router.quotas import Quotas
@@ -55,6 +57,7 @@ app = FastAPI(
     description="OpenAI-compatible API served by raystack (Ray Serve + vLLM / MindIE).",
     version="0.1.0",
 )
+app.include_router(playground_routes)
 
 
 @app.exception_handler(OpenAIError)
