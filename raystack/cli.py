@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--cache-dir", help="default: $RAYSTACK_CACHE_DIR or ~/.cache/raystack")
     prepare.set_defaults(func=_models_prepare)
 
-    usage = sub.add_parser("usage", help="requests and tokens per API key, model and priority class (routers with api_keys)")
+    usage = sub.add_parser("usage", help="requests and tokens per API key, model and priority class "
+                                         "(routers with api_keys)")
     usage.add_argument("--since", default="1d", help="how far back: 30m, 12h, 7d (default 1d; hourly totals)")
     usage.add_argument("--app", help="only this router application (default: every one)")
     usage.add_argument("--address", default="auto", help="Ray cluster address (default: the running one)")

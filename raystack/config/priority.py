@@ -73,7 +73,3 @@ class PriorityClasses(Strict):
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
-
-    def rank(self, name: str) -> int:
-        """The class's position: 0 is served first (and is vLLM's `priority` for it)."""
-        return self.names.index(name)

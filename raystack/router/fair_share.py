@@ -31,29 +31,27 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
+from pydantic import ConfigDict
+
+from raystack.config.priority import PriorityClass
+
 PUMP_S = 0.5  # how often waiters look again at a capacity that may have grown (replicas added)
 
 
-@dataclass(frozen=True)
-class Band:
-    """A priority class as the gate serves it (config.PriorityClass, and its rank: 0 is served first)."""
+class Band(PriorityClass):
+    """A priority class as the gate serves it: the class, and its rank (0 is served first)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     rank: int = 0
-    name: str = "standard"
-    sheddable: bool = False
-    max_share: float = 1.0
-    max_queued: int | None = None
-    queue_timeout_s: float | None = None
 
 
-ONE_BAND = Band()  # every request of a gate that knows no classes
+ONE_BAND = Band(name="standard")  # every request of a gate that knows no classes
 
 
 class GateFull(Exception):
-    """No place in the backend's queue for the request: `reason` says why (REASONS); another backend of
-    the model may still take it."""
-
-    REASONS = ("queue_full", "class_queue_full", "shed")
+    """No place in the backend's queue for the request: `reason` says why (queue_full, class_queue_full, or
+    shed); another backend of the model may still take it."""
 
     def __init__(self, reason: str = "queue_full"):
         super().__init__(reason)
@@ -97,15 +95,16 @@ class FairGate:
     def _band_queued(self, rank: int) -> int:
         return sum(len(q) for q in self.waiting.get(rank, {}).values())
 
-    def _room_for(self, band: Band) -> bool:
+    def _full(self) -> bool:
+        """Every slot in use (never while the capacity is unknown: then nothing waits here)."""
         capacity = self.capacity()
-        if capacity is None:
-            return True
-        if self.in_use >= capacity:
+        return capacity is not None and self.in_use >= capacity
+
+    def _room_for(self, band: Band) -> bool:
+        if self._full():
             return False
-        if band.max_share < 1:
-            slots = self.slots()
-            return self.band_in_use[band.rank] < max(1, int(band.max_share * (slots or capacity)))
+        if band.max_share < 1 and (slots := self.slots() or self.capacity()) is not None:
+            return self.band_in_use[band.rank] < max(1, int(band.max_share * slots))
         return True
 
     def _admit(self, key: str, weight: float, band: Band) -> None:
@@ -128,7 +127,7 @@ class FairGate:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), key, weight, band, self.arrivals)
         self._enqueue(waiter)
         self.pump()
-        if not waiter.ticket.done() and not band.sheddable and not self._room_for(ONE_BAND):
+        if not waiter.ticket.done() and not band.sheddable and self._full():
             self._shed_waiting()  # saturated: the sheddable bands are refused before this request waits
         loop = asyncio.get_running_loop()
         ttl = band.queue_timeout_s
@@ -155,7 +154,7 @@ class FairGate:
         """Refuse `band`'s request a place (GateFull), or make one for it: a sheddable request while one
         of another class waits is shed; a full queue refuses the newest waiter of a less urgent sheddable
         band, if any, in its place."""
-        if band.sheddable and not self._room_for(ONE_BAND) and any(not self.bands[r].sheddable for r in self.waiting):
+        if band.sheddable and self._full() and any(not self.bands[r].sheddable for r in self.waiting):
             raise GateFull("shed")
         if band.max_queued is not None and self._band_queued(band.rank) >= band.max_queued:
             raise GateFull("class_queue_full")

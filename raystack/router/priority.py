@@ -29,8 +29,7 @@ class Priorities:
     """The router's classes as the bands its gates serve, and each request's."""
 
     def __init__(self, config: PriorityClasses):
-        self.bands = [Band(rank, c.name, c.sheddable, c.max_share, c.max_queued, c.queue_timeout_s)
-                      for rank, c in enumerate(config.classes)]
+        self.bands = [Band(rank=rank, **c.model_dump()) for rank, c in enumerate(config.classes)]
         self.by_name = {band.name: band for band in self.bands}
         self.default = self.by_name[config.default]
 

@@ -94,9 +94,9 @@ def test_no_running_replica_means_no_waiting_here_and_added_replicas_admit_waite
 
 
 # Priority classes: bands served in order, a band's share of the slots, sheddable bands refused first.
-INTERACTIVE = Band(0, "interactive")
-STANDARD = Band(1, "standard")
-BATCH = Band(2, "batch", sheddable=True, max_share=0.75)
+INTERACTIVE = Band(rank=0, name="interactive")
+STANDARD = Band(rank=1, name="standard")
+BATCH = Band(rank=2, name="batch", sheddable=True, max_share=0.75)
 
 
 def test_waiting_requests_leave_in_class_order_and_fairly_within_a_class():
@@ -201,7 +201,7 @@ def test_a_full_queue_makes_room_for_an_urgent_request_by_refusing_the_newest_sh
 
 def test_a_class_queue_cap_and_its_queue_timeout_bound_its_waiting():
     async def run():
-        capped = Band(1, "standard", max_queued=1, queue_timeout_s=0.2)
+        capped = Band(rank=1, name="standard", max_queued=1, queue_timeout_s=0.2)
         gate = FairGate(lambda: 1, max_waiting=100)
         await gate.acquire("x", 1, timeout_s=1, band=capped)
         waiter = asyncio.create_task(gate.acquire("a", 1, timeout_s=10, band=capped))

@@ -21,7 +21,7 @@ def test_the_default_classes_and_a_router_config_that_names_its_own():
     assert [c.sheddable for c in default.classes] == [False, False, True]
     own = RouterConfig.model_validate({"priority": {"default": "chat", "classes": [
         {"name": "chat"}, {"name": "bulk", "sheddable": True, "max_share": 0.5, "queue_timeout_s": 30}]}})
-    assert own.priority.rank("bulk") == 1
+    assert Priorities(own.priority).by_name["bulk"].rank == 1
 
 
 @pytest.mark.parametrize("priority, problem", [

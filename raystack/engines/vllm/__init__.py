@@ -71,7 +71,9 @@ def _refuses(kind: RequestKind, body: dict[str, Any], backend: Backend) -> Refus
 
 def _schedules_by_priority(backend: Backend) -> bool:
     """build_engine_args sets scheduling_policy: priority unless engine_args choose another."""
-    return backend.engine_args.get("scheduling_policy", "priority") == "priority"
+    from raystack.engines.vllm.args import SCHEDULING_POLICY
+
+    return backend.engine_args.get("scheduling_policy", SCHEDULING_POLICY) == "priority"
 
 
 def _running_limit(backend: Backend) -> int | None:

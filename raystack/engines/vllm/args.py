@@ -84,6 +84,9 @@ def check_serving_args(serving_args: dict[str, Any], where: str = "serving_args"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+SCHEDULING_POLICY = "priority"  # unless a backend's engine_args choose another (build_engine_args says why)
+
+
 def lora_args(adapter_ranks: list[int], backend: Backend) -> dict[str, Any]:
     """LoRA on, sized for the adapters a replica serves: the smallest max_lora_rank vLLM takes that holds
     the largest rank, and as many adapters per batch and in CPU memory as the replica holds loaded."""
@@ -119,7 +122,7 @@ def build_engine_args(model_name: str, model_path: Path, backend: Backend,
     # (priority, arrival), lower first, and when KV blocks run out it preempts the running request of the
     # highest value, latest arrival (v1/core/sched/scheduler.py, 0.23.0 and 0.32.0); under its default, fcfs, it
     # ignores `priority`. Engine arguments may choose fcfs again (the router then drops the field).
-    args["scheduling_policy"] = "priority"
+    args["scheduling_policy"] = SCHEDULING_POLICY
     args.update(lora_args(adapter_ranks or [], backend))
     if kv_events:
         args["kv_events_config"] = kv_events
