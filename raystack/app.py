@@ -219,6 +219,9 @@ def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_g
         # A replica that cannot start (download impossible offline, out of memory) fails the same way
         # every time: give up after a few attempts so `serve status` shows the error, not a retry loop.
         "max_constructor_retry_count": ENGINE_START_ATTEMPTS,
+        # Not Serve's line per handle call: the router's access log has one per request, naming the replica.
+        # Serve's went to stderr (RAY_SERVE_LOG_TO_STDERR) a line at a time, and on through Ray's log monitor.
+        "logging_config": {"enable_access_log": False},
         "ray_actor_options": actor,
     }
     if backend.graceful_shutdown_timeout_s is not None:  # None only outside a whole config (tests)

@@ -67,8 +67,9 @@ class RouterConfig(Strict):
         None, description="require `Authorization: Bearer KEY` on /v1/*; keys from an env var or a file"
     )
     access_log: bool = Field(
-        True, description="a line per request in the router replica's log (Ray's serve logs): status, time, model, "
-        "backend, replica, key name and priority class; never the key or the prompt"
+        True, description="a line per request on the router replica's stderr (`serve run`'s console, the replica's "
+        "log in Ray's dashboard): status, time, model, backend, replica, key name and priority class; never the key "
+        "or the prompt"
     )
     priority: PriorityClasses = Field(
         default_factory=PriorityClasses, description="priority classes, most urgent first, and the default one: "

@@ -33,11 +33,10 @@ from raystack.router.metering import Meter, ask_for_usage, estimate_prompt_token
 from raystack.router.usage import Cost
 
 if TYPE_CHECKING:
-    import logging
-
     from ray.serve.handle import DeploymentResponseGenerator
 
     from raystack.config import Model
+    from raystack.observability.access_log import AccessLog
     from raystack.observability.metrics import RouterMetrics
     from raystack.replica.calls import Opening
     from raystack.router.auth import Grant
@@ -78,7 +77,7 @@ class Exchange:
     kind: RequestKind
     quotas: Quotas | None  # the router replica's side of the ledger; None where no key is ever metered
     metrics: RouterMetrics
-    access_log: logging.Logger | None = None  # where its line goes as it closes; None: nowhere
+    access_log: AccessLog | None = None  # where its line goes as it closes; None: nowhere
     grant: Grant | None = None  # the API key's, when keys are on
     band: Band = ONE_BAND  # its priority class (priority.py)
     status: int = 200  # the HTTP status its client got
@@ -162,10 +161,11 @@ class Exchange:
 
     def _log_access(self) -> None:
         delivery = self.delivery
-        self.access_log.info(
-            "POST %s %d %.3fs model=%s backend=%s replica=%s key=%s class=%s", PATHS[self.kind], self.status,
-            time.monotonic() - self.started, self.requested or UNRESOLVED, delivery.backend if delivery else "-",
-            delivery.opening.replica if delivery else "-", self.grant.name if self.grant else "-", self.band.name)
+        self.access_log.write(
+            f"POST {PATHS[self.kind]} {self.status} {time.monotonic() - self.started:.3f}s "
+            f"model={self.requested or UNRESOLVED} backend={delivery.backend if delivery else '-'} "
+            f"replica={delivery.opening.replica if delivery else '-'} key={self.grant.name if self.grant else '-'} "
+            f"class={self.band.name}")
 
     async def settled(self) -> None:
         """Wait, a bounded while, until the ledger confirms the settlement `close` sent (if it sent one)."""

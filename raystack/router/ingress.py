@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raystack.config import Model, RouterConfig
 from raystack.engines.base import RequestKind
 from raystack.json_codec import JSONAnswer
+from raystack.observability.access_log import AccessLog
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
@@ -124,7 +125,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.forwarder = Forwarder(self.settings, self.metrics)
         self.priorities = Priorities(self.settings.priority)
-        self.access_log = logger if self.settings.access_log else None
+        self.access_log = AccessLog() if self.settings.access_log else None
         self.catalogue = Catalogue(None, {})
         self.seen: list[BackendRef] = []  # the backend applications of the last look
         self.created = int(time.time())
