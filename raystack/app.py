@@ -283,6 +283,8 @@ def build_router(args: dict[str, Any]) -> Application:
         # A router replica being replaced (any change to its own args) relays its streams to their end first.
         graceful_shutdown_timeout_s=settings.request_timeout_s,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=BUSY_RETRY_AFTER_S),
+        # Reached through Serve's proxy, Serve would log each request here too: the router's access log has it.
+        logging_config={"enable_access_log": False},
         ray_actor_options={"num_cpus": settings.cpus,
                            # Listening itself, the router is where clients connect: the head node, as
                            # Serve's proxy with proxy_location: HeadOnly.
