@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -152,26 +151,6 @@ def client_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def first_token_ms(session, base: str, prompt: str, max_tokens: int) -> float:
-    """Milliseconds from sending a streamed chat request to its first content chunk (how `vllm bench serve`'s
-    openai-chat client times TTFT); reads the stream to its end."""
-    import aiohttp
-
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True}
-    start, first = time.perf_counter(), None
-    async with session.post(base + "/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(300)) as r:
-        r.raise_for_status()
-        async for line in r.content:
-            if first is None and line.startswith(b"data: {"):
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                if choices[0].get("delta", {}).get("content"):
-                    first = time.perf_counter() - start
-    if first is None:
-        raise RuntimeError(f"{base} streamed no content")
-    return first * 1000
-
-
 # vLLM's engine and worker poll for work in a busy loop for 1 s after their last message before they sleep
 # (vllm/distributed/device_communicators/shm_broadcast.py, SpinCondition busy_loop_s=1): a request that
 # followed the other server's answer sooner would share the cores with that server's spinning processes.
@@ -179,24 +158,29 @@ PAIR_GAP_S = 1.5
 
 
 def paired_ttft(bases: dict[str, str], model_path: Path, pairs: int, args) -> dict[str, list[float]]:
-    """TTFT (ms) of each server for the same `pairs` prompts, one request at a time, alternating which goes first."""
+    """TTFT (ms) of each server for the same `pairs` prompts, one request at a time, alternating which goes
+    first; timed by raystack bench's load generator (TTFT as `vllm bench serve` times it)."""
     import aiohttp
     from transformers import AutoTokenizer
 
+    from raystack.bench.datasets import random_prompts
+    from raystack.bench.loadgen import request_body, send
+
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    rng = random.Random(1)
-    ids = list(range(1000, tokenizer.vocab_size))
-    prompts = [tokenizer.decode(rng.sample(ids, args.input_len)) for _ in range(pairs + 2)]
+    prompts = random_prompts(pairs + 2, args.input_len, args.output_len, seed=1, tokenizer=tokenizer)
 
     async def run() -> dict[str, list[float]]:
         ttft: dict[str, list[float]] = {name: [] for name in bases}
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(300)) as session:
             for i, prompt in enumerate(prompts):
                 for name in (list(bases) if i % 2 == 0 else list(reversed(bases))):
                     await asyncio.sleep(PAIR_GAP_S)
-                    ms = await first_token_ms(session, bases[name], prompt, args.output_len)
+                    result = await send(session, bases[name] + "/v1/chat/completions",
+                                        request_body("chat", MODEL, prompt, ignore_eos=True), "chat", {})
+                    if not result.ok:
+                        sys.exit(f"paired test: {name} failed: {result.error}")
                     if i >= 2:  # the first two pairs warm both up
-                        ttft[name].append(ms)
+                        ttft[name].append(result.ttft * 1000)
         return ttft
 
     return asyncio.run(run())
