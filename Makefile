@@ -6,13 +6,11 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 export VLLM_NO_USAGE_STATS = 1
 export DO_NOT_TRACK = 1
 export RAY_USAGE_STATS_ENABLED = 0
-# Ray runs workers at nice 15; serving replicas (and Serve's proxy) are the workload, not background jobs.
-export RAY_worker_niceness = 0
-# Serve's throughput preset without direct ingress (raystack/process.py says why, and holds the
-# settings), for the Ray that `serve run` starts (its proxy). Not for the tests' own process: there it
-# would make synchronous handle calls from test code fail (no event loop); their replicas get it from
-# build_router and build_backend.
-SERVE_FAST_PATH = $(VENV)/bin/python -c 'from raystack.process import SERVE_FAST_PATH_ENV as env; \
+# The Ray that `serve run` starts gets what `raystack start` exports (raystack/process.py, RAY_START_ENV, says
+# why): its workers at normal priority, Serve's controller pass every 0.5 s, Serve's throughput preset
+# without direct ingress. The preset is not for the tests' own process: there it would make synchronous
+# handle calls from test code fail (no event loop); tests/conftest.py sets the rest.
+RAY_START = $(VENV)/bin/python -c 'from raystack.process import RAY_START_ENV as env; \
 	print(" ".join(f"{k}={v}" for k, v in env.items()))'
 CONFIG ?= deploy_configs/local.yaml
 
@@ -25,7 +23,7 @@ setup-test:
 	scripts/setup.sh --test
 
 run: setup
-	env $$($(SERVE_FAST_PATH)) $(VENV)/bin/serve run $(CONFIG)
+	env $$($(RAY_START)) $(VENV)/bin/serve run $(CONFIG)
 
 test: setup-test
 	$(VENV)/bin/python -m pytest -v tests

@@ -10,7 +10,7 @@ do not fit), and with direct ingress Ray 2.60 would also open a port per LLMServ
 ingress of its backend application, and drain each for at least 30 s. Logs still go to stderr, where
 `serve run` shows them. Serve reads these when a process imports it, so they must be in the environment of Ray's
 processes: build_router and build_backend set them in the Router's and every LLMServer's runtime_env;
-`raystack start` and `make run` export them before Ray starts, so the HTTP proxy runs with them too. Not in a
+`raystack start` and `make run` export them before Ray starts (RAY_START_ENV), so the HTTP proxy runs with them too. Not in a
 driver that calls handles synchronously: the preset moves the handle's router onto the caller's event loop.
 
 CPU priority. Ray starts its workers at nice 15 (`RAY_worker_niceness`) so its control plane wins CPU
@@ -49,6 +49,25 @@ SERVE_FAST_PATH_ENV = {
 }
 
 NICENESS_ENV = "RAY_worker_niceness"
+
+# Serve's controller reconciles every deployment each RAY_SERVE_CONTROL_LOOP_INTERVAL_S (0.1 s by default),
+# and each pass asks the GCS for every node's info, resource usage and draining state (Ray 2.60,
+# serve/_private/cluster_node_info_cache.py, ClusterNodeInfoCache.update). Idle on a 2-core head that cost
+# 2.3% of a core in the controller and 1% in the GCS; at 0.5 s, 0.7% and 0.5% (README, "raystack vs
+# vLLM's own server"). That CPU is taken from the engine wherever the head also serves. What waits for a
+# pass (a replica's start, health check result or death noticed, an autoscaling decision) waits up to
+# 0.4 s more; autoscaling's delays are wall-clock seconds (autoscaling_policy.py), not passes. Ray
+# documents the knob (PR 45063, serve/advanced-guides/performance.md). Only the head's controller reads it.
+SERVE_CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+
+# What `raystack start` and `make run` export before Ray starts: its workers at normal priority, Serve's
+# controller and fast path.
+RAY_START_ENV = {NICENESS_ENV: "0", **SERVE_CONTROLLER_ENV, **SERVE_FAST_PATH_ENV}
+# For a Ray that a Python driver starts itself (the tests, the bench scripts): the same, less Serve's fast
+# path, which would make the driver's own synchronous handle calls fail (no event loop there). Its replicas
+# still get the fast path, from their runtime_env (app.py).
+LOCAL_RAY_ENV = {key: value for key, value in RAY_START_ENV.items() if key not in SERVE_FAST_PATH_ENV}
+
 VISIBLE_NPUS_ENV = "ASCEND_RT_VISIBLE_DEVICES"  # what Ray's NPU manager and the CANN runtime read
 
 

@@ -310,8 +310,7 @@ def main() -> None:
 
     from raystack import process
 
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    os.environ.update(process.SERVE_FAST_PATH_ENV)  # the proxy's settings too, as `raystack start` exports them
+    os.environ.update(process.RAY_START_ENV)  # as `raystack start` exports them
     from tests.serve_cluster import serve_cluster  # Serve reads its settings when imported: only now
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout

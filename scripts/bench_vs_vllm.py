@@ -54,6 +54,8 @@ def engine_flags(backend: dict) -> list[str]:
 
 
 def start(name: str, model_path: Path, backend: dict, logdir: Path) -> tuple[subprocess.Popen, str]:
+    from raystack.process import RAY_START_ENV
+
     env = own_ray_env()
     if name == "vllm-direct":
         cmd = [str(BIN / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
@@ -61,6 +63,7 @@ def start(name: str, model_path: Path, backend: dict, logdir: Path) -> tuple[sub
         base, health = "http://127.0.0.1:8001", "http://127.0.0.1:8001/health"
     else:
         cmd = [str(BIN / "serve"), "run", str(ROOT / "deploy_configs/local.yaml")]
+        env |= RAY_START_ENV  # as `make run` starts it
         base, health = "http://127.0.0.1:8000", "http://127.0.0.1:8000/health"
     print(f"  starting {name}: {' '.join(cmd)}", flush=True)
     return start_server(cmd, logdir / f"{name}.log", env, health, 900, cwd=ROOT), base

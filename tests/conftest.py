@@ -15,13 +15,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from raystack.process import LOCAL_RAY_ENV  # noqa: E402  (it imports os and logging only)
 
 for key, value in {
     "HF_HUB_DISABLE_TELEMETRY": "1",  # else huggingface_hub fetches an agent registry from its hub
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_worker_niceness": "0",  # as the Makefile and `raystack start` run Ray
+    **LOCAL_RAY_ENV,  # as the Makefile and `raystack start` run Ray, less Serve's fast path
 }.items():
     os.environ[key] = value
 

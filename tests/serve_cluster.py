@@ -29,7 +29,7 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from raystack.process import SERVE_FAST_PATH_ENV
+from raystack.process import RAY_START_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # The embedded stack's first start prepares the model and loads vLLM: minutes on 2 cores.
@@ -172,8 +172,8 @@ def local_stack(workdir: Path, edit: Callable[[dict[str, Any]], None] | None = N
     log_path = workdir / "serve.log"
     serve_cli = Path(sys.executable).with_name("serve")
     # Always a fresh local cluster, never one a developer has running.
-    # As `make run` starts it: Serve's fast path for the Ray that serve run starts (proxy included).
-    env = own_ray_env() | SERVE_FAST_PATH_ENV
+    # As `make run` starts it: what `raystack start` exports, for the Ray that serve run starts.
+    env = own_ray_env() | RAY_START_ENV
     base = f"http://127.0.0.1:{port}"
     proc = start_server([str(serve_cli), "run", str(config_path)], log_path, env, f"{base}/health",
                         STARTUP_TIMEOUT_S, cwd=ROOT)

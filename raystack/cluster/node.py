@@ -26,8 +26,7 @@ from raystack.cluster.chips import ACCELERATOR_LABEL, FAMILY_LABEL, HBM_LABEL, h
 from raystack.cluster.npu import NodeNPUs
 from raystack.engines.ascend_env import DEFAULT_ASCEND_HOME
 from raystack.engines.base import Found, Where, node_software
-from raystack.process import SERVE_FAST_PATH_ENV
-from raystack.process import NICENESS_ENV, VISIBLE_NPUS_ENV
+from raystack.process import RAY_START_ENV, VISIBLE_NPUS_ENV
 
 
 
@@ -124,8 +123,7 @@ def plan_start(
     """The `ray start` of this node; `engines`: what detect_engines found (default: nothing)."""
     if head == bool(address):
         raise ValueError("give exactly one of --head or --address HEAD:PORT")
-    # Ray runs workers at nice 15 by default; serving replicas are the workload here, not background jobs.
-    plan = StartPlan(command=[ray_bin, "start"], env={NICENESS_ENV: "0", **SERVE_FAST_PATH_ENV})
+    plan = StartPlan(command=[ray_bin, "start"], env=dict(RAY_START_ENV))
     if head:
         plan.command += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1"]
     else:

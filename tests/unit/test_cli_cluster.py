@@ -38,7 +38,8 @@ def test_start_registers_8_x_910b3_with_the_vllm_ascend_env(tmp_path):
             "raystack.io/npu-hbm-gib=64") in command
     for line in ["export ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7", "export HCCL_IF_IP=127.0.0.1",
                  "export GLOO_SOCKET_IFNAME=lo", "export TP_SOCKET_IFNAME=lo",
-                 "export RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1", "export RAY_worker_niceness=0"]:
+                 "export RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1", "export RAY_worker_niceness=0",
+                 "export RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5"]:
         assert line in out.stdout
     assert "--head --port=6379" in command
 
