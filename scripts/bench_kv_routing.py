@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import statistics
@@ -169,13 +170,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
     from raystack.app import delete_stack, run_stack
     from raystack.models.sources import resolve
+    from raystack.process import LOCAL_RAY_ENV
     from raystack.router.prompt_blocks import load_tokenizer
-    from tests.serve_cluster import free_port
+    from tests.serve_cluster import free_port, serve_cluster
 
     model_dir = resolve(SOURCE, progress=print)
     rng = random.Random(args.seed)
@@ -189,10 +188,9 @@ def main() -> None:
     # Stopped (Ctrl-C, or kill: SIGINT is ignored in a background job), it still shuts Ray and Serve down.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    os.environ.update(LOCAL_RAY_ENV)  # the Ray it starts runs as `raystack start` runs it
     runs: dict[str, list[dict]] = {policy: [] for policy in policies}
-    try:
+    with serve_cluster():
         for round_ in range(args.rounds):
             order = policies[round_ % len(policies):] + policies[:round_ % len(policies)]
             for policy in order:
@@ -207,9 +205,6 @@ def main() -> None:
                 print(f"round {round_ + 1} {policy}: " + ", ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), flush=True)
                 delete_stack(APP)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     def mean(policy: str, key: str) -> float | None:
         values = [run[key] for run in runs[policy] if run[key] is not None]

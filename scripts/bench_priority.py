@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import statistics
@@ -180,12 +181,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
     from raystack.app import delete_stack, run_stack
     from raystack.models.sources import resolve
-    from tests.serve_cluster import free_port
+    from raystack.process import LOCAL_RAY_ENV
+    from tests.serve_cluster import free_port, serve_cluster
 
     resolve(SOURCE, progress=print)
     rng = random.Random(args.seed)
@@ -197,10 +196,9 @@ def main() -> None:
     # Stopped (Ctrl-C, or kill: SIGINT is ignored in a background job), it still shuts Ray and Serve down.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    os.environ.update(LOCAL_RAY_ENV)  # the Ray it starts runs as `raystack start` runs it
     runs: dict[str, list[dict]] = {"idle": [], "fcfs": [], "priority": []}
-    with tempfile.TemporaryDirectory() as keys_dir:
+    with tempfile.TemporaryDirectory() as keys_dir, serve_cluster():
         keys = Path(keys_dir) / "api_keys"
         keys.write_text(keys_file(CLASSES["fcfs"]))
         port = free_port()
@@ -216,8 +214,6 @@ def main() -> None:
                         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), flush=True)
         finally:
             delete_stack(APP)
-            serve.shutdown()
-            ray.shutdown()
 
     def mean(name: str, key: str) -> float | None:
         values = [run[key] for run in runs[name] if run[key] is not None]
