@@ -11,10 +11,11 @@ sharing it) of every process of the server, vLLM's EngineCore excepted, after it
 
 In the rounds only one server runs at a time (2 cores cannot host both under load fairly). Then, with
 `--paired N`, both run at once and N prompts go to each in turn, one request at a time, the order swapped
-every prompt: each pair meets the same machine state, so the median of the pairs' TTFT differences is what
-raystack's path adds at concurrency 1, without the drift between rounds (which moves the rounds' medians by
-more than the 2 ms issue #28 asks for). Both servers idle alike, so this leaves out what the stack's own idle
-processes (Ray's GCS, raylet, dashboard, Serve's controller) take from the engine: the rounds include it.
+every prompt: each pair meets the same machine state, so the median of the pairs' TTFT differences (and of
+their output tokens/s ratios) is what raystack's path costs at concurrency 1, without the drift between
+rounds (which moves the rounds' medians by more than the 2 ms issue #28 asks for). Both servers idle alike,
+so this leaves out what the stack's own idle processes (Ray's GCS, raylet, dashboard, Serve's controller)
+take from the engine: the rounds include it. `--rounds 0` runs the paired test alone.
 """
 
 from __future__ import annotations
@@ -160,9 +161,9 @@ def client_cpu_seconds() -> float:
 PAIR_GAP_S = 1.5
 
 
-def paired_ttft(bases: dict[str, str], model_path: Path, pairs: int, args) -> dict[str, list[float]]:
-    """TTFT (ms) of each server for the same `pairs` prompts, one request at a time, alternating which goes
-    first; timed by raystack bench's load generator (TTFT as `vllm bench serve` times it)."""
+def paired(bases: dict[str, str], model_path: Path, pairs: int, args) -> dict[str, dict[str, list[float]]]:
+    """Each server's TTFT (ms) and output tokens/s for the same `pairs` prompts, one request at a time,
+    alternating which goes first; timed by raystack bench's load generator (as `vllm bench serve` times it)."""
     import aiohttp
     from transformers import AutoTokenizer
 
@@ -172,8 +173,8 @@ def paired_ttft(bases: dict[str, str], model_path: Path, pairs: int, args) -> di
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     prompts = random_prompts(pairs + 2, args.input_len, args.output_len, seed=1, tokenizer=tokenizer)
 
-    async def run() -> dict[str, list[float]]:
-        ttft: dict[str, list[float]] = {name: [] for name in bases}
+    async def run() -> dict[str, dict[str, list[float]]]:
+        figures: dict[str, dict[str, list[float]]] = {name: {"ttft_ms": [], "tokens_per_s": []} for name in bases}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(300)) as session:
             for i, prompt in enumerate(prompts):
                 for name in (list(bases) if i % 2 == 0 else list(reversed(bases))):
@@ -183,8 +184,9 @@ def paired_ttft(bases: dict[str, str], model_path: Path, pairs: int, args) -> di
                     if not result.ok:
                         sys.exit(f"paired test: {name} failed: {result.error}")
                     if i >= 2:  # the first two pairs warm both up
-                        ttft[name].append(result.ttft * 1000)
-        return ttft
+                        figures[name]["ttft_ms"].append(result.ttft * 1000)
+                        figures[name]["tokens_per_s"].append(result.tokens_per_s)
+        return figures
 
     return asyncio.run(run())
 
@@ -262,68 +264,73 @@ def main() -> None:
             finally:
                 stop(proc)
 
-    paired: dict[str, list[float]] = {}
+    pairs: dict[str, dict[str, list[float]]] = {}
     if args.paired:
         print(f"paired: both servers at once, {args.paired} prompts to each in turn", flush=True)
         servers = [start(name, model_path, backend, outdir) for name in ("vllm-direct", "raystack")]
         try:
-            paired = paired_ttft({"vllm-direct": servers[0][1], "raystack": servers[1][1]}, model_path,
-                                 args.paired, args)
+            pairs = paired({"vllm-direct": servers[0][1], "raystack": servers[1][1]}, model_path, args.paired, args)
         finally:
             for proc, _ in servers:
                 stop(proc)
-        (outdir / "paired.json").write_text(json.dumps(paired))
+        (outdir / "paired.json").write_text(json.dumps(pairs))
 
     def mean(name: str, c: int, key: str) -> float:
         return statistics.mean(r[key] for r in results[(name, c)])
 
-    lines = [
-        f"raystack vs vLLM OpenAI server, {MODEL} (SmolLM2-135M {dtype_of(backend)}, vLLM CPU, eager), "
-        f"random {args.input_len} in / {args.output_len} out, --ignore-eos, {args.rounds} alternating rounds; "
-        f"means over rounds.",
-        "",
-        "| concurrency | server | output tok/s | median TTFT ms | median TPOT ms |",
-        "|---|---|---|---|---|",
-    ]
-    for c in levels:
-        for name in ("vllm-direct", "raystack"):
-            lines.append(f"| {c} | {name} | {mean(name, c, 'output_throughput'):.2f} | "
-                         f"{mean(name, c, 'median_ttft_ms'):.1f} | {mean(name, c, 'median_tpot_ms'):.1f} |")
-    lines += ["", "| concurrency | throughput ratio (raystack / direct) | median TTFT diff ms | median TPOT diff ms |",
-              "|---|---|---|---|"]
-    for c in levels:
-        ratio = mean("raystack", c, "output_throughput") / mean("vllm-direct", c, "output_throughput")
-        dttft = mean("raystack", c, "median_ttft_ms") - mean("vllm-direct", c, "median_ttft_ms")
-        dtpot = mean("raystack", c, "median_tpot_ms") - mean("vllm-direct", c, "median_tpot_ms")
-        lines.append(f"| {c} | {ratio:.3f}x | {dttft:+.1f} | {dtpot:+.1f} |")
-    parts = ("worker", "engine core", "server", "client")
-    lines += ["", "CPU seconds per 1,000 output tokens, means over rounds (server: every process but the engine's; "
-              "for raystack the largest listed below it):", "",
-              "| concurrency | server | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
+    lines: list[str] = []
+    if results:
+        lines = [
+            f"raystack vs vLLM OpenAI server, {MODEL} (SmolLM2-135M {dtype_of(backend)}, vLLM CPU, eager), "
+            f"random {args.input_len} in / {args.output_len} out, --ignore-eos, {args.rounds} alternating rounds; "
+            f"means over rounds.",
+            "",
+            "| concurrency | server | output tok/s | median TTFT ms | median TPOT ms |",
+            "|---|---|---|---|---|",
+        ]
+        for c in levels:
+            for name in ("vllm-direct", "raystack"):
+                lines.append(f"| {c} | {name} | {mean(name, c, 'output_throughput'):.2f} | "
+                             f"{mean(name, c, 'median_ttft_ms'):.1f} | {mean(name, c, 'median_tpot_ms'):.1f} |")
+        lines += ["", "| concurrency | throughput ratio (raystack / direct) | median TTFT diff ms | median TPOT diff ms |",
+                  "|---|---|---|---|"]
+        for c in levels:
+            ratio = mean("raystack", c, "output_throughput") / mean("vllm-direct", c, "output_throughput")
+            dttft = mean("raystack", c, "median_ttft_ms") - mean("vllm-direct", c, "median_ttft_ms")
+            dtpot = mean("raystack", c, "median_tpot_ms") - mean("vllm-direct", c, "median_tpot_ms")
+            lines.append(f"| {c} | {ratio:.3f}x | {dttft:+.1f} | {dtpot:+.1f} |")
+        parts = ("worker", "engine core", "server", "client")
+        lines += ["", "CPU seconds per 1,000 output tokens, means over rounds (server: every process but the engine's; "
+                  "for raystack the largest listed below it):", "",
+                  "| concurrency | server | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
 
-    def cpu(name: str, c: int, part: str) -> float:
-        return statistics.mean(r["cpu_per_1k_tokens"].get(part, 0.0) for r in results[(name, c)])
+        def cpu(name: str, c: int, part: str) -> float:
+            return statistics.mean(r["cpu_per_1k_tokens"].get(part, 0.0) for r in results[(name, c)])
 
-    for c in levels:
+        for c in levels:
+            for name in ("vllm-direct", "raystack"):
+                lines.append(f"| {c} | {name} | " + " | ".join(f"{cpu(name, c, part):.2f}" for part in parts) + " |")
+            titles = {k for r in results[("raystack", c)] for k in r["cpu_per_1k_tokens"] if k.startswith("server: ")}
+            top = sorted(titles, key=lambda k: -cpu("raystack", c, k))[:6]
+            lines.append("|  | raystack's server: " + ", ".join(f"{k[8:]} {cpu('raystack', c, k):.2f}" for k in top)
+                         + " |" + " |" * len(parts))
+        lines += ["", "| server | memory beyond the engine (PSS, MiB, mean over rounds) |", "|---|---|"]
+        lines += [f"| {name} | {statistics.mean(memory[name]):.0f} |" for name in ("vllm-direct", "raystack")]
+    if pairs:
+        diffs = [ours - theirs for ours, theirs in zip(pairs["raystack"]["ttft_ms"], pairs["vllm-direct"]["ttft_ms"])]
+        ratios = [ours / theirs for ours, theirs in zip(pairs["raystack"]["tokens_per_s"],
+                                                         pairs["vllm-direct"]["tokens_per_s"])]
+        quartiles, ratio_quartiles = statistics.quantiles(diffs, n=4), statistics.quantiles(ratios, n=4)
+        lines += ["", f"Paired, concurrency 1 ({len(diffs)} prompts to both servers running at once, in turn):", "",
+                  "| server | median TTFT ms | mean TTFT ms | p90 TTFT ms | median output tok/s |", "|---|---|---|---|---|"]
         for name in ("vllm-direct", "raystack"):
-            lines.append(f"| {c} | {name} | " + " | ".join(f"{cpu(name, c, part):.2f}" for part in parts) + " |")
-        titles = {k for r in results[("raystack", c)] for k in r["cpu_per_1k_tokens"] if k.startswith("server: ")}
-        top = sorted(titles, key=lambda k: -cpu("raystack", c, k))[:6]
-        lines.append("|  | raystack's server: " + ", ".join(f"{k[8:]} {cpu('raystack', c, k):.2f}" for k in top)
-                     + " |" + " |" * len(parts))
-    lines += ["", "| server | memory beyond the engine (PSS, MiB, mean over rounds) |", "|---|---|"]
-    lines += [f"| {name} | {statistics.mean(memory[name]):.0f} |" for name in ("vllm-direct", "raystack")]
-    if paired:
-        diffs = [ours - theirs for ours, theirs in zip(paired["raystack"], paired["vllm-direct"])]
-        quartiles = statistics.quantiles(diffs, n=4)
-        lines += ["", f"Paired, concurrency 1 ({len(diffs)} prompts to both servers running at once, in turn): "
-                      "TTFT ms", "", "| server | median | mean | p90 |", "|---|---|---|---|"]
-        for name in ("vllm-direct", "raystack"):
-            ms = paired[name]
+            ms = pairs[name]["ttft_ms"]
             lines.append(f"| {name} | {statistics.median(ms):.1f} | {statistics.mean(ms):.1f} | "
-                         f"{statistics.quantiles(ms, n=10)[-1]:.1f} |")
-        lines += ["", f"raystack - vllm-direct per prompt: median {statistics.median(diffs):+.2f} ms "
-                      f"(quartiles {quartiles[0]:+.2f} / {quartiles[2]:+.2f}), mean {statistics.mean(diffs):+.2f} ms"]
+                         f"{statistics.quantiles(ms, n=10)[-1]:.1f} | {statistics.median(pairs[name]['tokens_per_s']):.2f} |")
+        lines += ["", f"raystack - vllm-direct per prompt: TTFT median {statistics.median(diffs):+.2f} ms "
+                      f"(quartiles {quartiles[0]:+.2f} / {quartiles[2]:+.2f}), mean {statistics.mean(diffs):+.2f} ms; "
+                      f"output tok/s ratio median {statistics.median(ratios):.4f}x "
+                      f"(quartiles {ratio_quartiles[0]:.4f} / {ratio_quartiles[2]:.4f})"]
     summary = "\n".join(lines)
     (outdir / "summary.md").write_text(summary + "\n")
     print("\n" + summary + f"\n\nraw results: {outdir}")
