@@ -10,8 +10,9 @@ do not fit), and with direct ingress Ray 2.60 would also open a port per LLMServ
 ingress of its backend application, and drain each for at least 30 s. Logs still go to stderr, where
 `serve run` shows them. Serve reads these when a process imports it, so they must be in the environment of Ray's
 processes: build_router and build_backend set them in the Router's and every LLMServer's runtime_env;
-`raystack start` and `make run` export them before Ray starts (RAY_START_ENV), so the HTTP proxy runs with them too. Not in a
-driver that calls handles synchronously: the preset moves the handle's router onto the caller's event loop.
+`raystack start` and `make run` export them before Ray starts (RAY_START_ENV), so the HTTP proxy runs with
+them too. Not in a driver that calls handles synchronously: the preset moves the handle's router onto the
+caller's event loop.
 
 CPU priority. Ray starts its workers at nice 15 (`RAY_worker_niceness`) so its control plane wins CPU
 contention. For an inference replica that is the wrong trade: the engine, and every hop a token

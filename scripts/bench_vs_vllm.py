@@ -292,8 +292,8 @@ def main() -> None:
             for name in ("vllm-direct", "raystack"):
                 lines.append(f"| {c} | {name} | {mean(name, c, 'output_throughput'):.2f} | "
                              f"{mean(name, c, 'median_ttft_ms'):.1f} | {mean(name, c, 'median_tpot_ms'):.1f} |")
-        lines += ["", "| concurrency | throughput ratio (raystack / direct) | median TTFT diff ms | median TPOT diff ms |",
-                  "|---|---|---|---|"]
+        lines += ["", "| concurrency | throughput ratio (raystack / direct) | median TTFT diff ms | "
+                      "median TPOT diff ms |", "|---|---|---|---|"]
         for c in levels:
             ratio = mean("raystack", c, "output_throughput") / mean("vllm-direct", c, "output_throughput")
             dttft = mean("raystack", c, "median_ttft_ms") - mean("vllm-direct", c, "median_ttft_ms")
@@ -322,11 +322,13 @@ def main() -> None:
                                                          pairs["vllm-direct"]["tokens_per_s"])]
         quartiles, ratio_quartiles = statistics.quantiles(diffs, n=4), statistics.quantiles(ratios, n=4)
         lines += ["", f"Paired, concurrency 1 ({len(diffs)} prompts to both servers running at once, in turn):", "",
-                  "| server | median TTFT ms | mean TTFT ms | p90 TTFT ms | median output tok/s |", "|---|---|---|---|---|"]
+                  "| server | median TTFT ms | mean TTFT ms | p90 TTFT ms | median output tok/s |",
+                  "|---|---|---|---|---|"]
         for name in ("vllm-direct", "raystack"):
             ms = pairs[name]["ttft_ms"]
             lines.append(f"| {name} | {statistics.median(ms):.1f} | {statistics.mean(ms):.1f} | "
-                         f"{statistics.quantiles(ms, n=10)[-1]:.1f} | {statistics.median(pairs[name]['tokens_per_s']):.2f} |")
+                         f"{statistics.quantiles(ms, n=10)[-1]:.1f} | "
+                         f"{statistics.median(pairs[name]['tokens_per_s']):.2f} |")
         lines += ["", f"raystack - vllm-direct per prompt: TTFT median {statistics.median(diffs):+.2f} ms "
                       f"(quartiles {quartiles[0]:+.2f} / {quartiles[2]:+.2f}), mean {statistics.mean(diffs):+.2f} ms; "
                       f"output tok/s ratio median {statistics.median(ratios):.4f}x "
