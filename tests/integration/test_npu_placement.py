@@ -14,6 +14,7 @@ the CPU platform refuses to run), doing with its placement group what vLLM 0.23'
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -47,6 +48,17 @@ def cluster(tmp_path_factory):
     assert nodes[0]["env_vars"]["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(NODE_A_DEVICES)
     with serve_cluster(nodes, head=head) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def every_npu_free(cluster):
+    """Each test starts on a cluster whose NPUs are all free. Ray returns a deleted replica's NPUs a moment
+    after serve.delete returns; with Serve's controller passing every 0.5 s (raystack/process.py), the next
+    test could start before (seen in CI)."""
+    deadline = time.monotonic() + 30
+    while any(n.npu_free != n.npu_total for n in cluster_capacity()):
+        assert time.monotonic() < deadline, f"NPUs still held 30 s after the last test: {cluster_capacity()}"
+        time.sleep(0.2)
 
 
 @ray.remote(num_cpus=0)
@@ -217,8 +229,6 @@ def hold_npus(count: int, chip: str):
 def test_a_tp2_group_is_never_split_over_nodes(cluster):
     """With one NPU free on each node, a TP=2 replica waits (Ray's PACK would split it 1 + 1); once a node
     has two free, the whole group lands there."""
-    import time
-
     from ray.util.placement_group import remove_placement_group
 
     holders = [hold_npus(3, "Ascend910B3"), hold_npus(3, "Ascend910B4")]
@@ -246,8 +256,6 @@ def test_a_tp2_group_is_never_split_over_nodes(cluster):
 def test_a_replica_over_nodes_refuses_a_layout_that_splits_a_tensor_group(cluster, tmp_path):
     """TP=2 x PP=2 with three NPUs free on each node: Ray's PACK puts three ranks on one node and one on the
     other, splitting a pair; the replica stops before its engine starts, naming the split and the fix."""
-    import time
-
     from ray.util.placement_group import remove_placement_group
 
     holders = [hold_npus(1, "Ascend910B3"), hold_npus(1, "Ascend910B4")]
@@ -309,8 +317,6 @@ def test_serve_run_refuses_an_engine_no_node_offers_and_names_each_nodes_engines
 
 
 def test_status_shows_who_holds_the_npus_and_why_a_replica_waits(cluster, tmp_path):
-    import time
-
     from raystack.cluster import status
 
     deploy(npu_backend(4, 2), "big")  # all 8 NPUs
