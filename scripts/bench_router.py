@@ -253,7 +253,7 @@ def main() -> None:
 
     from raystack import process
 
-    os.environ.update({process.NICENESS_ENV: "0", **process.SERVE_CONTROLLER_ENV})  # as `raystack start` exports them
+    os.environ.update(process.LOCAL_RAY_ENV)  # as `raystack start` exports them, the fast path decided below
     for key in process.SERVE_FAST_PATH_ENV:  # whatever the calling shell exported: this run decides
         os.environ.pop(key, None)
     if args.serve_defaults:  # build_router and build_backend set the fast path in its replicas' runtime_env: empty it

