@@ -209,12 +209,12 @@ def runs_side_by_side(bases: dict[str, str], model_path: Path, c: int, args,
     prompts = max(8, args.prompts_per_concurrency * c)
     runs: dict[tuple[str, int], list[dict]] = {}
     names = list(bases)
-    for i in range(-1, args.paired_runs):
-        for name in (names if i % 2 else list(reversed(names))):
-            r = bench(bases[name], model_path, c, prompts, outdir / f"side-by-side-{name}-c{c}-{i + 1}.json", args)
-            print(f"  side by side c={c} {'warm-up' if i < 0 else f'run {i + 1}'} {name}: "
+    for run in range(args.paired_runs + 1):  # run 0 warms up
+        for name in (names if run % 2 == 0 else list(reversed(names))):
+            r = bench(bases[name], model_path, c, prompts, outdir / f"side-by-side-{name}-c{c}-{run}.json", args)
+            print(f"  side by side c={c} {f'run {run}' if run else 'warm-up'} {name}: "
                   f"{r['output_throughput']:.2f} tok/s, median TTFT {r['median_ttft_ms']:.1f} ms", flush=True)
-            if i >= 0:
+            if run:
                 runs.setdefault((name, c), []).append(r)
     return runs
 
