@@ -14,6 +14,10 @@ Per model, backend and replica (engines report them; vLLM's come from its own en
                                               ratio is the backend's hit rate)
 Per model and error type, at the router:
     raystack_request_errors_total             counter (type: OpenAI's error type, status: HTTP status)
+Per model and backend, at the router:
+    raystack_streams_total                    counter, per `path`: how a stream's chunks came from its replica,
+                                              `channel` (replica/chunk_channel.py) or `serve` (Serve's call, when
+                                              the replica could not reach the router's inbox)
 Per priority class (`class`), at the router (config/priority.py, router/fair_share.py):
     raystack_queue_depth                      gauge, per model, backend and router replica: requests waiting
                                               for a slot of a full backend
@@ -129,6 +133,9 @@ class RouterMetrics:
         self.errors = metrics.Counter("raystack_request_errors_total", description="Requests answered with an error.",
                                       tag_keys=("model", "type", "status"))
 
+        self.streams = metrics.Counter(
+            "raystack_streams_total", tag_keys=("model", "backend", "path"),
+            description="Streamed answers, by the path their chunks took from the replica: channel or serve.")
         self.replica_failures = metrics.Counter(
             "raystack_replica_failures_total", tag_keys=("model", "backend"),
             description="Tries that failed on the replica's side before the first token (the request was resent).")
@@ -178,6 +185,9 @@ class RouterMetrics:
 
     def refused(self, model: str, priority: str, reason: str) -> None:
         self.refusals.inc(1, tags={"model": model, "class": priority, "reason": reason})
+
+    def stream_opened(self, model: str, backend: str, path: str) -> None:
+        self.streams.inc(1, tags={"model": model, "backend": backend, "path": path})
 
     def replica_failed(self, model: str, backend: str) -> None:
         self.replica_failures.inc(1, tags={"model": model, "backend": backend})

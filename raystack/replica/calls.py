@@ -8,6 +8,7 @@ from typing import Any
 
 from raystack.engines.base import RequestKind
 from raystack.json_codec import decode
+from raystack.replica.chunk_channel import ReplyTo
 
 
 @dataclass(eq=False)
@@ -18,7 +19,7 @@ class Dispatch:
     failed this request already) are for Serve's request router, which picks the replica in the router's own
     process (router/replica_choice.py) and writes down which one in `replica`, so that a try failing before
     its answer opens is blamed on the right replica, and (kv_aware) in `cached_tokens` the prompt tokens its KV
-    cache held of the route when chosen. Only kind and body are sent to the replica."""
+    cache held of the route when chosen. Only kind, body and reply_to are sent to the replica."""
 
     kind: RequestKind
     body: dict[str, Any]
@@ -26,9 +27,10 @@ class Dispatch:
     avoid: tuple[str, ...] = ()
     replica: str | None = None
     cached_tokens: int | None = None  # kv_aware: of the route, what the chosen replica's cache held then
+    reply_to: ReplyTo | None = None  # where a stream's chunks after its opening go (chunk_channel.py)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"kind": self.kind, "body": self.body}
+        return {"kind": self.kind, "body": self.body, "reply_to": self.reply_to}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -46,14 +48,16 @@ class Opening:
     body: Any = None
     chunk: str | None = None
     failure: str | None = None
+    channel: bool = False  # the stream's other chunks come through the chunk channel, not the call
+
 
     @classmethod
     def whole(cls, replica: str, status: int, body: Any) -> Opening:
         return cls(replica, status=status, body=body, failure=_error_message(body) if status >= 500 else None)
 
     @classmethod
-    def streamed(cls, replica: str, chunk: str) -> Opening:
-        return cls(replica, chunk=chunk, failure=_stream_failure(chunk))
+    def streamed(cls, replica: str, chunk: str, channel: bool = False) -> Opening:
+        return cls(replica, chunk=chunk, failure=_stream_failure(chunk), channel=channel)
 
 
 def _stream_failure(chunk: str) -> str | None:

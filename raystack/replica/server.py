@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, AsyncIterator
 
@@ -17,6 +18,7 @@ from raystack.observability.metrics import ReplicaMetrics
 from raystack.process import pin_granted_npus, restore_normal_priority
 from raystack.protocol import error_body
 from raystack.replica.calls import Dispatch, Opening
+from raystack.replica.chunk_channel import CHUNK, END, ERROR, ChannelBroken, Link, Outbox
 
 logger = logging.getLogger("ray.serve")
 
@@ -92,6 +94,7 @@ class LLMServer:
         self.hold_adapter = serve.multiplexed(max_num_models_per_replica=self.backend.adapters_per_replica)(hold)
         self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
         self.engine_failed: str | None = None  # what the engine said when it last failed a request on its side
+        self.outbox = Outbox()  # streams to the routers that ask for them (chunk_channel.py)
         self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.served,
                                     kv_events_topic=self.replica if kv_events else None)
         await self.engine.start()
@@ -152,10 +155,39 @@ class LLMServer:
         if answer.stream is None:
             yield self._noted(Opening.whole(self.replica, answer.status, answer.body))
             return
-        first = True
-        async for chunk in coalesce(answer.stream):
-            yield self._noted(Opening.streamed(self.replica, chunk)) if first else chunk
-            first = False
+        link = await self.outbox.link(call.reply_to) if call.reply_to is not None else None
+        if link is None:  # through Serve, as Serve streams: one item per chunk, joined only when Serve lags
+            first = True
+            async for chunk in coalesce(answer.stream):
+                yield self._noted(Opening.streamed(self.replica, chunk)) if first else chunk
+                first = False
+            return
+        async for opening in self._through_channel(answer.stream, link, call.reply_to.request):
+            yield opening
+
+    async def _through_channel(self, stream: AsyncIterator[str], link: Link, request: int) -> AsyncIterator[Opening]:
+        """The stream's first chunk as its Opening (through Serve), the rest to the router through `link`
+        (chunk_channel.py). The engine's failure before its first chunk is the call's (the router tries another
+        replica); after it, an ERROR frame (the router ends the stream with an error event) and the call's."""
+        opened = False
+        try:
+            async for chunk in stream:
+                if not opened:
+                    opened = True
+                    yield self._noted(Opening.streamed(self.replica, chunk, channel=True))
+                    continue
+                link.send(request, CHUNK, chunk)
+                await link.drain()
+            link.send(request, END)
+        except ChannelBroken:
+            raise
+        except Exception as err:
+            if opened:
+                with contextlib.suppress(ChannelBroken):
+                    link.send(request, ERROR, f"{type(err).__name__}: {err}")
+            raise
+        finally:  # cancelled (the client left): closing the engine's stream aborts the request in the engine
+            await stream.aclose()
 
     def _noted(self, opening: Opening) -> Opening:
         """Notes whether the engine failed on its side (the next health check then probes it)."""
@@ -191,3 +223,6 @@ class LLMServer:
         engine = getattr(self, "engine", None)  # absent when __init__ failed
         if engine is not None:
             await engine.shutdown()
+        outbox = getattr(self, "outbox", None)
+        if outbox is not None:
+            outbox.close()

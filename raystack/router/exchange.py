@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from raystack.observability.access_log import AccessLog
     from raystack.observability.metrics import RouterMetrics
     from raystack.replica.calls import Opening
+    from raystack.replica.chunk_channel import Sink
     from raystack.router.auth import Grant
     from raystack.router.quotas import Quotas
 
@@ -60,6 +61,7 @@ class Delivery:
     release: Callable[[], None]  # gives the slot back
     upstream_done: bool = False  # the replica has sent all of it (or broke off): nothing to stop there
     cached_tokens: int | None = None  # kv_aware: the prompt tokens the router expects the replica to have cached
+    sink: Sink | None = None  # where the rest of a stream arrives, if through the chunk channel (not `stream`)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -29,6 +29,7 @@ from raystack.config import Model, RouterConfig, Routing
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
 from raystack.replica.calls import Dispatch, Opening
+from raystack.replica.chunk_channel import ChannelBroken, Inbox, Sink
 from raystack.router import routing_board
 from raystack.router.catalogue import Catalogue
 from raystack.router.exchange import Delivery, Exchange
@@ -62,9 +63,12 @@ def _last_line(err: BaseException) -> str:
 
 
 class Forwarder:
-    def __init__(self, settings: RouterConfig, metrics: RouterMetrics):
+    def __init__(self, settings: RouterConfig, metrics: RouterMetrics, inbox: Inbox | None = None):
+        """`inbox`: where replicas send a stream's chunks after its opening (chunk_channel.py); None: through
+        Serve's call."""
         self.settings = settings
         self.metrics = metrics
+        self.inbox = inbox
         self.streams: dict[str, dict[str, DeploymentHandle]] = {}  # model -> backend -> streaming handle
         self.deployments: dict[str, dict[str, str]] = {}  # model -> backend -> Serve deployment name
         self.policies: dict[str, LeastLoaded] = {}
@@ -142,8 +146,8 @@ class Forwarder:
             tell_engine(exchange.body, exchange.band, (model.name, backend) in self.by_priority)
             call = Dispatch(exchange.kind, exchange.body, route, tuple(failed))
             try:
-                opening, stream = await self.open(model.name, backend, call, deadline, exchange.adapter,
-                                                  exchange.share, exchange.band)
+                opening, stream, sink = await self.open(model.name, backend, call, deadline, exchange.adapter,
+                                                        exchange.share, exchange.band)
             except GateFull as err:
                 busy[backend] = err.reason
                 continue
@@ -169,8 +173,8 @@ class Forwarder:
                 continue
             key = (model.name, backend)
             exchange.delivery = Delivery(model.name, backend, opening, stream, deadline,
-                                         release=partial(self.done, key, exchange.band),
-                                         cached_tokens=call.cached_tokens)
+                                         release=partial(self.done, key, exchange.band, sink),
+                                         cached_tokens=call.cached_tokens, sink=sink)
             return exchange.delivery
 
     def _busy(self, exchange: Exchange, reasons: set[str]) -> OpenAIError:
@@ -198,10 +202,10 @@ class Forwarder:
     async def open(
         self, model: str, backend: str, call: Dispatch, deadline: float, adapter: str | None = None,
         share: tuple[str, float] = ("", 1.0), band: Band = ONE_BAND,
-    ) -> tuple[Opening, DeploymentResponseGenerator]:
+    ) -> tuple[Opening, DeploymentResponseGenerator, Sink | None]:
         """Send `call` to `backend` (to none of the replicas it avoids) and wait for its opening (a stream's
-        first chunk, or the whole JSON answer). The backend's in-flight count holds until the answer is
-        fully relayed."""
+        first chunk, or the whole JSON answer), and the Sink of the stream's other chunks if the replica sends
+        them through the chunk channel. The backend's in-flight count holds until the answer is fully relayed."""
         handle = self.streams.get(model, {}).get(backend)
         if handle is None:
             raise OpenAIError(503, f"`{model}@{backend}` was just removed from this router's backends; retry.",
@@ -220,6 +224,9 @@ class Forwarder:
         self.in_flight[key] += 1
         if adapter:
             handle = handle.options(multiplexed_model_id=adapter)
+        sink = None
+        if streaming and self.inbox is not None:
+            call.reply_to, sink = self.inbox.open()
         stream: DeploymentResponseGenerator = handle.generate.remote(call)
         first = asyncio.ensure_future(stream.__anext__())
         answered = False
@@ -244,19 +251,28 @@ class Forwarder:
             if opening.failure:  # the engine's own failure, not the client's: another replica may well answer
                 raise ReplicaFailed(f"its engine failed: {opening.failure}", opening.replica)
             answered = True
-            return opening, stream
+            if sink is not None and not opening.channel:  # the replica could not reach the inbox: via Serve
+                self.inbox.forget(sink)
+                sink = None
+            elif sink is not None:
+                sink.follow(stream, lambda err: f"{type(err).__name__}: {_last_line(err)}")
+            if streaming:
+                self.metrics.stream_opened(model, backend, "channel" if sink is not None else "serve")
+            return opening, stream, sink
         finally:
             if not answered:  # failed, timed out, or the client left: free the replica
                 first.cancel()
                 first.add_done_callback(_retrieve)  # its exception is known and handled here
                 stream.cancel()
-                self.done(key, band)
+                self.done(key, band, sink)
 
-    def done(self, key: tuple[str, str], band: Band = ONE_BAND) -> None:
+    def done(self, key: tuple[str, str], band: Band = ONE_BAND, sink: Sink | None = None) -> None:
         self.in_flight[key] -= 1
         gate = self.gates.get(key)
         if gate is not None:
             gate.release(band)
+        if sink is not None:
+            self.inbox.forget(sink)
 
     def running_replicas(self, model: str, backend: str) -> int | None:
         """As this process's handle last heard from Serve; None until it has."""
@@ -283,14 +299,17 @@ class Forwarder:
         """The stream's chunks, its opening first, until it ends or the request's deadline passes. It notes
         on the delivery when the replica has sent everything; its Exchange gives the slot back."""
         served = "@".join(delivery.key)
-        stream = delivery.stream
+        # The chunk channel's Sink ends with None, Serve's stream with StopAsyncIteration.
+        next_chunk = delivery.sink.next if delivery.sink is not None else delivery.stream.__anext__
         try:
             yield delivery.opening.chunk
             while True:
                 try:
                     async with asyncio.timeout_at(delivery.deadline):  # one timer handle per chunk, no task
-                        chunk = await stream.__anext__()
+                        chunk = await next_chunk()
                 except StopAsyncIteration:
+                    chunk = None
+                if chunk is None:
                     delivery.upstream_done = True
                     return
                 yield chunk
@@ -301,7 +320,8 @@ class Forwarder:
                                             f"({self.settings.request_timeout_s:g} s); the answer is incomplete."))
             yield SSE_DONE
         except Exception as err:
-            delivery.upstream_done = True
+            # Serve's stream broke, so the call is over; a channel may break with the call still running.
+            delivery.upstream_done = not isinstance(err, ChannelBroken)
             logger.warning("stream from %s broke: %r", served, err)
             self.metrics.error(delivery.model, 502)
             yield sse_event(error_body(502, f"The replica of `{served}` failed mid-stream ({type(err).__name__}); "

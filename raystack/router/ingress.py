@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,6 +40,7 @@ from raystack.observability.access_log import AccessLog
 from raystack.observability.metrics import RouterMetrics
 from raystack.process import restore_normal_priority
 from raystack.protocol import REQUEST_MODELS, OpenAIError, error_body, parse_request
+from raystack.replica.chunk_channel import Inbox
 from raystack.router.admission import ClientWatch, backends_unable, check_length_bounds, read_body
 from raystack.router.auth import APIKeyError, APIKeys, KeyFileWatch
 from raystack.router.catalogue import (REFRESH_S, BackendRef, Catalogue, registered_backends, target_replicas,
@@ -123,7 +125,9 @@ class Router:
         source = self.settings.api_keys
         self.key_file = KeyFileWatch(Path(source.file).expanduser()) if source and source.file else None
         self.metrics = RouterMetrics()
-        self.forwarder = Forwarder(self.settings, self.metrics)
+        self.inbox = Inbox()  # replicas stream to it directly (chunk_channel.py), on the node's Ray address
+        await self.inbox.start(ray.util.get_node_ip_address())
+        self.forwarder = Forwarder(self.settings, self.metrics, self.inbox)
         self.priorities = Priorities(self.settings.priority)
         self.access_log = AccessLog() if self.settings.access_log else None
         self.catalogue = Catalogue(None, {})
@@ -170,6 +174,9 @@ class Router:
         listener = getattr(self, "listener", None)  # absent when __init__ failed
         if listener is not None:
             await listener.stop(self.settings.request_timeout_s)
+        inbox = getattr(self, "inbox", None)
+        if inbox is not None:
+            await inbox.stop()
 
     @property
     def models(self) -> dict[str, Model]:

@@ -37,6 +37,7 @@ def test_request_metrics_are_exported_per_model_backend_and_replica(server):
             samples = scrape()
             done = (total(samples, "ray_raystack_time_to_first_token_seconds_count", **wanted) == 5
                     and total(samples, "ray_raystack_request_errors_total", model="metered") == 1
+                    and total(samples, "ray_raystack_streams_total", model="metered") == 5
                     and any(n == "ray_raystack_requests_running" for n, _, _ in samples))
             if done or time.monotonic() > deadline:
                 break
@@ -56,3 +57,7 @@ def test_request_metrics_are_exported_per_model_backend_and_replica(server):
     assert total(samples, "ray_raystack_request_errors_total", model="metered", type="invalid_request_error",
                  status="400") == 1
     assert any(n == "ray_raystack_requests_running" and l.get("model") == "metered" for n, l, _ in samples)
+    # The streams' chunks came straight from the replica (chunk channel), not through Serve's call: only a
+    # stream that found no connection ready yet within 50 ms (the first) may have gone through Serve.
+    assert total(samples, "ray_raystack_streams_total", model="metered", path="channel") >= 4
+    assert total(samples, "ray_raystack_streams_total", model="metered") == 5
