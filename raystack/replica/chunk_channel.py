@@ -23,6 +23,7 @@ CHUNK (SSE text, UTF-8), END (none) or ERROR (the message, UTF-8).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import logging
@@ -141,6 +142,7 @@ class Inbox:
     def __init__(self) -> None:
         self.secret = secrets.token_bytes(SECRET_BYTES)
         self.sinks: dict[int, Sink] = {}
+        self.receivers: set[_Receiver] = set()  # the replicas' connections
         self.ids = itertools.count(1)
         self.server: asyncio.AbstractServer | None = None
         self.host = ""
@@ -162,8 +164,11 @@ class Inbox:
         sink.close()
 
     async def stop(self) -> None:
+        """No more connections; those open are closed (their replicas stop writing to them)."""
         if self.server is not None:
             self.server.close()
+            for receiver in list(self.receivers):
+                receiver.transport.close()
             for sink in self.sinks.values():
                 sink.fail("the router is stopping")
 
@@ -180,6 +185,7 @@ class _Receiver(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.inbox.receivers.add(self)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -213,6 +219,7 @@ class _Receiver(asyncio.Protocol):
         del buffer[:at]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.inbox.receivers.discard(self)
         for request in self.carried:
             sink = self.inbox.sinks.get(request)
             if sink is not None:
@@ -225,6 +232,7 @@ class Link:
 
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
+        self.watch: asyncio.Future | None = None  # closes the writer when the router's end closes
 
     def send(self, request: int, kind: int, text: str = "") -> None:
         if self.writer.is_closing():  # asyncio would drop the write without a word
@@ -239,6 +247,22 @@ class Link:
 
     def close(self) -> None:
         self.writer.close()
+
+
+async def _close_at_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The router never writes: its end closing (its replica stopped) is the only thing to read. Then close
+    ours, so that the Link says it is broken instead of writing into a socket nobody reads."""
+    with contextlib.suppress(OSError):
+        await reader.read()
+    writer.close()
+
+
+def _usable(pending: asyncio.Future) -> Link | None:
+    """The Link a connection attempt made, if it is made and still open."""
+    if not pending.done() or pending.cancelled() or pending.exception() is not None:
+        return None
+    link = pending.result()
+    return None if link.writer.is_closing() else link
 
 
 class Outbox:
@@ -260,14 +284,18 @@ class Outbox:
         if self.unreachable.get(key, 0.0) > loop.time():
             return None
         pending = self.links.get(key)
-        if pending is None or (pending.done() and pending.result().writer.is_closing()):
+        if pending is None or (pending.done() and _usable(pending) is None):
+            self._forget_closed()  # links to router replicas that have gone since
             pending = self.links[key] = asyncio.ensure_future(self._connect(reply_to))
             pending.add_done_callback(partial(self._connected, reply_to))
         if not pending.done():
             await asyncio.wait({pending}, timeout=CONNECT_WAIT_S)
-            if not pending.done():
-                return None
-        return None if pending.cancelled() or pending.exception() else pending.result()
+        return _usable(pending)
+
+    def _forget_closed(self) -> None:
+        for key, pending in list(self.links.items()):
+            if pending.done() and _usable(pending) is None:
+                del self.links[key]
 
     def _connected(self, reply_to: ReplyTo, pending: asyncio.Future) -> None:
         if pending.cancelled() or pending.exception() is None:
@@ -280,14 +308,17 @@ class Outbox:
 
     @staticmethod
     async def _connect(reply_to: ReplyTo) -> Link:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(reply_to.host, reply_to.port), CONNECT_TIMEOUT_S)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(reply_to.host, reply_to.port),
+                                                CONNECT_TIMEOUT_S)
         writer.write(reply_to.secret)
-        return Link(writer)
+        link = Link(writer)
+        link.watch = asyncio.ensure_future(_close_at_eof(reader, writer))
+        return link
 
     def close(self) -> None:
         for pending in self.links.values():
-            if not pending.done():
-                pending.cancel()
-            elif not pending.exception():
-                pending.result().close()
+            link = _usable(pending)
+            if link is not None:
+                link.close()
+            pending.cancel()  # a connection still being made
         self.links.clear()

@@ -100,6 +100,27 @@ def test_a_connection_that_breaks_ends_every_stream_it_carried_and_the_replica_s
     asyncio.run(main())
 
 
+def test_a_stopped_router_closes_its_connections_and_the_replica_forgets_them():
+    async def main():
+        gone, kept, outbox = await started_inbox(), await started_inbox(), Outbox()
+        to_gone, _ = gone.open()
+        old = await outbox.link(to_gone)
+        await gone.stop()  # its replica replaced: Router.__del__
+        for _ in range(100):
+            if old.writer.is_closing():
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(ChannelBroken):
+            old.send(to_gone.request, CHUNK, "after the end")
+        to_kept, sink = kept.open()
+        assert await outbox.link(to_kept) is not None
+        assert list(outbox.links) == [to_kept.inbox]  # the link to the stopped router is gone
+        outbox.close()
+        await kept.stop()
+
+    asyncio.run(main())
+
+
 def test_a_connection_without_the_inbox_secret_is_closed_and_writes_nothing():
     async def main():
         inbox, outbox = await started_inbox(), Outbox()
