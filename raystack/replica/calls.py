@@ -50,7 +50,6 @@ class Opening:
     failure: str | None = None
     channel: bool = False  # the stream's other chunks come through the chunk channel, not the call
 
-
     @classmethod
     def whole(cls, replica: str, status: int, body: Any) -> Opening:
         return cls(replica, status=status, body=body, failure=_error_message(body) if status >= 500 else None)
