@@ -74,7 +74,7 @@ class Sink:
         self.ended = False
         self.broken: str | None = None
         self.waiter: asyncio.Future | None = None
-        self.watch: asyncio.Future | None = None  # the Serve call's end, awaited on its own
+        self.watch: asyncio.Future | None = None  # the Serve call's end (held: the loop keeps tasks weakly)
         self._late: asyncio.TimerHandle | None = None
 
     def put(self, chunk: str) -> None:

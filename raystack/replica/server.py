@@ -156,37 +156,33 @@ class LLMServer:
             yield self._noted(Opening.whole(self.replica, answer.status, answer.body))
             return
         link = await self.outbox.link(call.reply_to) if call.reply_to is not None else None
-        if link is None:  # through Serve, as Serve streams: one item per chunk, joined only when Serve lags
-            first = True
-            async for chunk in coalesce(answer.stream):
-                yield self._noted(Opening.streamed(self.replica, chunk)) if first else chunk
-                first = False
-            return
-        async for opening in self._through_channel(answer.stream, link, call.reply_to.request):
-            yield opening
+        async for item in self._streamed(answer.stream, link, call.reply_to.request if link else 0):
+            yield item
 
-    async def _through_channel(self, stream: AsyncIterator[str], link: Link, request: int) -> AsyncIterator[Opening]:
-        """The stream's first chunk as its Opening (through Serve), the rest to the router through `link`
-        (chunk_channel.py). The engine's failure before its first chunk is the call's (the router tries another
-        replica); after it, an ERROR frame (the router ends the stream with an error event) and the call's.
-        Chunks are taken as `coalesce` joins them: what the engine wrote at once goes at once, so the opening
-        carries vLLM's first token with its role chunk, as through Serve (both come from one engine step; sent
-        apart, the median TTFT at concurrency 1 came out 18 ms worse: README, "raystack vs vLLM's own server")."""
+    async def _streamed(self, stream: AsyncIterator[str], link: Link | None, request: int) -> AsyncIterator[Any]:
+        """The stream's first chunk as its Opening (through Serve); the rest through Serve too when `link` is
+        None, else to the router through `link` (chunk_channel.py). Chunks are taken as `coalesce` joins them:
+        what the engine wrote at once goes at once, so the opening carries vLLM's first token with its role
+        chunk (both come from one engine step; sent apart through the channel, the median TTFT at concurrency 1
+        came out 18 ms worse: README, "raystack vs vLLM's own server"). The engine's failure before its first
+        chunk is the call's (the router tries another replica); after it, through the channel, an ERROR frame
+        (the router ends the stream with an error event) as well."""
         opened = False
         async with contextlib.aclosing(coalesce(stream)) as chunks:  # closed: the request aborted in the engine
             try:
                 async for chunk in chunks:
                     if not opened:
                         opened = True
-                        yield self._noted(Opening.streamed(self.replica, chunk, channel=True))
-                        continue
-                    link.send(request, CHUNK, chunk)
-                    await link.drain()
-                link.send(request, END)
-            except ChannelBroken:
-                raise
+                        yield self._noted(Opening.streamed(self.replica, chunk, channel=link is not None))
+                    elif link is None:
+                        yield chunk
+                    else:
+                        link.send(request, CHUNK, chunk)
+                        await link.drain()
+                if link is not None:
+                    link.send(request, END)
             except Exception as err:
-                if opened:
+                if opened and link is not None and not isinstance(err, ChannelBroken):
                     with contextlib.suppress(ChannelBroken):
                         link.send(request, ERROR, f"{type(err).__name__}: {err}")
                 raise

@@ -5,6 +5,7 @@ when its replica dies; a stranger writing into someone's answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -24,78 +25,81 @@ async def started_inbox() -> Inbox:
     return inbox
 
 
-def test_chunks_of_interleaved_requests_reach_their_own_stream_in_order():
-    async def main():
-        inbox, outbox = await started_inbox(), Outbox()
-        (to_a, sink_a), (to_b, sink_b) = inbox.open(), inbox.open()
-        link = await outbox.link(to_a)
-        assert link is not None and await outbox.link(to_b) is link  # one connection per router replica
-        big = "data: " + "é" * 300_000 + "\n\n"  # split over many reads, multi-byte characters across them
-        for i in range(50):
-            link.send(to_a.request, CHUNK, f"a{i} ")
-            link.send(to_b.request, CHUNK, f"b{i} ")
-        link.send(to_b.request, CHUNK, big)
-        link.send(to_a.request, END)
-        link.send(to_b.request, END)
-        await link.drain()
-        assert "".join(await drain(sink_a)) == "".join(f"a{i} " for i in range(50))
-        assert "".join(await drain(sink_b)) == "".join(f"b{i} " for i in range(50)) + big
+@contextlib.asynccontextmanager
+async def channel():
+    """A router's inbox and a replica's outbox, both closed at the end however the test went."""
+    inbox, outbox = await started_inbox(), Outbox()
+    try:
+        yield inbox, outbox
+    finally:
         outbox.close()
         await inbox.stop()
+
+
+def test_chunks_of_interleaved_requests_reach_their_own_stream_in_order():
+    async def main():
+        async with channel() as (inbox, outbox):
+            (to_a, sink_a), (to_b, sink_b) = inbox.open(), inbox.open()
+            link = await outbox.link(to_a)
+            assert link is not None and await outbox.link(to_b) is link  # one connection per router replica
+            big = "data: " + "é" * 300_000 + "\n\n"  # split over many reads, multi-byte characters across them
+            for i in range(50):
+                link.send(to_a.request, CHUNK, f"a{i} ")
+                link.send(to_b.request, CHUNK, f"b{i} ")
+            link.send(to_b.request, CHUNK, big)
+            link.send(to_a.request, END)
+            link.send(to_b.request, END)
+            await link.drain()
+            assert "".join(await drain(sink_a)) == "".join(f"a{i} " for i in range(50))
+            assert "".join(await drain(sink_b)) == "".join(f"b{i} " for i in range(50)) + big
 
     asyncio.run(main())
 
 
 def test_a_consumer_that_lags_gets_what_arrived_meanwhile_as_one_item():
     async def main():
-        inbox, outbox = await started_inbox(), Outbox()
-        to, sink = inbox.open()
-        link = await outbox.link(to)
-        for word in ("one ", "two ", "three "):
-            link.send(to.request, CHUNK, word)
-        link.send(to.request, END)
-        await asyncio.sleep(0.2)  # all of it arrived before the consumer looks
-        assert await drain(sink) == ["one two three "]
-        outbox.close()
-        await inbox.stop()
+        async with channel() as (inbox, outbox):
+            to, sink = inbox.open()
+            link = await outbox.link(to)
+            for word in ("one ", "two ", "three "):
+                link.send(to.request, CHUNK, word)
+            link.send(to.request, END)
+            await asyncio.sleep(0.2)  # all of it arrived before the consumer looks
+            assert await drain(sink) == ["one two three "]
 
     asyncio.run(main())
 
 
 def test_an_error_frame_ends_the_stream_after_what_came_before_it():
     async def main():
-        inbox, outbox = await started_inbox(), Outbox()
-        to, sink = inbox.open()
-        link = await outbox.link(to)
-        link.send(to.request, CHUNK, "data: partial\n\n")
-        link.send(to.request, ERROR, "RuntimeError: the engine died")
-        assert await sink.next() == "data: partial\n\n"
-        with pytest.raises(ChannelBroken, match="the engine died"):
-            await sink.next()
-        outbox.close()
-        await inbox.stop()
+        async with channel() as (inbox, outbox):
+            to, sink = inbox.open()
+            link = await outbox.link(to)
+            link.send(to.request, CHUNK, "data: partial\n\n")
+            link.send(to.request, ERROR, "RuntimeError: the engine died")
+            assert await sink.next() == "data: partial\n\n"
+            with pytest.raises(ChannelBroken, match="the engine died"):
+                await sink.next()
 
     asyncio.run(main())
 
 
 def test_a_connection_that_breaks_ends_every_stream_it_carried_and_the_replica_stops_writing():
     async def main():
-        inbox, outbox = await started_inbox(), Outbox()
-        (to_a, sink_a), (to_b, sink_b) = inbox.open(), inbox.open()
-        link = await outbox.link(to_a)
-        link.send(to_a.request, CHUNK, "a")
-        link.send(to_b.request, CHUNK, "b")
-        assert await sink_a.next() == "a" and await sink_b.next() == "b"
-        link.writer.transport.abort()  # the replica's process is gone
-        for sink in (sink_a, sink_b):
-            with pytest.raises(ChannelBroken, match="connection from its replica broke"):
-                await asyncio.wait_for(sink.next(), 5)
-        with pytest.raises(ChannelBroken):
-            link.send(to_a.request, CHUNK, "lost")  # never dropped without a word
-        relinked = await outbox.link(to_a)  # the next stream gets a new connection
-        assert relinked is not None and relinked is not link
-        outbox.close()
-        await inbox.stop()
+        async with channel() as (inbox, outbox):
+            (to_a, sink_a), (to_b, sink_b) = inbox.open(), inbox.open()
+            link = await outbox.link(to_a)
+            link.send(to_a.request, CHUNK, "a")
+            link.send(to_b.request, CHUNK, "b")
+            assert await sink_a.next() == "a" and await sink_b.next() == "b"
+            link.writer.transport.abort()  # the replica's process is gone
+            for sink in (sink_a, sink_b):
+                with pytest.raises(ChannelBroken, match="connection from its replica broke"):
+                    await asyncio.wait_for(sink.next(), 5)
+            with pytest.raises(ChannelBroken):
+                link.send(to_a.request, CHUNK, "lost")  # never dropped without a word
+            relinked = await outbox.link(to_a)  # the next stream gets a new connection
+            assert relinked is not None and relinked is not link
 
     asyncio.run(main())
 
@@ -123,34 +127,30 @@ def test_a_stopped_router_closes_its_connections_and_the_replica_forgets_them():
 
 def test_a_connection_without_the_inbox_secret_is_closed_and_writes_nothing():
     async def main():
-        inbox, outbox = await started_inbox(), Outbox()
-        to, sink = inbox.open()
-        forged = ReplyTo(to.host, to.port, b"x" * len(to.secret), to.request)
-        link = await outbox.link(forged)
-        link.send(forged.request, CHUNK, "injected")
-        link.send(forged.request, END)
-        await asyncio.sleep(0.3)
-        assert sink.parts == [] and not sink.ended
-        outbox.close()
-        await inbox.stop()
+        async with channel() as (inbox, outbox):
+            to, sink = inbox.open()
+            forged = ReplyTo(to.host, to.port, b"x" * len(to.secret), to.request)
+            link = await outbox.link(forged)
+            link.send(forged.request, CHUNK, "injected")
+            link.send(forged.request, END)
+            await asyncio.sleep(0.3)
+            assert sink.parts == [] and not sink.ended
 
     asyncio.run(main())
 
 
 def test_frames_for_a_request_the_router_forgot_are_dropped_and_others_go_on():
     async def main():
-        inbox, outbox = await started_inbox(), Outbox()
-        (gone, gone_sink), (kept, kept_sink) = inbox.open(), inbox.open()
-        inbox.forget(gone_sink)  # its client left
-        link = await outbox.link(kept)
-        link.send(gone.request, CHUNK, "late")
-        link.send(gone.request, END)
-        link.send(kept.request, CHUNK, "fine")
-        link.send(kept.request, END)
-        assert await drain(kept_sink) == ["fine"]
-        assert gone.request not in inbox.sinks
-        outbox.close()
-        await inbox.stop()
+        async with channel() as (inbox, outbox):
+            (gone, gone_sink), (kept, kept_sink) = inbox.open(), inbox.open()
+            inbox.forget(gone_sink)  # its client left
+            link = await outbox.link(kept)
+            link.send(gone.request, CHUNK, "late")
+            link.send(gone.request, END)
+            link.send(kept.request, CHUNK, "fine")
+            link.send(kept.request, END)
+            assert await drain(kept_sink) == ["fine"]
+            assert gone.request not in inbox.sinks
 
     asyncio.run(main())
 
@@ -197,18 +197,16 @@ def test_a_replica_that_dies_before_writing_a_chunk_ends_the_stream_with_why():
 
 def test_a_call_that_ended_cleanly_waits_a_grace_for_its_end_frame_then_breaks():
     async def main():
-        inbox, outbox = await started_inbox(), Outbox()
-        (to, sink), (_, lost) = inbox.open(), inbox.open()
-        sink.follow(_Call(StopAsyncIteration(), after_s=0), str, grace_s=1)  # Serve's end came before END
-        lost.follow(_Call(StopAsyncIteration(), after_s=0), str, grace_s=0.1)  # and this one's END never comes
-        await asyncio.sleep(0.2)
-        link = await outbox.link(to)
-        link.send(to.request, CHUNK, "last")
-        link.send(to.request, END)
-        assert await drain(sink) == ["last"]
-        with pytest.raises(ChannelBroken, match="the end of its stream never came"):
-            await asyncio.wait_for(lost.next(), 5)
-        outbox.close()
-        await inbox.stop()
+        async with channel() as (inbox, outbox):
+            (to, sink), (_, lost) = inbox.open(), inbox.open()
+            sink.follow(_Call(StopAsyncIteration(), after_s=0), str, grace_s=1)  # Serve's end came before END
+            lost.follow(_Call(StopAsyncIteration(), after_s=0), str, grace_s=0.1)  # and this one's END never comes
+            await asyncio.sleep(0.2)
+            link = await outbox.link(to)
+            link.send(to.request, CHUNK, "last")
+            link.send(to.request, END)
+            assert await drain(sink) == ["last"]
+            with pytest.raises(ChannelBroken, match="the end of its stream never came"):
+                await asyncio.wait_for(lost.next(), 5)
 
     asyncio.run(main())
