@@ -53,6 +53,7 @@ def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any
                   http: dict[str, Any] | None = None, **ray_args: Any) -> Iterator[ServeCluster]:
     """`head`: the head node's arguments with `nodes` (default: 1 CPU, no dashboard); without `nodes`,
     ray.init's `ray_args` (default: 2 CPUs, no dashboard). `http`: more of Serve's HTTP options."""
+    release_kept_serve_cluster()  # one Ray per process
     cluster = None
     if nodes is not None:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
@@ -73,6 +74,35 @@ def serve_cluster(nodes: list[dict[str, Any]] | None = None, head: dict[str, Any
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+
+
+_kept: tuple[contextlib.ExitStack, ServeCluster] | None = None
+
+
+def kept_serve_cluster() -> ServeCluster:
+    """serve_cluster() with its defaults, kept running for the next test module that asks for it: starting
+    and stopping Ray and Serve costs a module about 12 s on 2 cores. The next module gets it with no
+    application left (clear_applications). Stopped by release_kept_serve_cluster, which any other
+    serve_cluster calls first."""
+    global _kept
+    if _kept is None:
+        stack = contextlib.ExitStack()
+        _kept = stack, stack.enter_context(serve_cluster())
+    return _kept[1]
+
+
+def release_kept_serve_cluster() -> None:
+    global _kept
+    if _kept is not None:
+        stack, _kept = _kept[0], None
+        stack.close()
+
+
+def clear_applications() -> None:
+    """Delete every Serve application, waiting for their replicas to stop."""
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().delete_apps(list(serve.status().applications), blocking=True)
 
 
 def serve_deploy(config: dict[str, Any], timeout_s: float = 120) -> None:

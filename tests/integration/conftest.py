@@ -1,23 +1,45 @@
-"""Shared by the integration tests that deploy raystack apps: a fresh local Ray with Serve per test module
-(tests/serve_cluster.py), synthetic backends, and a helper that deploys one raystack service (its router
+"""Shared by the integration tests that deploy raystack apps: a local Ray with Serve (tests/serve_cluster.py)
+that the modules needing nothing else share, synthetic backends, and a helper that deploys one raystack service (its router
 under its own route prefix and on a port of its own, each backend an application of its own) with Serve's
 Python API."""
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from raystack.app import delete_stack, run_stack
-from tests.serve_cluster import free_port, serve_cluster
+from tests.serve_cluster import clear_applications, free_port, kept_serve_cluster, release_kept_serve_cluster
+
+HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def server():
-    with serve_cluster() as running:
-        yield running.url
+    """Serve's URL on a plain local Ray, which the modules using this fixture share (they run one after
+    another: pytest_collection_modifyitems); each gets it with no application of the one before."""
+    yield kept_serve_cluster().url
+    clear_applications()
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _release_the_kept_cluster():
+    yield
+    release_kept_serve_cluster()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules on the shared cluster (those using `server` without a fixture of their own by that name)
+    first, so that it starts once; otherwise in pytest's order."""
+    here = [i for i, item in enumerate(items) if Path(item.path).parent == HERE]
+    shared = {item.path for i in here if "server" in (item := items[i]).fixturenames
+              and "server" not in vars(item.module)}
+    ordered = sorted((items[i] for i in here), key=lambda item: item.path not in shared)
+    for i, item in zip(here, ordered):
+        items[i] = item
 
 
 def synthetic(name: str, replicas: int = 1, **settings: Any) -> dict[str, Any]:
