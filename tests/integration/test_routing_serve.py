@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import openai
@@ -34,7 +34,9 @@ class Outcome:
         self.error: Exception | None = None
 
 
-async def stream_chat(client: openai.AsyncOpenAI, model: str, messages: list[dict], **kwargs: Any) -> Outcome:
+async def stream_chat(client: openai.AsyncOpenAI, model: str, messages: list[dict],
+                      on_open: Callable[[Outcome], None] = lambda _: None, **kwargs: Any) -> Outcome:
+    """`on_open`: called once the answer opens (the router answers with the first chunk)."""
     try:
         raw = await client.chat.completions.with_raw_response.create(
             model=model, messages=messages, stream=True, **kwargs)
@@ -43,6 +45,7 @@ async def stream_chat(client: openai.AsyncOpenAI, model: str, messages: list[dic
         outcome.error = err
         return outcome
     outcome = Outcome(raw.headers)
+    on_open(outcome)
     try:
         async for chunk in raw.parse():
             if chunk.choices:
@@ -57,13 +60,14 @@ def client_of(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
 
 
-async def stream_chats(url: str, requests: list[tuple[str, list[dict]]], concurrency: int) -> list[Outcome]:
+async def stream_chats(url: str, requests: list[tuple[str, list[dict]]], concurrency: int,
+                       on_open: Callable[[Outcome], None] = lambda _: None) -> list[Outcome]:
     """Streams (model, messages) requests, at most `concurrency` at once; outcomes in request order."""
     gate = asyncio.Semaphore(concurrency)
     async with client_of(url) as client:
         async def one(model: str, messages: list[dict]) -> Outcome:
             async with gate:
-                return await stream_chat(client, model, messages)
+                return await stream_chat(client, model, messages, on_open)
 
         return await asyncio.gather(*(one(model, messages) for model, messages in requests))
 
@@ -136,16 +140,29 @@ def test_prefix_affinity_sends_a_shared_prefix_to_the_same_replica(server, polic
         assert rate < 0.85, rate
 
 
-async def kill_a_replica_during(url: str, app: str, kill_after_s: float) -> tuple[list[Outcome], str]:
-    """32 concurrent streams; one replica is killed kill_after_s after they start. Returns its id."""
+async def kill_a_replica_during(url: str, app: str, kill_after_s: float | None) -> tuple[list[Outcome], str]:
+    """32 concurrent streams; one replica is killed kill_after_s after they start, or (None) the one serving
+    the most streams once all have opened (a replica that got its streams late, such as the successor of
+    one killed before, may not have opened them by any fixed time). Returns its id."""
+    opened: Counter = Counter()
+    all_open = asyncio.Event()
+
+    def count(outcome: Outcome) -> None:
+        opened[outcome.served_by[1]] += 1
+        if opened.total() == 32:
+            all_open.set()
 
     async def assassin() -> str:
-        await asyncio.sleep(kill_after_s)
-        victim = sorted(replica_ids(app))[0]
+        if kill_after_s is None:
+            await all_open.wait()
+            victim = opened.most_common(1)[0][0]
+        else:
+            await asyncio.sleep(kill_after_s)
+            victim = sorted(replica_ids(app))[0]
         ray.kill(replica_actor(app, victim), no_restart=True)
         return victim
 
-    streams = stream_chats(url, [("m", ask(f"stream {i}")) for i in range(32)], concurrency=32)
+    streams = stream_chats(url, [("m", ask(f"stream {i}")) for i in range(32)], concurrency=32, on_open=count)
     outcomes, victim = await asyncio.wait_for(asyncio.gather(streams, assassin()), timeout=60)
     return outcomes, victim
 
@@ -161,10 +178,11 @@ def test_a_replica_killed_under_32_streams_loses_no_request(server):
         assert all(o.finish_reason == "stop" and len(o.text.split()) == 25 for o in outcomes)
         assert all(o.served_by[1] != victim for o in outcomes)
 
-        # Killed mid-stream: its streams end with a clear error event, every other completes.
-        outcomes, victim = asyncio.run(kill_a_replica_during(url, "kill", kill_after_s=1.5))
+        # Killed mid-stream (each stream lasts 1.25 s after it opens): its streams end with a clear error
+        # event, every other completes.
+        outcomes, victim = asyncio.run(kill_a_replica_during(url, "kill", kill_after_s=None))
     broken = [o for o in outcomes if o.error]
-    assert broken and len(broken) < len(outcomes)
+    assert broken and len(broken) < len(outcomes), (victim, [(o.served_by, o.error) for o in outcomes])
     assert all(o.served_by[1] == victim and "failed mid-stream" in str(o.error) for o in broken)
     assert all(o.finish_reason == "stop" for o in outcomes if not o.error)
 
