@@ -46,6 +46,12 @@ from raystack.router.ingress import Router
 ENGINE_START_ATTEMPTS = 3
 BACKEND_REQUEST_ROUTER = "raystack.router.replica_choice:BackendRequestRouter"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's, on the head node only
+# A replica being stopped (rolling update, scale-down, delete) sleeps this long before it first counts its
+# ongoing requests, and again between counts (ray/serve/_private/replica.py _drain_ongoing_requests). Serve's
+# 2 s kept an idle replica, and its NPUs, up to 2 s longer than needed. A request that a stale handle still
+# sends it is rejected and Serve's router retries it on another replica (replica.py _is_replica_quiescing),
+# so counting sooner loses nothing.
+DRAIN_CHECK_S = 0.5
 
 
 def check_deployable(models: list[Model], cache_dir: Path, hbm: HBMNeeds | None = None) -> None:
@@ -219,6 +225,7 @@ def deployment_options(backend: Backend, routing: Routing = Routing(), min_hbm_g
         # A replica that cannot start (download impossible offline, out of memory) fails the same way
         # every time: give up after a few attempts so `serve status` shows the error, not a retry loop.
         "max_constructor_retry_count": ENGINE_START_ATTEMPTS,
+        "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S,
         # Not Serve's line per handle call: the router's access log has one per request, naming the replica.
         # Serve's went to stderr (RAY_SERVE_LOG_TO_STDERR) a line at a time, and on through Ray's log monitor.
         "logging_config": {"enable_access_log": False},
@@ -282,6 +289,7 @@ def build_router(args: dict[str, Any]) -> Application:
         max_queued_requests=settings.max_queued_requests,
         # A router replica being replaced (any change to its own args) relays its streams to their end first.
         graceful_shutdown_timeout_s=settings.request_timeout_s,
+        graceful_shutdown_wait_loop_s=DRAIN_CHECK_S,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=BUSY_RETRY_AFTER_S),
         # Reached through Serve's proxy, Serve would log each request here too: the router's access log has it.
         logging_config={"enable_access_log": False},
