@@ -87,7 +87,7 @@ _kept: tuple[contextlib.ExitStack, ServeCluster] | None = None
 
 def kept_serve_cluster() -> ServeCluster:
     """serve_cluster() with its defaults, kept running for the next test module that asks for it: starting
-    and stopping Ray and Serve costs a module about 12 s on 2 cores. The next module gets it with no
+    and stopping Ray and Serve cost a module 7-10 s on 2 cores. The next module gets it with no
     application left (clear_applications). Stopped by release_kept_serve_cluster, which any other
     serve_cluster calls first."""
     global _kept

@@ -1,7 +1,7 @@
 """Shared by the integration tests that deploy raystack apps: a local Ray with Serve (tests/serve_cluster.py)
-that the modules needing nothing else share, synthetic backends, and a helper that deploys one raystack service (its router
-under its own route prefix and on a port of its own, each backend an application of its own) with Serve's
-Python API."""
+that the modules needing nothing else share, synthetic backends, and a helper that deploys one raystack
+service (its router under its own route prefix and on a port of its own, each backend an application of its
+own) with Serve's Python API."""
 
 from __future__ import annotations
 
