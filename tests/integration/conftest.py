@@ -32,11 +32,14 @@ def _release_the_kept_cluster():
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The modules on the shared cluster (those using `server` without a fixture of their own by that name)
-    first, so that it starts once; otherwise in pytest's order."""
+    """The modules on the shared cluster (those using `server` without a fixture of their own by that name,
+    nor a parameter) first, so that it starts once; otherwise in pytest's order."""
+    def on_shared_cluster(item: pytest.Item) -> bool:
+        parametrized = item.callspec.params if hasattr(item, "callspec") else {}
+        return "server" in item.fixturenames and "server" not in vars(item.module) and "server" not in parametrized
+
     here = [i for i, item in enumerate(items) if Path(item.path).parent == HERE]
-    shared = {item.path for i in here if "server" in (item := items[i]).fixturenames
-              and "server" not in vars(item.module)}
+    shared = {items[i].path for i in here if on_shared_cluster(items[i])}
     ordered = sorted((items[i] for i in here), key=lambda item: item.path not in shared)
     for i, item in zip(here, ordered):
         items[i] = item
