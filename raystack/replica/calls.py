@@ -41,22 +41,23 @@ class Opening:
     """The first item of every answer: the replica answering, and either the whole JSON answer (status, body)
     or the first SSE chunk of a stream. `failure`: what the engine said if it failed on its side before the
     first token (a 5xx answer, or a stream whose first event is an error with a 5xx code, as vLLM streams its
-    failures: `data: {"error": {...}}`), else None; found once, by the replica (Opening.whole, .streamed)."""
+    failures: `data: {"error": {...}}`), else None. The replica makes it (Opening.whole, .streamed) and sends
+    it as its call's first item; a stream through the chunk channel sends its first chunk there, and the
+    router makes the Opening of it."""
 
     replica: str
     status: int | None = None
     body: Any = None
     chunk: str | None = None
     failure: str | None = None
-    channel: bool = False  # the stream's other chunks come through the chunk channel, not the call
 
     @classmethod
     def whole(cls, replica: str, status: int, body: Any) -> Opening:
         return cls(replica, status=status, body=body, failure=_error_message(body) if status >= 500 else None)
 
     @classmethod
-    def streamed(cls, replica: str, chunk: str, channel: bool = False) -> Opening:
-        return cls(replica, chunk=chunk, failure=_stream_failure(chunk), channel=channel)
+    def streamed(cls, replica: str, chunk: str) -> Opening:
+        return cls(replica, chunk=chunk, failure=_stream_failure(chunk))
 
 
 def _stream_failure(chunk: str) -> str | None:

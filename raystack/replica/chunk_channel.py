@@ -1,4 +1,4 @@
-"""The chunk channel: a stream's chunks after its opening, from the LLMServer replica straight to the router
+"""The chunk channel: a stream's chunks, its first included, from the LLMServer replica straight to the router
 replica that asked, over one TCP connection per (replica, router replica) pair.
 
 Serve's streaming call carries every chunk as a gRPC message of its own, pickled, framed and woken for in
@@ -6,11 +6,13 @@ both processes: at concurrency 1 the replica and the router spent about 1.9 ms o
 against 0.65 ms for vLLM's whole API server (README, "raystack vs vLLM's own server"), on the core vLLM's
 EngineCore runs on. Here a chunk is one write of a small frame on a socket both processes keep open.
 
-The call itself still goes through Serve: its request router picks the replica, the call's first item is the
-opening (the first chunk, or the whole answer), and cancelling the call (client gone, deadline) stops the
-generation as before. The router watches the call until it ends, so a replica that dies before it wrote
-anything here still ends its streams with an error; a broken connection ends every stream it carried. A
-replica that cannot reach the router's inbox answers through Serve, as before the channel.
+The call itself still goes through Serve: its request router picks the replica, a failure before the first
+chunk is the call's (the router tries another replica), and cancelling the call (client gone, deadline) stops
+the generation as before. The call yields nothing: the router makes the stream's opening of the first chunk
+that arrives here (a whole answer is the call's one item, as before the channel). The router watches the call
+until it ends, so a replica that dies before it wrote anything here still ends its streams with an error; a
+broken connection ends every stream it carried. A replica that cannot reach the router's inbox answers
+through Serve, its opening first, as before the channel.
 
 The inbox binds the node's Ray address on a free port, as Serve binds each replica's own gRPC port (on every
 interface, with no credential: ray/serve/_private/replica.py, add_port_to_grpc_server(self._server,
@@ -111,10 +113,12 @@ class Sink:
         self.parts = []
         return parts[0] if len(parts) == 1 else "".join(parts)
 
-    def follow(self, call: Any, describe: Callable[[BaseException], str], grace_s: float = END_GRACE_S) -> None:
-        """Watch `call` (the Serve call's response stream, which yields nothing after the opening) to its end:
-        an error there (the replica died, its generator raised) breaks this stream; a clean end must be
-        followed by END within `grace_s`. `describe` words an error."""
+    def follow(self, call: Any, describe: Callable[[BaseException], str], grace_s: float = END_GRACE_S,
+               pending: asyncio.Future | None = None) -> None:
+        """Watch `call` (the Serve call's response stream, which yields nothing when the replica streams here)
+        to its end: an error there (the replica died, its generator raised) breaks this stream; a clean end
+        must be followed by END within `grace_s`. `describe` words an error. `pending`: the call's next item,
+        if already asked for."""
         def ended(task: asyncio.Future) -> None:
             if task.cancelled():
                 return
@@ -125,10 +129,10 @@ class Sink:
                         grace_s, self.fail, "the replica finished, but the end of its stream never came")
             elif err is not None:
                 self.fail(describe(err))
-            else:  # an item after the opening: not a replica of this raystack
+            else:  # an item through Serve as well: not a replica of this raystack
                 self.fail("the replica answered on both paths")
 
-        self.watch = asyncio.ensure_future(call.__anext__())
+        self.watch = pending if pending is not None else asyncio.ensure_future(call.__anext__())
         self.watch.add_done_callback(ended)
 
     def close(self) -> None:

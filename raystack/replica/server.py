@@ -160,25 +160,28 @@ class LLMServer:
             yield item
 
     async def _streamed(self, stream: AsyncIterator[str], link: Link | None, request: int) -> AsyncIterator[Any]:
-        """The stream's first chunk as its Opening (through Serve); the rest through Serve too when `link` is
-        None, else to the router through `link` (chunk_channel.py). Chunks are taken as `coalesce` joins them:
-        what the engine wrote at once goes at once, so the opening carries vLLM's first token with its role
-        chunk (both come from one engine step; sent apart through the channel, the median TTFT at concurrency 1
-        came out 18 ms worse: README, "raystack vs vLLM's own server"). The engine's failure before its first
-        chunk is the call's (the router tries another replica); after it, through the channel, an ERROR frame
-        (the router ends the stream with an error event) as well."""
+        """The stream through `link` to the router (chunk_channel.py), its first chunk included, with nothing
+        through Serve; through Serve when `link` is None or the first chunk is the engine's failure: that chunk
+        as its Opening, then the rest. Chunks are taken as `coalesce` joins them: what the engine wrote at once
+        goes at once, so the opening carries vLLM's first token with its role chunk (both come from one engine
+        step; sent apart, the median TTFT at concurrency 1 came out 18 ms worse: README, "raystack vs vLLM's own
+        server"). The engine's failure before its first chunk is the call's (the router tries another
+        replica); after it, through the channel, an ERROR frame (the router ends the stream with an error
+        event) as well."""
         opened = False
         async with contextlib.aclosing(coalesce(stream)) as chunks:  # closed: the request aborted in the engine
             try:
                 async for chunk in chunks:
                     if not opened:
-                        opened = True
-                        yield self._noted(Opening.streamed(self.replica, chunk, channel=link is not None))
-                    elif link is None:
-                        yield chunk
+                        opening = self._noted(Opening.streamed(self.replica, chunk))
+                        if opening.failure:  # through Serve, where the router knows it without reading it again
+                            link = None
+                    if link is None:
+                        yield chunk if opened else opening
                     else:
                         link.send(request, CHUNK, chunk)
                         await link.drain()
+                    opened = True
                 if link is not None:
                     link.send(request, END)
             except Exception as err:

@@ -29,7 +29,7 @@ from raystack.config import Model, RouterConfig, Routing
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
 from raystack.replica.calls import Dispatch, Opening
-from raystack.replica.chunk_channel import ChannelBroken, Inbox, Sink
+from raystack.replica.chunk_channel import END_GRACE_S, ChannelBroken, Inbox, Sink
 from raystack.router import routing_board
 from raystack.router.catalogue import Catalogue
 from raystack.router.exchange import Delivery, Exchange
@@ -55,6 +55,11 @@ class ReplicaFailed(Exception):
 def _retrieve(task: asyncio.Future) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _ended_cleanly(call_next: asyncio.Future) -> bool:
+    """Whether a Serve call's next item turned out to be its clean end."""
+    return call_next.done() and not call_next.cancelled() and isinstance(call_next.exception(), StopAsyncIteration)
 
 
 def _last_line(err: BaseException) -> str:
@@ -229,11 +234,22 @@ class Forwarder:
             call.reply_to, sink = self.inbox.open()
         stream: DeploymentResponseGenerator = handle.generate.remote(call)
         first = asyncio.ensure_future(stream.__anext__())
+        # A replica that reached the inbox streams everything there and nothing through Serve.
+        channel_first = asyncio.ensure_future(sink.next()) if sink is not None else None
         answered = False
         try:
             # A stream's first token is bounded by first_token_timeout_s; a whole answer by the request's
             # deadline, except that no request waits longer than first_token_timeout_s for a replica.
-            await asyncio.wait({first}, timeout=min(self.settings.first_token_timeout_s, deadline - loop.time()))
+            await asyncio.wait({first, channel_first} - {None}, return_when=asyncio.FIRST_COMPLETED,
+                               timeout=min(self.settings.first_token_timeout_s, deadline - loop.time()))
+            if channel_first is not None and not channel_first.done() and _ended_cleanly(first):
+                await asyncio.wait({channel_first}, timeout=END_GRACE_S)  # the call's end overtook its chunks
+            if channel_first is not None and channel_first.done():
+                opening = self._channel_opening(channel_first, call.replica)
+                answered = True
+                sink.follow(stream, lambda err: f"{type(err).__name__}: {_last_line(err)}", pending=first)
+                self.metrics.stream_opened(model, backend, "channel")
+                return opening, stream, sink
             if not first.done() and not streaming and self.running_replicas(model, backend) != 0:
                 await asyncio.wait({first}, timeout=deadline - loop.time())
             if not first.done():
@@ -251,20 +267,34 @@ class Forwarder:
             if opening.failure:  # the engine's own failure, not the client's: another replica may well answer
                 raise ReplicaFailed(f"its engine failed: {opening.failure}", opening.replica)
             answered = True
-            if sink is not None and not opening.channel:  # the replica could not reach the inbox: via Serve
+            if sink is not None:  # the replica could not reach the inbox: the whole stream came through Serve
+                channel_first.cancel()
+                channel_first.add_done_callback(_retrieve)
                 self.inbox.forget(sink)
                 sink = None
-            elif sink is not None:
-                sink.follow(stream, lambda err: f"{type(err).__name__}: {_last_line(err)}")
             if streaming:
-                self.metrics.stream_opened(model, backend, "channel" if sink is not None else "serve")
+                self.metrics.stream_opened(model, backend, "serve")
             return opening, stream, sink
         finally:
             if not answered:  # failed, timed out, or the client left: free the replica
-                first.cancel()
-                first.add_done_callback(_retrieve)  # its exception is known and handled here
+                for pending in (first, channel_first):
+                    if pending is not None:
+                        pending.cancel()
+                        pending.add_done_callback(_retrieve)  # its exception is known and handled here
                 stream.cancel()
                 self.done(key, band, sink)
+
+    @staticmethod
+    def _channel_opening(channel_first: asyncio.Future, replica: str | None) -> Opening:
+        """The Opening of a stream's first chunk through the chunk channel (ReplicaFailed: none came). Not an
+        engine failure: a replica sends that opening through Serve (LLMServer._streamed)."""
+        try:
+            chunk = channel_first.result()
+        except ChannelBroken as err:
+            raise ReplicaFailed(f"its chunk channel broke: {err}", replica) from None
+        if chunk is None:
+            raise ReplicaFailed("it closed the answer without a word", replica)
+        return Opening(replica or "?", chunk=chunk)
 
     def done(self, key: tuple[str, str], band: Band = ONE_BAND, sink: Sink | None = None) -> None:
         self.in_flight[key] -= 1

@@ -210,3 +210,38 @@ def test_a_call_that_ended_cleanly_waits_a_grace_for_its_end_frame_then_breaks()
                 await asyncio.wait_for(lost.next(), 5)
 
     asyncio.run(main())
+
+
+def test_a_replica_streams_everything_through_a_reached_inbox_and_an_engine_failure_through_serve():
+    """The replica's side (LLMServer with the synthetic engine, outside Serve): a stream to a router whose inbox
+    it reached goes there whole, its first chunk included, and nothing goes through Serve's call; a stream
+    whose first event is the engine's own failure goes through Serve as its Opening, where the router takes it
+    as a failure and tries another replica without reading it again."""
+    from raystack.protocol import error_body, sse_event
+    from raystack.replica.calls import Dispatch, Opening
+    from tests.unit.test_request_passes import synthetic_replica
+
+    async def failing():
+        yield sse_event(error_body(500, "the engine ran out of blocks")) + "data: [DONE]\n\n"
+
+    async def main():
+        async with channel() as (inbox, outbox):
+            replica = synthetic_replica()
+            replica.outbox = outbox
+            to, sink = inbox.open()
+            body = {"model": "synthetic", "stream": True, "max_tokens": 3, "prompt": "one two three"}
+            through_serve = [item async for item in replica.generate(Dispatch("completion", body, reply_to=to))]
+            assert through_serve == []
+            streamed = "".join(await drain(sink))
+            assert streamed.count('"text"') == 3 and streamed.endswith("data: [DONE]\n\n")
+
+            to, sink = inbox.open()
+            link = await outbox.link(to)
+            through_serve = [item async for item in replica._streamed(failing(), link, to.request)]
+            assert len(through_serve) == 1 and isinstance(through_serve[0], Opening)
+            assert through_serve[0].failure == "the engine ran out of blocks"
+            assert replica.engine_failed == "the engine ran out of blocks"  # its next health check probes it
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(sink.next(), 0.3)  # nothing came through the channel
+
+    asyncio.run(main())
