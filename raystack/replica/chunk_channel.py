@@ -18,8 +18,11 @@ The inbox binds the node's Ray address on a free port, as Serve binds each repli
 interface, with no credential: ray/serve/_private/replica.py, add_port_to_grpc_server(self._server,
 "[::]:0")); it reads only connections that open with its secret, which travels in the Serve call.
 
-Frames: a 13-byte header (request id: 8 bytes, kind: 1, payload length: 4, network order) and the payload:
-CHUNK (SSE text, UTF-8), END (none) or ERROR (the message, UTF-8).
+A connection opens with the secret and the replica's id (one length byte, then UTF-8): the router names the
+replica that answered from the connection that brought the first chunk, which may come before Serve's router
+has said which replica it chose (it says so once it has read the replica's acceptance, ray/serve/_private/
+router.py, on_request_routed). Then frames: a 13-byte header (request id: 8 bytes, kind: 1, payload length:
+4, network order) and the payload: CHUNK (SSE text, UTF-8), END (none) or ERROR (the message, UTF-8).
 """
 
 from __future__ import annotations
@@ -68,10 +71,11 @@ class ReplyTo:
 class Sink:
     """One request's chunks as they arrive, until its END (or why it broke)."""
 
-    __slots__ = ("request", "parts", "ended", "broken", "waiter", "watch", "_late")
+    __slots__ = ("request", "replica", "parts", "ended", "broken", "waiter", "watch", "_late")
 
     def __init__(self, request: int) -> None:
         self.request = request
+        self.replica: str | None = None  # the replica whose connection brought its chunks
         self.parts: list[str] = []
         self.ended = False
         self.broken: str | None = None
@@ -178,13 +182,14 @@ class Inbox:
 
 
 class _Receiver(asyncio.Protocol):
-    """One replica's connection to an inbox: its secret first, then frames."""
+    """One replica's connection to an inbox: its secret and the replica's id first, then frames."""
 
     def __init__(self, inbox: Inbox):
         self.inbox = inbox
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.trusted = False
+        self.replica: str | None = None  # its id, once read
         self.carried: set[int] = set()  # requests this connection wrote to and has not ended
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -204,6 +209,11 @@ class _Receiver(asyncio.Protocol):
                 return
             self.trusted = True
             del buffer[:SECRET_BYTES]
+        if self.replica is None:
+            if not buffer or len(buffer) < 1 + buffer[0]:
+                return
+            self.replica = buffer[1:1 + buffer[0]].decode()
+            del buffer[:1 + buffer[0]]
         sinks, carried, at, size = self.inbox.sinks, self.carried, 0, len(buffer)
         while size - at >= HEADER.size:
             request, kind, length = HEADER.unpack_from(buffer, at)
@@ -215,6 +225,7 @@ class _Receiver(asyncio.Protocol):
             if kind == CHUNK:
                 carried.add(request)
                 if sink is not None:
+                    sink.replica = self.replica
                     sink.put(buffer[start:at].decode())
                 continue
             carried.discard(request)
@@ -275,7 +286,9 @@ class Outbox:
 
     RETRY_S = 30.0
 
-    def __init__(self) -> None:
+    def __init__(self, replica: str) -> None:
+        ident = replica.encode()[:255]
+        self.greeting = bytes([len(ident)]) + ident  # written after an inbox's secret
         self.links: dict[tuple[str, int, bytes], asyncio.Future] = {}
         self.unreachable: dict[tuple[str, int, bytes], float] = {}  # inbox -> loop time it may be tried again
 
@@ -310,11 +323,10 @@ class Outbox:
         logger.warning("chunk channel: the router's inbox at %s:%d is unreachable (%r); streams to it go through "
                        "Serve for %g s", reply_to.host, reply_to.port, pending.exception(), self.RETRY_S)
 
-    @staticmethod
-    async def _connect(reply_to: ReplyTo) -> Link:
+    async def _connect(self, reply_to: ReplyTo) -> Link:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(reply_to.host, reply_to.port),
                                                 CONNECT_TIMEOUT_S)
-        writer.write(reply_to.secret)
+        writer.write(reply_to.secret + self.greeting)
         link = Link(writer)
         link.watch = asyncio.ensure_future(_close_at_eof(reader, writer))
         return link

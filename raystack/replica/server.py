@@ -94,7 +94,7 @@ class LLMServer:
         self.hold_adapter = serve.multiplexed(max_num_models_per_replica=self.backend.adapters_per_replica)(hold)
         self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
         self.engine_failed: str | None = None  # what the engine said when it last failed a request on its side
-        self.outbox = Outbox()  # streams to the routers that ask for them (chunk_channel.py)
+        self.outbox = Outbox(self.replica)  # streams to the routers that ask for them (chunk_channel.py)
         self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.served,
                                     kv_events_topic=self.replica if kv_events else None)
         await self.engine.start()

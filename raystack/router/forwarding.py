@@ -245,7 +245,7 @@ class Forwarder:
             if channel_first is not None and not channel_first.done() and _ended_cleanly(first):
                 await asyncio.wait({channel_first}, timeout=END_GRACE_S)  # the call's end overtook its chunks
             if channel_first is not None and channel_first.done():
-                opening = self._channel_opening(channel_first, call.replica)
+                opening = self._channel_opening(channel_first, sink.replica or call.replica)
                 answered = True
                 sink.follow(stream, lambda err: f"{type(err).__name__}: {_last_line(err)}", pending=first)
                 self.metrics.stream_opened(model, backend, "channel")
@@ -286,8 +286,9 @@ class Forwarder:
 
     @staticmethod
     def _channel_opening(channel_first: asyncio.Future, replica: str | None) -> Opening:
-        """The Opening of a stream's first chunk through the chunk channel (ReplicaFailed: none came). Not an
-        engine failure: a replica sends that opening through Serve (LLMServer._streamed)."""
+        """The Opening of a stream's first chunk through the chunk channel, from `replica` (the one whose
+        connection brought it), or ReplicaFailed: none came. Not an engine failure: a replica sends that opening
+        through Serve (LLMServer._streamed)."""
         try:
             chunk = channel_first.result()
         except ChannelBroken as err:

@@ -28,7 +28,7 @@ async def started_inbox() -> Inbox:
 @contextlib.asynccontextmanager
 async def channel():
     """A router's inbox and a replica's outbox, both closed at the end however the test went."""
-    inbox, outbox = await started_inbox(), Outbox()
+    inbox, outbox = await started_inbox(), Outbox("r1")
     try:
         yield inbox, outbox
     finally:
@@ -106,7 +106,7 @@ def test_a_connection_that_breaks_ends_every_stream_it_carried_and_the_replica_s
 
 def test_a_stopped_router_closes_its_connections_and_the_replica_forgets_them():
     async def main():
-        gone, kept, outbox = await started_inbox(), await started_inbox(), Outbox()
+        gone, kept, outbox = await started_inbox(), await started_inbox(), Outbox("r1")
         to_gone, _ = gone.open()
         old = await outbox.link(to_gone)
         await gone.stop()  # its replica replaced: Router.__del__
@@ -161,7 +161,7 @@ def test_an_unreachable_inbox_sends_the_stream_through_serve_without_waiting_eac
         to, _ = inbox.open()
         await inbox.stop()
         await asyncio.sleep(0.05)
-        outbox = Outbox()
+        outbox = Outbox("r1")
         assert await outbox.link(to) is None  # refused: through Serve
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -233,6 +233,7 @@ def test_a_replica_streams_everything_through_a_reached_inbox_and_an_engine_fail
             through_serve = [item async for item in replica.generate(Dispatch("completion", body, reply_to=to))]
             assert through_serve == []
             streamed = "".join(await drain(sink))
+            assert sink.replica == replica.replica  # the router names the replica from the connection
             assert streamed.count('"text"') == 3 and streamed.endswith("data: [DONE]\n\n")
 
             to, sink = inbox.open()
