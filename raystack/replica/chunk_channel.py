@@ -36,7 +36,7 @@ import secrets
 import struct
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 logger = logging.getLogger("ray.serve")
 
@@ -117,12 +117,11 @@ class Sink:
         self.parts = []
         return parts[0] if len(parts) == 1 else "".join(parts)
 
-    def follow(self, call: Any, describe: Callable[[BaseException], str], grace_s: float = END_GRACE_S,
-               pending: asyncio.Future | None = None) -> None:
-        """Watch `call` (the Serve call's response stream, which yields nothing when the replica streams here)
-        to its end: an error there (the replica died, its generator raised) breaks this stream; a clean end
-        must be followed by END within `grace_s`. `describe` words an error. `pending`: the call's next item,
-        if already asked for."""
+    def follow(self, call_next: asyncio.Future, describe: Callable[[BaseException], str],
+               grace_s: float = END_GRACE_S) -> None:
+        """Watch the Serve call's next item, `call_next` (the call yields nothing when the replica streams here),
+        to the call's end: an error there (the replica died, its generator raised) breaks this stream; a clean
+        end must be followed by END within `grace_s`. `describe` words an error."""
         def ended(task: asyncio.Future) -> None:
             if task.cancelled():
                 return
@@ -136,8 +135,8 @@ class Sink:
             else:  # an item through Serve as well: not a replica of this raystack
                 self.fail("the replica answered on both paths")
 
-        self.watch = pending if pending is not None else asyncio.ensure_future(call.__anext__())
-        self.watch.add_done_callback(ended)
+        self.watch = call_next
+        call_next.add_done_callback(ended)
 
     def close(self) -> None:
         if self._late is not None:

@@ -247,7 +247,7 @@ class Forwarder:
             if channel_first is not None and channel_first.done():
                 opening = self._channel_opening(channel_first, sink.replica or call.replica)
                 answered = True
-                sink.follow(stream, lambda err: f"{type(err).__name__}: {_last_line(err)}", pending=first)
+                sink.follow(first, lambda err: f"{type(err).__name__}: {_last_line(err)}")
                 self.metrics.stream_opened(model, backend, "channel")
                 return opening, stream, sink
             if not first.done() and not streaming and self.running_replicas(model, backend) != 0:

@@ -172,22 +172,20 @@ def test_an_unreachable_inbox_sends_the_stream_through_serve_without_waiting_eac
     asyncio.run(main())
 
 
-class _Call:
-    """What Sink.follow watches: Serve's response stream after the opening, as its __anext__ ends."""
+def call_next(ends_with: BaseException, after_s: float = 0.05) -> asyncio.Future:
+    """What Sink.follow watches: the Serve call's next item, ending with `ends_with` after `after_s`."""
+    async def next_item():
+        await asyncio.sleep(after_s)
+        raise ends_with
 
-    def __init__(self, ends_with: BaseException, after_s: float = 0.05):
-        self.ends_with, self.after_s = ends_with, after_s
-
-    async def __anext__(self):
-        await asyncio.sleep(self.after_s)
-        raise self.ends_with
+    return asyncio.ensure_future(next_item())
 
 
 def test_a_replica_that_dies_before_writing_a_chunk_ends_the_stream_with_why():
     async def main():
         inbox = await started_inbox()
         _, sink = inbox.open()
-        sink.follow(_Call(RuntimeError("ActorDiedError: the replica's process died")), lambda e: str(e))
+        sink.follow(call_next(RuntimeError("ActorDiedError: the replica's process died")), lambda e: str(e))
         with pytest.raises(ChannelBroken, match="process died"):
             await asyncio.wait_for(sink.next(), 5)
         await inbox.stop()
@@ -199,8 +197,8 @@ def test_a_call_that_ended_cleanly_waits_a_grace_for_its_end_frame_then_breaks()
     async def main():
         async with channel() as (inbox, outbox):
             (to, sink), (_, lost) = inbox.open(), inbox.open()
-            sink.follow(_Call(StopAsyncIteration(), after_s=0), str, grace_s=1)  # Serve's end came before END
-            lost.follow(_Call(StopAsyncIteration(), after_s=0), str, grace_s=0.1)  # and this one's END never comes
+            sink.follow(call_next(StopAsyncIteration(), after_s=0), str, grace_s=1)  # Serve's end came before END
+            lost.follow(call_next(StopAsyncIteration(), after_s=0), str, grace_s=0.1)  # and this one's END never comes
             await asyncio.sleep(0.2)
             link = await outbox.link(to)
             link.send(to.request, CHUNK, "last")
