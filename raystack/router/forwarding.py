@@ -62,9 +62,10 @@ def _ended_cleanly(call_next: asyncio.Future) -> bool:
     return call_next.done() and not call_next.cancelled() and isinstance(call_next.exception(), StopAsyncIteration)
 
 
-def _last_line(err: BaseException) -> str:
+def _described(err: BaseException) -> str:
+    """A replica's failure in a line: its type and the last line of its text (a remote traceback's)."""
     text = str(err).strip()
-    return text.splitlines()[-1][:300] if text else "no detail"
+    return f"{type(err).__name__}: {text.splitlines()[-1][:300] if text else 'no detail'}"
 
 
 class Forwarder:
@@ -247,7 +248,7 @@ class Forwarder:
             if channel_first is not None and channel_first.done():
                 opening = self._channel_opening(channel_first, sink.replica or call.replica)
                 answered = True
-                sink.follow(first, lambda err: f"{type(err).__name__}: {_last_line(err)}")
+                sink.follow(first, _described)
                 self.metrics.stream_opened(model, backend, "channel")
                 return opening, stream, sink
             if not first.done() and not streaming and self.running_replicas(model, backend) != 0:
@@ -263,7 +264,7 @@ class Forwarder:
             except StopAsyncIteration:
                 raise ReplicaFailed("it closed the answer without a word", call.replica) from None
             except Exception as err:
-                raise ReplicaFailed(f"{type(err).__name__}: {_last_line(err)}", call.replica) from None
+                raise ReplicaFailed(_described(err), call.replica) from None
             if opening.failure:  # the engine's own failure, not the client's: another replica may well answer
                 raise ReplicaFailed(f"its engine failed: {opening.failure}", opening.replica)
             answered = True
