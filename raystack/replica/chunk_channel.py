@@ -12,7 +12,8 @@ the generation as before. The call yields nothing: the router makes the stream's
 that arrives here (a whole answer is the call's one item, as before the channel). The router watches the call
 until it ends, so a replica that dies before it wrote anything here still ends its streams with an error; a
 broken connection ends every stream it carried. A replica that cannot reach the router's inbox answers
-through Serve, its opening first, as before the channel.
+through Serve, its opening first, as before the channel. Over a connection a replica opened, the router may
+also send it a request ahead of the call, which the replica starts about 2 ms sooner (early_start.py).
 
 The inbox binds the node's Ray address on a free port, as Serve binds each replica's own gRPC port (on every
 interface, with no credential: ray/serve/_private/replica.py, add_port_to_grpc_server(self._server,
@@ -22,7 +23,10 @@ A connection opens with the secret and the replica's id (one length byte, then U
 replica that answered from the connection that brought the first chunk, which may come before Serve's router
 has said which replica it chose (it says so once it has read the replica's acceptance, ray/serve/_private/
 router.py, on_request_routed). Then frames: a 13-byte header (request id: 8 bytes, kind: 1, payload length:
-4, network order) and the payload: CHUNK (SSE text, UTF-8), END (none) or ERROR (the message, UTF-8).
+4, network order) and the payload. Replica to router: CHUNK (SSE text, UTF-8), END (none) or ERROR (the
+message, UTF-8). Router to replica, on the same connection: DISPATCH (the request's kind and body, JSON: the
+replica starts it before its Serve call arrives, replica/early_start.py) and CANCEL (none: that start is not
+wanted).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from typing import Callable
 logger = logging.getLogger("ray.serve")
 
 HEADER = struct.Struct("!QBI")
-CHUNK, END, ERROR = 0, 1, 2
+CHUNK, END, ERROR = 0, 1, 2  # replica -> router
+DISPATCH, CANCEL = 3, 4  # router -> replica
 SECRET_BYTES = 16
 CONNECT_TIMEOUT_S = 2.0
 CONNECT_WAIT_S = 0.05  # what a stream waits for a new connection (under a millisecond within a data centre)
@@ -150,6 +155,7 @@ class Inbox:
         self.secret = secrets.token_bytes(SECRET_BYTES)
         self.sinks: dict[int, Sink] = {}
         self.receivers: set[_Receiver] = set()  # the replicas' connections
+        self.by_replica: dict[str, _Receiver] = {}  # replica id -> its connection, once it said who it is
         self.ids = itertools.count(1)
         self.server: asyncio.AbstractServer | None = None
         self.host = ""
@@ -161,9 +167,22 @@ class Inbox:
         self.host, self.port = host, self.server.sockets[0].getsockname()[1]
 
     def open(self) -> tuple[ReplyTo, Sink]:
-        request = next(self.ids)
-        sink = self.sinks[request] = Sink(request)
-        return ReplyTo(self.host, self.port, self.secret, request), sink
+        """A new stream's address, and the Sink its chunks arrive in."""
+        reply_to = self.address()
+        sink = self.sinks[reply_to.request] = Sink(reply_to.request)
+        return reply_to, sink
+
+    def address(self) -> ReplyTo:
+        """A new request's address here (a whole answer's, which comes through Serve, names its request so)."""
+        return ReplyTo(self.host, self.port, self.secret, next(self.ids))
+
+    def send(self, replica: str, request: int, kind: int, payload: bytes = b"") -> bool:
+        """A frame to `replica` about `request`, if the replica has a connection here; whether it went."""
+        receiver = self.by_replica.get(replica)
+        if receiver is None or receiver.transport.is_closing():
+            return False
+        receiver.transport.write(HEADER.pack(request, kind, len(payload)) + payload)
+        return True
 
     def forget(self, sink: Sink) -> None:
         """The request is over here: what still comes for it is dropped."""
@@ -213,6 +232,7 @@ class _Receiver(asyncio.Protocol):
                 return
             self.replica = buffer[1:1 + buffer[0]].decode()
             del buffer[:1 + buffer[0]]
+            self.inbox.by_replica[self.replica] = self
         sinks, carried, at, size = self.inbox.sinks, self.carried, 0, len(buffer)
         while size - at >= HEADER.size:
             request, kind, length = HEADER.unpack_from(buffer, at)
@@ -234,6 +254,8 @@ class _Receiver(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.inbox.receivers.discard(self)
+        if self.replica is not None and self.inbox.by_replica.get(self.replica) is self:
+            del self.inbox.by_replica[self.replica]
         for request in self.carried:
             sink = self.inbox.sinks.get(request)
             if sink is not None:
@@ -263,11 +285,23 @@ class Link:
         self.writer.close()
 
 
-async def _close_at_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The router never writes: its end closing (its replica stopped) is the only thing to read. Then close
-    ours, so that the Link says it is broken instead of writing into a socket nobody reads."""
-    with contextlib.suppress(OSError):
-        await reader.read()
+# What a replica does with a frame from a router: (the router's inbox, request id, kind, payload).
+OnFrame = Callable[[tuple[str, int, bytes], int, int, bytes], None]
+
+
+async def _read_router(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, inbox: tuple[str, int, bytes],
+                       on_frame: OnFrame | None) -> None:
+    """The router's frames (DISPATCH, CANCEL) to `on_frame`, until its end closes (its replica stopped). Then
+    close ours, so that the Link says it is broken instead of writing into a socket nobody reads."""
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while True:
+            request, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
+            payload = await reader.readexactly(length) if length else b""
+            if on_frame is not None:
+                try:
+                    on_frame(inbox, request, kind, payload)
+                except Exception:  # one bad frame: that request is not started early, nothing else changes
+                    logger.exception("chunk channel: a frame from the router at %s:%d failed", *inbox[:2])
     writer.close()
 
 
@@ -285,8 +319,10 @@ class Outbox:
 
     RETRY_S = 30.0
 
-    def __init__(self, replica: str) -> None:
+    def __init__(self, replica: str, on_frame: OnFrame | None = None) -> None:
+        """`on_frame`: what to do with the frames routers send back (early_start.py)."""
         ident = replica.encode()[:255]
+        self.on_frame = on_frame
         self.greeting = bytes([len(ident)]) + ident  # written after an inbox's secret
         self.links: dict[tuple[str, int, bytes], asyncio.Future] = {}
         self.unreachable: dict[tuple[str, int, bytes], float] = {}  # inbox -> loop time it may be tried again
@@ -295,18 +331,26 @@ class Outbox:
         """The Link to `reply_to`'s inbox, or None while it cannot be had: a connection still being made after
         CONNECT_WAIT_S goes on in the background, and this stream goes through Serve (no stream waits longer
         for the channel)."""
+        pending = self.reach(reply_to)
+        if pending is None:
+            return None
+        if not pending.done():
+            await asyncio.wait({pending}, timeout=CONNECT_WAIT_S)
+        return _usable(pending)
+
+    def reach(self, reply_to: ReplyTo) -> asyncio.Future | None:
+        """The connection to `reply_to`'s inbox, made or being made (started now if there is none), or None
+        while that inbox is unreachable. A whole answer asks for it without waiting: the router sends its next
+        requests over it (early_start.py)."""
         key = reply_to.inbox
-        loop = asyncio.get_running_loop()
-        if self.unreachable.get(key, 0.0) > loop.time():
+        if self.unreachable.get(key, 0.0) > asyncio.get_running_loop().time():
             return None
         pending = self.links.get(key)
         if pending is None or (pending.done() and _usable(pending) is None):
             self._forget_closed()  # links to router replicas that have gone since
             pending = self.links[key] = asyncio.ensure_future(self._connect(reply_to))
             pending.add_done_callback(partial(self._connected, reply_to))
-        if not pending.done():
-            await asyncio.wait({pending}, timeout=CONNECT_WAIT_S)
-        return _usable(pending)
+        return pending
 
     def _forget_closed(self) -> None:
         for key, pending in list(self.links.items()):
@@ -327,7 +371,7 @@ class Outbox:
                                                 CONNECT_TIMEOUT_S)
         writer.write(reply_to.secret + self.greeting)
         link = Link(writer)
-        link.watch = asyncio.ensure_future(_close_at_eof(reader, writer))
+        link.watch = asyncio.ensure_future(_read_router(reader, writer, reply_to.inbox, self.on_frame))
         return link
 
     def close(self) -> None:

@@ -18,7 +18,9 @@ from raystack.observability.metrics import ReplicaMetrics
 from raystack.process import pin_granted_npus, restore_normal_priority
 from raystack.protocol import error_body
 from raystack.replica.calls import Dispatch, Opening
-from raystack.replica.chunk_channel import CHUNK, END, ERROR, ChannelBroken, Link, Outbox
+from raystack.json_codec import decode
+from raystack.replica.chunk_channel import CANCEL, CHUNK, DISPATCH, END, ERROR, ChannelBroken, Link, Outbox, ReplyTo
+from raystack.replica.early_start import EarlyStarts
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,7 +96,9 @@ class LLMServer:
         self.hold_adapter = serve.multiplexed(max_num_models_per_replica=self.backend.adapters_per_replica)(hold)
         self.metrics = ReplicaMetrics(model_name, self.backend.name, self.replica)
         self.engine_failed: str | None = None  # what the engine said when it last failed a request on its side
-        self.outbox = Outbox(self.replica)  # streams to the routers that ask for them (chunk_channel.py)
+        self.outbox = Outbox(self.replica, self._router_frame)  # streams to the routers that ask (chunk_channel.py)
+        self.early = EarlyStarts()  # requests a router dispatched over that channel, started before their call
+        self.calls = 0  # Serve calls in progress here
         self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.served,
                                     kv_events_topic=self.replica if kv_events else None)
         await self.engine.start()
@@ -139,27 +143,56 @@ class LLMServer:
 
     async def generate(self, call: Dispatch) -> AsyncIterator[Any]:
         """Streams the answer to `call` (its kind and body): an Opening, then (for a stream) further SSE
-        strings. A request through an adapter names it as Serve's multiplexed model id, and in its body's
-        `model`."""
-        adapter = serve.get_multiplexed_model_id()
+        strings; from the request its router started here already (its DISPATCH frame), if it did. A request
+        through an adapter names it as Serve's multiplexed model id, and in its body's `model`."""
+        self.calls += 1
+        try:
+            started = self.early.claim(call.reply_to) if call.reply_to is not None else None
+            answer = (started.claimed() if started is not None else
+                      self._answer(call.kind, call.body, call.reply_to, serve.get_multiplexed_model_id()))
+            async with contextlib.aclosing(answer) as items:
+                async for item in items:
+                    yield item
+        finally:
+            self.calls -= 1
+
+    def _router_frame(self, inbox: tuple[str, int, bytes], request: int, kind: int, payload: bytes) -> None:
+        """A router's DISPATCH starts its request now, unless this replica is full (Serve would send the call
+        elsewhere); its CANCEL aborts that start."""
+        reply_to = ReplyTo(*inbox, request)  # the key of its start, as its call names it
+        if kind == CANCEL:
+            self.early.cancel(reply_to)
+        elif kind == DISPATCH and self.calls + len(self.early) < self.backend.max_ongoing_requests:
+            dispatch = decode(payload)  # only requests without an adapter are dispatched
+            self.early.start(reply_to, lambda gate: self._answer(dispatch["kind"], dispatch["body"], reply_to, "",
+                                                                 gate))
+
+    async def _answer(self, kind: str, body: dict[str, Any], reply_to: ReplyTo | None, adapter: str,
+                      gate: asyncio.Event | None = None) -> AsyncIterator[Any]:
+        """The answer to a request of `kind` with `body`, through LoRA `adapter` if any. A stream goes through
+        the chunk channel to `reply_to` when it can, once `gate` (if any) is set; a whole answer goes through
+        Serve, and opens the channel to `reply_to` for the router's next requests."""
         refusal = await self._adapter_refusal(adapter) if adapter else None
         if refusal is not None:
             yield Opening.whole(self.replica, refusal.status,
                                 error_body(refusal.status, refusal.message, param="model", code="adapter_unservable"))
             return
         try:
-            answer = await self.engine.generate(call.kind, call.body)
+            answer = await self.engine.generate(kind, body)
         except Exception as err:
             self.engine_failed = f"{type(err).__name__}: {err}"
             raise
         if answer.stream is None:
+            if reply_to is not None:
+                self.outbox.reach(reply_to)
             yield self._noted(Opening.whole(self.replica, answer.status, answer.body))
             return
-        link = await self.outbox.link(call.reply_to) if call.reply_to is not None else None
-        async for item in self._streamed(answer.stream, link, call.reply_to.request if link else 0):
+        link = await self.outbox.link(reply_to) if reply_to is not None else None
+        async for item in self._streamed(answer.stream, link, reply_to.request if link else 0, gate):
             yield item
 
-    async def _streamed(self, stream: AsyncIterator[str], link: Link | None, request: int) -> AsyncIterator[Any]:
+    async def _streamed(self, stream: AsyncIterator[str], link: Link | None, request: int,
+                        gate: asyncio.Event | None = None) -> AsyncIterator[Any]:
         """The stream through `link` to the router (chunk_channel.py), its first chunk included, with nothing
         through Serve; through Serve when `link` is None or the first chunk is the engine's failure: that chunk
         as its Opening, then the rest. Chunks are taken as `coalesce` joins them: what the engine wrote at once
@@ -167,7 +200,7 @@ class LLMServer:
         step; sent apart, the median TTFT at concurrency 1 came out 18 ms worse: README, "raystack vs vLLM's own
         server"). The engine's failure before its first chunk is the call's (the router tries another
         replica); after it, through the channel, an ERROR frame (the router ends the stream with an error
-        event) as well."""
+        event) as well. Nothing goes through the channel before `gate`, if any, is set (early_start.py)."""
         opened = False
         async with contextlib.aclosing(coalesce(stream)) as chunks:  # closed: the request aborted in the engine
             try:
@@ -179,6 +212,8 @@ class LLMServer:
                     if link is None:
                         yield chunk if opened else opening
                     else:
+                        if gate is not None and not gate.is_set():
+                            await gate.wait()
                         link.send(request, CHUNK, chunk)
                         await link.drain()
                     opened = True
@@ -224,6 +259,9 @@ class LLMServer:
         engine = getattr(self, "engine", None)  # absent when __init__ failed
         if engine is not None:
             await engine.shutdown()
+        early = getattr(self, "early", None)
+        if early is not None:
+            early.close()
         outbox = getattr(self, "outbox", None)
         if outbox is not None:
             outbox.close()

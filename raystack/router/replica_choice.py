@@ -8,7 +8,8 @@ failed any request, prefers replicas that hold a request's LoRA adapter, and put
 running replicas on the process's RoutingBoard (routing_board.py), for the Router's choice of backend, with
 the replicas whose KV cache events the board follows (kv_aware).
 Requests are matched to replicas exactly (no FIFO hand-over), so an affinity choice is never given to
-another request.
+another request. The Forwarder asks it for the same choice ahead of the call (`pick`), to start the request
+there over the chunk channel; the call, `pinned` there, is routed there first.
 
 The board is reached through its module (`routing_board.BOARD`): Serve ships this class to each handle's
 process with the globals it names, and a module is imported there, not copied.
@@ -42,6 +43,7 @@ class BackendRequestRouter(RequestRouter):
         super().update_replicas(replicas)
         board = routing_board.BOARD
         board.running[self._deployment_id.name] = len(replicas)
+        board.routers[self._deployment_id.name] = self
         board.failing.keep_only({r.replica_id.unique_id for r in replicas})
         # Each replica's metadata says where its engine publishes its KV cache events, if it does.
         board.kv.follow(self._deployment_id.name,
@@ -54,14 +56,32 @@ class BackendRequestRouter(RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         call = call_of(pending_request)
-        # Not a replica that just failed: this request's earlier tries', or any request's lately.
-        usable = routing_board.BOARD.failing.usable(candidate_replicas, call.avoid if call else ())
-        ranks = self.policy.choose_replicas(self._deployment_id.name, usable, call.route if call else (),
-                                            self.in_flight)
+        usable, ranks = self.ranks(candidate_replicas, call)
         adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if adapter:
             ranks.insert(0, self.holding(adapter, usable))
+        pinned = call.pinned if call is not None else None  # started there already: there first, if still usable
+        if pinned:
+            ranks.insert(0, [r for r in usable if r.replica_id.unique_id == pinned])
         return [rank for rank in ranks if rank]
+
+    def ranks(self, candidates: list[RunningReplica], call: Dispatch | None
+              ) -> tuple[list[RunningReplica], list[list[RunningReplica]]]:
+        """The candidates `call` may go to, and the policy's ranks of them."""
+        # Not a replica that just failed: this request's earlier tries', or any request's lately.
+        usable = routing_board.BOARD.failing.usable(candidates, call.avoid if call else ())
+        return usable, self.policy.choose_replicas(self._deployment_id.name, usable, call.route if call else (),
+                                                   self.in_flight)
+
+    def pick(self, call: Dispatch) -> str | None:
+        """The replica `call` would go to now, chosen as Serve chooses from choose_replicas' ranks (the first
+        rank's replica with the shortest known queue below its max_ongoing_requests: request_router.py,
+        _select_from_candidate_replicas), or None if no ranked replica has room."""
+        for rank in self.ranks(self._replicas_list, call)[1]:  # the candidates Serve passes choose_replicas
+            room = [r for r in rank if self.in_flight(r) < r.max_ongoing_requests]
+            if room:
+                return min(room, key=self.in_flight).replica_id.unique_id
+        return None
 
     def holding(self, adapter: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
         """The replicas that hold LoRA `adapter` loaded (Serve's multiplexed model ids, which replicas report)

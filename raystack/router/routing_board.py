@@ -83,12 +83,14 @@ class RoutingBoard:
     """`prefixes`: which replica served which prompt prefix last (prefix_affinity); `kv`: which blocks each
     publishing replica's KV cache holds, from its events (kv_aware); `running`: each backend deployment's
     running replicas, as the handles last heard from Serve (absent until then); `failing`: replicas kept from
-    new requests for a while."""
+    new requests for a while; `routers`: each backend deployment's request router in this process, which the
+    Forwarder asks where a request would go before it sends it."""
 
     prefixes: PrefixTable = field(default_factory=PrefixTable)
     kv: KvCaches = field(default_factory=KvCaches)
     running: dict[str, int] = field(default_factory=dict)
     failing: FailingReplicas = field(default_factory=FailingReplicas)
+    routers: dict[str, Any] = field(default_factory=dict)  # deployment -> its request router (replica_choice.py)
 
 
 BOARD = RoutingBoard()
