@@ -12,13 +12,13 @@ from ray import serve
 from raystack.cluster.rank_layout import require_whole_tensor_groups
 from raystack.config import Backend
 from raystack.engines.base import AdapterLoadError, create_engine
+from raystack.json_codec import decode
 from raystack.models.adapters import ReplicaAdapters, Unservable, prepare_adapters
 from raystack.models.replica_weights import prepare_on_every_node
 from raystack.observability.metrics import ReplicaMetrics
 from raystack.process import pin_granted_npus, restore_normal_priority
 from raystack.protocol import error_body
 from raystack.replica.calls import Dispatch, Opening
-from raystack.json_codec import decode
 from raystack.replica.chunk_channel import CANCEL, CHUNK, DISPATCH, END, ERROR, ChannelBroken, Link, Outbox, ReplyTo
 from raystack.replica.early_start import EarlyStarts
 

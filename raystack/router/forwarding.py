@@ -27,8 +27,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from raystack.config import Model, RouterConfig, Routing
-from raystack.observability.metrics import RouterMetrics
 from raystack.json_codec import encode
+from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
 from raystack.replica.calls import Dispatch, Opening
 from raystack.replica.chunk_channel import CANCEL, DISPATCH, END_GRACE_S, ChannelBroken, Inbox, Sink

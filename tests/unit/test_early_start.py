@@ -19,18 +19,17 @@ WHOLE = {"model": "synthetic", "max_tokens": 3, "prompt": "one two three"}
 
 
 @contextlib.asynccontextmanager
-async def connected():
-    """A router's inbox, and a replica whose outbox has connected to it (as after its first stream there)."""
+async def connected(linked: bool = True):
+    """A router's inbox, and a replica whose outbox has connected to it (as after its first answer there), or
+    not yet (`linked` False)."""
     inbox = Inbox()
     await inbox.start("127.0.0.1")
     replica = synthetic_replica()
     replica.outbox = Outbox(replica.replica, replica._router_frame)
     try:
-        assert await replica.outbox.link(inbox.address()) is not None
-        for _ in range(100):
-            if replica.replica in inbox.by_replica:
-                break
-            await asyncio.sleep(0.01)
+        if linked:
+            assert await replica.outbox.link(inbox.address()) is not None
+            await until(lambda: replica.replica in inbox.by_replica)
         yield inbox, replica
     finally:
         replica.early.close()
@@ -133,11 +132,7 @@ def test_a_frame_that_comes_after_its_call_starts_nothing():
 def test_a_whole_answer_opens_the_channel_for_the_routers_next_requests():
     """A deployment that only ever answers whole requests gets early starts too."""
     async def main():
-        inbox = Inbox()
-        await inbox.start("127.0.0.1")
-        replica = synthetic_replica()
-        replica.outbox = Outbox(replica.replica, replica._router_frame)
-        try:
+        async with connected(linked=False) as (inbox, replica):
             items = [item async for item in replica.generate(Dispatch("completion", WHOLE,
                                                                       reply_to=inbox.address()))]
             assert items[0].status == 200  # answered through Serve, without waiting for the connection
@@ -148,8 +143,5 @@ def test_a_whole_answer_opens_the_channel_for_the_routers_next_requests():
             items = [item async for item in replica.generate(Dispatch("completion", WHOLE, reply_to=to))]
             assert items[0].status == 200
             assert replica.engine.completed == 2
-        finally:
-            replica.outbox.close()
-            await inbox.stop()
 
     asyncio.run(main())
