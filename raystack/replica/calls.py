@@ -20,8 +20,8 @@ class Dispatch:
     process (router/replica_choice.py) and writes down which one in `replica`, so that a try failing before
     its answer opens is blamed on the right replica, and (kv_aware) in `cached_tokens` the prompt tokens its KV
     cache held of the route when chosen. `pinned`: the replica the router already sent it to over the chunk
-channel, where it started (replica/early_start.py); Serve's request router tries that one first. Only kind,
-body and reply_to are sent to the replica."""
+    channel, where it started (replica/early_start.py); Serve's request router tries that one first. Only kind,
+    body and reply_to are sent to the replica."""
 
     kind: RequestKind
     body: dict[str, Any]
