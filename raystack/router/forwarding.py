@@ -296,6 +296,8 @@ class Forwarder:
         """Send `call` over the chunk channel to the replica Serve's request router would pick now, which
         starts it before the Serve call arrives (replica/early_start.py), and pin the call there. Only to a
         replica whose connection is open here (it answered this router before)."""
+        if not self.inbox.by_replica:  # no replica has connected (yet, or ever: its inbox unreachable)
+            return
         router = self.board.routers.get(deployment)
         replica = router.pick(call) if router is not None else None
         if replica is None or replica not in self.inbox.by_replica:
