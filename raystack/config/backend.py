@@ -74,7 +74,10 @@ class Autoscaling(Strict):
         return self
 
     def to_serve(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        # Serve's own policy, counting the whole answers replicas give with no Serve call as well
+        # (replica/direct_answers.py).
+        return self.model_dump(exclude_none=True) | {
+            "policy": {"policy_function": "raystack.replica.direct_answers:autoscaling_policy"}}
 
 
 class Resources(Strict):

@@ -13,7 +13,8 @@ that arrives here (a whole answer is the call's one item, as before the channel)
 until it ends, so a replica that dies before it wrote anything here still ends its streams with an error; a
 broken connection ends every stream it carried. A replica that cannot reach the router's inbox answers
 through Serve, its opening first, as before the channel. Over a connection a replica opened, the router may
-also send it a request ahead of the call, which the replica starts about 2 ms sooner (early_start.py).
+also send it a request ahead of the call, which the replica starts about 2 ms sooner (early_start.py), or a
+whole answer to give over this connection with no Serve call at all (direct_answers.py).
 
 The inbox binds the node's Ray address on a free port, as Serve binds each replica's own gRPC port (on every
 interface, with no credential: ray/serve/_private/replica.py, add_port_to_grpc_server(self._server,
@@ -23,10 +24,12 @@ A connection opens with the secret and the replica's id (one length byte, then U
 replica that answered from the connection that brought the first chunk, which may come before Serve's router
 has said which replica it chose (it says so once it has read the replica's acceptance, ray/serve/_private/
 router.py, on_request_routed). Then frames: a 13-byte header (request id: 8 bytes, kind: 1, payload length:
-4, network order) and the payload. Replica to router: CHUNK (SSE text, UTF-8), END (none) or ERROR (the
-message, UTF-8). Router to replica, on the same connection: DISPATCH (the request's kind and body, JSON: the
-replica starts it before its Serve call arrives, replica/early_start.py) and CANCEL (none: that start is not
-wanted).
+4, network order) and the payload. Replica to router: CHUNK (SSE text, UTF-8), END (none), ERROR (the
+message, UTF-8), WHOLE (a whole answer: its HTTP status in 3 ASCII digits, then its JSON body) or REFUSED
+(none: the replica does not take that request). Router to replica, on the same connection: DISPATCH (the
+request's kind and body, JSON: the replica starts it before its Serve call arrives, replica/early_start.py),
+ASK (the same: the replica answers it whole, here, and no Serve call comes, replica/direct_answers.py) and
+CANCEL (none: that start or answer is not wanted).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from typing import Callable
 logger = logging.getLogger("ray.serve")
 
 HEADER = struct.Struct("!QBI")
-CHUNK, END, ERROR = 0, 1, 2  # replica -> router
-DISPATCH, CANCEL = 3, 4  # router -> replica
+CHUNK, END, ERROR, WHOLE, REFUSED = 0, 1, 2, 6, 7  # replica -> router
+DISPATCH, CANCEL, ASK = 3, 4, 5  # router -> replica
 SECRET_BYTES = 16
 CONNECT_TIMEOUT_S = 2.0
 CONNECT_WAIT_S = 0.05  # what a stream waits for a new connection (under a millisecond within a data centre)
@@ -74,9 +77,10 @@ class ReplyTo:
 
 
 class Sink:
-    """One request's chunks as they arrive, until its END (or why it broke)."""
+    """One request's chunks as they arrive, until its END (or why it broke); or a whole answer (WHOLE), or
+    the replica's refusal (REFUSED: `refused`, and it ends)."""
 
-    __slots__ = ("request", "replica", "parts", "ended", "broken", "waiter", "watch", "_late")
+    __slots__ = ("request", "replica", "parts", "ended", "broken", "refused", "waiter", "watch", "_late")
 
     def __init__(self, request: int) -> None:
         self.request = request
@@ -84,6 +88,7 @@ class Sink:
         self.parts: list[str] = []
         self.ended = False
         self.broken: str | None = None
+        self.refused = False
         self.waiter: asyncio.Future | None = None
         self.watch: asyncio.Future | None = None  # the Serve call's end (held: the loop keeps tasks weakly)
         self._late: asyncio.TimerHandle | None = None
@@ -177,11 +182,14 @@ class Inbox:
         return ReplyTo(self.host, self.port, self.secret, next(self.ids))
 
     def send(self, replica: str, request: int, kind: int, payload: bytes = b"") -> bool:
-        """A frame to `replica` about `request`, if the replica has a connection here; whether it went."""
+        """A frame to `replica` about `request`, if the replica has a connection here; whether it went. An ASK
+        is then carried by that connection: its breaking fails the request's Sink."""
         receiver = self.by_replica.get(replica)
         if receiver is None or receiver.transport.is_closing():
             return False
         receiver.transport.write(HEADER.pack(request, kind, len(payload)) + payload)
+        if kind == ASK:
+            receiver.carried.add(request)
         return True
 
     def forget(self, sink: Sink) -> None:
@@ -248,8 +256,19 @@ class _Receiver(asyncio.Protocol):
                     sink.put(buffer[start:at].decode())
                 continue
             carried.discard(request)
-            if sink is not None:
-                sink.end() if kind == END else sink.fail(buffer[start:at].decode())
+            if sink is None:
+                continue
+            if kind == WHOLE:
+                sink.replica = self.replica
+                sink.put(buffer[start:at].decode())
+                sink.end()
+            elif kind == REFUSED:
+                sink.refused = True
+                sink.end()
+            elif kind == END:
+                sink.end()
+            else:
+                sink.fail(buffer[start:at].decode())
         del buffer[:at]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -271,9 +290,11 @@ class Link:
         self.watch: asyncio.Future | None = None  # closes the writer when the router's end closes
 
     def send(self, request: int, kind: int, text: str = "") -> None:
+        self.send_bytes(request, kind, text.encode())
+
+    def send_bytes(self, request: int, kind: int, payload: bytes) -> None:
         if self.writer.is_closing():  # asyncio would drop the write without a word
             raise ChannelBroken("the connection to the router broke")
-        payload = text.encode()
         self.writer.write(HEADER.pack(request, kind, len(payload)) + payload)
 
     async def drain(self) -> None:
@@ -285,24 +306,26 @@ class Link:
         self.writer.close()
 
 
-# What a replica does with a frame from a router: (the router's inbox, request id, kind, payload).
-OnFrame = Callable[[tuple[str, int, bytes], int, int, bytes], None]
+# What a replica does with a frame from a router: (the Link it came on, the router's inbox, request id, kind,
+# payload).
+OnFrame = Callable[[Link, tuple[str, int, bytes], int, int, bytes], None]
 
 
-async def _read_router(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, inbox: tuple[str, int, bytes],
+async def _read_router(reader: asyncio.StreamReader, link: Link, inbox: tuple[str, int, bytes],
                        on_frame: OnFrame | None) -> None:
-    """The router's frames (DISPATCH, CANCEL) to `on_frame`, until its end closes (its replica stopped). Then
-    close ours, so that the Link says it is broken instead of writing into a socket nobody reads."""
+    """The router's frames (DISPATCH, ASK, CANCEL) to `on_frame`, with the Link they came on (an ASK is
+    answered there), until its end closes (its replica stopped). Then close ours, so that the Link says it is
+    broken instead of writing into a socket nobody reads."""
     with contextlib.suppress(OSError, asyncio.IncompleteReadError):
         while True:
             request, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
             payload = await reader.readexactly(length) if length else b""
             if on_frame is not None:
                 try:
-                    on_frame(inbox, request, kind, payload)
+                    on_frame(link, inbox, request, kind, payload)
                 except Exception:  # one bad frame: that request is not started early, nothing else changes
                     logger.exception("chunk channel: a frame from the router at %s:%d failed", *inbox[:2])
-    writer.close()
+    link.close()
 
 
 def _usable(pending: asyncio.Future) -> Link | None:
@@ -371,7 +394,7 @@ class Outbox:
                                                 CONNECT_TIMEOUT_S)
         writer.write(reply_to.secret + self.greeting)
         link = Link(writer)
-        link.watch = asyncio.ensure_future(_read_router(reader, writer, reply_to.inbox, self.on_frame))
+        link.watch = asyncio.ensure_future(_read_router(reader, link, reply_to.inbox, self.on_frame))
         return link
 
     def close(self) -> None:

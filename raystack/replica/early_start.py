@@ -3,7 +3,8 @@ starts in the engine when that frame arrives, about 2 ms before its Serve call r
 (README, "raystack vs vLLM's own server": the call's way through Serve's request router, gRPC and the
 replica's wrapper). The call, pinned to this replica by the router (replica_choice.py), claims the started
 request and answers from it: Serve still counts the replica busy, cancels the request and reports its failures
-through the call, as for any request.
+through the call, as for any request. Routers start streams so; a whole answer they ask over the channel
+itself, with no call (direct_answers.py).
 
 Nothing of a started request leaves the replica before its call claims it (its chunks wait behind `gate`), so
 a call that Serve sent elsewhere (this replica was full, or draining) never meets a second answer. A start that

@@ -11,15 +11,17 @@ from ray import serve
 
 from raystack.cluster.rank_layout import require_whole_tensor_groups
 from raystack.config import Backend
-from raystack.engines.base import AdapterLoadError, create_engine
-from raystack.json_codec import decode
+from raystack.engines.base import AdapterLoadError, Answer, RequestKind, create_engine
+from raystack.json_codec import decode, encode
 from raystack.models.adapters import ReplicaAdapters, Unservable, prepare_adapters
 from raystack.models.replica_weights import prepare_on_every_node
 from raystack.observability.metrics import ReplicaMetrics
 from raystack.process import pin_granted_npus, restore_normal_priority
 from raystack.protocol import error_body
 from raystack.replica.calls import Dispatch, Opening
-from raystack.replica.chunk_channel import CANCEL, CHUNK, DISPATCH, END, ERROR, ChannelBroken, Link, Outbox, ReplyTo
+from raystack.replica.chunk_channel import (ASK, CANCEL, CHUNK, DISPATCH, END, ERROR, REFUSED, WHOLE, ChannelBroken,
+                                            Link, Outbox, ReplyTo)
+from raystack.replica.direct_answers import AUTOSCALING_METRIC, DirectAnswers
 from raystack.replica.early_start import EarlyStarts
 
 logger = logging.getLogger("ray.serve")
@@ -98,6 +100,7 @@ class LLMServer:
         self.engine_failed: str | None = None  # what the engine said when it last failed a request on its side
         self.outbox = Outbox(self.replica, self._router_frame)  # streams to the routers that ask (chunk_channel.py)
         self.early = EarlyStarts()  # requests a router dispatched over that channel, started before their call
+        self.direct = DirectAnswers()  # whole answers a router asked for over that channel, with no call
         self.calls = 0  # Serve calls in progress here
         self.engine = create_engine(model_name, model_path, self.backend, self.metrics, self.adapters.served,
                                     kv_events_topic=self.replica if kv_events else None)
@@ -117,6 +120,12 @@ class LLMServer:
         this replica's engine publishes its KV cache events (VLLMEngine.kv_events), when it does."""
         kv_events = self.engine.kv_events() if self.backend.spec.publishes_kv_events else None
         return {"kv_events": kv_events} if kv_events else {}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for a replica's own autoscaling metrics (Ray 2.60, ray/serve/_private/replica.py,
+        _fetch_custom_autoscaling_metrics: called each metrics_interval_s of an autoscaling backend): the whole
+        answers it gives with no Serve call, which Serve does not count (direct_answers.py)."""
+        return {AUTOSCALING_METRIC: len(self.direct)}
 
     async def _load_adapter(self, name: str) -> str:
         """Serve's multiplexing calls this for an adapter the replica does not hold yet. Past
@@ -156,16 +165,51 @@ class LLMServer:
         finally:
             self.calls -= 1
 
-    def _router_frame(self, inbox: tuple[str, int, bytes], request: int, kind: int, payload: bytes) -> None:
-        """A router's DISPATCH starts its request now, unless this replica is full (Serve would send the call
-        elsewhere); its CANCEL aborts that start."""
-        reply_to = ReplyTo(*inbox, request)  # the key of its start, as its call names it
+    def _router_frame(self, link: Link, inbox: tuple[str, int, bytes], request: int, kind: int,
+                      payload: bytes) -> None:
+        """A router's DISPATCH starts its request now, its ASK answers it whole over `link` (direct_answers.py),
+        unless this replica is full (Serve would send the call elsewhere) or stopping: an ASK is then REFUSED
+        (the router sends it through Serve). Its CANCEL aborts that start or answer."""
+        reply_to = ReplyTo(*inbox, request)  # the key of its start or answer, as its call would name it
         if kind == CANCEL:
             self.early.cancel(reply_to)
-        elif kind == DISPATCH and self.calls + len(self.early) < self.backend.max_ongoing_requests:
-            dispatch = decode(payload)  # only requests without an adapter are dispatched
-            self.early.start(reply_to, lambda gate: self._answer(dispatch["kind"], dispatch["body"], reply_to, "",
-                                                                 gate))
+            self.direct.cancel(reply_to)
+            return
+        if self.direct.stopping or self.calls + len(self.early) + len(self.direct) >= self.backend.max_ongoing_requests:
+            if kind == ASK:
+                with contextlib.suppress(ChannelBroken):  # the router went: nobody to tell
+                    link.send(request, REFUSED)
+            return
+        asked = decode(payload)  # only requests without an adapter are sent ahead
+        if kind == ASK:
+            self.direct.start(reply_to, self._answer_directly(link, request, asked["kind"], asked["body"]))
+        elif kind == DISPATCH:
+            self.early.start(reply_to, lambda gate: self._answer(asked["kind"], asked["body"], reply_to, "", gate))
+
+    async def _answer_directly(self, link: Link, request: int, kind: RequestKind, body: dict[str, Any]) -> None:
+        """The whole answer to an ASK, over `link` (WHOLE: the status in 3 digits, then the JSON body), or the
+        engine's failure (ERROR), which the router takes as a failed try, as it takes a failed Serve call."""
+        try:
+            answer = await self._engine_answer(kind, body)
+            if answer.stream is not None:  # a router asks only for whole answers: not an engine of this raystack
+                with contextlib.suppress(AttributeError):
+                    await answer.stream.aclose()  # the request aborted in the engine
+                raise RuntimeError("the engine streamed an answer asked for whole")
+            opening = self._noted(Opening.whole(self.replica, answer.status, answer.body))
+            link.send_bytes(request, WHOLE, b"%03d" % opening.status + encode(opening.body))
+        except ChannelBroken:  # the router went: nobody to answer
+            pass
+        except Exception as err:
+            with contextlib.suppress(ChannelBroken):
+                link.send(request, ERROR, f"{type(err).__name__}: {err}")
+
+    async def _engine_answer(self, kind: RequestKind, body: dict[str, Any]) -> Answer:
+        """The engine's answer; its failure noted (the next health check probes it) and raised."""
+        try:
+            return await self.engine.generate(kind, body)
+        except Exception as err:
+            self.engine_failed = f"{type(err).__name__}: {err}"
+            raise
 
     async def _answer(self, kind: str, body: dict[str, Any], reply_to: ReplyTo | None, adapter: str,
                       gate: asyncio.Event | None = None) -> AsyncIterator[Any]:
@@ -177,11 +221,7 @@ class LLMServer:
             yield Opening.whole(self.replica, refusal.status,
                                 error_body(refusal.status, refusal.message, param="model", code="adapter_unservable"))
             return
-        try:
-            answer = await self.engine.generate(kind, body)
-        except Exception as err:
-            self.engine_failed = f"{type(err).__name__}: {err}"
-            raise
+        answer = await self._engine_answer(kind, body)
         if answer.stream is None:
             if reply_to is not None:
                 self.outbox.reach(reply_to)
@@ -256,6 +296,9 @@ class LLMServer:
         """Serve's shutdown hook for a replica (its only one: Serve awaits the deployment's `__del__` when it
         stops a replica, ray/serve/_private/replica.py call_destructor; Ray Serve LLM's LLMServer stops its
         engine the same way): the engine and every process it started stop before the replica goes."""
+        direct = getattr(self, "direct", None)
+        if direct is not None:  # Serve drained its own calls, not these: they finish before the engine stops
+            await direct.drain(self.backend.longest_answer_s)
         engine = getattr(self, "engine", None)  # absent when __init__ failed
         if engine is not None:
             await engine.shutdown()

@@ -56,7 +56,7 @@ class Delivery:
     model: str
     backend: str
     opening: Opening
-    stream: DeploymentResponseGenerator
+    stream: DeploymentResponseGenerator | None  # None: a direct answer (replica/direct_answers.py)
     deadline: float  # loop time by which the whole answer must be through (router.request_timeout_s)
     release: Callable[[], None]  # gives the slot back
     upstream_done: bool = False  # the replica has sent all of it (or broke off): nothing to stop there
@@ -69,7 +69,7 @@ class Delivery:
 
     def end(self) -> None:
         """The slot back, and the generation stopped upstream unless it is done."""
-        if not self.upstream_done:
+        if not self.upstream_done and self.stream is not None:
             self.stream.cancel()
         self.release()
 

@@ -2,8 +2,9 @@
 
 The ingress (ingress.py) has already authenticated, parsed and resolved the request. Here: the model's
 routing policy (policies.py) picks the backend; the request goes to it through its Serve handle (Serve's
-request router, replica_choice.py, picks the replica); the opening (a whole JSON answer, or a stream's first
-chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or `request_timeout_s`
+request router, replica_choice.py, picks the replica), or, asked whole, over the chunk channel to the replica
+that request router would pick, with no Serve call (replica/direct_answers.py); the opening (a whole JSON
+answer, or a stream's first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or `request_timeout_s`
 passes. While a backend is full, requests wait for its slots by priority class, and within a class by API
 key in weighted fair order (fair_share.py), within `first_token_timeout_s` or their class's queue_timeout_s;
 each try tells the engine the request's class (priority.py). A replica that fails before its opening, its
@@ -27,11 +28,11 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from raystack.config import Model, RouterConfig, Routing
-from raystack.json_codec import encode
+from raystack.json_codec import decode, encode
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import SSE_DONE, OpenAIError, error_body, sse_event
 from raystack.replica.calls import Dispatch, Opening
-from raystack.replica.chunk_channel import CANCEL, DISPATCH, END_GRACE_S, ChannelBroken, Inbox, Sink
+from raystack.replica.chunk_channel import ASK, CANCEL, DISPATCH, END_GRACE_S, ChannelBroken, Inbox, Sink
 from raystack.router import routing_board
 from raystack.router.catalogue import Catalogue
 from raystack.router.exchange import Delivery, Exchange
@@ -210,10 +211,12 @@ class Forwarder:
     async def open(
         self, model: str, backend: str, call: Dispatch, deadline: float, adapter: str | None = None,
         share: tuple[str, float] = ("", 1.0), band: Band = ONE_BAND,
-    ) -> tuple[Opening, DeploymentResponseGenerator, Sink | None]:
+    ) -> tuple[Opening, DeploymentResponseGenerator | None, Sink | None]:
         """Send `call` to `backend` (to none of the replicas it avoids) and wait for its opening (a stream's
         first chunk, or the whole JSON answer), and the Sink of the stream's other chunks if the replica sends
-        them through the chunk channel. The backend's in-flight count holds until the answer is fully relayed."""
+        them through the chunk channel. A whole answer comes over the chunk channel with no Serve call (no
+        stream, then) once a replica of the backend has connected here. The backend's in-flight count holds
+        until the answer is fully relayed."""
         handle = self.streams.get(model, {}).get(backend)
         if handle is None:
             raise OpenAIError(503, f"`{model}@{backend}` was just removed from this router's backends; retry.",
@@ -233,9 +236,17 @@ class Forwarder:
         if adapter:
             handle = handle.options(multiplexed_model_id=adapter)
         sink = None
-        if self.inbox is not None:  # a whole answer comes through Serve: its address names it for an early start
+        if self.inbox is not None and not streaming and not adapter:  # an adapter loads in a call (multiplexing)
+            try:
+                opening = await self._ask_directly(model, backend, call, deadline)
+            except BaseException:
+                self.done(key, band)
+                raise
+            if opening is not None:
+                return opening, None, None
+        if self.inbox is not None:  # a whole answer names its address: its replica connects, for the next ones
             call.reply_to, sink = self.inbox.open() if streaming else (self.inbox.address(), None)
-            if not adapter:  # an adapter is loaded in the call, by Serve's multiplexing
+            if streaming and not adapter:
                 self._start_early(self.deployments[model][backend], call)
         stream: DeploymentResponseGenerator = handle.generate.remote(call)
         first = asyncio.ensure_future(stream.__anext__())
@@ -291,6 +302,50 @@ class Forwarder:
                 stream.cancel()
                 self._unpin(call)
                 self.done(key, band, sink)
+
+    async def _ask_directly(self, model: str, backend: str, call: Dispatch, deadline: float) -> Opening | None:
+        """`call`'s whole answer, asked over the chunk channel of the replica Serve's request router would pick
+        now, and given there with no Serve call (replica/direct_answers.py); None when it cannot be (no replica
+        of the backend has connected here, or the replica refused: full or stopping): then through Serve."""
+        if not self.inbox.by_replica:  # no replica has connected (yet, or ever: its inbox unreachable)
+            return None
+        router = self.board.routers.get(self.deployments[model][backend])
+        replica = router.pick(call) if router is not None else None
+        if replica is None or replica not in self.inbox.by_replica:
+            return None
+        reply_to, sink = self.inbox.open()
+        if not self.inbox.send(replica, reply_to.request, ASK, encode({"kind": call.kind, "body": call.body})):
+            self.inbox.forget(sink)
+            return None
+        self.board.direct[replica] += 1  # its queue as this process's request routers see it (replica_choice.py)
+        answered = False
+        try:
+            os.sched_yield()  # as after an early start's frame (below): the replica may share this core
+            try:
+                async with asyncio.timeout_at(deadline):
+                    text = await sink.next()
+            except TimeoutError:
+                raise self._timed_out(model, backend, streaming=False) from None
+            except ChannelBroken as err:  # its engine failed (ERROR), or its connection broke (the replica died)
+                answered = True
+                raise ReplicaFailed(str(err), replica) from None
+            answered = True
+            if sink.refused:
+                return None
+            if text is None:
+                raise ReplicaFailed("it closed the answer without a word", replica)
+            opening = Opening.whole(replica, int(text[:3]), decode(text[3:]))
+            if opening.failure:
+                raise ReplicaFailed(f"its engine failed: {opening.failure}", replica)
+            router.routed(call, replica)
+            return opening
+        finally:
+            self.board.direct[replica] -= 1
+            if not self.board.direct[replica]:
+                del self.board.direct[replica]
+            self.inbox.forget(sink)
+            if not answered:  # timed out, or the client left: stop it in the engine
+                self.inbox.send(replica, reply_to.request, CANCEL)
 
     def _start_early(self, deployment: str, call: Dispatch) -> None:
         """Send `call` over the chunk channel to the replica Serve's request router would pick now, which

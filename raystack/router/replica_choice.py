@@ -50,7 +50,10 @@ class BackendRequestRouter(RequestRouter):
                         [(r.replica_id.unique_id, r.replica_metadata.get("kv_events")) for r in replicas])
 
     def in_flight(self, replica: RunningReplica) -> int:
-        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+        """Its queue as Serve last knew it, and the direct answers this process asked of it, which Serve does not
+        count (replica/direct_answers.py)."""
+        return ((self.replica_queue_len_cache.get(replica.replica_id) or 0)
+                + routing_board.BOARD.direct.get(replica.replica_id.unique_id, 0))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -94,6 +97,10 @@ class BackendRequestRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         call = call_of(pending_request)
         if call is not None:
-            call.replica = replica_id.unique_id
-            call.cached_tokens = self.policy.cached_tokens(self._deployment_id.name, replica_id.unique_id, call.route)
-            self.policy.routed(self._deployment_id.name, replica_id.unique_id, call.route)
+            self.routed(call, replica_id.unique_id)
+
+    def routed(self, call: Dispatch, replica: str) -> None:
+        """`replica` took `call` (through Serve, or directly: forwarding.py)."""
+        call.replica = replica
+        call.cached_tokens = self.policy.cached_tokens(self._deployment_id.name, replica, call.route)
+        self.policy.routed(self._deployment_id.name, replica, call.route)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -84,13 +84,15 @@ class RoutingBoard:
     publishing replica's KV cache holds, from its events (kv_aware); `running`: each backend deployment's
     running replicas, as the handles last heard from Serve (absent until then); `failing`: replicas kept from
     new requests for a while; `routers`: each backend deployment's request router in this process, which the
-    Forwarder asks where a request would go before it sends it."""
+    Forwarder asks where a request would go before it sends it; `direct`: the whole answers this process has
+    asked of each replica with no Serve call, under way (replica/direct_answers.py)."""
 
     prefixes: PrefixTable = field(default_factory=PrefixTable)
     kv: KvCaches = field(default_factory=KvCaches)
     running: dict[str, int] = field(default_factory=dict)
     failing: FailingReplicas = field(default_factory=FailingReplicas)
     routers: dict[str, Any] = field(default_factory=dict)  # deployment -> its request router (replica_choice.py)
+    direct: Counter[str] = field(default_factory=Counter)  # replica id -> direct answers asked of it, under way
 
 
 BOARD = RoutingBoard()

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 import ray
 
 from tests.integration.conftest import synthetic
@@ -27,6 +28,7 @@ BASE = f"http://127.0.0.1:{PORT}/rolling"
 class Ending:
     def __init__(self) -> None:
         self.router: str | None = None
+        self.replica: str | None = None  # the backend replica that answered
         self.words = 0
         self.done = False
         self.error: str | None = None
@@ -38,6 +40,7 @@ async def long_stream(client: httpx.AsyncClient, started: asyncio.Queue, i: int,
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             ending.router = response.headers.get("x-raystack-router")
+            ending.replica = response.headers.get("x-raystack-replica")
             started.put_nowait(i)
             async for line in response.aiter_lines():
                 if line == "data: [DONE]":
@@ -51,12 +54,34 @@ async def long_stream(client: httpx.AsyncClient, started: asyncio.Queue, i: int,
     return ending
 
 
-async def streams_through(base: str, during, models: tuple[str, ...] = ("m",)) -> list[Ending]:
-    """STREAMS long streams to each of `models`; once all have started, `during()` runs (in a thread);
-    then every ending."""
+async def long_whole(client: httpx.AsyncClient, started: asyncio.Queue, i: int, model: str) -> Ending:
+    """long_stream's request asked whole: it answers once all its tokens are made, over the chunk channel when
+    its replica has connected to the router already (replica/direct_answers.py). Started once sent."""
+    ending = Ending()
+    body = {"model": model, "messages": [{"role": "user", "content": f"q{i}"}]}
+    request = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+    await asyncio.sleep(0.5)  # on its way to a replica
+    started.put_nowait(i)
+    try:
+        response = await request
+    except httpx.HTTPError as err:
+        ending.error = repr(err)
+        return ending
+    ending.router = response.headers.get("x-raystack-router")
+    ending.replica = response.headers.get("x-raystack-replica")
+    if response.status_code != 200:
+        ending.error = response.text
+        return ending
+    ending.words, ending.done = len(response.json()["choices"][0]["message"]["content"].split()), True
+    return ending
+
+
+async def streams_through(base: str, during, models: tuple[str, ...] = ("m",), ask=long_stream) -> list[Ending]:
+    """STREAMS long streams (or whole answers: `ask` long_whole) to each of `models`; once all have started,
+    `during()` runs (in a thread); then every ending."""
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         started: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(long_stream(client, started, i, model))
+        tasks = [asyncio.create_task(ask(client, started, i, model))
                  for model in models for i in range(STREAMS)]
         for _ in tasks:
             await asyncio.wait_for(started.get(), 60)
@@ -83,17 +108,31 @@ def replicas() -> dict[str, set[str]]:
             "other": set(replica_actors("rolling.other.s", "LLMServer-other-s"))}
 
 
-def test_a_changed_backend_is_redeployed_alone_and_cuts_no_stream(server):
+async def connect_replicas(base: str, models: tuple[str, ...]) -> None:
+    """One-token answers to each of `models`, enough at once to reach each of its replicas: each then connects
+    to the router's inbox, and whole answers go over that connection with no Serve call."""
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        await asyncio.gather(*(client.post("/v1/chat/completions", json={**body, "model": model})
+                               for model in models for _ in range(STREAMS)))
+
+
+@pytest.mark.parametrize("ask", [long_stream, long_whole], ids=["streams", "whole answers"])
+def test_a_changed_backend_is_redeployed_alone_and_cuts_no_stream(server, ask):
     serve_deploy(service({}, {"m": 10, "other": 10}))
+    asyncio.run(connect_replicas(BASE, ("m", "other")))
     before = replicas()
     # serve deploy of the same file with one backend setting changed: Serve replaces that backend's
-    # replicas, each once its streams are done; the router and the other backend keep theirs.
+    # replicas, each once its answers are done; the router and the other backend keep theirs.
     endings = asyncio.run(streams_through(
-        BASE, lambda: serve_deploy(service({}, {"m": 20, "other": 10})), models=("m", "other")))
+        BASE, lambda: serve_deploy(service({}, {"m": 20, "other": 10})), models=("m", "other"), ask=ask))
     after = replicas()
     assert not before["m"] & after["m"] and len(after["m"]) == 2, "the changed backend's replicas were replaced"
     assert (after["router"], after["other"]) == (before["router"], before["other"]), "only the changed backend"
     assert [(e.done, e.words, e.error) for e in endings] == [(True, TOKENS, None)] * (2 * STREAMS)
+    # Each answered where it started: none was cut by its replica stopping and sent again to a new one.
+    old = {actor.rsplit("#", 1)[1] for actor in before["m"] | before["other"]}
+    assert {e.replica for e in endings} <= old
 
 
 def test_a_router_replica_killed_under_load_cuts_only_its_own_streams(server):

@@ -35,6 +35,7 @@ from raystack.json_codec import JSONAnswer
 from raystack.observability.metrics import RouterMetrics
 from raystack.protocol import error_body, parse_request, prompt_text, sse_event
 from raystack.replica.calls import Dispatch, Opening, _stream_failure
+from raystack.replica.direct_answers import DirectAnswers
 from raystack.replica.early_start import EarlyStarts
 from raystack.replica.server import LLMServer
 from raystack.router.auth import Grant
@@ -111,7 +112,7 @@ def synthetic_replica() -> Replica:
     server = object.__new__(Replica)
     backend = Backend(name="synthetic", engine="synthetic", synthetic={"ttft_ms": 0, "tokens_per_s": 0})
     server.engine, server.replica, server.engine_failed = create_engine("synthetic", None, backend), "r1", None
-    server.backend, server.early, server.calls = backend, EarlyStarts(), 0
+    server.backend, server.early, server.direct, server.calls = backend, EarlyStarts(), DirectAnswers(), 0
     return server
 
 
