@@ -25,8 +25,10 @@ replica that answered from the connection that brought the first chunk, which ma
 has said which replica it chose (it says so once it has read the replica's acceptance, ray/serve/_private/
 router.py, on_request_routed). Then frames: a 13-byte header (request id: 8 bytes, kind: 1, payload length:
 4, network order) and the payload. Replica to router: CHUNK (SSE text, UTF-8), END (none), ERROR (the
-message, UTF-8), WHOLE (a whole answer: its HTTP status in 3 ASCII digits, then its JSON body) or REFUSED
-(none: the replica does not take that request). Router to replica, on the same connection: DISPATCH (the
+message, UTF-8), WHOLE (a whole answer: its HTTP status in 3 ASCII digits, then its JSON body), REFUSED
+(none: the replica does not take that request) and ANSWERS (request 0, none: sent once, after the greeting, by a
+replica that answers ASKs; a router asks none of a replica that did not say so, as one of an older raystack
+during an upgrade, which would leave the ASK unanswered). Router to replica, on the same connection: DISPATCH (the
 request's kind and body, JSON: the replica starts it before its Serve call arrives, replica/early_start.py),
 ASK (the same: the replica answers it whole, here, and no Serve call comes, replica/direct_answers.py) and
 CANCEL (none: that start or answer is not wanted).
@@ -48,7 +50,7 @@ from typing import Callable
 logger = logging.getLogger("ray.serve")
 
 HEADER = struct.Struct("!QBI")
-CHUNK, END, ERROR, WHOLE, REFUSED = 0, 1, 2, 6, 7  # replica -> router
+CHUNK, END, ERROR, WHOLE, REFUSED, ANSWERS = 0, 1, 2, 6, 7, 8  # replica -> router
 DISPATCH, CANCEL, ASK = 3, 4, 5  # router -> replica
 SECRET_BYTES = 16
 CONNECT_TIMEOUT_S = 2.0
@@ -182,10 +184,11 @@ class Inbox:
         return ReplyTo(self.host, self.port, self.secret, next(self.ids))
 
     def send(self, replica: str, request: int, kind: int, payload: bytes = b"") -> bool:
-        """A frame to `replica` about `request`, if the replica has a connection here; whether it went. An ASK
-        is then carried by that connection: its breaking fails the request's Sink."""
+        """A frame to `replica` about `request`, if the replica has a connection here (for an ASK: one whose
+        replica answers ASKs); whether it went. An ASK is then carried by that connection: its breaking fails the
+        request's Sink."""
         receiver = self.by_replica.get(replica)
-        if receiver is None or receiver.transport.is_closing():
+        if receiver is None or receiver.transport.is_closing() or (kind == ASK and not receiver.answers):
             return False
         receiver.transport.write(HEADER.pack(request, kind, len(payload)) + payload)
         if kind == ASK:
@@ -217,6 +220,7 @@ class _Receiver(asyncio.Protocol):
         self.trusted = False
         self.replica: str | None = None  # its id, once read
         self.carried: set[int] = set()  # requests this connection wrote to and has not ended
+        self.answers = False  # its replica answers ASKs (it said so: ANSWERS)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -256,6 +260,8 @@ class _Receiver(asyncio.Protocol):
                     sink.put(buffer[start:at].decode())
                 continue
             carried.discard(request)
+            if kind == ANSWERS:
+                self.answers = True
             if sink is None:
                 continue
             if kind == WHOLE:
@@ -346,7 +352,8 @@ class Outbox:
         """`on_frame`: what to do with the frames routers send back (early_start.py)."""
         ident = replica.encode()[:255]
         self.on_frame = on_frame
-        self.greeting = bytes([len(ident)]) + ident  # written after an inbox's secret
+        # Written after an inbox's secret: its id, and that it answers ASKs if it takes frames at all.
+        self.greeting = bytes([len(ident)]) + ident + (HEADER.pack(0, ANSWERS, 0) if on_frame is not None else b"")
         self.links: dict[tuple[str, int, bytes], asyncio.Future] = {}
         self.unreachable: dict[tuple[str, int, bytes], float] = {}  # inbox -> loop time it may be tried again
 

@@ -305,8 +305,8 @@ class Forwarder:
 
     async def _ask_directly(self, model: str, backend: str, call: Dispatch, deadline: float) -> Opening | None:
         """`call`'s whole answer, asked over the chunk channel of the replica Serve's request router would pick
-        now, and given there with no Serve call (replica/direct_answers.py); None when it cannot be (no replica
-        of the backend has connected here, or the replica refused: full or stopping): then through Serve."""
+        now, and given there with no Serve call (replica/direct_answers.py); None when it cannot be (that replica
+        has not connected here, or answers no ASK, or it refused: full or stopping): then through Serve."""
         if not self.inbox.by_replica:  # no replica has connected (yet, or ever: its inbox unreachable)
             return None
         router = self.board.routers.get(self.deployments[model][backend])

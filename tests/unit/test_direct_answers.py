@@ -14,7 +14,7 @@ from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from raystack.json_codec import decode, encode
-from raystack.replica.chunk_channel import ASK, CANCEL, ChannelBroken
+from raystack.replica.chunk_channel import ASK, CANCEL, HEADER, ChannelBroken
 from raystack.replica.direct_answers import AUTOSCALING_METRIC, autoscaling_policy
 from tests.unit.test_early_start import WHOLE, connected, until
 
@@ -142,3 +142,18 @@ def test_serves_autoscaling_counts_the_direct_answers_with_its_own():
     assert autoscaling_policy(context(4, {"a": 0, "b": 0}))[0] == pytest.approx(2)  # Serve's own count alone
     assert autoscaling_policy(context(4, {"a": 6, "b": 2}))[0] == pytest.approx(6)  # 12 requests at 2 a replica
     assert autoscaling_policy(context(0, {"a": 8, "b": 8}))[0] == pytest.approx(8)  # all of them direct
+
+
+def test_a_replica_that_does_not_say_it_answers_is_asked_nothing():
+    async def main():
+        async with connected(linked=False) as (inbox, replica):
+            # An older replica's greeting (upgrades mix versions): its id, without ANSWERS. It would read an ASK
+            # as nothing it knows and leave the request waiting until its deadline.
+            replica.outbox.greeting = replica.outbox.greeting[:-HEADER.size]
+            assert await replica.outbox.link(inbox.address()) is not None
+            await until(lambda: replica.replica in inbox.by_replica)
+            to, _ = inbox.open()
+            assert not inbox.send(replica.replica, to.request, ASK, encode({"kind": "completion", "body": WHOLE}))
+            assert inbox.send(replica.replica, to.request, CANCEL)  # the frames it knows still go
+
+    asyncio.run(main())
