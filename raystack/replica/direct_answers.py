@@ -3,7 +3,7 @@ gets back there (WHOLE), with no Serve call at all.
 
 Why: for a short whole answer, Serve's call was most of the path's CPU (its request router, gRPC both ways
 with a rejection message first, the replica's wrapper and metrics). On two cores at concurrency 32, raystack
-carried 743 short requests/s with the call; a prototype without it, 2,100 (README, "Router overhead").
+carried 743 short requests/s with the call and 1,970 without it (README, "Router overhead").
 
 What the call did for such a request is done here instead:
 - capacity: the replica refuses the ASK (REFUSED) when its Serve calls, early starts and direct answers reach
@@ -12,7 +12,7 @@ What the call did for such a request is done here instead:
 - drain: a replica that stops finishes its direct answers before its engine stops (LLMServer.__del__, which
   Serve awaits once its own calls have drained), within the backend's graceful_shutdown_timeout_s.
 - autoscaling: the replica reports the direct answers it is giving (LLMServer.record_autoscaling_stats), and
-  raystack's autoscaling policy adds them to the requests Serve counts (autoscaling.py).
+  raystack's autoscaling policy (autoscaling_policy, below) adds them to the requests Serve counts.
 - failure: an engine failure is an ERROR frame, a replica that dies breaks the connection; either way the
   router tries another replica, as when a Serve call fails before its answer.
 - cancellation: the router's CANCEL (its client left, or the deadline passed) cancels the answer, which aborts

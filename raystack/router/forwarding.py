@@ -4,8 +4,8 @@ The ingress (ingress.py) has already authenticated, parsed and resolved the requ
 routing policy (policies.py) picks the backend; the request goes to it through its Serve handle (Serve's
 request router, replica_choice.py, picks the replica), or, asked whole, over the chunk channel to the replica
 that request router would pick, with no Serve call (replica/direct_answers.py); the opening (a whole JSON
-answer, or a stream's first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or `request_timeout_s`
-passes. While a backend is full, requests wait for its slots by priority class, and within a class by API
+answer, or a stream's first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it
+ends or `request_timeout_s` passes. While a backend is full, requests wait for its slots by priority class, and within a class by API
 key in weighted fair order (fair_share.py), within `first_token_timeout_s` or their class's queue_timeout_s;
 each try tells the engine the request's class (priority.py). A replica that fails before its opening, its
 process or its engine (a 5xx answer or error event of its own) -> another replica, never the one that
@@ -21,7 +21,7 @@ import logging
 import os
 from collections import Counter
 from functools import partial
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -39,6 +39,9 @@ from raystack.router.exchange import Delivery, Exchange
 from raystack.router.fair_share import ONE_BAND, Band, FairGate, GateFull, QueueTimeout
 from raystack.router.policies import BackendLoad, LeastLoaded, Route, policy_for
 from raystack.router.priority import tell_engine
+
+if TYPE_CHECKING:
+    from raystack.router.replica_choice import BackendRequestRouter
 
 logger = logging.getLogger("ray.serve")
 
@@ -127,13 +130,17 @@ class Forwarder:
 
     def choose(self, model: Model, route: Route, exclude: set[str]) -> str | None:
         deployments = self.deployments.get(model.name, {})  # a backend deleted since `model` was resolved: not it
-        loads = [
-            BackendLoad(b.name, deployments[b.name], b.weight, self.in_flight[model.name, b.name],
-                        self.board.running.get(deployments[b.name]))
-            for b in model.backends if b.name not in exclude and b.name in deployments
-        ]
         policy = self.policies.get(model.name)
-        return policy.choose_backend(loads, route) if loads and policy else None
+        able = [b for b in model.backends if b.name not in exclude and b.name in deployments]
+        if not able or policy is None:
+            return None
+        if len(able) > 1:
+            able = policy.candidates(able)
+        if len(able) == 1:  # every policy's choice of one
+            return able[0].name
+        loads = [BackendLoad(b.name, deployments[b.name], b.weight, self.in_flight[model.name, b.name],
+                             self.board.running.get(deployments[b.name])) for b in able]
+        return policy.choose_backend(loads, route)
 
     async def send(self, exchange: Exchange) -> Delivery:
         """`exchange`'s request to a backend of its model (the pinned one, or the policy's choice; never one
@@ -307,20 +314,15 @@ class Forwarder:
         """`call`'s whole answer, asked over the chunk channel of the replica Serve's request router would pick
         now, and given there with no Serve call (replica/direct_answers.py); None when it cannot be (that replica
         has not connected here, or answers no ASK, or it refused: full or stopping): then through Serve."""
-        if not self.inbox.by_replica:  # no replica has connected (yet, or ever: its inbox unreachable)
-            return None
-        router = self.board.routers.get(self.deployments[model][backend])
-        replica = router.pick(call) if router is not None else None
-        if replica is None or replica not in self.inbox.by_replica:
-            return None
         reply_to, sink = self.inbox.open()
-        if not self.inbox.send(replica, reply_to.request, ASK, encode({"kind": call.kind, "body": call.body})):
+        sent = self._send_ahead(self.deployments[model][backend], call, reply_to.request, ASK)
+        if sent is None:
             self.inbox.forget(sink)
             return None
+        replica, router = sent
         self.board.direct[replica] += 1  # its queue as this process's request routers see it (replica_choice.py)
         answered = False
         try:
-            os.sched_yield()  # as after an early start's frame (below): the replica may share this core
             try:
                 async with asyncio.timeout_at(deadline):
                     text = await sink.next()
@@ -349,20 +351,28 @@ class Forwarder:
 
     def _start_early(self, deployment: str, call: Dispatch) -> None:
         """Send `call` over the chunk channel to the replica Serve's request router would pick now, which
-        starts it before the Serve call arrives (replica/early_start.py), and pin the call there. Only to a
-        replica whose connection is open here (it answered this router before)."""
+        starts it before the Serve call arrives (replica/early_start.py), and pin the call there."""
+        sent = self._send_ahead(deployment, call, call.reply_to.request, DISPATCH)
+        if sent is not None:
+            call.pinned = sent[0]
+
+    def _send_ahead(self, deployment: str, call: Dispatch, request: int, kind: int
+                    ) -> tuple[str, BackendRequestRouter] | None:
+        """`call`'s kind and body in a `kind` frame (DISPATCH or ASK) about `request`, to the replica of
+        `deployment` that its request router would pick now, if that replica has connected here (it answered
+        this router before); (that replica, the request router), or None."""
         if not self.inbox.by_replica:  # no replica has connected (yet, or ever: its inbox unreachable)
-            return
+            return None
         router = self.board.routers.get(deployment)
         replica = router.pick(call) if router is not None else None
-        if replica is None or replica not in self.inbox.by_replica:
-            return
-        if self.inbox.send(replica, call.reply_to.request, DISPATCH, encode({"kind": call.kind, "body": call.body})):
-            call.pinned = replica
-            # The replica may share this core (raystack's processes are kept off the engine's cores): let it
-            # start the request now, before this process spends a millisecond on Serve's call (-0.6 ms to the
-            # engine at concurrency 1 on 2 cores; README, "raystack vs vLLM's own server").
-            os.sched_yield()
+        if replica is None or not self.inbox.send(replica, request, kind, encode({"kind": call.kind,
+                                                                                    "body": call.body})):
+            return None
+        # The replica may share this core (raystack's processes are kept off the engine's cores): let it start
+        # the request now, before this process goes on (-0.6 ms to the engine for an early start at
+        # concurrency 1 on 2 cores; README, "raystack vs vLLM's own server").
+        os.sched_yield()
+        return replica, router
 
     def _unpin(self, call: Dispatch, answered_by: str | None = None) -> None:
         """The replica `call` started on early is not the one that answered, or none did: abort that start

@@ -87,6 +87,10 @@ class LeastLoaded:
         those of the model's backends."""
         return ()
 
+    def candidates(self, backends: list[Any]) -> list[Any]:
+        """Of a model's backends (config.Backend) that may take a request, those this policy weighs for it."""
+        return backends
+
     def choose_backend(self, backends: Sequence[BackendLoad], route: Route = ()) -> str:
         if len(backends) == 1:
             return backends[0].name
@@ -110,6 +114,10 @@ class LeastLoaded:
 
 class Weighted(LeastLoaded):
     """Backends by their `weight` (0: only when pinned with model@backend), replicas least loaded."""
+
+    def candidates(self, backends: list[Any]) -> list[Any]:
+        """Those with a weight, unless none has: a backend of weight 0 is not weighed per request."""
+        return [b for b in backends if b.weight > 0] or backends
 
     def choose_backend(self, backends: Sequence[BackendLoad], route: Route = ()) -> str:
         weighted = [b for b in backends if b.weight > 0]

@@ -92,3 +92,12 @@ def test_weighted_splits_by_weight_and_skips_weightless_backends():
     shares = Counter(choose("weighted", backends, rng=rng) for _ in range(4000))
     assert shares["c"] == 0
     assert 0.72 < shares["a"] / 4000 < 0.78
+
+
+def test_weighted_weighs_only_backends_with_a_weight_unless_none_has_one():
+    # The Forwarder weighs each request's candidates: a model's weight-0 backends (pinned-only) cost nothing.
+    policy = policy_for(Routing(policy="weighted"), RoutingBoard())
+    backends = [BackendLoad(n, n, w, 0, 1) for n, w in (("a", 3), ("b", 0), ("c", 1))]
+    assert [b.name for b in policy.candidates(backends)] == ["a", "c"]
+    assert policy.candidates(backends[1:2]) == backends[1:2]  # only weightless: still one to choose
+    assert policy_for(Routing(policy="least_loaded"), RoutingBoard()).candidates(backends) == backends
