@@ -34,18 +34,26 @@ class Outcome:
         self.error: Exception | None = None
 
 
-async def stream_chat(client: openai.AsyncOpenAI, model: str, messages: list[dict],
-                      on_open: Callable[[Outcome], None] = lambda _: None, **kwargs: Any) -> Outcome:
-    """`on_open`: called once the answer opens (the router answers with the first chunk)."""
+async def asked(client: openai.AsyncOpenAI, model: str, messages: list[dict], on_open: Callable[[Outcome], None],
+                **kwargs: Any) -> tuple[Outcome, Any]:
+    """A chat request's Outcome so far and its raw response, None if it was refused (the Outcome's error)."""
     try:
-        raw = await client.chat.completions.with_raw_response.create(
-            model=model, messages=messages, stream=True, **kwargs)
+        raw = await client.chat.completions.with_raw_response.create(model=model, messages=messages, **kwargs)
     except openai.APIStatusError as err:
         outcome = Outcome()
         outcome.error = err
-        return outcome
+        return outcome, None
     outcome = Outcome(raw.headers)
     on_open(outcome)
+    return outcome, raw
+
+
+async def stream_chat(client: openai.AsyncOpenAI, model: str, messages: list[dict],
+                      on_open: Callable[[Outcome], None] = lambda _: None, **kwargs: Any) -> Outcome:
+    """`on_open`: called once the answer opens (the router answers with the first chunk)."""
+    outcome, raw = await asked(client, model, messages, on_open, stream=True, **kwargs)
+    if raw is None:
+        return outcome
     try:
         async for chunk in raw.parse():
             if chunk.choices:
@@ -59,16 +67,10 @@ async def stream_chat(client: openai.AsyncOpenAI, model: str, messages: list[dic
 async def whole_chat(client: openai.AsyncOpenAI, model: str, messages: list[dict],
                      on_open: Callable[[Outcome], None] = lambda _: None, **kwargs: Any) -> Outcome:
     """A whole (non-streamed) answer, as stream_chat's Outcome."""
-    try:
-        raw = await client.chat.completions.with_raw_response.create(model=model, messages=messages, **kwargs)
-    except openai.APIStatusError as err:
-        outcome = Outcome()
-        outcome.error = err
-        return outcome
-    outcome = Outcome(raw.headers)
-    on_open(outcome)
-    choice = raw.parse().choices[0]
-    outcome.text, outcome.finish_reason = choice.message.content or "", choice.finish_reason
+    outcome, raw = await asked(client, model, messages, on_open, **kwargs)
+    if raw is not None:
+        choice = raw.parse().choices[0]
+        outcome.text, outcome.finish_reason = choice.message.content or "", choice.finish_reason
     return outcome
 
 
