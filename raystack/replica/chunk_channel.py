@@ -23,12 +23,12 @@ interface, with no credential: ray/serve/_private/replica.py, add_port_to_grpc_s
 A connection opens with the secret and the replica's id (one length byte, then UTF-8): the router names the
 replica that answered from the connection that brought the first chunk, which may come before Serve's router
 has said which replica it chose (it says so once it has read the replica's acceptance, ray/serve/_private/
-router.py, on_request_routed). Then frames: a 13-byte header (request id: 8 bytes, kind: 1, payload length:
-4, network order) and the payload. Replica to router: CHUNK (SSE text, UTF-8), END (none), ERROR (the
-message, UTF-8), WHOLE (a whole answer: its HTTP status in 3 ASCII digits, then its JSON body), REFUSED
-(none: the replica does not take that request) and ANSWERS (request 0, none: sent once, after the greeting, by a
-replica that answers ASKs; a router asks none of a replica that did not say so, as one of an older raystack
-during an upgrade, which would leave the ASK unanswered). Router to replica, on the same connection: DISPATCH (the
+router.py, on_request_routed). Then frames: a 13-byte header (request id: 8 bytes, kind: 1, payload length: 4,
+network order) and the payload. Replica to router: CHUNK (SSE text, UTF-8), END (none), ERROR (the message,
+UTF-8), WHOLE (a whole answer: its HTTP status in 3 ASCII digits, then its JSON body), REFUSED (none: the
+replica does not take that request) and ANSWERS (request 0, none: sent once, after the greeting, by a replica
+that answers ASKs; a router asks none of a replica that did not say so, as one of an older raystack during an
+upgrade, which would leave the ASK unanswered). Router to replica, on the same connection: DISPATCH (the
 request's kind and body, JSON: the replica starts it before its Serve call arrives, replica/early_start.py),
 ASK (the same: the replica answers it whole, here, and no Serve call comes, replica/direct_answers.py) and
 CANCEL (none: that start or answer is not wanted).
@@ -329,7 +329,7 @@ async def _read_router(reader: asyncio.StreamReader, link: Link, inbox: tuple[st
             if on_frame is not None:
                 try:
                     on_frame(link, inbox, request, kind, payload)
-                except Exception:  # one bad frame: that request is not started early, nothing else changes
+                except Exception:  # one bad frame: that request is not started or answered, nothing else changes
                     logger.exception("chunk channel: a frame from the router at %s:%d failed", *inbox[:2])
     link.close()
 
@@ -349,7 +349,7 @@ class Outbox:
     RETRY_S = 30.0
 
     def __init__(self, replica: str, on_frame: OnFrame | None = None) -> None:
-        """`on_frame`: what to do with the frames routers send back (early_start.py)."""
+        """`on_frame`: what to do with the frames routers send back (early_start.py, direct_answers.py)."""
         ident = replica.encode()[:255]
         self.on_frame = on_frame
         # Written after an inbox's secret: its id, and that it answers ASKs if it takes frames at all.

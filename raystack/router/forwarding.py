@@ -1,17 +1,17 @@
 """Forwarding: one checked request to a backend of its model, and its answer back, every wait bounded.
 
-The ingress (ingress.py) has already authenticated, parsed and resolved the request. Here: the model's
-routing policy (policies.py) picks the backend; the request goes to it through its Serve handle (Serve's
-request router, replica_choice.py, picks the replica), or, asked whole, over the chunk channel to the replica
-that request router would pick, with no Serve call (replica/direct_answers.py); the opening (a whole JSON
-answer, or a stream's first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it
-ends or `request_timeout_s` passes. While a backend is full, requests wait for its slots by priority class, and within a class by API
-key in weighted fair order (fair_share.py), within `first_token_timeout_s` or their class's queue_timeout_s;
-each try tells the engine the request's class (priority.py). A replica that fails before its opening, its
-process or its engine (a 5xx answer or error event of its own) -> another replica, never the one that
-failed, which new requests also avoid for a while (the RoutingBoard's `failing`); after `router.retries`
-such tries, 503. A backend whose replicas and queue are full, or that sheds the request's class -> the
-model's other backends, then 429 with Retry-After.
+The ingress (ingress.py) has already authenticated, parsed and resolved the request. Here: the model's routing
+policy (policies.py) picks the backend; the request goes to it through its Serve handle (Serve's request
+router, replica_choice.py, picks the replica), or, asked whole, over the chunk channel to the replica that
+request router would pick, with no Serve call (replica/direct_answers.py); the opening (a whole JSON answer,
+or a stream's first chunk) is awaited within `first_token_timeout_s`; a stream is relayed until it ends or
+`request_timeout_s` passes. While a backend is full, requests wait for its slots by priority class, and within
+a class by API key in weighted fair order (fair_share.py), within `first_token_timeout_s` or their class's
+queue_timeout_s; each try tells the engine the request's class (priority.py). A replica that fails before its
+opening, its process or its engine (a 5xx answer or error event of its own) -> another replica, never the one
+that failed, which new requests also avoid for a while (the RoutingBoard's `failing`); after `router.retries`
+such tries, 503. A backend whose replicas and queue are full, or that sheds the request's class -> the model's
+other backends, then 429 with Retry-After.
 """
 
 from __future__ import annotations
