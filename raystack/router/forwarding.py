@@ -320,6 +320,9 @@ class Forwarder:
             self.inbox.forget(sink)
             return None
         replica, router = sent
+        # Routed there now, as Serve's request router notes it once the replica accepts: what its KV cache holds
+        # of the prompt (kv_aware) is read before the request's own blocks join it.
+        router.routed(call, replica)
         self.board.direct[replica] += 1  # its queue as this process's request routers see it (replica_choice.py)
         answered = False
         try:
@@ -339,7 +342,6 @@ class Forwarder:
             opening = Opening.whole(replica, int(text[:3]), decode(text[3:]))
             if opening.failure:
                 raise ReplicaFailed(f"its engine failed: {opening.failure}", replica)
-            router.routed(call, replica)
             return opening
         finally:
             self.board.direct[replica] -= 1
