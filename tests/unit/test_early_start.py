@@ -130,7 +130,8 @@ def test_a_frame_that_comes_after_its_call_starts_nothing():
 
 
 def test_a_whole_answer_opens_the_channel_for_the_routers_next_requests():
-    """A deployment that only ever answers whole requests gets early starts too."""
+    """A whole answer through Serve opens the channel, over which the router sends its next requests (direct
+    answers now; a whole answer's DISPATCH, as a router of the release before sends it, still starts there)."""
     async def main():
         async with connected(linked=False) as (inbox, replica):
             items = [item async for item in replica.generate(Dispatch("completion", WHOLE,
