@@ -19,9 +19,10 @@ class Dispatch:
     failed this request already) are for Serve's request router, which picks the replica in the router's own
     process (router/replica_choice.py) and writes down which one in `replica`, so that a try failing before
     its answer opens is blamed on the right replica, and (kv_aware) in `cached_tokens` the prompt tokens its KV
-    cache held of the route when chosen. `pinned`: the replica the router already sent it to over the chunk
-    channel, where it started (replica/early_start.py); Serve's request router tries that one first. Only kind,
-    body and reply_to are sent to the replica."""
+    cache held of the route when chosen. `pinned`: the replica the router picked for it as Serve's request router
+    would (which tries that one first), counted there on the router's RoutingBoard (`ahead`) until Serve routes
+    it; a stream is `started` there already, over the chunk channel (replica/early_start.py). Only kind, body
+    and reply_to are sent to the replica."""
 
     kind: RequestKind
     body: dict[str, Any]
@@ -30,7 +31,9 @@ class Dispatch:
     replica: str | None = None
     cached_tokens: int | None = None  # kv_aware: of the route, what the chosen replica's cache held then
     reply_to: ReplyTo | None = None  # where a stream's chunks go (chunk_channel.py); names an early start
-    pinned: str | None = None  # the replica the router started it on already (replica/early_start.py)
+    pinned: str | None = None  # the replica the router picked for it (replica_choice.BackendRequestRouter.pin)
+    counted_ahead: bool = False  # counted on `pinned` in the RoutingBoard's `ahead`: Serve has not routed it yet
+    started: bool = False  # started on `pinned` over the chunk channel already (replica/early_start.py)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"kind": self.kind, "body": self.body, "reply_to": self.reply_to}

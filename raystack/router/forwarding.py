@@ -21,7 +21,7 @@ import logging
 import os
 from collections import Counter
 from functools import partial
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -39,9 +39,6 @@ from raystack.router.exchange import Delivery, Exchange
 from raystack.router.fair_share import ONE_BAND, Band, FairGate, GateFull, QueueTimeout
 from raystack.router.policies import BackendLoad, LeastLoaded, Route, policy_for
 from raystack.router.priority import tell_engine
-
-if TYPE_CHECKING:
-    from raystack.router.replica_choice import BackendRequestRouter
 
 logger = logging.getLogger("ray.serve")
 
@@ -189,7 +186,7 @@ class Forwarder:
                 continue
             key = (model.name, backend)
             exchange.delivery = Delivery(model.name, backend, opening, stream, deadline,
-                                         release=partial(self.done, key, exchange.band, sink),
+                                         release=partial(self.done, key, exchange.band, sink, call),
                                          cached_tokens=call.cached_tokens, sink=sink)
             return exchange.delivery
 
@@ -253,8 +250,8 @@ class Forwarder:
                 return opening, None, None
         if self.inbox is not None:  # a whole answer names its address: its replica connects, for the next ones
             call.reply_to, sink = self.inbox.open() if streaming else (self.inbox.address(), None)
-            if streaming and not adapter:
-                self._start_early(self.deployments[model][backend], call)
+        if not adapter:  # Serve's request router prefers the replicas holding the adapter: no pin
+            self._pin(self.deployments[model][backend], call, start=sink is not None)
         stream: DeploymentResponseGenerator = handle.generate.remote(call)
         first = asyncio.ensure_future(stream.__anext__())
         # A replica that reached the inbox streams everything there and nothing through Serve.
@@ -308,22 +305,24 @@ class Forwarder:
                         pending.add_done_callback(_retrieve)  # its exception is known and handled here
                 stream.cancel()
                 self._unpin(call)
-                self.done(key, band, sink)
+                self.done(key, band, sink, call)
 
     async def _ask_directly(self, model: str, backend: str, call: Dispatch, deadline: float) -> Opening | None:
         """`call`'s whole answer, asked over the chunk channel of the replica Serve's request router would pick
         now, and given there with no Serve call (replica/direct_answers.py); None when it cannot be (that replica
         has not connected here, or answers no ASK, or it refused: full or stopping): then through Serve."""
+        router = self.board.routers.get(self.deployments[model][backend])
+        if router is None or not self.inbox.by_replica:  # no replica has connected (yet, or ever: inbox unreachable)
+            return None
+        replica = router.pick(call)
         reply_to, sink = self.inbox.open()
-        sent = self._send_ahead(self.deployments[model][backend], call, reply_to.request, ASK)
-        if sent is None:
+        if replica is None or not self._send_ahead(replica, call, reply_to.request, ASK):
             self.inbox.forget(sink)
             return None
-        replica, router = sent
         # Routed there now, as Serve's request router notes it once the replica accepts: what its KV cache holds
         # of the prompt (kv_aware) is read before the request's own blocks join it.
         router.routed(call, replica)
-        self.board.direct[replica] += 1  # its queue as this process's request routers see it (replica_choice.py)
+        self.board.ahead.add(replica)  # in its queue as this process's request routers see it (Serve never will)
         answered = False
         try:
             try:
@@ -344,42 +343,35 @@ class Forwarder:
                 raise ReplicaFailed(f"its engine failed: {opening.failure}", replica)
             return opening
         finally:
-            self.board.direct[replica] -= 1
-            if not self.board.direct[replica]:
-                del self.board.direct[replica]
+            self.board.ahead.remove(replica)
             self.inbox.forget(sink)
             if not answered:  # timed out, or the client left: stop it in the engine
                 self.inbox.send(replica, reply_to.request, CANCEL)
 
-    def _start_early(self, deployment: str, call: Dispatch) -> None:
-        """Send `call` over the chunk channel to the replica Serve's request router would pick now, which
-        starts it before the Serve call arrives (replica/early_start.py), and pin the call there."""
-        sent = self._send_ahead(deployment, call, call.reply_to.request, DISPATCH)
-        if sent is not None:
-            call.pinned = sent[0]
-
-    def _send_ahead(self, deployment: str, call: Dispatch, request: int, kind: int
-                    ) -> tuple[str, BackendRequestRouter] | None:
-        """`call`'s kind and body in a `kind` frame (DISPATCH or ASK) about `request`, to the replica of
-        `deployment` that its request router would pick now, if that replica has connected here (it answered
-        this router before); (that replica, the request router), or None."""
-        if not self.inbox.by_replica:  # no replica has connected (yet, or ever: its inbox unreachable)
-            return None
+    def _pin(self, deployment: str, call: Dispatch, start: bool) -> None:
+        """Pin `call` to the replica Serve's request router would pick now, which routes it there first, counted
+        there until it does (routing_board.Ahead). A stream (`start`) starts there now, before the Serve call
+        arrives (replica/early_start.py), if that replica has connected here."""
         router = self.board.routers.get(deployment)
-        replica = router.pick(call) if router is not None else None
-        if replica is None or not self.inbox.send(replica, request, kind, encode({"kind": call.kind,
-                                                                                    "body": call.body})):
-            return None
+        replica = router.pin(call) if router is not None else None
+        if replica is not None and start and self._send_ahead(replica, call, call.reply_to.request, DISPATCH):
+            call.started = True
+
+    def _send_ahead(self, replica: str, call: Dispatch, request: int, kind: int) -> bool:
+        """`call`'s kind and body in a `kind` frame (DISPATCH or ASK) about `request` to `replica`, if it has
+        connected here (it answered this router before)."""
+        if not self.inbox.send(replica, request, kind, encode({"kind": call.kind, "body": call.body})):
+            return False
         # The replica may share this core (raystack's processes are kept off the engine's cores): let it start
         # the request now, before this process goes on (-0.6 ms to the engine for an early start at
         # concurrency 1 on 2 cores; README, "raystack vs vLLM's own server").
         os.sched_yield()
-        return replica, router
+        return True
 
     def _unpin(self, call: Dispatch, answered_by: str | None = None) -> None:
         """The replica `call` started on early is not the one that answered, or none did: abort that start
         (its replica would only after a while, early_start.CLAIM_WAIT_S)."""
-        if call.pinned and call.pinned != answered_by:
+        if call.started and call.pinned != answered_by:
             self.inbox.send(call.pinned, call.reply_to.request, CANCEL)
 
     @staticmethod
@@ -395,8 +387,11 @@ class Forwarder:
             raise ReplicaFailed("it closed the answer without a word", replica)
         return Opening(replica or "?", chunk=chunk)
 
-    def done(self, key: tuple[str, str], band: Band = ONE_BAND, sink: Sink | None = None) -> None:
+    def done(self, key: tuple[str, str], band: Band = ONE_BAND, sink: Sink | None = None,
+             call: Dispatch | None = None) -> None:
         self.in_flight[key] -= 1
+        if call is not None:  # Serve never routed its call: it failed first, or the stream came over the channel
+            self.board.ahead.settle(call)
         gate = self.gates.get(key)
         if gate is not None:
             gate.release(band)

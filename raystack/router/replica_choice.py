@@ -8,8 +8,9 @@ failed any request, prefers replicas that hold a request's LoRA adapter, and put
 running replicas on the process's RoutingBoard (routing_board.py), for the Router's choice of backend, with
 the replicas whose KV cache events the board follows (kv_aware).
 Requests are matched to replicas exactly (no FIFO hand-over), so an affinity choice is never given to
-another request. The Forwarder asks it for the same choice ahead of the call (`pick`), to start the request
-there over the chunk channel; the call, `pinned` there, is routed there first.
+another request. The Forwarder asks it for the same choice ahead of the call (`pick`), to send a whole request
+there over the chunk channel, or to pin a call there (`pin`: a stream starts there over the chunk channel),
+which is routed there first.
 
 The board is reached through its module (`routing_board.BOARD`): Serve ships this class to each handle's
 process with the globals it names, and a module is imported there, not copied.
@@ -50,10 +51,10 @@ class BackendRequestRouter(RequestRouter):
                         [(r.replica_id.unique_id, r.replica_metadata.get("kv_events")) for r in replicas])
 
     def in_flight(self, replica: RunningReplica) -> int:
-        """Its queue as Serve last knew it, and the direct answers this process asked of it, which Serve does not
-        count (replica/direct_answers.py)."""
+        """Its queue as Serve last knew it, and what this process sent it that Serve does not count (yet): direct
+        answers (replica/direct_answers.py), calls pinned there that Serve has not routed (routing_board.Ahead)."""
         return ((self.replica_queue_len_cache.get(replica.replica_id) or 0)
-                + routing_board.BOARD.direct.get(replica.replica_id.unique_id, 0))
+                + routing_board.BOARD.ahead.get(replica.replica_id.unique_id))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -63,7 +64,7 @@ class BackendRequestRouter(RequestRouter):
         adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if adapter:
             ranks.insert(0, self.holding(adapter, usable))
-        pinned = call.pinned if call is not None else None  # started there already: there first, if still usable
+        pinned = call.pinned if call is not None else None  # picked (and maybe started) there: first, if usable
         if pinned:
             ranks.insert(0, [r for r in usable if r.replica_id.unique_id == pinned])
         return [rank for rank in ranks if rank]
@@ -86,6 +87,13 @@ class BackendRequestRouter(RequestRouter):
                 return min(room, key=self.in_flight).replica_id.unique_id
         return None
 
+    def pin(self, call: Dispatch) -> str | None:
+        """Pin `call` to the replica it would go to now (`pick`), counted there until Serve routes it; or None."""
+        replica = self.pick(call)
+        if replica is not None:
+            routing_board.BOARD.ahead.pin(call, replica)
+        return replica
+
     def holding(self, adapter: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
         """The replicas that hold LoRA `adapter` loaded (Serve's multiplexed model ids, which replicas report)
         and carry at most affinity_slack requests more than the least loaded: an adapter's requests stay
@@ -102,5 +110,6 @@ class BackendRequestRouter(RequestRouter):
     def routed(self, call: Dispatch, replica: str) -> None:
         """`replica` took `call` (through Serve, or directly: forwarding.py)."""
         call.replica = replica
+        routing_board.BOARD.ahead.settle(call)  # Serve counts it in its replica's queue from now on
         call.cached_tokens = self.policy.cached_tokens(self._deployment_id.name, replica, call.route)
         self.policy.routed(self._deployment_id.name, replica, call.route)

@@ -78,21 +78,68 @@ class FailingReplicas:
         return fine or candidates
 
 
+class Ahead:
+    """replica id -> the requests this process sent it that Serve's queue-length cache does not count: direct
+    answers until they end (Serve never sees them), and calls pinned to it until Serve routes them. Serve counts
+    a call in its replica's queue once it sends it (request_router.py, on_send_request): the calls of a burst,
+    all pinned before then, would otherwise all see the same queues and pile on one replica.
+
+    Counted on the Router's event loop, settled on Serve's routing loop too (the same one under Serve's
+    throughput preset, process.py; a thread of its own without it): hence the lock."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, replica: str) -> None:
+        with self._lock:
+            self.counts[replica] += 1
+
+    def remove(self, replica: str) -> None:
+        with self._lock:
+            self._less(replica)
+
+    def pin(self, call: Any, replica: str) -> None:
+        """`call` (a replica/calls.Dispatch) is to go to `replica`: counted there until settled."""
+        call.pinned = replica
+        with self._lock:
+            call.counted_ahead = True
+            self.counts[replica] += 1
+
+    def settle(self, call: Any) -> None:
+        """Serve routed `call` (and counts it now), or never will: no longer counted here. Once only."""
+        with self._lock:
+            if call.counted_ahead:
+                call.counted_ahead = False
+                self._less(call.pinned)
+
+    def _less(self, replica: str) -> None:
+        self.counts[replica] -= 1
+        if self.counts[replica] <= 0:
+            del self.counts[replica]
+
+    def get(self, replica: str) -> int:
+        return self.counts.get(replica, 0)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
 @dataclass
 class RoutingBoard:
     """`prefixes`: which replica served which prompt prefix last (prefix_affinity); `kv`: which blocks each
     publishing replica's KV cache holds, from its events (kv_aware); `running`: each backend deployment's
     running replicas, as the handles last heard from Serve (absent until then); `failing`: replicas kept from
     new requests for a while; `routers`: each backend deployment's request router in this process, which the
-    Forwarder asks where a request would go before it sends it; `direct`: the whole answers this process has
-    asked of each replica with no Serve call, under way (replica/direct_answers.py)."""
+    Forwarder asks where a request would go before it sends it; `ahead`: each replica's requests from this
+    process that Serve's queue-length cache does not count (yet)."""
 
     prefixes: PrefixTable = field(default_factory=PrefixTable)
     kv: KvCaches = field(default_factory=KvCaches)
     running: dict[str, int] = field(default_factory=dict)
     failing: FailingReplicas = field(default_factory=FailingReplicas)
     routers: dict[str, Any] = field(default_factory=dict)  # deployment -> its request router (replica_choice.py)
-    direct: Counter[str] = field(default_factory=Counter)  # replica id -> direct answers asked of it, under way
+    ahead: Ahead = field(default_factory=Ahead)
 
 
 BOARD = RoutingBoard()

@@ -153,7 +153,11 @@ def test_prefix_affinity_sends_a_shared_prefix_to_the_same_replica(server, polic
     rate = affinity_hit_rate(outcomes, workload)
     if expect_high:
         assert rate >= 0.9, rate
-        assert len({o.served_by for o in outcomes}) >= 3, "affinity must not pile every prefix on one replica"
+        # The first 8 requests, one per prefix, arrive at once: each is counted on its replica when the router
+        # picks it, before Serve counts it, so the burst does not pile on the first replica used, where
+        # affinity would then keep its prefixes.
+        first_burst = Counter(o.served_by for o in outcomes[:8])
+        assert sorted(first_burst.values()) == [2, 2, 2, 2], first_burst
     else:  # the contrast: without affinity the same workload scatters (an even spread over 4 replicas gives
         # ~0.45; a busy machine skews least_loaded's queues, and CI saw 0.60 and 0.75: still below affinity's 0.9)
         assert rate < 0.85, rate
