@@ -121,9 +121,6 @@ class Ahead:
     def get(self, replica: str) -> int:
         return self.counts.get(replica, 0)
 
-    def __len__(self) -> int:
-        return len(self.counts)
-
 
 @dataclass
 class RoutingBoard:

@@ -1,4 +1,5 @@
-"""The routing policies' pure parts: prefix blocks, the prefix table, the choice of backend."""
+"""The routing policies' pure parts: prefix blocks, the prefix table, the choice of backend, the calls counted
+ahead of Serve."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections import Counter
 
 from raystack.config import Routing
 from raystack.protocol import prompt_text
+from raystack.replica.calls import Dispatch
 from raystack.router.policies import POLICIES, PREFIX_BLOCK_CHARS, BackendLoad, policy_for, prefix_blocks
 from raystack.router.routing_board import PrefixTable, RoutingBoard
 
@@ -101,3 +103,20 @@ def test_weighted_weighs_only_backends_with_a_weight_unless_none_has_one():
     assert [b.name for b in policy.candidates(backends)] == ["a", "c"]
     assert policy.candidates(backends[1:2]) == backends[1:2]  # only weightless: still one to choose
     assert policy_for(Routing(policy="least_loaded"), RoutingBoard()).candidates(backends) == backends
+
+
+def test_a_pinned_call_counts_on_its_replica_until_settled_once():
+    # Serve's request router settles a call when it routes it, the Forwarder when the request ends: both may.
+    board = RoutingBoard()
+    first, second = Dispatch("chat", {}), Dispatch("chat", {})
+    board.ahead.pin(first, "r1")
+    board.ahead.pin(second, "r1")
+    board.ahead.add("r2")  # a direct answer
+    assert (board.ahead.get("r1"), board.ahead.get("r2"), first.pinned) == (2, 1, "r1")
+    board.ahead.settle(first)
+    board.ahead.settle(first)
+    assert board.ahead.get("r1") == 1
+    board.ahead.settle(second)
+    board.ahead.remove("r2")
+    board.ahead.settle(Dispatch("chat", {}))  # never pinned: nothing to settle
+    assert board.ahead.counts == {}
